@@ -1,0 +1,95 @@
+//! The KVM VM: in-kernel irqchip (8259 pair + I/O APIC + local APICs), the
+//! in-kernel PIT, and guest RAM registered as memory slots.
+
+use std::sync::Arc;
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VmFd};
+use thiserror::Error;
+
+use crate::memory::GuestRam;
+
+/// Addresses KVM needs for its real-mode helpers on Intel, in the MMIO hole.
+const TSS_ADDRESS: usize = 0xfffb_d000;
+const IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
+
+/// KVM errors.
+#[derive(Debug, Error)]
+pub enum KvmError {
+    /// /dev/kvm is missing or unusable.
+    #[error("cannot open /dev/kvm: {0} (is KVM enabled and are you allowed to use it?)")]
+    Open(kvm_ioctls::Error),
+    /// A KVM call failed.
+    #[error("KVM {what} failed: {source}")]
+    Call {
+        /// Which call.
+        what: &'static str,
+        /// The error.
+        source: kvm_ioctls::Error,
+    },
+    /// Too many vCPUs for this host.
+    #[error("{requested} vCPUs requested; this host's KVM allows at most {max}")]
+    TooManyVcpus {
+        /// Asked for.
+        requested: usize,
+        /// KVM's limit.
+        max: usize,
+    },
+}
+
+fn call(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> KvmError {
+    move |source| KvmError::Call { what, source }
+}
+
+/// An open VM with its irqchip and PIT.
+pub struct Machine {
+    /// The KVM system fd.
+    pub kvm: Kvm,
+    /// The VM fd, shared with device host handles (interrupt lines).
+    pub vm: Arc<VmFd>,
+    /// CPUID entries KVM supports on this host.
+    pub supported_cpuid: CpuId,
+}
+
+impl Machine {
+    /// Create a VM able to hold `cpus` vCPUs.
+    pub fn new(cpus: usize) -> Result<Self, KvmError> {
+        let kvm = Kvm::new().map_err(KvmError::Open)?;
+        let max = kvm.get_max_vcpus();
+        if cpus > max {
+            return Err(KvmError::TooManyVcpus { requested: cpus, max });
+        }
+        let vm = kvm.create_vm().map_err(call("CREATE_VM"))?;
+        vm.set_tss_address(TSS_ADDRESS).map_err(call("SET_TSS_ADDR"))?;
+        vm.set_identity_map_address(IDENTITY_MAP_ADDRESS).map_err(call("SET_IDENTITY_MAP_ADDR"))?;
+        vm.create_irq_chip().map_err(call("CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+        vm.create_pit2(pit).map_err(call("CREATE_PIT2"))?;
+        let supported_cpuid =
+            kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(call("GET_SUPPORTED_CPUID"))?;
+        Ok(Machine { kvm, vm: Arc::new(vm), supported_cpuid })
+    }
+
+    /// Register guest RAM, one slot per range.
+    pub fn register_ram(&self, ram: &GuestRam) -> Result<(), KvmError> {
+        use vm_memory::{GuestAddress, GuestMemoryBackend};
+        for (slot, r) in ram.ranges().iter().enumerate() {
+            let host = ram
+                .mem()
+                .get_host_address(GuestAddress(r.gpa))
+                .map_err(|_| KvmError::Call { what: "SET_USER_MEMORY_REGION", source: kvm_ioctls::Error::new(libc::EFAULT) })?;
+            let region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: r.gpa,
+                memory_size: r.len,
+                userspace_addr: host as u64,
+            };
+            // SAFETY: the host range is a live mapping of `r.len` bytes owned
+            // by `ram`, which outlives the VM (the Vm struct drops the VM fd
+            // and vCPUs before the RAM).
+            unsafe { self.vm.set_user_memory_region(region) }.map_err(call("SET_USER_MEMORY_REGION"))?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,13 @@
+//! Ferry's core: KVM, guest memory, vCPU threads, the address bus, boot,
+//! the plugin loader and machine types. `main.rs` is the CLI on top.
+
+pub mod boot;
+pub mod bus;
+pub mod host;
+pub mod kvm;
+pub mod log;
+pub mod machine;
+pub mod memory;
+pub mod plugins;
+pub mod vcpu;
+pub mod vm;

@@ -1,0 +1,44 @@
+//! Ferry's log: one line per message on stderr, prefixed `ferry:`.
+//! `FERRY_LOG=error|warn|info|debug` sets the level (default `warn`).
+
+use std::sync::OnceLock;
+
+use ferry_plugin_api::LogLevel;
+
+fn level() -> LogLevel {
+    static LEVEL: OnceLock<LogLevel> = OnceLock::new();
+    *LEVEL.get_or_init(|| match std::env::var("FERRY_LOG").as_deref() {
+        Ok("error") => LogLevel::Error,
+        Ok("info") => LogLevel::Info,
+        Ok("debug") => LogLevel::Debug,
+        _ => LogLevel::Warn,
+    })
+}
+
+/// Log at `lvl`.
+pub fn log(lvl: LogLevel, msg: &str) {
+    if lvl <= level() {
+        let tag = match lvl {
+            LogLevel::Error => "error",
+            LogLevel::Warn => "warning",
+            LogLevel::Info => "info",
+            LogLevel::Debug => "debug",
+        };
+        eprintln!("ferry: {tag}: {msg}");
+    }
+}
+
+/// Log an informational message.
+pub fn info(msg: &str) {
+    log(LogLevel::Info, msg);
+}
+
+/// Log a warning.
+pub fn warn(msg: &str) {
+    log(LogLevel::Warn, msg);
+}
+
+/// Log a debug message.
+pub fn debug(msg: &str) {
+    log(LogLevel::Debug, msg);
+}

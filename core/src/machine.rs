@@ -1,0 +1,347 @@
+//! Machine types: TOML files in `machines/` that list devices, each with the
+//! plugin that provides it and its properties. The files in the repository's
+//! `machines/` are built into ferry; `--machine PATH` reads any other file.
+//!
+//! ```toml
+//! name = "pc-1"
+//! description = "..."
+//! cpus = 1            # default, --cpus overrides
+//! memory = "256M"     # default, --memory overrides
+//!
+//! [[device]]
+//! id = "com1"
+//! plugin = "serial-16550"
+//! properties = { port = 0x3f8, irq = 4 }
+//! ```
+
+use std::{collections::BTreeMap, path::Path};
+
+use ferry_plugin_api::{sdk::parse_integer, Property, PropertyKind};
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::plugins::Registry;
+
+include!(concat!(env!("OUT_DIR"), "/machines.rs"));
+
+/// The machine type used when `--machine` is not given.
+pub const DEFAULT_MACHINE: &str = "pc-1";
+
+/// Machine-type errors. Each names the file or the device.
+#[derive(Debug, Error)]
+pub enum MachineError {
+    /// No such built-in machine and no such file.
+    #[error("unknown machine type '{name}' (built in: {known}; or give a path to a .toml file)")]
+    Unknown {
+        /// What was asked for.
+        name: String,
+        /// Built-in names.
+        known: String,
+    },
+    /// The file cannot be read.
+    #[error("cannot read machine type {path}: {source}")]
+    Read {
+        /// File.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Bad TOML, or a field of the wrong type.
+    #[error("machine type {source_name}: {location}: {message}")]
+    Parse {
+        /// File or built-in name.
+        source_name: String,
+        /// "line L, column C (`text`)".
+        location: String,
+        /// What was wrong.
+        message: String,
+    },
+    /// A semantic problem with one device or field.
+    #[error("machine type {machine}: {message}")]
+    Invalid {
+        /// Machine name.
+        machine: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MachineFile {
+    name: String,
+    #[serde(default)]
+    description: String,
+    cpus: Option<u8>,
+    memory: Option<String>,
+    #[serde(default, rename = "device")]
+    devices: Vec<DeviceFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeviceFile {
+    id: String,
+    plugin: String,
+    #[serde(default)]
+    properties: BTreeMap<String, toml::Value>,
+}
+
+/// A property value as written in the machine type.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PropValue {
+    /// Integer.
+    Int(i64),
+    /// Boolean.
+    Bool(bool),
+    /// String.
+    Str(String),
+}
+
+/// One device of a machine type.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceSpec {
+    /// Device id (unique in the machine).
+    pub id: String,
+    /// Plugin name.
+    pub plugin: String,
+    /// Properties as written.
+    pub properties: BTreeMap<String, PropValue>,
+}
+
+/// A parsed machine type.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MachineType {
+    /// Name.
+    pub name: String,
+    /// One line.
+    pub description: String,
+    /// Default vCPU count.
+    pub cpus: Option<u8>,
+    /// Default memory size in bytes.
+    pub memory: Option<u64>,
+    /// Devices in order.
+    pub devices: Vec<DeviceSpec>,
+    /// Where it came from ("built-in" or a path).
+    pub origin: String,
+}
+
+/// A device ready to create: plugin found, properties checked and complete.
+#[derive(Debug, Clone)]
+pub struct DevicePlan {
+    /// Device id.
+    pub id: String,
+    /// Plugin name.
+    pub plugin: String,
+    /// Every property the plugin declares, defaults filled in.
+    pub properties: Vec<Property>,
+}
+
+/// Names of the built-in machine types.
+pub fn builtin_names() -> Vec<String> {
+    BUILTIN_MACHINES
+        .iter()
+        .filter_map(|(_, text)| parse(text, "built-in").ok().map(|m| m.name))
+        .collect()
+}
+
+/// Every built-in machine type.
+pub fn builtins() -> Result<Vec<MachineType>, MachineError> {
+    BUILTIN_MACHINES.iter().map(|(file, text)| parse(text, &format!("built-in {file}"))).collect()
+}
+
+/// A machine type by built-in name, or from a file path.
+pub fn load(name_or_path: &str) -> Result<MachineType, MachineError> {
+    let looks_like_path = name_or_path.contains('/') || name_or_path.ends_with(".toml");
+    if !looks_like_path {
+        for m in builtins()? {
+            if m.name == name_or_path {
+                return Ok(m);
+            }
+        }
+        return Err(MachineError::Unknown { name: name_or_path.to_string(), known: builtin_names().join(", ") });
+    }
+    let path = Path::new(name_or_path);
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| MachineError::Read { path: name_or_path.to_string(), source })?;
+    let mut m = parse(&text, name_or_path)?;
+    m.origin = name_or_path.to_string();
+    Ok(m)
+}
+
+/// Line and column (1-based) of byte offset `at`.
+fn line_col(text: &str, at: usize) -> (usize, usize) {
+    let before = &text[..at.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rfind('\n').map_or(before.len(), |nl| before.len() - nl - 1) + 1;
+    (line, col)
+}
+
+/// Parse a machine type.
+pub fn parse(text: &str, source_name: &str) -> Result<MachineType, MachineError> {
+    let file: MachineFile = toml::from_str(text).map_err(|e| {
+        let (location, message) = match e.span() {
+            Some(span) => {
+                let (line, col) = line_col(text, span.start);
+                let snippet = text.lines().nth(line - 1).unwrap_or("").trim();
+                (format!("line {line}, column {col} (`{snippet}`)"), e.message().to_string())
+            }
+            None => ("top level".to_string(), e.message().to_string()),
+        };
+        MachineError::Parse {
+            source_name: source_name.to_string(),
+            location,
+            message: message.split_whitespace().collect::<Vec<_>>().join(" "),
+        }
+    })?;
+    let invalid = |message: String| MachineError::Invalid { machine: file.name.clone(), message };
+
+    let memory = match &file.memory {
+        Some(s) => Some(
+            crate::memory::parse_size(s)
+                .ok_or_else(|| invalid(format!("field memory: '{s}' is not a size such as 256M or 2G")))?,
+        ),
+        None => None,
+    };
+    let mut devices = Vec::with_capacity(file.devices.len());
+    for d in &file.devices {
+        if d.id.is_empty() {
+            return Err(invalid(format!("a device of plugin {} has an empty id", d.plugin)));
+        }
+        if devices.iter().any(|x: &DeviceSpec| x.id == d.id) {
+            return Err(invalid(format!("device id '{}' is used twice", d.id)));
+        }
+        let mut properties = BTreeMap::new();
+        for (k, v) in &d.properties {
+            let value = match v {
+                toml::Value::Integer(i) => PropValue::Int(*i),
+                toml::Value::Boolean(b) => PropValue::Bool(*b),
+                toml::Value::String(s) => PropValue::Str(s.clone()),
+                other => {
+                    return Err(invalid(format!(
+                        "device {}: property {k}: a {} is not allowed (integers, booleans and strings are)",
+                        d.id,
+                        other.type_str()
+                    )))
+                }
+            };
+            properties.insert(k.clone(), value);
+        }
+        devices.push(DeviceSpec { id: d.id.clone(), plugin: d.plugin.clone(), properties });
+    }
+    Ok(MachineType {
+        name: file.name,
+        description: file.description,
+        cpus: file.cpus,
+        memory,
+        devices,
+        origin: "built-in".to_string(),
+    })
+}
+
+/// Check a value against a property kind; returns the canonical string.
+fn check_value(kind: PropertyKind, value: &PropValue) -> Result<String, String> {
+    match (kind, value) {
+        (PropertyKind::Integer, PropValue::Int(i)) if *i >= 0 => Ok(i.to_string()),
+        (PropertyKind::Integer, PropValue::Str(s)) => {
+            parse_integer(s).map(|n| n.to_string()).ok_or_else(|| format!("'{s}' is not a non-negative integer"))
+        }
+        (PropertyKind::Integer, other) => Err(format!("expected a non-negative integer, found {other:?}")),
+        (PropertyKind::Bool, PropValue::Bool(b)) => Ok(b.to_string()),
+        (PropertyKind::Bool, PropValue::Str(s)) if s == "true" || s == "false" || s == "on" || s == "off" => {
+            Ok((s == "true" || s == "on").to_string())
+        }
+        (PropertyKind::Bool, other) => Err(format!("expected true or false, found {other:?}")),
+        (PropertyKind::String, PropValue::Str(s)) => Ok(s.clone()),
+        (PropertyKind::String, PropValue::Int(i)) => Ok(i.to_string()),
+        (PropertyKind::String, PropValue::Bool(b)) => Ok(b.to_string()),
+    }
+}
+
+/// Match a machine type against the installed plugins: every plugin present,
+/// every property known and well-typed, defaults filled in.
+pub fn resolve(machine: &MachineType, registry: &Registry) -> Result<Vec<DevicePlan>, MachineError> {
+    let invalid = |message: String| MachineError::Invalid { machine: machine.name.clone(), message };
+    let mut plans = Vec::with_capacity(machine.devices.len());
+    for d in &machine.devices {
+        let Some(lib) = registry.get(&d.plugin) else {
+            let installed: Vec<&str> = registry.plugins().iter().map(|p| p.name()).collect();
+            return Err(invalid(format!(
+                "device {} needs plugin '{}', which is not installed in {} (installed: {})",
+                d.id,
+                d.plugin,
+                registry.dir.display(),
+                if installed.is_empty() { "none".to_string() } else { installed.join(", ") }
+            )));
+        };
+        let specs = &lib.descriptor.properties;
+        for name in d.properties.keys() {
+            if !specs.iter().any(|s| s.name.as_str() == name) {
+                let known: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
+                return Err(invalid(format!(
+                    "device {}: unknown property '{name}' for plugin {} (known: {})",
+                    d.id,
+                    d.plugin,
+                    if known.is_empty() { "none".to_string() } else { known.join(", ") }
+                )));
+            }
+        }
+        let mut properties = Vec::with_capacity(specs.len());
+        for spec in specs.iter() {
+            let value = match (d.properties.get(spec.name.as_str()), spec.default.as_ref().into_option()) {
+                (Some(v), _) => check_value(spec.kind, v)
+                    .map_err(|e| invalid(format!("device {}: property {}: {e}", d.id, spec.name)))?,
+                (None, Some(default)) => default.to_string(),
+                (None, None) => {
+                    return Err(invalid(format!("device {}: property {} is required", d.id, spec.name)))
+                }
+            };
+            properties.push(Property { name: spec.name.clone(), value: value.into() });
+        }
+        plans.push(DevicePlan { id: d.id.clone(), plugin: d.plugin.clone(), properties });
+    }
+    Ok(plans)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtin_machine_types_parse_and_include_the_default() {
+        let all = builtins().unwrap();
+        assert!(all.iter().any(|m| m.name == DEFAULT_MACHINE));
+    }
+
+    #[test]
+    fn malformed_toml_names_line_and_text() {
+        let err = parse("name = \"x\"\n[[device]]\nid = \"a\"\nplugin = \n", "m.toml").unwrap_err();
+        let s = err.to_string();
+        assert!(s.starts_with("machine type m.toml: line 4"), "{s}");
+    }
+
+    #[test]
+    fn a_wrong_field_type_names_the_field() {
+        let err = parse("name = \"x\"\ncpus = \"four\"\n", "m.toml").unwrap_err().to_string();
+        assert!(err.contains("line 2") && err.contains("cpus = \"four\""), "{err}");
+        let err = parse("name = \"x\"\ncolour = 3\n", "m.toml").unwrap_err().to_string();
+        assert!(err.contains("unknown field `colour`"), "{err}");
+        assert!(!err.contains('\n'), "one line: {err}");
+    }
+
+    #[test]
+    fn values_are_checked_against_kinds() {
+        assert_eq!(check_value(PropertyKind::Integer, &PropValue::Int(0x3f8)).unwrap(), "1016");
+        assert_eq!(check_value(PropertyKind::Integer, &PropValue::Str("0x3f8".into())).unwrap(), "1016");
+        assert!(check_value(PropertyKind::Integer, &PropValue::Int(-1)).is_err());
+        assert!(check_value(PropertyKind::Bool, &PropValue::Int(1)).is_err());
+        assert_eq!(check_value(PropertyKind::Bool, &PropValue::Str("on".into())).unwrap(), "true");
+    }
+
+    #[test]
+    fn duplicate_device_ids_are_refused() {
+        let text = "name = \"x\"\n[[device]]\nid = \"a\"\nplugin = \"p\"\n[[device]]\nid = \"a\"\nplugin = \"q\"\n";
+        let err = parse(text, "m.toml").unwrap_err().to_string();
+        assert_eq!(err, "machine type x: device id 'a' is used twice");
+    }
+}

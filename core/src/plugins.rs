@@ -1,0 +1,242 @@
+//! Finding and loading plugin libraries.
+//!
+//! Every `*.so` in the plugin directory must be a Ferry plugin. Each is
+//! opened through its own abi_stable library header (`lib_header_from_path`
+//! + `init_root_module`): `RootModule::load_from_file` would cache one
+//! library per root-module type and hand back the first plugin for every
+//! path. Before the layout check, the plugin's plugin-api version is
+//! compared with ours, so a mismatch reads as two version numbers instead of
+//! abi_stable's full layout dump.
+
+use std::path::{Path, PathBuf};
+
+use abi_stable::library::{lib_header_from_path, LibraryError, RootModule};
+use ferry_plugin_api::{DeviceBox, DeviceConfig, HostBox, PluginDescriptor, PluginModRef, PLUGIN_API_VERSION};
+use thiserror::Error;
+
+/// Plugin loading errors. Each names the file.
+#[derive(Debug, Error)]
+pub enum PluginError {
+    /// The directory cannot be read.
+    #[error("cannot read plugin directory {dir}: {source}")]
+    Dir {
+        /// The directory.
+        dir: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// dlopen failed.
+    #[error("plugin {path}: cannot load the library: {reason}")]
+    Open {
+        /// File.
+        path: String,
+        /// dlopen's message.
+        reason: String,
+    },
+    /// A shared library without a Ferry plugin header.
+    #[error("{path} is not a Ferry plugin (it exports no plugin root module)")]
+    NotAPlugin {
+        /// File.
+        path: String,
+    },
+    /// Built against an incompatible plugin-api.
+    #[error("plugin {path} was built against plugin-api {theirs}; this ferry uses plugin-api {ours}, which cannot load it")]
+    ApiVersion {
+        /// File.
+        path: String,
+        /// Its plugin-api version.
+        theirs: String,
+        /// Ours.
+        ours: String,
+    },
+    /// Same version number but different types.
+    #[error("plugin {path}: its plugin-api types do not match this ferry's: {summary}")]
+    Layout {
+        /// File.
+        path: String,
+        /// The decisive lines of abi_stable's report.
+        summary: String,
+    },
+    /// The plugin's own code failed.
+    #[error("plugin {path}: {reason}")]
+    Plugin {
+        /// File.
+        path: String,
+        /// What it said.
+        reason: String,
+    },
+    /// Two libraries with one plugin name.
+    #[error("plugin {name} is installed twice: {first} and {second}")]
+    Duplicate {
+        /// Plugin name.
+        name: String,
+        /// One file.
+        first: String,
+        /// The other.
+        second: String,
+    },
+}
+
+/// One loaded plugin library.
+pub struct PluginLibrary {
+    /// The file it came from.
+    pub path: PathBuf,
+    /// What it says about itself.
+    pub descriptor: PluginDescriptor,
+    module: PluginModRef,
+}
+
+impl PluginLibrary {
+    /// Create a device through the plugin's `create`.
+    pub fn create(&self, config: DeviceConfig, host: HostBox) -> Result<DeviceBox, String> {
+        self.module.create()(config, host).into_result().map_err(String::from)
+    }
+
+    /// Plugin name.
+    pub fn name(&self) -> &str {
+        self.descriptor.name.as_str()
+    }
+}
+
+/// Every plugin of one directory.
+pub struct Registry {
+    /// The directory.
+    pub dir: PathBuf,
+    plugins: Vec<PluginLibrary>,
+}
+
+impl Registry {
+    /// Load every `*.so` in `dir`, in name order.
+    pub fn load_dir(dir: &Path) -> Result<Self, PluginError> {
+        let shown = dir.display().to_string();
+        let entries = std::fs::read_dir(dir).map_err(|source| PluginError::Dir { dir: shown.clone(), source })?;
+        let mut paths: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "so"))
+            .collect();
+        paths.sort();
+        let mut plugins: Vec<PluginLibrary> = Vec::with_capacity(paths.len());
+        for path in paths {
+            let lib = load_one(&path)?;
+            if let Some(other) = plugins.iter().find(|p| p.name() == lib.name()) {
+                return Err(PluginError::Duplicate {
+                    name: lib.name().to_string(),
+                    first: other.path.display().to_string(),
+                    second: path.display().to_string(),
+                });
+            }
+            plugins.push(lib);
+        }
+        Ok(Registry { dir: dir.to_path_buf(), plugins })
+    }
+
+    /// A plugin by name.
+    pub fn get(&self, name: &str) -> Option<&PluginLibrary> {
+        self.plugins.iter().find(|p| p.name() == name)
+    }
+
+    /// All plugins, in file-name order.
+    pub fn plugins(&self) -> &[PluginLibrary] {
+        &self.plugins
+    }
+}
+
+/// Load one plugin library.
+pub fn load_one(path: &Path) -> Result<PluginLibrary, PluginError> {
+    let shown = path.display().to_string();
+    let header = lib_header_from_path(path).map_err(|e| match e {
+        LibraryError::GetSymbolError { .. } => PluginError::NotAPlugin { path: shown.clone() },
+        LibraryError::OpenError { err, .. } => PluginError::Open { path: shown.clone(), reason: err.to_string() },
+        other => PluginError::Open { path: shown.clone(), reason: one_line(&other.to_string()) },
+    })?;
+
+    let theirs = header.version_strings().version.as_str();
+    let ours = <PluginModRef as RootModule>::VERSION_STRINGS.version.as_str();
+    if !api_compatible(ours, theirs) {
+        return Err(PluginError::ApiVersion {
+            path: shown,
+            theirs: theirs.to_string(),
+            ours: PLUGIN_API_VERSION.to_string(),
+        });
+    }
+
+    let module = header.init_root_module::<PluginModRef>().map_err(|e| match e {
+        LibraryError::AbiInstability(report) => {
+            PluginError::Layout { path: shown.clone(), summary: summarize_layout_report(&report.to_string()) }
+        }
+        other => PluginError::Plugin { path: shown.clone(), reason: one_line(&other.to_string()) },
+    })?;
+    let descriptor = module
+        .describe()()
+        .into_result()
+        .map_err(|e| PluginError::Plugin { path: shown.clone(), reason: e.into() })?;
+    Ok(PluginLibrary { path: path.to_path_buf(), descriptor, module })
+}
+
+/// abi_stable's rule: same major; for 0.x the plugin's minor must be at
+/// least ours (newer plugins may add fields we do not read).
+fn api_compatible(ours: &str, theirs: &str) -> bool {
+    let parse = |v: &str| -> Option<(u64, u64)> {
+        let mut it = v.split('.');
+        Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
+    };
+    match (parse(ours), parse(theirs)) {
+        (Some((om, on)), Some((tm, tn))) => om == tm && (om != 0 || tn >= on),
+        _ => false,
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// abi_stable's layout report runs to hundreds of lines; keep the path to
+/// the offending type and the decisive error line(s).
+pub fn summarize_layout_report(report: &str) -> String {
+    let mut keep: Vec<String> = Vec::new();
+    for line in report.lines() {
+        let l = line.trim();
+        if let Some(pos) = l.find("inside:") {
+            keep.push(one_line(&l[pos..]));
+        } else if l.starts_with("Error:") || l.contains("Expected:") || l.contains("Found:") {
+            keep.push(one_line(l));
+        }
+    }
+    keep.dedup();
+    let text = if keep.is_empty() { one_line(report) } else { keep.join(" ") };
+    const MAX: usize = 300;
+    if text.len() > MAX {
+        let mut cut = MAX;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        format!("{}...", &text[..cut])
+    } else {
+        text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn api_versions_follow_abi_stable_rules() {
+        assert!(api_compatible("0.1.0", "0.1.7"));
+        assert!(api_compatible("0.1.0", "0.2.0"), "a newer 0.x plugin loads");
+        assert!(!api_compatible("0.2.0", "0.1.0"), "an older 0.x plugin does not");
+        assert!(!api_compatible("1.0.0", "2.0.0"));
+        assert!(api_compatible("1.3.0", "1.0.0"));
+        assert!(!api_compatible("0.1.0", "garbage"));
+    }
+
+    #[test]
+    fn layout_reports_shrink_to_their_decisive_lines() {
+        let report = "lots of\nlayout dump\n".repeat(300)
+            + "1 error(s)inside:\n  PluginMod -> create -> RResult\nError:mismatched type\nExpected: u16\nFound: u32\n";
+        let s = summarize_layout_report(&report);
+        assert!(s.contains("Error:mismatched type"), "{s}");
+        assert!(s.contains("Expected: u16"), "{s}");
+        assert!(s.len() <= 303);
+    }
+}

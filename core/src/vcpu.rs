@@ -1,0 +1,265 @@
+//! vCPU threads and the run control they share.
+//!
+//! ```text
+//!            pause()            resume()
+//!  Running ----------> Paused ----------> Running
+//!     |                  |
+//!     +---- stop() ------+--> Stopping (threads leave their loop)
+//! ```
+//!
+//! Any thread may change the state; it then *kicks* every vCPU thread with a
+//! signal whose handler sets the thread's `immediate_exit` flag, so a vCPU
+//! inside KVM_RUN (or about to enter it) returns to its loop and sees the new
+//! state. `pause()` returns once every vCPU thread is parked.
+
+use std::{
+    cell::Cell,
+    sync::{
+        atomic::{AtomicU8, Ordering},
+        Arc, Condvar, Mutex, MutexGuard,
+    },
+    thread::JoinHandle,
+};
+
+use crossbeam_channel::Sender;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
+
+use crate::bus::Bus;
+
+/// How a VM ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopEvent {
+    /// The guest reset the machine (i8042, triple fault, KVM reset event).
+    Reset,
+    /// The guest chose an exit status.
+    Exit(i32),
+    /// Something failed; the VM cannot go on.
+    Error(String),
+}
+
+const RUNNING: u8 = 0;
+const PAUSED: u8 = 1;
+const STOPPING: u8 = 2;
+
+struct Parking {
+    parked: usize,
+    threads: Vec<libc::pthread_t>,
+    stop: Option<StopEvent>,
+}
+
+/// Run state shared by the vCPU threads, devices and the main thread.
+pub struct VmControl {
+    state: AtomicU8,
+    parking: Mutex<Parking>,
+    changed: Condvar,
+    stopped: Sender<StopEvent>,
+}
+
+impl VmControl {
+    /// A control whose first stop event goes to `stopped`.
+    pub fn new(stopped: Sender<StopEvent>) -> Arc<Self> {
+        Arc::new(VmControl {
+            state: AtomicU8::new(RUNNING),
+            parking: Mutex::new(Parking { parked: 0, threads: Vec::new(), stop: None }),
+            changed: Condvar::new(),
+            stopped,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Parking> {
+        self.parking.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// End the VM. The first event wins; later ones are ignored.
+    pub fn stop(&self, event: StopEvent) {
+        let mut p = self.lock();
+        if p.stop.is_some() {
+            return;
+        }
+        p.stop = Some(event.clone());
+        self.state.store(STOPPING, Ordering::SeqCst);
+        kick_all(&p.threads);
+        self.changed.notify_all();
+        drop(p);
+        let _ = self.stopped.send(event);
+    }
+
+    /// Park every vCPU; returns when all are parked (or the VM is stopping).
+    pub fn pause(&self) {
+        let mut p = self.lock();
+        if self.state.load(Ordering::SeqCst) != RUNNING {
+            return;
+        }
+        self.state.store(PAUSED, Ordering::SeqCst);
+        kick_all(&p.threads);
+        while p.parked < p.threads.len() && self.state.load(Ordering::SeqCst) == PAUSED {
+            p = self.changed.wait(p).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Let parked vCPUs run again.
+    pub fn resume(&self) {
+        let _p = self.lock();
+        if self
+            .state
+            .compare_exchange(PAUSED, RUNNING, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+        {
+            self.changed.notify_all();
+        }
+    }
+
+    /// Is the VM paused?
+    pub fn is_paused(&self) -> bool {
+        self.state.load(Ordering::SeqCst) == PAUSED
+    }
+
+    fn register(&self, thread: libc::pthread_t) {
+        self.lock().threads.push(thread);
+    }
+
+    /// Forget the vCPU threads before they are joined (no more kicks).
+    fn forget_threads(&self) {
+        self.lock().threads.clear();
+    }
+
+    /// Called by a vCPU thread between runs. Returns false when it must exit.
+    fn checkpoint(&self) -> bool {
+        match self.state.load(Ordering::Acquire) {
+            RUNNING => true,
+            STOPPING => false,
+            _ => {
+                let mut p = self.lock();
+                p.parked += 1;
+                self.changed.notify_all();
+                while self.state.load(Ordering::SeqCst) == PAUSED {
+                    p = self.changed.wait(p).unwrap_or_else(|e| e.into_inner());
+                }
+                p.parked -= 1;
+                self.state.load(Ordering::SeqCst) != STOPPING
+            }
+        }
+    }
+}
+
+fn kick_all(threads: &[libc::pthread_t]) {
+    for t in threads {
+        // SAFETY: the thread ids belong to vCPU threads that are not joined
+        // yet (they are removed from the list before joining); the signal
+        // has a handler installed by `install_kick_handler`.
+        unsafe {
+            libc::pthread_kill(*t, SIGRTMIN());
+        }
+    }
+}
+
+thread_local! {
+    /// This thread's `kvm_run.immediate_exit`, for the kick signal handler.
+    static IMMEDIATE_EXIT: Cell<*mut u8> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let flag = IMMEDIATE_EXIT.with(|f| f.get());
+    if !flag.is_null() {
+        // SAFETY: the pointer is this thread's kvm_run mapping, set while the
+        // VcpuFd is alive and cleared before it is dropped.
+        unsafe { std::ptr::write_volatile(flag, 1) };
+    }
+}
+
+/// Install the kick signal handler (once per process).
+pub fn install_kick_handler() -> Result<(), String> {
+    static ONCE: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    ONCE.get_or_init(|| {
+        register_signal_handler(SIGRTMIN(), kick_handler).map_err(|e| format!("cannot install vCPU signal handler: {e}"))
+    })
+    .clone()
+}
+
+/// Start one thread per vCPU. The threads run until the control stops.
+pub fn spawn(
+    vcpus: Vec<VcpuFd>,
+    bus: Arc<Bus>,
+    control: Arc<VmControl>,
+) -> Result<Vec<JoinHandle<()>>, String> {
+    let mut handles = Vec::with_capacity(vcpus.len());
+    for (index, vcpu) in vcpus.into_iter().enumerate() {
+        let (bus, ctl) = (bus.clone(), control.clone());
+        let handle = std::thread::Builder::new()
+            .name(format!("vcpu{index}"))
+            .spawn(move || run_vcpu(index, vcpu, &bus, &ctl))
+            .map_err(|e| format!("cannot start vCPU thread: {e}"))?;
+        handles.push(handle);
+    }
+    Ok(handles)
+}
+
+/// Stop the vCPU threads (the control must be stopping) and wait for them.
+pub fn join(handles: Vec<JoinHandle<()>>, control: &VmControl) {
+    // Kicks already went out in stop(); threads see STOPPING at their next
+    // checkpoint.
+    control.forget_threads();
+    for h in handles {
+        let _ = h.join();
+    }
+}
+
+fn run_vcpu(index: usize, mut vcpu: VcpuFd, bus: &Bus, control: &VmControl) {
+    let flag: *mut u8 = &mut vcpu.get_kvm_run().immediate_exit;
+    IMMEDIATE_EXIT.with(|f| f.set(flag));
+    // Registered from the thread itself, under the control's lock: a stop
+    // that came earlier is seen by the first checkpoint, a later one kicks.
+    // SAFETY: pthread_self has no preconditions.
+    control.register(unsafe { libc::pthread_self() });
+    while control.checkpoint() {
+        if let Some(event) = run_once(index, &mut vcpu, bus) {
+            control.stop(event);
+        }
+    }
+    IMMEDIATE_EXIT.with(|f| f.set(std::ptr::null_mut()));
+}
+
+/// One KVM_RUN and its exit. Returns a stop event when the VM must end.
+fn run_once(index: usize, vcpu: &mut VcpuFd, bus: &Bus) -> Option<StopEvent> {
+    let fault = |f: crate::bus::DeviceFault| Some(StopEvent::Error(f.to_string()));
+    match vcpu.run() {
+        Ok(VcpuExit::IoIn(port, data)) => bus.pio_read(port, data).err().and_then(fault),
+        Ok(VcpuExit::IoOut(port, data)) => bus.pio_write(port, data).err().and_then(fault),
+        Ok(VcpuExit::MmioRead(addr, data)) => bus.mmio_read(addr, data).err().and_then(fault),
+        Ok(VcpuExit::MmioWrite(addr, data)) => bus.mmio_write(addr, data).err().and_then(fault),
+        Ok(VcpuExit::Hlt) => None,
+        Ok(VcpuExit::Shutdown) => {
+            crate::log::info(&format!("vCPU {index}: guest triple fault, machine reset"));
+            Some(StopEvent::Reset)
+        }
+        Ok(VcpuExit::SystemEvent(kind, _)) => {
+            crate::log::info(&format!("vCPU {index}: system event {kind}, machine reset"));
+            Some(StopEvent::Reset)
+        }
+        Ok(VcpuExit::InternalError) => Some(StopEvent::Error(format!(
+            "vCPU {index}: KVM internal error (emulation failure){}",
+            where_is(vcpu)
+        ))),
+        Ok(VcpuExit::FailEntry(reason, cpu)) => Some(StopEvent::Error(format!(
+            "vCPU {index}: KVM entry failed (hardware reason {reason:#x}, cpu {cpu}){}",
+            where_is(vcpu)
+        ))),
+        Ok(other) => Some(StopEvent::Error(format!("vCPU {index}: unexpected exit {other:?}"))),
+        Err(e) if e.errno() == libc::EINTR => {
+            vcpu.set_kvm_immediate_exit(0);
+            None
+        }
+        // An AP waiting for INIT/SIPI returns EAGAIN; KVM blocked until an
+        // event arrived, so retrying does not spin.
+        Err(e) if e.errno() == libc::EAGAIN => None,
+        Err(e) => Some(StopEvent::Error(format!("vCPU {index}: KVM_RUN failed: {e}"))),
+    }
+}
+
+fn where_is(vcpu: &VcpuFd) -> String {
+    match vcpu.get_regs() {
+        Ok(r) => format!(" at rip={:#x}", r.rip),
+        Err(_) => String::new(),
+    }
+}
