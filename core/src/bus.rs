@@ -101,8 +101,18 @@ const IN_KERNEL: &[(AddressSpace, u64, u64, &str)] = &[
     (AddressSpace::Pio, 0x40, 4, "the in-kernel 8254 PIT"),
     (AddressSpace::Pio, 0x61, 1, "the in-kernel PIT speaker port"),
     (AddressSpace::Pio, 0x4d0, 2, "the in-kernel ELCR"),
-    (AddressSpace::Mmio, 0xfec0_0000, 0x1000, "the in-kernel I/O APIC"),
-    (AddressSpace::Mmio, 0xfee0_0000, 0x1000, "the in-kernel local APIC"),
+    (
+        AddressSpace::Mmio,
+        0xfec0_0000,
+        0x1000,
+        "the in-kernel I/O APIC",
+    ),
+    (
+        AddressSpace::Mmio,
+        0xfee0_0000,
+        0x1000,
+        "the in-kernel local APIC",
+    ),
 ];
 
 /// The address map and the devices.
@@ -121,9 +131,14 @@ impl Default for Bus {
 impl Bus {
     /// An empty bus with the in-kernel ranges reserved.
     pub fn new() -> Self {
-        let mut bus = Bus { pio: BTreeMap::new(), mmio: BTreeMap::new(), devices: Vec::new() };
+        let mut bus = Bus {
+            pio: BTreeMap::new(),
+            mmio: BTreeMap::new(),
+            devices: Vec::new(),
+        };
         for (space, base, len, name) in IN_KERNEL {
-            bus.claim(*space, *base, *len, Owner::InKernel(name)).expect("in-kernel ranges are disjoint");
+            bus.claim(*space, *base, *len, Owner::InKernel(name))
+                .expect("in-kernel ranges are disjoint");
         }
         bus
     }
@@ -138,11 +153,22 @@ impl Bus {
         }
     }
 
-    fn claim(&mut self, space: AddressSpace, base: u64, len: u64, owner: Owner) -> Result<(), BusError> {
+    fn claim(
+        &mut self,
+        space: AddressSpace,
+        base: u64,
+        len: u64,
+        owner: Owner,
+    ) -> Result<(), BusError> {
         let end = match base.checked_add(len) {
             Some(end) if len > 0 => end,
             _ => {
-                return Err(BusError::Invalid { device: self.owner_name(owner), space: space_name(space), base, len })
+                return Err(BusError::Invalid {
+                    device: self.owner_name(owner),
+                    space: space_name(space),
+                    base,
+                    len,
+                })
             }
         };
         let map = match space {
@@ -170,16 +196,32 @@ impl Bus {
     }
 
     /// Add a device and claim every region it declares.
-    pub fn add_device(&mut self, id: &str, plugin: &str, device: DeviceBox) -> Result<(), BusError> {
+    pub fn add_device(
+        &mut self,
+        id: &str,
+        plugin: &str,
+        device: DeviceBox,
+    ) -> Result<(), BusError> {
         let regions = device.regions();
         let index = self.devices.len();
-        self.devices.push(DeviceSlot { id: id.to_string(), plugin: plugin.to_string(), device: Mutex::new(device) });
+        self.devices.push(DeviceSlot {
+            id: id.to_string(),
+            plugin: plugin.to_string(),
+            device: Mutex::new(device),
+        });
         for (i, r) in regions.iter().enumerate() {
-            let owner = Owner::Device { index, region: i as u32 };
+            let owner = Owner::Device {
+                index,
+                region: i as u32,
+            };
             if let Err(e) = self.claim(r.space, r.base, r.len, owner) {
                 // Leave no half-added device behind.
-                self.pio.retain(|_, m| !matches!(m.owner, Owner::Device { index: d, .. } if d == index));
-                self.mmio.retain(|_, m| !matches!(m.owner, Owner::Device { index: d, .. } if d == index));
+                self.pio.retain(
+                    |_, m| !matches!(m.owner, Owner::Device { index: d, .. } if d == index),
+                );
+                self.mmio.retain(
+                    |_, m| !matches!(m.owner, Owner::Device { index: d, .. } if d == index),
+                );
                 self.devices.pop();
                 return Err(e);
             }
@@ -199,14 +241,29 @@ impl Bus {
 
     fn fault(&self, index: usize, message: String) -> DeviceFault {
         let d = &self.devices[index];
-        DeviceFault { id: d.id.clone(), plugin: d.plugin.clone(), message }
+        DeviceFault {
+            id: d.id.clone(),
+            plugin: d.plugin.clone(),
+            message,
+        }
     }
 
-    fn read(&self, map: &BTreeMap<u64, Mapping>, addr: u64, data: &mut [u8]) -> Result<(), DeviceFault> {
+    fn read(
+        &self,
+        map: &BTreeMap<u64, Mapping>,
+        addr: u64,
+        data: &mut [u8],
+    ) -> Result<(), DeviceFault> {
         match Self::find(map, addr) {
             Some((start, Owner::Device { index, region })) => {
-                let result = self.devices[index].lock().read(region, addr - start, RSliceMut::from_mut_slice(data));
-                result.into_result().map_err(|e| self.fault(index, e.into()))
+                let result = self.devices[index].lock().read(
+                    region,
+                    addr - start,
+                    RSliceMut::from_mut_slice(data),
+                );
+                result
+                    .into_result()
+                    .map_err(|e| self.fault(index, e.into()))
             }
             _ => {
                 // Nothing there: the bus floats high.
@@ -216,11 +273,22 @@ impl Bus {
         }
     }
 
-    fn write(&self, map: &BTreeMap<u64, Mapping>, addr: u64, data: &[u8]) -> Result<(), DeviceFault> {
+    fn write(
+        &self,
+        map: &BTreeMap<u64, Mapping>,
+        addr: u64,
+        data: &[u8],
+    ) -> Result<(), DeviceFault> {
         match Self::find(map, addr) {
             Some((start, Owner::Device { index, region })) => {
-                let result = self.devices[index].lock().write(region, addr - start, RSlice::from_slice(data));
-                result.into_result().map_err(|e| self.fault(index, e.into()))
+                let result = self.devices[index].lock().write(
+                    region,
+                    addr - start,
+                    RSlice::from_slice(data),
+                );
+                result
+                    .into_result()
+                    .map_err(|e| self.fault(index, e.into()))
             }
             _ => Ok(()),
         }
@@ -266,7 +334,12 @@ mod tests {
         fn regions(&self) -> RVec<Region> {
             self.regions.iter().copied().collect()
         }
-        fn read(&mut self, region: u32, offset: u64, mut data: RSliceMut<'_, u8>) -> RResult<(), RString> {
+        fn read(
+            &mut self,
+            region: u32,
+            offset: u64,
+            mut data: RSliceMut<'_, u8>,
+        ) -> RResult<(), RString> {
             data.as_mut_slice().fill((region as u8) << 4 | offset as u8);
             RResult::ROk(())
         }
@@ -292,17 +365,28 @@ mod tests {
     }
 
     fn pio(base: u64, len: u64) -> Region {
-        Region { space: AddressSpace::Pio, base, len }
+        Region {
+            space: AddressSpace::Pio,
+            base,
+            len,
+        }
     }
 
     fn fake(regions: Vec<Region>) -> DeviceBox {
-        DeviceBox::from_value(Fake { regions, fail: false }, TD_Opaque)
+        DeviceBox::from_value(
+            Fake {
+                regions,
+                fail: false,
+            },
+            TD_Opaque,
+        )
     }
 
     #[test]
     fn accesses_reach_the_right_region_and_offset() {
         let mut bus = Bus::new();
-        bus.add_device("a", "fake", fake(vec![pio(0x3f8, 8), pio(0x2f8, 8)])).unwrap();
+        bus.add_device("a", "fake", fake(vec![pio(0x3f8, 8), pio(0x2f8, 8)]))
+            .unwrap();
         let mut b = [0u8; 1];
         bus.pio_read(0x3fa, &mut b).unwrap();
         assert_eq!(b[0], 0x02);
@@ -315,25 +399,52 @@ mod tests {
     #[test]
     fn overlapping_claims_name_both_devices() {
         let mut bus = Bus::new();
-        bus.add_device("com1", "serial", fake(vec![pio(0x3f8, 8)])).unwrap();
-        let err = bus.add_device("com2", "serial", fake(vec![pio(0x3fc, 8)])).unwrap_err();
+        bus.add_device("com1", "serial", fake(vec![pio(0x3f8, 8)]))
+            .unwrap();
+        let err = bus
+            .add_device("com2", "serial", fake(vec![pio(0x3fc, 8)]))
+            .unwrap_err();
         assert_eq!(
             err.to_string(),
             "device com1 (serial) and device com2 (serial) both claim I/O ports 0x3fc-0x3ff"
         );
-        assert_eq!(bus.devices().len(), 1, "the refused device is not left behind");
-        let err = bus.add_device("pic", "x", fake(vec![pio(0x21, 1)])).unwrap_err();
-        assert!(err.to_string().starts_with("the in-kernel 8259 PIC and device pic (x)"), "{err}");
+        assert_eq!(
+            bus.devices().len(),
+            1,
+            "the refused device is not left behind"
+        );
+        let err = bus
+            .add_device("pic", "x", fake(vec![pio(0x21, 1)]))
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("the in-kernel 8259 PIC and device pic (x)"),
+            "{err}"
+        );
         // Adjacent ranges are fine.
-        bus.add_device("next", "x", fake(vec![pio(0x400, 1), pio(0x3f7, 1)])).unwrap();
+        bus.add_device("next", "x", fake(vec![pio(0x400, 1), pio(0x3f7, 1)]))
+            .unwrap();
     }
 
     #[test]
     fn device_errors_name_the_device() {
         let mut bus = Bus::new();
-        bus.add_device("com1", "serial-16550", DeviceBox::from_value(Fake { regions: vec![pio(0x3f8, 8)], fail: true }, TD_Opaque))
-            .unwrap();
+        bus.add_device(
+            "com1",
+            "serial-16550",
+            DeviceBox::from_value(
+                Fake {
+                    regions: vec![pio(0x3f8, 8)],
+                    fail: true,
+                },
+                TD_Opaque,
+            ),
+        )
+        .unwrap();
         let err = bus.pio_write(0x3f8, &[1]).unwrap_err();
-        assert_eq!(err.to_string(), "device com1 (serial-16550): register jammed");
+        assert_eq!(
+            err.to_string(),
+            "device com1 (serial-16550): register jammed"
+        );
     }
 }

@@ -23,7 +23,14 @@ pub struct DeviceHost {
 impl DeviceHost {
     /// Services for device `id`, as the ABI handle plugins receive.
     pub fn new_box(id: &str, vm: Arc<VmFd>, control: Arc<VmControl>) -> HostBox {
-        HostBox::from_ptr(RArc::new(DeviceHost { id: id.into(), vm, control }), TD_Opaque)
+        HostBox::from_ptr(
+            RArc::new(DeviceHost {
+                id: id.into(),
+                vm,
+                control,
+            }),
+            TD_Opaque,
+        )
     }
 }
 
@@ -42,7 +49,10 @@ impl Host for DeviceHost {
                 StopEvent::Reset
             }
             StopKind::Exit => StopEvent::Exit(status),
-            StopKind::Error => StopEvent::Error(format!("device {} stopped the VM (status {status})", self.id)),
+            StopKind::Error => StopEvent::Error(format!(
+                "device {} stopped the VM (status {status})",
+                self.id
+            )),
         };
         self.control.stop(event);
     }

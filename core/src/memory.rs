@@ -63,9 +63,17 @@ pub struct RamRange {
 /// The RAM layout for a given size.
 pub fn layout(size: u64) -> Vec<RamRange> {
     let low = size.min(LOW_RAM_LIMIT);
-    let mut ranges = vec![RamRange { gpa: 0, len: low, file_offset: 0 }];
+    let mut ranges = vec![RamRange {
+        gpa: 0,
+        len: low,
+        file_offset: 0,
+    }];
     if size > low {
-        ranges.push(RamRange { gpa: HIGH_RAM_START, len: size - low, file_offset: low });
+        ranges.push(RamRange {
+            gpa: HIGH_RAM_START,
+            len: size - low,
+            file_offset: low,
+        });
     }
     ranges
 }
@@ -96,16 +104,24 @@ impl GuestRam {
             size: human_size(size),
             source,
         })?;
-        memfd.set_len(size).map_err(|source| MemoryError::Allocate {
-            size: human_size(size),
-            source,
-        })?;
+        memfd
+            .set_len(size)
+            .map_err(|source| MemoryError::Allocate {
+                size: human_size(size),
+                source,
+            })?;
         let ranges = layout(size);
         let mut regions = Vec::with_capacity(ranges.len());
         for r in &ranges {
-            let fd = memfd.try_clone().map_err(|e| MemoryError::Map(e.to_string()))?;
+            let fd = memfd
+                .try_clone()
+                .map_err(|e| MemoryError::Map(e.to_string()))?;
             let len = usize::try_from(r.len).map_err(|e| MemoryError::Map(e.to_string()))?;
-            regions.push((GuestAddress(r.gpa), len, Some(FileOffset::new(fd, r.file_offset))));
+            regions.push((
+                GuestAddress(r.gpa),
+                len,
+                Some(FileOffset::new(fd, r.file_offset)),
+            ));
         }
         let mem = GuestMemoryMmap::from_ranges_with_files(regions)
             .map_err(|e| MemoryError::Map(e.to_string()))?;
@@ -176,7 +192,12 @@ pub fn parse_size(s: &str) -> Option<u64> {
 
 /// Format a byte count for people.
 pub fn human_size(bytes: u64) -> String {
-    const UNITS: [(&str, u64); 4] = [("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
+    const UNITS: [(&str, u64); 4] = [
+        ("TiB", 1 << 40),
+        ("GiB", 1 << 30),
+        ("MiB", 1 << 20),
+        ("KiB", 1 << 10),
+    ];
     for (name, unit) in UNITS {
         if bytes >= unit {
             return if bytes % unit == 0 {
@@ -205,12 +226,30 @@ mod tests {
 
     #[test]
     fn layout_splits_around_the_mmio_hole() {
-        assert_eq!(layout(256 << 20), vec![RamRange { gpa: 0, len: 256 << 20, file_offset: 0 }]);
+        assert_eq!(
+            layout(256 << 20),
+            vec![RamRange {
+                gpa: 0,
+                len: 256 << 20,
+                file_offset: 0
+            }]
+        );
         let big = layout(4 << 30);
-        assert_eq!(big[0], RamRange { gpa: 0, len: LOW_RAM_LIMIT, file_offset: 0 });
+        assert_eq!(
+            big[0],
+            RamRange {
+                gpa: 0,
+                len: LOW_RAM_LIMIT,
+                file_offset: 0
+            }
+        );
         assert_eq!(
             big[1],
-            RamRange { gpa: HIGH_RAM_START, len: (4 << 30) - LOW_RAM_LIMIT, file_offset: LOW_RAM_LIMIT }
+            RamRange {
+                gpa: HIGH_RAM_START,
+                len: (4 << 30) - LOW_RAM_LIMIT,
+                file_offset: LOW_RAM_LIMIT
+            }
         );
     }
 
@@ -218,15 +257,23 @@ mod tests {
     fn more_than_the_host_is_refused() {
         let host = host_memory().expect("/proc/meminfo");
         let err = GuestRam::new(host + (1 << 30)).err().expect("must fail");
-        assert!(err.to_string().contains("more than this host can give"), "{err}");
+        assert!(
+            err.to_string().contains("more than this host can give"),
+            "{err}"
+        );
     }
 
     #[test]
     fn ram_is_usable() {
         use vm_memory::Bytes;
         let ram = GuestRam::new(16 << 20).unwrap();
-        ram.mem().write_obj(0xdead_beefu32, GuestAddress(0x1000)).unwrap();
-        assert_eq!(ram.mem().read_obj::<u32>(GuestAddress(0x1000)).unwrap(), 0xdead_beef);
+        ram.mem()
+            .write_obj(0xdead_beefu32, GuestAddress(0x1000))
+            .unwrap();
+        assert_eq!(
+            ram.mem().read_obj::<u32>(GuestAddress(0x1000)).unwrap(),
+            0xdead_beef
+        );
         assert_eq!(ram.size(), 16 << 20);
     }
 }

@@ -1,8 +1,8 @@
 //! Finding and loading plugin libraries.
 //!
 //! Every `*.so` in the plugin directory must be a Ferry plugin. Each is
-//! opened through its own abi_stable library header (`lib_header_from_path`
-//! + `init_root_module`): `RootModule::load_from_file` would cache one
+//! opened through its own abi_stable library header (`lib_header_from_path`,
+//! then `init_root_module`): `RootModule::load_from_file` would cache one
 //! library per root-module type and hand back the first plugin for every
 //! path. Before the layout check, the plugin's plugin-api version is
 //! compared with ours, so a mismatch reads as two version numbers instead of
@@ -11,7 +11,9 @@
 use std::path::{Path, PathBuf};
 
 use abi_stable::library::{lib_header_from_path, LibraryError, RootModule};
-use ferry_plugin_api::{DeviceBox, DeviceConfig, HostBox, PluginDescriptor, PluginModRef, PLUGIN_API_VERSION};
+use ferry_plugin_api::{
+    DeviceBox, DeviceConfig, HostBox, PluginDescriptor, PluginModRef, PLUGIN_API_VERSION,
+};
 use thiserror::Error;
 
 /// Plugin loading errors. Each names the file.
@@ -89,7 +91,9 @@ pub struct PluginLibrary {
 impl PluginLibrary {
     /// Create a device through the plugin's `create`.
     pub fn create(&self, config: DeviceConfig, host: HostBox) -> Result<DeviceBox, String> {
-        self.module.create()(config, host).into_result().map_err(String::from)
+        self.module.create()(config, host)
+            .into_result()
+            .map_err(String::from)
     }
 
     /// Plugin name.
@@ -109,7 +113,10 @@ impl Registry {
     /// Load every `*.so` in `dir`, in name order.
     pub fn load_dir(dir: &Path) -> Result<Self, PluginError> {
         let shown = dir.display().to_string();
-        let entries = std::fs::read_dir(dir).map_err(|source| PluginError::Dir { dir: shown.clone(), source })?;
+        let entries = std::fs::read_dir(dir).map_err(|source| PluginError::Dir {
+            dir: shown.clone(),
+            source,
+        })?;
         let mut paths: Vec<PathBuf> = entries
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "so"))
@@ -127,7 +134,10 @@ impl Registry {
             }
             plugins.push(lib);
         }
-        Ok(Registry { dir: dir.to_path_buf(), plugins })
+        Ok(Registry {
+            dir: dir.to_path_buf(),
+            plugins,
+        })
     }
 
     /// A plugin by name.
@@ -145,13 +155,23 @@ impl Registry {
 pub fn load_one(path: &Path) -> Result<PluginLibrary, PluginError> {
     let shown = path.display().to_string();
     let header = lib_header_from_path(path).map_err(|e| match e {
-        LibraryError::GetSymbolError { .. } => PluginError::NotAPlugin { path: shown.clone() },
-        LibraryError::OpenError { err, .. } => PluginError::Open { path: shown.clone(), reason: err.to_string() },
-        other => PluginError::Open { path: shown.clone(), reason: one_line(&other.to_string()) },
+        LibraryError::GetSymbolError { .. } => PluginError::NotAPlugin {
+            path: shown.clone(),
+        },
+        LibraryError::OpenError { err, .. } => PluginError::Open {
+            path: shown.clone(),
+            reason: err.to_string(),
+        },
+        other => PluginError::Open {
+            path: shown.clone(),
+            reason: one_line(&other.to_string()),
+        },
     })?;
 
     let theirs = header.version_strings().version.as_str();
-    let ours = <PluginModRef as RootModule>::VERSION_STRINGS.version.as_str();
+    let ours = <PluginModRef as RootModule>::VERSION_STRINGS
+        .version
+        .as_str();
     if !api_compatible(ours, theirs) {
         return Err(PluginError::ApiVersion {
             path: shown,
@@ -160,17 +180,38 @@ pub fn load_one(path: &Path) -> Result<PluginLibrary, PluginError> {
         });
     }
 
-    let module = header.init_root_module::<PluginModRef>().map_err(|e| match e {
-        LibraryError::AbiInstability(report) => {
-            PluginError::Layout { path: shown.clone(), summary: summarize_layout_report(&report.to_string()) }
-        }
-        other => PluginError::Plugin { path: shown.clone(), reason: one_line(&other.to_string()) },
-    })?;
-    let descriptor = module
-        .describe()()
+    let module = header
+        .init_root_module::<PluginModRef>()
+        .map_err(|e| match e {
+            LibraryError::AbiInstability(ref report)
+                if std::env::var_os("FERRY_DUMP_LAYOUT").is_some() =>
+            {
+                eprintln!("{report}");
+                PluginError::Layout {
+                    path: shown.clone(),
+                    summary: summarize_layout_report(&report.to_string()),
+                }
+            }
+            LibraryError::AbiInstability(report) => PluginError::Layout {
+                path: shown.clone(),
+                summary: summarize_layout_report(&report.to_string()),
+            },
+            other => PluginError::Plugin {
+                path: shown.clone(),
+                reason: one_line(&other.to_string()),
+            },
+        })?;
+    let descriptor = module.describe()()
         .into_result()
-        .map_err(|e| PluginError::Plugin { path: shown.clone(), reason: e.into() })?;
-    Ok(PluginLibrary { path: path.to_path_buf(), descriptor, module })
+        .map_err(|e| PluginError::Plugin {
+            path: shown.clone(),
+            reason: e.into(),
+        })?;
+    Ok(PluginLibrary {
+        path: path.to_path_buf(),
+        descriptor,
+        module,
+    })
 }
 
 /// abi_stable's rule: same major; for 0.x the plugin's minor must be at
@@ -190,29 +231,50 @@ fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-/// abi_stable's layout report runs to hundreds of lines; keep the path to
-/// the offending type and the decisive error line(s).
+/// abi_stable's layout report runs to hundreds of lines. Keep each
+/// `Error:` block as "what: expected X, found Y", the first two of them.
 pub fn summarize_layout_report(report: &str) -> String {
-    let mut keep: Vec<String> = Vec::new();
-    for line in report.lines() {
-        let l = line.trim();
-        if let Some(pos) = l.find("inside:") {
-            keep.push(one_line(&l[pos..]));
-        } else if l.starts_with("Error:") || l.contains("Expected:") || l.contains("Found:") {
-            keep.push(one_line(l));
+    fn pick(lines: &[&str]) -> String {
+        let typed = lines.iter().find_map(|l| l.strip_prefix("type:"));
+        let first = lines.iter().find(|l| !l.is_empty());
+        typed.or(first.copied()).unwrap_or("?").to_string()
+    }
+    let lines: Vec<&str> = report.lines().map(str::trim).collect();
+    let mut errors = Vec::new();
+    let mut i = 0;
+    while i < lines.len() {
+        if let Some(kind) = lines[i].strip_prefix("Error:") {
+            let mut j = i + 1;
+            let (mut expected, mut found) = (Vec::new(), Vec::new());
+            let mut side = 0;
+            while j < lines.len()
+                && !lines[j].starts_with("Error:")
+                && !lines[j].contains("error(s)")
+            {
+                match lines[j] {
+                    "Expected:" => side = 1,
+                    "Found:" => side = 2,
+                    l if side == 1 => expected.push(l),
+                    l if side == 2 => found.push(l),
+                    _ => {}
+                }
+                j += 1;
+            }
+            errors.push(format!(
+                "{}: expected {}, found {}",
+                kind.trim(),
+                pick(&expected),
+                pick(&found)
+            ));
+            i = j;
+        } else {
+            i += 1;
         }
     }
-    keep.dedup();
-    let text = if keep.is_empty() { one_line(report) } else { keep.join(" ") };
-    const MAX: usize = 300;
-    if text.len() > MAX {
-        let mut cut = MAX;
-        while !text.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        format!("{}...", &text[..cut])
-    } else {
-        text
+    match errors.len() {
+        0 => "layout check failed".to_string(),
+        1 | 2 => errors.join("; "),
+        n => format!("{} (+{} more)", errors[..2].join("; "), n - 2),
     }
 }
 
@@ -224,7 +286,10 @@ mod tests {
     fn api_versions_follow_abi_stable_rules() {
         assert!(api_compatible("0.1.0", "0.1.7"));
         assert!(api_compatible("0.1.0", "0.2.0"), "a newer 0.x plugin loads");
-        assert!(!api_compatible("0.2.0", "0.1.0"), "an older 0.x plugin does not");
+        assert!(
+            !api_compatible("0.2.0", "0.1.0"),
+            "an older 0.x plugin does not"
+        );
         assert!(!api_compatible("1.0.0", "2.0.0"));
         assert!(api_compatible("1.3.0", "1.0.0"));
         assert!(!api_compatible("0.1.0", "garbage"));
@@ -233,10 +298,13 @@ mod tests {
     #[test]
     fn layout_reports_shrink_to_their_decisive_lines() {
         let report = "lots of\nlayout dump\n".repeat(300)
-            + "1 error(s)inside:\n  PluginMod -> create -> RResult\nError:mismatched type\nExpected: u16\nFound: u32\n";
+            + "Error:mismatched type\nExpected:\n    RResult\nFound:\n    RString\n3 error(s)inside:\n"
+            + "Error:unexpected field\nExpected:\n  field_name:config\n  type:DeviceConfig\nFound:\n  field_name:port\n  type:u32\n"
+            + "Error:too many fields\nExpected:\n 3\nFound:\n 2\n";
         let s = summarize_layout_report(&report);
-        assert!(s.contains("Error:mismatched type"), "{s}");
-        assert!(s.contains("Expected: u16"), "{s}");
-        assert!(s.len() <= 303);
+        assert_eq!(
+            s,
+            "mismatched type: expected RResult, found RString; unexpected field: expected DeviceConfig, found u32 (+1 more)"
+        );
     }
 }

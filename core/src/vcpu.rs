@@ -61,7 +61,11 @@ impl VmControl {
     pub fn new(stopped: Sender<StopEvent>) -> Arc<Self> {
         Arc::new(VmControl {
             state: AtomicU8::new(RUNNING),
-            parking: Mutex::new(Parking { parked: 0, threads: Vec::new(), stop: None }),
+            parking: Mutex::new(Parking {
+                parked: 0,
+                threads: Vec::new(),
+                stop: None,
+            }),
             changed: Condvar::new(),
             stopped,
         })
@@ -172,7 +176,8 @@ extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc
 pub fn install_kick_handler() -> Result<(), String> {
     static ONCE: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
     ONCE.get_or_init(|| {
-        register_signal_handler(SIGRTMIN(), kick_handler).map_err(|e| format!("cannot install vCPU signal handler: {e}"))
+        register_signal_handler(SIGRTMIN(), kick_handler)
+            .map_err(|e| format!("cannot install vCPU signal handler: {e}"))
     })
     .clone()
 }
@@ -245,7 +250,9 @@ fn run_once(index: usize, vcpu: &mut VcpuFd, bus: &Bus) -> Option<StopEvent> {
             "vCPU {index}: KVM entry failed (hardware reason {reason:#x}, cpu {cpu}){}",
             where_is(vcpu)
         ))),
-        Ok(other) => Some(StopEvent::Error(format!("vCPU {index}: unexpected exit {other:?}"))),
+        Ok(other) => Some(StopEvent::Error(format!(
+            "vCPU {index}: unexpected exit {other:?}"
+        ))),
         Err(e) if e.errno() == libc::EINTR => {
             vcpu.set_kvm_immediate_exit(0);
             None
@@ -253,7 +260,9 @@ fn run_once(index: usize, vcpu: &mut VcpuFd, bus: &Bus) -> Option<StopEvent> {
         // An AP waiting for INIT/SIPI returns EAGAIN; KVM blocked until an
         // event arrived, so retrying does not spin.
         Err(e) if e.errno() == libc::EAGAIN => None,
-        Err(e) => Some(StopEvent::Error(format!("vCPU {index}: KVM_RUN failed: {e}"))),
+        Err(e) => Some(StopEvent::Error(format!(
+            "vCPU {index}: KVM_RUN failed: {e}"
+        ))),
     }
 }
 

@@ -105,7 +105,10 @@ pub fn run(config: VmConfig) -> Result<Outcome, VmError> {
     if cpus == 0 {
         return Err(VmError::NoCpus);
     }
-    let memory = config.memory.or(config.machine.memory).unwrap_or(DEFAULT_MEMORY);
+    let memory = config
+        .memory
+        .or(config.machine.memory)
+        .unwrap_or(DEFAULT_MEMORY);
     let ram = GuestRam::new(memory)?;
     let kvm = Machine::new(usize::from(cpus))?;
     kvm.register_ram(&ram)?;
@@ -115,14 +118,21 @@ pub fn run(config: VmConfig) -> Result<Outcome, VmError> {
 
     let mut bus = Bus::new();
     for plan in &plans {
-        let Some(lib) = registry.get(&plan.plugin) else { continue };
+        let Some(lib) = registry.get(&plan.plugin) else {
+            continue;
+        };
         let host = DeviceHost::new_box(&plan.id, kvm.vm.clone(), control.clone());
-        let config = DeviceConfig { id: plan.id.as_str().into(), properties: plan.properties.iter().cloned().collect::<RVec<_>>() };
-        let device = lib.create(config, host).map_err(|message| VmError::DeviceCreate {
-            id: plan.id.clone(),
-            plugin: plan.plugin.clone(),
-            message,
-        })?;
+        let config = DeviceConfig {
+            id: plan.id.as_str().into(),
+            properties: plan.properties.iter().cloned().collect::<RVec<_>>(),
+        };
+        let device = lib
+            .create(config, host)
+            .map_err(|message| VmError::DeviceCreate {
+                id: plan.id.clone(),
+                plugin: plan.plugin.clone(),
+                message,
+            })?;
         bus.add_device(&plan.id, &plan.plugin, device)?;
     }
 
@@ -131,7 +141,13 @@ pub fn run(config: VmConfig) -> Result<Outcome, VmError> {
         (None, Kernel::TestGuest) => boot::TEST_GUEST_CMDLINE.to_string(),
         (None, Kernel::File(_)) => String::new(),
     };
-    let entry = pvh::load(&ram, &config.kernel, config.initramfs.as_deref(), &cmdline, cpus)?;
+    let entry = pvh::load(
+        &ram,
+        &config.kernel,
+        config.initramfs.as_deref(),
+        &cmdline,
+        cpus,
+    )?;
     cpu::write_gdt(&ram)?;
 
     let mut vcpus = Vec::with_capacity(usize::from(cpus));
@@ -159,7 +175,9 @@ pub fn run(config: VmConfig) -> Result<Outcome, VmError> {
         bus.devices().len()
     ));
     let handles = vcpu::spawn(vcpus, bus.clone(), control.clone()).map_err(VmError::Runtime)?;
-    let event = stop_rx.recv().unwrap_or(StopEvent::Error("VM control channel closed".to_string()));
+    let event = stop_rx
+        .recv()
+        .unwrap_or(StopEvent::Error("VM control channel closed".to_string()));
     vcpu::join(handles, &control);
     for d in bus.devices() {
         let _ = d.device.lock().map(|mut dev| dev.pause());

@@ -15,8 +15,8 @@ use abi_stable::{
 };
 
 use crate::{
-    Device, DeviceBox, DeviceConfig, HostBox, PluginDescriptor, PropertyKind, PropertySpec,
-    Region, StateBlob, StateVersions,
+    Device, DeviceBox, DeviceConfig, HostBox, PluginDescriptor, PropertyKind, PropertySpec, Region,
+    StateBlob, StateVersions,
 };
 
 /// What a plugin's device implements. Plain Rust: the macro wraps it.
@@ -42,12 +42,17 @@ pub trait PluginDevice: Send + 'static {
 
     /// Save the device state at `version`.
     fn save_state(&mut self, version: u32) -> Result<StateBlob, String> {
-        Err(format!("saving state v{version} is not supported by this plugin"))
+        Err(format!(
+            "saving state v{version} is not supported by this plugin"
+        ))
     }
 
     /// Load a saved state.
     fn load_state(&mut self, state: StateBlob) -> Result<(), String> {
-        Err(format!("loading state v{} is not supported by this plugin", state.version))
+        Err(format!(
+            "loading state v{} is not supported by this plugin",
+            state.version
+        ))
     }
 }
 
@@ -65,7 +70,11 @@ impl DescriptorBuilder {
                 name: name.into(),
                 version: version.into(),
                 description: description.into(),
-                state: StateVersions { current: 1, oldest_load: 1, oldest_save: 1 },
+                state: StateVersions {
+                    current: 1,
+                    oldest_load: 1,
+                    oldest_save: 1,
+                },
                 properties: RVec::new(),
             },
         }
@@ -73,7 +82,11 @@ impl DescriptorBuilder {
 
     /// Set the state versions.
     pub fn state(mut self, current: u32, oldest_load: u32, oldest_save: u32) -> Self {
-        self.descriptor.state = StateVersions { current, oldest_load, oldest_save };
+        self.descriptor.state = StateVersions {
+            current,
+            oldest_load,
+            oldest_save,
+        };
         self
     }
 
@@ -124,7 +137,8 @@ impl<'a> Properties<'a> {
 
     /// A required string property.
     pub fn string(&self, name: &str) -> Result<&'a str, String> {
-        self.get(name).ok_or_else(|| format!("property '{name}' is missing"))
+        self.get(name)
+            .ok_or_else(|| format!("property '{name}' is missing"))
     }
 
     /// A required integer property.
@@ -166,7 +180,10 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 pub fn catch<T>(what: &str, f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(result) => result,
-        Err(payload) => Err(format!("plugin panicked in {what}: {}", panic_message(&*payload))),
+        Err(payload) => Err(format!(
+            "plugin panicked in {what}: {}",
+            panic_message(&*payload)
+        )),
     }
 }
 
@@ -177,9 +194,15 @@ pub struct Guarded<D> {
 }
 
 impl<D: PluginDevice> Guarded<D> {
-    fn call<T>(&mut self, what: &str, f: impl FnOnce(&mut D) -> Result<T, String>) -> RResult<T, RString> {
+    fn call<T>(
+        &mut self,
+        what: &str,
+        f: impl FnOnce(&mut D) -> Result<T, String>,
+    ) -> RResult<T, RString> {
         if let Some(reason) = &self.poisoned {
-            return RResult::RErr(format!("device unusable after an earlier failure: {reason}").into());
+            return RResult::RErr(
+                format!("device unusable after an earlier failure: {reason}").into(),
+            );
         }
         let inner = &mut self.inner;
         match catch_unwind(AssertUnwindSafe(|| f(inner))) {
@@ -204,7 +227,12 @@ impl<D: PluginDevice> Device for Guarded<D> {
         }
     }
 
-    fn read(&mut self, region: u32, offset: u64, mut data: RSliceMut<'_, u8>) -> RResult<(), RString> {
+    fn read(
+        &mut self,
+        region: u32,
+        offset: u64,
+        mut data: RSliceMut<'_, u8>,
+    ) -> RResult<(), RString> {
         self.call("read", |d| d.read(region, offset, data.as_mut_slice()))
     }
 
@@ -241,7 +269,15 @@ pub fn create_guarded<D: PluginDevice>(
     f: fn(&DeviceConfig, HostBox) -> Result<D, String>,
 ) -> RResult<DeviceBox, RString> {
     catch("create", || f(&config, host))
-        .map(|d| DeviceBox::from_value(Guarded { inner: d, poisoned: None }, TD_Opaque))
+        .map(|d| {
+            DeviceBox::from_value(
+                Guarded {
+                    inner: d,
+                    poisoned: None,
+                },
+                TD_Opaque,
+            )
+        })
         .map_err(RString::from)
         .into()
 }
@@ -312,7 +348,10 @@ mod tests {
 
     #[test]
     fn export_name_matches_abi_stable() {
-        assert_eq!(abi_stable::library::ROOT_MODULE_LOADER_NAME, "_1as_0lib_1header_0root_bmodule_bloader");
+        assert_eq!(
+            abi_stable::library::ROOT_MODULE_LOADER_NAME,
+            "_1as_0lib_1header_0root_bmodule_bloader"
+        );
     }
 
     #[test]
@@ -338,11 +377,22 @@ mod tests {
 
     #[test]
     fn a_panic_becomes_an_error_and_poisons_the_device() {
-        let mut dev = Guarded { inner: Boom, poisoned: None };
+        let mut dev = Guarded {
+            inner: Boom,
+            poisoned: None,
+        };
         let mut buf = [0u8; 1];
-        let err = dev.read(0, 0, RSliceMut::from_mut_slice(&mut buf)).unwrap_err();
-        assert!(err.contains("panicked in read: register 7 exploded"), "{err}");
+        let err = dev
+            .read(0, 0, RSliceMut::from_mut_slice(&mut buf))
+            .unwrap_err();
+        assert!(
+            err.contains("panicked in read: register 7 exploded"),
+            "{err}"
+        );
         let again = dev.write(0, 0, RSlice::from_slice(&[1])).unwrap_err();
-        assert!(again.contains("unusable after an earlier failure"), "{again}");
+        assert!(
+            again.contains("unusable after an earlier failure"),
+            "{again}"
+        );
     }
 }

@@ -1,1 +1,207 @@
+//! Helpers for Ferry's integration tests: find the built binaries, run one
+//! ferry process per VM with a deadline, and skip loudly without /dev/kvm.
 
+use std::{
+    io::{Read, Write},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+/// The directory holding `ferry` and the plugin libraries (target/debug).
+pub fn bin_dir() -> PathBuf {
+    // Test executables live in target/<profile>/deps/.
+    let exe = std::env::current_exe().expect("test executable path");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>")
+        .to_path_buf()
+}
+
+/// The ferry binary.
+pub fn ferry_bin() -> PathBuf {
+    let bin = bin_dir().join("ferry");
+    assert!(
+        bin.is_file(),
+        "{} is missing: build the workspace first (cargo build --workspace)",
+        bin.display()
+    );
+    bin
+}
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("repo root")
+        .to_path_buf()
+}
+
+/// Is /dev/kvm usable? If not, say so where the test output shows it.
+pub fn kvm_or_skip(test: &str) -> bool {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => true,
+        Err(e) => {
+            // Written to the real stderr (not the captured test output), so
+            // the skip is visible in every run.
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED {test}: /dev/kvm is not usable here ({e})"
+            );
+            false
+        }
+    }
+}
+
+/// A finished (or killed) ferry process.
+#[derive(Debug)]
+pub struct Finished {
+    /// Exit status, None if killed at the deadline.
+    pub status: Option<i32>,
+    /// Everything on stdout (the guest console).
+    pub stdout: String,
+    /// Everything on stderr (ferry's messages).
+    pub stderr: String,
+    /// Wall time.
+    pub elapsed: Duration,
+}
+
+impl Finished {
+    /// The exit status, failing the test with the output if it was killed.
+    pub fn code(&self) -> i32 {
+        match self.status {
+            Some(c) => c,
+            None => panic!(
+                "ferry did not finish in time\nstdout:\n{}\nstderr:\n{}",
+                self.stdout, self.stderr
+            ),
+        }
+    }
+}
+
+/// Run ferry with `args`, kill it after `deadline`.
+pub fn ferry(args: &[&str], deadline: Duration) -> Finished {
+    let start = Instant::now();
+    let mut child = Command::new(ferry_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start ferry");
+    let mut out = child.stdout.take().expect("stdout");
+    let mut err = child.stderr.take().expect("stderr");
+    let out_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait for ferry") {
+            break st.code();
+        }
+        if start.elapsed() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Finished {
+        status,
+        stdout: out_reader.join().unwrap_or_default(),
+        stderr: err_reader.join().unwrap_or_default(),
+        elapsed: start.elapsed(),
+    }
+}
+
+/// A fresh temporary directory, removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// Create one whose name includes `tag`.
+    pub fn new(tag: &str) -> Self {
+        static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let dir = std::env::temp_dir().join(format!("ferry-test-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        TempDir(dir)
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The installed plugin libraries (`lib*.so` beside ferry).
+pub fn plugin_libs() -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(bin_dir())
+        .expect("bin dir")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "so"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// A plugin directory holding copies of the installed plugins.
+pub fn plugin_dir_copy(tag: &str) -> TempDir {
+    let dir = TempDir::new(tag);
+    for lib in plugin_libs() {
+        std::fs::copy(&lib, dir.path().join(lib.file_name().expect("name"))).expect("copy plugin");
+    }
+    dir
+}
+
+/// The host's current year (UTC), from `date`.
+pub fn host_year() -> String {
+    let out = Command::new("date")
+        .args(["-u", "+%Y"])
+        .output()
+        .expect("run date");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Build a fixture plugin under tests/fixtures (once per test process) and
+/// return the path of its library.
+pub fn fixture_plugin(name: &str) -> PathBuf {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let root = repo_root();
+    let target = root.join("target").join("fixtures");
+    let out = target.join(format!("{name}.so"));
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
+    let status = Command::new(cargo)
+        .args(["build", "-j2", "--quiet", "--manifest-path"])
+        .arg(
+            root.join("tests")
+                .join("fixtures")
+                .join(name)
+                .join("Cargo.toml"),
+        )
+        .arg("--target-dir")
+        .arg(&target)
+        .status()
+        .expect("run cargo for a fixture");
+    assert!(status.success(), "building fixture {name} failed");
+    let lib = format!("lib{}.so", name.replace('-', "_"));
+    std::fs::copy(target.join("debug").join(lib), &out).expect("copy fixture");
+    out
+}

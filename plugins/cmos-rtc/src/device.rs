@@ -36,7 +36,12 @@ pub fn describe() -> PluginDescriptor {
         env!("CARGO_PKG_VERSION"),
         "MC146818 CMOS real-time clock with the host's date and time (UTC)",
     )
-    .property("port", PropertyKind::Integer, Some("0x70"), "index port; data is port + 1")
+    .property(
+        "port",
+        PropertyKind::Integer,
+        Some("0x70"),
+        "index port; data is port + 1",
+    )
     .build()
 }
 
@@ -56,12 +61,22 @@ impl CmosRtc {
         let mut ram = [0u8; 128];
         ram[usize::from(REG_STATUS_A)] = STATUS_A_DEFAULT;
         ram[usize::from(REG_STATUS_B)] = STATUS_B_24H;
-        Ok(CmosRtc { port, index: 0, ram })
+        Ok(CmosRtc {
+            port,
+            index: 0,
+            ram,
+        })
     }
 
     fn read_register(&self, index: u8, now: &DateTime) -> u8 {
         let status_b = self.ram[usize::from(REG_STATUS_B)];
-        let encode = |v: u8| if status_b & STATUS_B_BINARY != 0 { v } else { to_bcd(v) };
+        let encode = |v: u8| {
+            if status_b & STATUS_B_BINARY != 0 {
+                v
+            } else {
+                to_bcd(v)
+            }
+        };
         match index {
             REG_SECONDS => encode(now.second),
             REG_MINUTES => encode(now.minute),
@@ -99,7 +114,11 @@ impl CmosRtc {
 
 impl PluginDevice for CmosRtc {
     fn regions(&self) -> Vec<Region> {
-        vec![Region { space: AddressSpace::Pio, base: self.port.into(), len: 2 }]
+        vec![Region {
+            space: AddressSpace::Pio,
+            base: self.port.into(),
+            len: 2,
+        }]
     }
 
     fn read(&mut self, _region: u32, offset: u64, data: &mut [u8]) -> Result<(), String> {
@@ -113,7 +132,9 @@ impl PluginDevice for CmosRtc {
     }
 
     fn write(&mut self, _region: u32, offset: u64, data: &[u8]) -> Result<(), String> {
-        let Some(&value) = data.first() else { return Ok(()) };
+        let Some(&value) = data.first() else {
+            return Ok(());
+        };
         if offset == 0 {
             // Bit 7 is the NMI mask on real chipsets; it selects no register.
             self.index = value & 0x7f;
@@ -143,7 +164,10 @@ struct DateTime {
 
 impl DateTime {
     fn now() -> Self {
-        let secs = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let secs = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
         Self::from_unix(secs)
     }
 
@@ -180,7 +204,11 @@ mod tests {
     fn rtc() -> CmosRtc {
         let mut ram = [0u8; 128];
         ram[usize::from(REG_STATUS_B)] = STATUS_B_24H;
-        CmosRtc { port: 0x70, index: 0, ram }
+        CmosRtc {
+            port: 0x70,
+            index: 0,
+            ram,
+        }
     }
 
     #[test]
@@ -189,7 +217,15 @@ mod tests {
         let dt = DateTime::from_unix(1_795_821_797);
         assert_eq!(
             dt,
-            DateTime { year: 2026, month: 11, day: 27, weekday: 6, hour: 23, minute: 23, second: 17 }
+            DateTime {
+                year: 2026,
+                month: 11,
+                day: 27,
+                weekday: 6,
+                hour: 23,
+                minute: 23,
+                second: 17
+            }
         );
         // Leap day.
         let leap = DateTime::from_unix(951_782_400); // 2000-02-29 00:00:00
@@ -207,7 +243,11 @@ mod tests {
         assert_eq!(rtc.read_register(REG_YEAR, &dt), 26);
         assert_eq!(rtc.read_register(REG_MONTH, &dt), 11);
         rtc.write_register(REG_STATUS_B, STATUS_B_BINARY);
-        assert_eq!(rtc.read_register(REG_HOURS, &dt), 11 | 0x80, "11 pm in 12-hour mode");
+        assert_eq!(
+            rtc.read_register(REG_HOURS, &dt),
+            11 | 0x80,
+            "11 pm in 12-hour mode"
+        );
     }
 
     #[test]

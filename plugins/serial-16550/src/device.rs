@@ -32,16 +32,36 @@ pub fn describe() -> PluginDescriptor {
         env!("CARGO_PKG_VERSION"),
         "16550A UART: guest console to stdout, a file or a unix socket",
     )
-    .property("port", PropertyKind::Integer, Some("0x3f8"), "base I/O port (8 ports)")
-    .property("irq", PropertyKind::Integer, Some("4"), "interrupt line (GSI)")
+    .property(
+        "port",
+        PropertyKind::Integer,
+        Some("0x3f8"),
+        "base I/O port (8 ports)",
+    )
+    .property(
+        "irq",
+        PropertyKind::Integer,
+        Some("4"),
+        "interrupt line (GSI)",
+    )
     .property(
         "output",
         PropertyKind::String,
         Some("stdout"),
         "stdout | file | socket | none",
     )
-    .property("path", PropertyKind::String, Some(""), "file or socket path for output=file|socket")
-    .property("input", PropertyKind::String, Some("stdin"), "stdin | none (socket output reads the socket)")
+    .property(
+        "path",
+        PropertyKind::String,
+        Some(""),
+        "file or socket path for output=file|socket",
+    )
+    .property(
+        "input",
+        PropertyKind::String,
+        Some("stdin"),
+        "stdin | none (socket output reads the socket)",
+    )
     .build()
 }
 
@@ -77,7 +97,8 @@ impl Serial16550 {
             .ok()
             .filter(|p| *p <= u16::MAX - 7)
             .ok_or_else(|| format!("port {port:#x} does not fit 8 registers below 0x10000"))?;
-        let gsi = u32::try_from(props.integer("irq")?).map_err(|_| "irq is too large".to_string())?;
+        let gsi =
+            u32::try_from(props.integer("irq")?).map_err(|_| "irq is too large".to_string())?;
         let path = props.string("path")?;
         let need_path = |what: &str| {
             if path.is_empty() {
@@ -99,7 +120,11 @@ impl Serial16550 {
                 Output::Socket(Arc::new(Mutex::new(None)))
             }
             "none" => Output::Discard,
-            other => return Err(format!("output '{other}' is not one of stdout, file, socket, none")),
+            other => {
+                return Err(format!(
+                    "output '{other}' is not one of stdout, file, socket, none"
+                ))
+            }
         };
         let stdin_input = match props.string("input")? {
             "stdin" => listener.is_none(),
@@ -110,11 +135,22 @@ impl Serial16550 {
             Output::Socket(client) => Some(client.clone()),
             _ => None,
         };
-        let uart = Arc::new(Mutex::new(Serial::new(IrqLine { host: host.clone(), gsi }, output)));
+        let uart = Arc::new(Mutex::new(Serial::new(
+            IrqLine {
+                host: host.clone(),
+                gsi,
+            },
+            output,
+        )));
         let paused = Arc::new(AtomicBool::new(false));
 
         if stdin_input {
-            spawn_input(Box::new(std::io::stdin()), uart.clone(), paused.clone(), host.clone())?;
+            spawn_input(
+                Box::new(std::io::stdin()),
+                uart.clone(),
+                paused.clone(),
+                host.clone(),
+            )?;
         }
         if let (Some(listener), Some(client)) = (listener, socket_client) {
             let (uart, paused, host) = (uart.clone(), paused.clone(), host.clone());
@@ -122,14 +158,27 @@ impl Serial16550 {
                 .name("serial-accept".into())
                 .spawn(move || {
                     for stream in listener.incoming().flatten() {
-                        let Ok(reader) = stream.try_clone() else { continue };
+                        let Ok(reader) = stream.try_clone() else {
+                            continue;
+                        };
                         *client.lock().unwrap_or_else(|e| e.into_inner()) = Some(stream);
-                        let _ = spawn_input(Box::new(reader), uart.clone(), paused.clone(), host.clone());
+                        let _ = spawn_input(
+                            Box::new(reader),
+                            uart.clone(),
+                            paused.clone(),
+                            host.clone(),
+                        );
                     }
                 })
                 .map_err(|e| format!("cannot start socket thread: {e}"))?;
         }
-        Ok(Serial16550 { port, uart, paused, host, reported_output_error: false })
+        Ok(Serial16550 {
+            port,
+            uart,
+            paused,
+            host,
+            reported_output_error: false,
+        })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Uart> {
@@ -160,7 +209,10 @@ fn spawn_input(
                         match uart.enqueue_raw_bytes(pending) {
                             Ok(taken) => pending = &pending[taken..],
                             Err(e) => {
-                                host.log(LogLevel::Warn, format!("input dropped: {e:?}").as_str().into());
+                                host.log(
+                                    LogLevel::Warn,
+                                    format!("input dropped: {e:?}").as_str().into(),
+                                );
                                 pending = &[];
                             }
                         }
@@ -178,7 +230,11 @@ fn spawn_input(
 
 impl PluginDevice for Serial16550 {
     fn regions(&self) -> Vec<Region> {
-        vec![Region { space: AddressSpace::Pio, base: self.port.into(), len: 8 }]
+        vec![Region {
+            space: AddressSpace::Pio,
+            base: self.port.into(),
+            len: 8,
+        }]
     }
 
     fn read(&mut self, _region: u32, offset: u64, data: &mut [u8]) -> Result<(), String> {
@@ -188,7 +244,9 @@ impl PluginDevice for Serial16550 {
     }
 
     fn write(&mut self, _region: u32, offset: u64, data: &[u8]) -> Result<(), String> {
-        let Some(&value) = data.first() else { return Ok(()) };
+        let Some(&value) = data.first() else {
+            return Ok(());
+        };
         let result = self.lock().write(offset as u8, value);
         match result {
             Ok(()) => Ok(()),
@@ -197,7 +255,10 @@ impl PluginDevice for Serial16550 {
                 // Losing console output must not stop the guest; say it once.
                 if !self.reported_output_error {
                     self.reported_output_error = true;
-                    self.host.log(LogLevel::Warn, format!("console output failed: {e:?}").as_str().into());
+                    self.host.log(
+                        LogLevel::Warn,
+                        format!("console output failed: {e:?}").as_str().into(),
+                    );
                 }
                 Ok(())
             }

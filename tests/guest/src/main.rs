@@ -21,6 +21,8 @@ mod smp;
 mod sync;
 mod ticks;
 
+use core::sync::atomic::Ordering;
+
 use cmdline::Token;
 
 /// Size of the buffer the loader's command line is copied into.
@@ -44,11 +46,7 @@ pub extern "C" fn main(start_info: u64) -> ! {
     // write to RAM (the trampoline page, the pattern region).
     let mut raw = [0u8; CMDLINE_MAX];
     let len = bootinfo::parse(start_info, &mut raw);
-    boot::extend_identity_map(
-        bootinfo::MEM
-            .max_end
-            .load(core::sync::atomic::Ordering::Relaxed),
-    );
+    boot::extend_identity_map(bootinfo::MEM.max_end.load(Ordering::Relaxed));
     mptable::discover();
 
     let mut settings = Settings {

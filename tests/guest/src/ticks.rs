@@ -78,12 +78,12 @@ pub fn run(hz: u64, lines_wanted: u64, dirty: u64) {
             TICK_STATE.seen.fetch_add(1, Ordering::Relaxed);
             let handled = TICK_STATE.handled.fetch_add(1, Ordering::Relaxed) + 1;
             dirty_pages(dirty, handled);
-            if !handled.is_multiple_of(per_line) {
+            if handled % per_line != 0 {
                 continue;
             }
             let k = TICK_STATE.lines.fetch_add(1, Ordering::Relaxed) + 1;
             crate::println!("TICK {}", k);
-            if k.is_multiple_of(10) && pattern::active() {
+            if k % 10 == 0 && pattern::active() {
                 if let Err(m) = pattern::verify() {
                     pattern::report(Err(m));
                 }

@@ -1,0 +1,205 @@
+//! Bad input gets a clear one-line error and a non-zero exit, before any
+//! vCPU runs.
+
+use std::{path::Path, time::Duration};
+
+use ferry_tests::{ferry, fixture_plugin, plugin_dir_copy, Finished, TempDir};
+
+const DEADLINE: Duration = Duration::from_secs(60);
+
+/// ferry failed with exactly one line on stderr that contains every
+/// fragment, and the guest never ran.
+fn assert_refused(run: &Finished, fragments: &[&str]) {
+    assert_ne!(run.code(), 0, "ferry should fail; stdout:\n{}", run.stdout);
+    let lines: Vec<&str> = run.stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "one line expected, got:\n{}", run.stderr);
+    assert!(lines[0].starts_with("ferry: error: "), "{}", lines[0]);
+    for f in fragments {
+        assert!(lines[0].contains(f), "'{f}' missing from: {}", lines[0]);
+    }
+    assert!(
+        !run.stdout.contains("FERRY-GUEST"),
+        "the guest ran:\n{}",
+        run.stdout
+    );
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, text).expect("write file");
+    p.display().to_string()
+}
+
+#[test]
+fn missing_kernel_file() {
+    let run = ferry(&["run", "--kernel", "/nonexistent/vmlinux"], DEADLINE);
+    assert_refused(
+        &run,
+        &["cannot read kernel /nonexistent/vmlinux", "No such file"],
+    );
+}
+
+#[test]
+fn kernel_that_is_not_an_elf() {
+    let dir = TempDir::new("notelf");
+    let k = write(
+        dir.path(),
+        "kernel.txt",
+        "hello, I am plain text and no kernel\n",
+    );
+    let run = ferry(&["run", "--kernel", &k], DEADLINE);
+    assert_refused(&run, &[&k, "is not an ELF file with a PVH entry note"]);
+}
+
+#[test]
+fn elf_without_a_pvh_note() {
+    // A host program: a real ELF, but no PVH entry note.
+    let run = ferry(&["run", "--kernel", "/bin/true"], DEADLINE);
+    assert_refused(
+        &run,
+        &["/bin/true", "is not an ELF file with a PVH entry note"],
+    );
+}
+
+#[test]
+fn shared_library_that_is_not_a_plugin() {
+    let dir = plugin_dir_copy("notplugin");
+    let libm = [
+        "/lib/x86_64-linux-gnu/libm.so.6",
+        "/usr/lib/x86_64-linux-gnu/libm.so.6",
+    ]
+    .into_iter()
+    .find(|p| Path::new(p).exists())
+    .expect("libm on the host");
+    std::fs::copy(libm, dir.path().join("libm.so")).expect("copy libm");
+    let plugins = dir.path().display().to_string();
+    let run = ferry(&["run", "--plugins", &plugins], DEADLINE);
+    assert_refused(&run, &["libm.so is not a Ferry plugin"]);
+}
+
+#[test]
+fn plugin_built_against_an_older_plugin_api() {
+    let lib = fixture_plugin("old-api-plugin");
+    let dir = plugin_dir_copy("oldapi");
+    std::fs::copy(&lib, dir.path().join("old-api-plugin.so")).expect("copy");
+    let plugins = dir.path().display().to_string();
+    let run = ferry(&["run", "--plugins", &plugins], DEADLINE);
+    assert_refused(
+        &run,
+        &["old-api-plugin.so", "plugin-api 0.0.9", "plugin-api 0.1.0"],
+    );
+}
+
+#[test]
+fn plugin_whose_plugin_api_layout_differs() {
+    let lib = fixture_plugin("skewed-api-plugin");
+    let dir = plugin_dir_copy("skewedapi");
+    std::fs::copy(&lib, dir.path().join("skewed-api-plugin.so")).expect("copy");
+    let plugins = dir.path().display().to_string();
+    let run = ferry(&["run", "--plugins", &plugins], DEADLINE);
+    assert_refused(
+        &run,
+        &[
+            "skewed-api-plugin.so",
+            "types do not match",
+            "expected RResult, found RString",
+        ],
+    );
+    assert!(
+        run.stderr.len() < 400,
+        "short message, not a layout dump: {}",
+        run.stderr.len()
+    );
+}
+
+#[test]
+fn machine_type_naming_a_plugin_that_is_not_installed() {
+    let dir = TempDir::new("noplugin");
+    let m = write(
+        dir.path(),
+        "m.toml",
+        "name = \"needs-gpu\"\n[[device]]\nid = \"gpu0\"\nplugin = \"virtio-gpu\"\n",
+    );
+    let run = ferry(&["run", "--machine", &m], DEADLINE);
+    assert_refused(
+        &run,
+        &[
+            "needs-gpu",
+            "device gpu0",
+            "plugin 'virtio-gpu'",
+            "not installed",
+        ],
+    );
+}
+
+#[test]
+fn malformed_toml_names_line_and_field() {
+    let dir = TempDir::new("badtoml");
+    let m = write(
+        dir.path(),
+        "m.toml",
+        "name = \"x\"\ncpus = 1\nmemory = 256\n[[device]]\nid = \"com1\"\nplugin = \"serial-16550\"\n",
+    );
+    let run = ferry(&["run", "--machine", &m], DEADLINE);
+    assert_refused(
+        &run,
+        &["m.toml", "line 3", "memory = 256", "expected a string"],
+    );
+
+    let m2 = write(dir.path(), "m2.toml", "name = \"x\"\n[[device]\nid = 3\n");
+    let run = ferry(&["run", "--machine", &m2], DEADLINE);
+    assert_refused(&run, &["m2.toml", "line 2"]);
+}
+
+#[test]
+fn unknown_property() {
+    let dir = TempDir::new("unknownprop");
+    let m = write(
+        dir.path(),
+        "m.toml",
+        "name = \"x\"\n[[device]]\nid = \"com1\"\nplugin = \"serial-16550\"\nproperties = { port = 0x3f8, baud = 9600 }\n",
+    );
+    let run = ferry(&["run", "--machine", &m], DEADLINE);
+    assert_refused(
+        &run,
+        &[
+            "device com1",
+            "unknown property 'baud'",
+            "serial-16550",
+            "known: port",
+        ],
+    );
+}
+
+#[test]
+fn two_devices_claiming_overlapping_ports() {
+    let dir = TempDir::new("overlap");
+    let m = write(
+        dir.path(),
+        "m.toml",
+        "name = \"x\"\n\
+         [[device]]\nid = \"com1\"\nplugin = \"serial-16550\"\nproperties = { port = 0x3f8, input = \"none\" }\n\
+         [[device]]\nid = \"com2\"\nplugin = \"serial-16550\"\nproperties = { port = 0x3fc, input = \"none\" }\n",
+    );
+    let run = ferry(&["run", "--machine", &m], DEADLINE);
+    assert_refused(
+        &run,
+        &[
+            "device com1 (serial-16550)",
+            "device com2 (serial-16550)",
+            "I/O ports 0x3fc-0x3ff",
+        ],
+    );
+}
+
+#[test]
+fn more_memory_than_the_host_has() {
+    let run = ferry(&["run", "--memory", "64T"], DEADLINE);
+    assert_refused(&run, &["memory 64 TiB", "more than this host can give"]);
+}
+
+#[test]
+fn unknown_machine_type() {
+    let run = ferry(&["run", "--machine", "pc-99"], DEADLINE);
+    assert_refused(&run, &["unknown machine type 'pc-99'", "pc-1"]);
+}
