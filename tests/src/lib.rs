@@ -85,14 +85,35 @@ impl Finished {
 
 /// Run ferry with `args`, kill it after `deadline`.
 pub fn ferry(args: &[&str], deadline: Duration) -> Finished {
-    let start = Instant::now();
-    let mut child = Command::new(ferry_bin())
+    ferry_with_stdin(args, None, deadline)
+}
+
+/// Start ferry with `args` and piped stdin/stdout/stderr.
+pub fn spawn_ferry(args: &[&str]) -> std::process::Child {
+    Command::new(ferry_bin())
         .args(args)
-        .stdin(Stdio::null())
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("start ferry");
+        .expect("start ferry")
+}
+
+/// Run ferry with `args`, writing `input` to its stdin (then closing it),
+/// kill it after `deadline`.
+pub fn ferry_with_stdin(args: &[&str], input: Option<&[u8]>, deadline: Duration) -> Finished {
+    let mut child = spawn_ferry(args);
+    if let Some(mut stdin) = child.stdin.take() {
+        if let Some(bytes) = input {
+            let _ = stdin.write_all(bytes);
+        }
+    }
+    wait_ferry(child, deadline)
+}
+
+/// Collect a started ferry's output and status, killing it after `deadline`.
+pub fn wait_ferry(mut child: std::process::Child, deadline: Duration) -> Finished {
+    let start = Instant::now();
     let mut out = child.stdout.take().expect("stdout");
     let mut err = child.stderr.take().expect("stderr");
     let out_reader = std::thread::spawn(move || {

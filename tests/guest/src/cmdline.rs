@@ -15,6 +15,7 @@ pub enum Token<'a> {
     Ticks(u64),
     Exit(u64),
     Reset,
+    Echo,
     Unknown(&'a str),
 }
 
@@ -38,6 +39,7 @@ pub fn parse_token(tok: &str) -> Token<'_> {
         ("verify", None, _) => Token::Verify,
         ("smp", None, _) => Token::Smp,
         ("reset", None, _) => Token::Reset,
+        ("echo", None, _) => Token::Echo,
         ("seed", _, Some(n)) => Token::Seed(n),
         ("pattern", _, Some(n)) => Token::Pattern(n),
         ("hz", _, Some(n)) => Token::Hz(n),

@@ -86,6 +86,7 @@ fn run_token(token: Token<'_>, settings: &mut Settings) {
         Token::Ticks(n) => ticks::run(settings.hz, n, settings.dirty),
         Token::Exit(code) => io::debug_exit(code as u8),
         Token::Reset => io::i8042_reset(),
+        Token::Echo => serial::echo_line(),
         Token::Unknown(tok) => println!("GUEST: unknown token {}", tok),
     }
 }

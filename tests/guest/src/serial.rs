@@ -1,4 +1,5 @@
-//! 16550 UART on COM1 (I/O base 0x3F8), transmit only.
+//! 16550 UART on COM1 (I/O base 0x3F8): transmit, and a polled line read
+//! for the `echo` token.
 //!
 //! Register offsets: +0 THR (transmit holding; divisor low when LCR.DLAB=1),
 //! +1 IER (divisor high when DLAB=1), +2 FCR, +3 LCR, +4 MCR.
@@ -7,7 +8,7 @@
 
 use core::fmt::{self, Write};
 
-use crate::io::outb;
+use crate::io::{inb, outb};
 use crate::sync::SpinLock;
 
 const COM1: u16 = 0x3F8;
@@ -66,4 +67,35 @@ macro_rules! println {
     ($($arg:tt)*) => {
         $crate::serial::print_line(format_args!($($arg)*))
     };
+}
+
+/// Longest line `echo` reads.
+const ECHO_MAX: usize = 64;
+/// LSR polls before `echo` gives up (each is a VM exit, ~14 µs here).
+const ECHO_POLLS: u32 = 400_000;
+
+/// Reads one line from COM1 (polling LSR.DR) and prints `ECHO <line>`, or
+/// `ECHO TIMEOUT` if no newline arrives in time.
+pub fn echo_line() {
+    let mut buf = [0u8; ECHO_MAX];
+    let mut len = 0;
+    let mut polls = 0;
+    while polls < ECHO_POLLS {
+        // SAFETY: COM1 LSR and RBR; reading RBR only pops the receive FIFO.
+        let byte = unsafe {
+            if inb(COM1 + 5) & 1 == 0 {
+                polls += 1;
+                continue;
+            }
+            inb(COM1)
+        };
+        if byte == b'\n' || len == ECHO_MAX {
+            let text = core::str::from_utf8(&buf[..len]).unwrap_or("<not utf-8>");
+            println!("ECHO {}", text);
+            return;
+        }
+        buf[len] = byte;
+        len += 1;
+    }
+    println!("ECHO TIMEOUT");
 }
