@@ -212,3 +212,36 @@ fn a_plugin_panic_is_an_error_naming_the_device() {
         "ferry: error: device boom0 (panicking-plugin): plugin panicked in write: guest wrote 0x5, and this device cannot cope"
     );
 }
+
+/// FNV-1a 32, as the test guest's `initrd` token computes it.
+fn fnv1a(bytes: &[u8]) -> u32 {
+    bytes.iter().fold(0x811c_9dc5u32, |h, b| {
+        (h ^ u32::from(*b)).wrapping_mul(0x0100_0193)
+    })
+}
+
+#[test]
+fn initramfs_reaches_the_guest_as_a_pvh_module() {
+    if !kvm_or_skip("initramfs_reaches_the_guest_as_a_pvh_module") {
+        return;
+    }
+    let dir = ferry_tests::TempDir::new("initrd");
+    let data: Vec<u8> = (0..5000u32).map(|i| (i * 7 + i / 13) as u8).collect();
+    let path = dir.path().join("initrd.img");
+    std::fs::write(&path, &data).expect("write initramfs");
+    let p = path.display().to_string();
+    let run = ferry(
+        &["run", "--initramfs", &p, "--cmdline", "initrd exit=0"],
+        DEADLINE,
+    );
+    assert_eq!(run.code(), 0, "stderr: {}", run.stderr);
+    let want = format!("INITRD size=5000 fnv={:08x}", fnv1a(&data));
+    assert!(
+        run.stdout.contains(&want),
+        "want {want} in:\n{}",
+        run.stdout
+    );
+
+    let none = ferry(&["run", "--cmdline", "initrd exit=0"], DEADLINE);
+    assert!(none.stdout.contains("INITRD none"), "{}", none.stdout);
+}

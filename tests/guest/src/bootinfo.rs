@@ -39,6 +39,10 @@ pub struct MemInfo {
     pub low_end: AtomicU64,
 }
 
+/// The first boot module (initramfs), if the loader passed one: physical
+/// address and size (0, 0 when none).
+pub static MODULE: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
+
 pub static MEM: MemInfo = MemInfo {
     total: AtomicU64::new(0),
     max_end: AtomicU64::new(0),
@@ -108,6 +112,22 @@ pub fn parse(start_info: u64, cmdline: &mut [u8]) -> usize {
                 phys_read::<u32>(start_info + 48),
             )
         };
+        // SAFETY: as above; nr_modules and modlist_paddr are part of every
+        // version of the structure.
+        let (nr_modules, modlist) = unsafe {
+            (
+                phys_read::<u32>(start_info + 12),
+                phys_read::<u64>(start_info + 16),
+            )
+        };
+        if nr_modules > 0 && modlist != 0 && modlist < 4 * GIB {
+            // SAFETY: the first hvm_modlist_entry { paddr, size, cmdline,
+            // reserved } at modlist_paddr, identity-mapped.
+            let (paddr, size) =
+                unsafe { (phys_read::<u64>(modlist), phys_read::<u64>(modlist + 8)) };
+            MODULE[0].store(paddr, Ordering::Relaxed);
+            MODULE[1].store(size, Ordering::Relaxed);
+        }
         if cmdline_paddr != 0 && cmdline_paddr < 4 * GIB {
             while cmd_len < cmdline.len() - 1 {
                 // SAFETY: NUL-terminated string provided by the loader in
@@ -193,4 +213,25 @@ fn record(ranges: &Ranges) {
 /// Total RAM rounded to the nearest MiB (as printed by `ready`).
 pub fn total_mib() -> u64 {
     (MEM.total.load(Ordering::Relaxed) + MIB / 2) / MIB
+}
+
+/// Prints `INITRD size=<n> fnv=<hex>` (FNV-1a 32 of the module's bytes) for
+/// the first boot module, or `INITRD none`.
+pub fn report_initrd() {
+    let (paddr, size) = (
+        MODULE[0].load(Ordering::Relaxed),
+        MODULE[1].load(Ordering::Relaxed),
+    );
+    if size == 0 || paddr.saturating_add(size) > 4 * GIB {
+        crate::println!("INITRD none");
+        return;
+    }
+    let mut hash: u32 = 0x811c_9dc5;
+    for i in 0..size {
+        // SAFETY: the module lies in RAM below 4 GiB (checked above),
+        // which is identity-mapped; the loader placed it there.
+        let b: u8 = unsafe { phys_read(paddr + i) };
+        hash = (hash ^ u32::from(b)).wrapping_mul(0x0100_0193);
+    }
+    crate::println!("INITRD size={} fnv={:08x}", size, hash);
 }

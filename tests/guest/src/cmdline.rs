@@ -16,6 +16,7 @@ pub enum Token<'a> {
     Exit(u64),
     Reset,
     Echo,
+    Initrd,
     Unknown(&'a str),
 }
 
@@ -40,6 +41,7 @@ pub fn parse_token(tok: &str) -> Token<'_> {
         ("smp", None, _) => Token::Smp,
         ("reset", None, _) => Token::Reset,
         ("echo", None, _) => Token::Echo,
+        ("initrd", None, _) => Token::Initrd,
         ("seed", _, Some(n)) => Token::Seed(n),
         ("pattern", _, Some(n)) => Token::Pattern(n),
         ("hz", _, Some(n)) => Token::Hz(n),

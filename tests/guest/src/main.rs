@@ -87,6 +87,7 @@ fn run_token(token: Token<'_>, settings: &mut Settings) {
         Token::Exit(code) => io::debug_exit(code as u8),
         Token::Reset => io::i8042_reset(),
         Token::Echo => serial::echo_line(),
+        Token::Initrd => bootinfo::report_initrd(),
         Token::Unknown(tok) => println!("GUEST: unknown token {}", tok),
     }
 }
