@@ -8,12 +8,8 @@ use std::{env, fs, path::PathBuf, process::Command};
 const GUEST_TARGET: &str = "x86_64-unknown-none";
 
 fn main() {
-    let manifest =
-        PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
-    let root = manifest
-        .parent()
-        .expect("core/ sits in the workspace")
-        .to_path_buf();
+    let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let root = manifest.parent().expect("core/ sits in the workspace").to_path_buf();
     let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
 
     embed_machines(&root, &out);
@@ -32,10 +28,7 @@ fn embed_machines(root: &std::path::Path, out: &std::path::Path) {
     let mut code = String::from("/// Built-in machine types: (file name, TOML text).\npub const BUILTIN_MACHINES: &[(&str, &str)] = &[\n");
     for f in files {
         let name = f.file_name().expect("file").to_string_lossy().to_string();
-        code.push_str(&format!(
-            "    ({name:?}, include_str!({:?})),\n",
-            f.display().to_string()
-        ));
+        code.push_str(&format!("    ({name:?}, include_str!({:?})),\n", f.display().to_string()));
     }
     code.push_str("];\n");
     fs::write(out.join("machines.rs"), code).expect("write machines.rs");
@@ -49,16 +42,10 @@ fn build_guest(root: &std::path::Path, out: &std::path::Path) {
     let target_dir = out.join("guest-target");
     let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
     let mut cmd = Command::new(cargo);
-    cmd.args([
-        "build",
-        "--release",
-        "--target",
-        GUEST_TARGET,
-        "--manifest-path",
-    ])
-    .arg(guest.join("Cargo.toml"))
-    .arg("--target-dir")
-    .arg(&target_dir);
+    cmd.args(["build", "--release", "--target", GUEST_TARGET, "--manifest-path"])
+        .arg(guest.join("Cargo.toml"))
+        .arg("--target-dir")
+        .arg(&target_dir);
     // The outer build's flags are for the host target, not the guest.
     for var in [
         "RUSTFLAGS",
@@ -76,10 +63,7 @@ fn build_guest(root: &std::path::Path, out: &std::path::Path) {
              run: rustup target add {GUEST_TARGET}"
         );
     }
-    let elf = target_dir
-        .join(GUEST_TARGET)
-        .join("release")
-        .join("ferry-test-guest");
+    let elf = target_dir.join(GUEST_TARGET).join("release").join("ferry-test-guest");
     assert!(elf.is_file(), "test guest ELF missing at {}", elf.display());
     println!("cargo:rustc-env=FERRY_TEST_GUEST={}", elf.display());
 }

@@ -19,29 +19,14 @@ fn one_vcpu_boots_ticks_and_exits_with_the_status_it_chose() {
     if !kvm_or_skip("one_vcpu_boots_ticks_and_exits_with_the_status_it_chose") {
         return;
     }
-    let run = ferry(
-        &["run", "--cpus", "1", "--cmdline", "ready ticks=3 exit=7"],
-        DEADLINE,
-    );
+    let run = ferry(&["run", "--cpus", "1", "--cmdline", "ready ticks=3 exit=7"], DEADLINE);
     assert_eq!(run.code(), 7, "stderr: {}", run.stderr);
     let marker = marker_line(&run.stdout);
     assert!(marker.contains(" cpus=1 "), "{marker}");
     let year = host_year();
-    assert!(
-        marker.contains(&format!(" rtc={year}-")),
-        "RTC year is not the host's {year}: {marker}"
-    );
-    let ticks: Vec<&str> = run
-        .stdout
-        .lines()
-        .filter(|l| l.starts_with("TICK"))
-        .collect();
-    assert_eq!(
-        ticks,
-        ["TICK 1", "TICK 2", "TICK 3"],
-        "stdout:\n{}",
-        run.stdout
-    );
+    assert!(marker.contains(&format!(" rtc={year}-")), "RTC year is not the host's {year}: {marker}");
+    let ticks: Vec<&str> = run.stdout.lines().filter(|l| l.starts_with("TICK")).collect();
+    assert_eq!(ticks, ["TICK 1", "TICK 2", "TICK 3"], "stdout:\n{}", run.stdout);
 }
 
 #[test]
@@ -49,27 +34,12 @@ fn four_vcpus_are_counted_and_all_start() {
     if !kvm_or_skip("four_vcpus_are_counted_and_all_start") {
         return;
     }
-    let run = ferry(
-        &["run", "--cpus", "4", "--cmdline", "ready smp exit=0"],
-        DEADLINE,
-    );
+    let run = ferry(&["run", "--cpus", "4", "--cmdline", "ready smp exit=0"], DEADLINE);
     assert_eq!(run.code(), 0, "stderr: {}", run.stderr);
-    assert!(
-        marker_line(&run.stdout).contains(" cpus=4 "),
-        "{}",
-        run.stdout
-    );
-    assert!(
-        run.stdout.contains("SMP OK cpus=4 started=4"),
-        "{}",
-        run.stdout
-    );
+    assert!(marker_line(&run.stdout).contains(" cpus=4 "), "{}", run.stdout);
+    assert!(run.stdout.contains("SMP OK cpus=4 started=4"), "{}", run.stdout);
     for ap in 1..4 {
-        assert!(
-            run.stdout.contains(&format!("AP {ap} up")),
-            "AP {ap} missing:\n{}",
-            run.stdout
-        );
+        assert!(run.stdout.contains(&format!("AP {ap} up")), "AP {ap} missing:\n{}", run.stdout);
     }
 }
 
@@ -80,13 +50,7 @@ fn guest_reset_through_i8042_ends_ferry_with_status_0() {
     }
     // exit=9 after reset must never run: the reset ends the VM first.
     let run = ferry(&["run", "--cmdline", "ready reset exit=9"], DEADLINE);
-    assert_eq!(
-        run.code(),
-        0,
-        "stdout: {}\nstderr: {}",
-        run.stdout,
-        run.stderr
-    );
+    assert_eq!(run.code(), 0, "stdout: {}\nstderr: {}", run.stdout, run.stderr);
     assert!(run.stdout.contains("FERRY-GUEST READY"));
     assert!(!run.stdout.contains("GUEST DONE"));
 }
@@ -96,28 +60,9 @@ fn memory_pattern_fills_and_verifies() {
     if !kvm_or_skip("memory_pattern_fills_and_verifies") {
         return;
     }
-    let run = ferry(
-        &[
-            "run",
-            "--memory",
-            "128M",
-            "--cmdline",
-            "pattern=32 verify exit=0",
-        ],
-        DEADLINE,
-    );
-    assert_eq!(
-        run.code(),
-        0,
-        "stdout: {}\nstderr: {}",
-        run.stdout,
-        run.stderr
-    );
-    let oks = run
-        .stdout
-        .lines()
-        .filter(|l| *l == "PATTERN OK pages=8192")
-        .count();
+    let run = ferry(&["run", "--memory", "128M", "--cmdline", "pattern=32 verify exit=0"], DEADLINE);
+    assert_eq!(run.code(), 0, "stdout: {}\nstderr: {}", run.stdout, run.stderr);
+    let oks = run.stdout.lines().filter(|l| *l == "PATTERN OK pages=8192").count();
     assert_eq!(oks, 2, "fill and re-verify:\n{}", run.stdout);
 }
 
@@ -158,10 +103,7 @@ fn plugins_load_side_by_side_and_each_answers() {
     // year, the debug-exit port sets the status.
     let run = ferry(&["run", "--cmdline", "ready exit=42"], DEADLINE);
     assert_eq!(run.code(), 42, "debug-exit answered");
-    assert!(
-        marker_line(&run.stdout).contains(&format!("rtc={}-", host_year())),
-        "serial + RTC answered"
-    );
+    assert!(marker_line(&run.stdout).contains(&format!("rtc={}-", host_year())), "serial + RTC answered");
 }
 
 #[test]
@@ -183,29 +125,9 @@ fn a_plugin_panic_is_an_error_naming_the_device() {
     .expect("write machine");
     let plugins = dir.path().display().to_string();
     let m = machine.display().to_string();
-    let run = ferry(
-        &[
-            "run",
-            "--plugins",
-            &plugins,
-            "--machine",
-            &m,
-            "--cmdline",
-            "ready exit=5",
-        ],
-        DEADLINE,
-    );
-    assert_eq!(
-        run.code(),
-        1,
-        "stdout:\n{}\nstderr:\n{}",
-        run.stdout,
-        run.stderr
-    );
-    assert!(
-        run.stdout.contains("FERRY-GUEST READY"),
-        "the guest ran up to the write"
-    );
+    let run = ferry(&["run", "--plugins", &plugins, "--machine", &m, "--cmdline", "ready exit=5"], DEADLINE);
+    assert_eq!(run.code(), 1, "stdout:\n{}\nstderr:\n{}", run.stdout, run.stderr);
+    assert!(run.stdout.contains("FERRY-GUEST READY"), "the guest ran up to the write");
     let last = run.stderr.lines().last().unwrap_or("");
     assert_eq!(
         last,
@@ -215,9 +137,7 @@ fn a_plugin_panic_is_an_error_naming_the_device() {
 
 /// FNV-1a 32, as the test guest's `initrd` token computes it.
 fn fnv1a(bytes: &[u8]) -> u32 {
-    bytes.iter().fold(0x811c_9dc5u32, |h, b| {
-        (h ^ u32::from(*b)).wrapping_mul(0x0100_0193)
-    })
+    bytes.iter().fold(0x811c_9dc5u32, |h, b| (h ^ u32::from(*b)).wrapping_mul(0x0100_0193))
 }
 
 #[test]
@@ -230,17 +150,10 @@ fn initramfs_reaches_the_guest_as_a_pvh_module() {
     let path = dir.path().join("initrd.img");
     std::fs::write(&path, &data).expect("write initramfs");
     let p = path.display().to_string();
-    let run = ferry(
-        &["run", "--initramfs", &p, "--cmdline", "initrd exit=0"],
-        DEADLINE,
-    );
+    let run = ferry(&["run", "--initramfs", &p, "--cmdline", "initrd exit=0"], DEADLINE);
     assert_eq!(run.code(), 0, "stderr: {}", run.stderr);
     let want = format!("INITRD size=5000 fnv={:08x}", fnv1a(&data));
-    assert!(
-        run.stdout.contains(&want),
-        "want {want} in:\n{}",
-        run.stdout
-    );
+    assert!(run.stdout.contains(&want), "want {want} in:\n{}", run.stdout);
 
     let none = ferry(&["run", "--cmdline", "initrd exit=0"], DEADLINE);
     assert!(none.stdout.contains("INITRD none"), "{}", none.stdout);

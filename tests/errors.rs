@@ -17,11 +17,7 @@ fn assert_refused(run: &Finished, fragments: &[&str]) {
     for f in fragments {
         assert!(lines[0].contains(f), "'{f}' missing from: {}", lines[0]);
     }
-    assert!(
-        !run.stdout.contains("FERRY-GUEST"),
-        "the guest ran:\n{}",
-        run.stdout
-    );
+    assert!(!run.stdout.contains("FERRY-GUEST"), "the guest ran:\n{}", run.stdout);
 }
 
 fn write(dir: &Path, name: &str, text: &str) -> String {
@@ -33,20 +29,13 @@ fn write(dir: &Path, name: &str, text: &str) -> String {
 #[test]
 fn missing_kernel_file() {
     let run = ferry(&["run", "--kernel", "/nonexistent/vmlinux"], DEADLINE);
-    assert_refused(
-        &run,
-        &["cannot read kernel /nonexistent/vmlinux", "No such file"],
-    );
+    assert_refused(&run, &["cannot read kernel /nonexistent/vmlinux", "No such file"]);
 }
 
 #[test]
 fn kernel_that_is_not_an_elf() {
     let dir = TempDir::new("notelf");
-    let k = write(
-        dir.path(),
-        "kernel.txt",
-        "hello, I am plain text and no kernel\n",
-    );
+    let k = write(dir.path(), "kernel.txt", "hello, I am plain text and no kernel\n");
     let run = ferry(&["run", "--kernel", &k], DEADLINE);
     assert_refused(&run, &[&k, "is not an ELF file with a PVH entry note"]);
 }
@@ -55,22 +44,16 @@ fn kernel_that_is_not_an_elf() {
 fn elf_without_a_pvh_note() {
     // A host program: a real ELF, but no PVH entry note.
     let run = ferry(&["run", "--kernel", "/bin/true"], DEADLINE);
-    assert_refused(
-        &run,
-        &["/bin/true", "is not an ELF file with a PVH entry note"],
-    );
+    assert_refused(&run, &["/bin/true", "is not an ELF file with a PVH entry note"]);
 }
 
 #[test]
 fn shared_library_that_is_not_a_plugin() {
     let dir = plugin_dir_copy("notplugin");
-    let libm = [
-        "/lib/x86_64-linux-gnu/libm.so.6",
-        "/usr/lib/x86_64-linux-gnu/libm.so.6",
-    ]
-    .into_iter()
-    .find(|p| Path::new(p).exists())
-    .expect("libm on the host");
+    let libm = ["/lib/x86_64-linux-gnu/libm.so.6", "/usr/lib/x86_64-linux-gnu/libm.so.6"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .expect("libm on the host");
     std::fs::copy(libm, dir.path().join("libm.so")).expect("copy libm");
     let plugins = dir.path().display().to_string();
     let run = ferry(&["run", "--plugins", &plugins], DEADLINE);
@@ -84,10 +67,7 @@ fn plugin_built_against_an_older_plugin_api() {
     std::fs::copy(&lib, dir.path().join("old-api-plugin.so")).expect("copy");
     let plugins = dir.path().display().to_string();
     let run = ferry(&["run", "--plugins", &plugins], DEADLINE);
-    assert_refused(
-        &run,
-        &["old-api-plugin.so", "plugin-api 0.0.9", "plugin-api 0.1.0"],
-    );
+    assert_refused(&run, &["old-api-plugin.so", "plugin-api 0.0.9", "plugin-api 0.1.0"]);
 }
 
 #[test]
@@ -97,19 +77,8 @@ fn plugin_whose_plugin_api_layout_differs() {
     std::fs::copy(&lib, dir.path().join("skewed-api-plugin.so")).expect("copy");
     let plugins = dir.path().display().to_string();
     let run = ferry(&["run", "--plugins", &plugins], DEADLINE);
-    assert_refused(
-        &run,
-        &[
-            "skewed-api-plugin.so",
-            "types do not match",
-            "expected RResult, found RString",
-        ],
-    );
-    assert!(
-        run.stderr.len() < 400,
-        "short message, not a layout dump: {}",
-        run.stderr.len()
-    );
+    assert_refused(&run, &["skewed-api-plugin.so", "types do not match", "expected RResult, found RString"]);
+    assert!(run.stderr.len() < 400, "short message, not a layout dump: {}", run.stderr.len());
 }
 
 #[test]
@@ -121,15 +90,7 @@ fn machine_type_naming_a_plugin_that_is_not_installed() {
         "name = \"needs-gpu\"\n[[device]]\nid = \"gpu0\"\nplugin = \"virtio-gpu\"\n",
     );
     let run = ferry(&["run", "--machine", &m], DEADLINE);
-    assert_refused(
-        &run,
-        &[
-            "needs-gpu",
-            "device gpu0",
-            "plugin 'virtio-gpu'",
-            "not installed",
-        ],
-    );
+    assert_refused(&run, &["needs-gpu", "device gpu0", "plugin 'virtio-gpu'", "not installed"]);
 }
 
 #[test]
@@ -141,10 +102,7 @@ fn malformed_toml_names_line_and_field() {
         "name = \"x\"\ncpus = 1\nmemory = 256\n[[device]]\nid = \"com1\"\nplugin = \"serial-16550\"\n",
     );
     let run = ferry(&["run", "--machine", &m], DEADLINE);
-    assert_refused(
-        &run,
-        &["m.toml", "line 3", "memory = 256", "expected a string"],
-    );
+    assert_refused(&run, &["m.toml", "line 3", "memory = 256", "expected a string"]);
 
     let m2 = write(dir.path(), "m2.toml", "name = \"x\"\n[[device]\nid = 3\n");
     let run = ferry(&["run", "--machine", &m2], DEADLINE);
@@ -160,15 +118,7 @@ fn unknown_property() {
         "name = \"x\"\n[[device]]\nid = \"com1\"\nplugin = \"serial-16550\"\nproperties = { port = 0x3f8, baud = 9600 }\n",
     );
     let run = ferry(&["run", "--machine", &m], DEADLINE);
-    assert_refused(
-        &run,
-        &[
-            "device com1",
-            "unknown property 'baud'",
-            "serial-16550",
-            "known: port",
-        ],
-    );
+    assert_refused(&run, &["device com1", "unknown property 'baud'", "serial-16550", "known: port"]);
 }
 
 #[test]
@@ -184,11 +134,7 @@ fn two_devices_claiming_overlapping_ports() {
     let run = ferry(&["run", "--machine", &m], DEADLINE);
     assert_refused(
         &run,
-        &[
-            "device com1 (serial-16550)",
-            "device com2 (serial-16550)",
-            "I/O ports 0x3fc-0x3ff",
-        ],
+        &["device com1 (serial-16550)", "device com2 (serial-16550)", "I/O ports 0x3fc-0x3ff"],
     );
 }
 

@@ -31,17 +31,10 @@ fn stdin_reaches_the_guest() {
     if !kvm_or_skip("stdin_reaches_the_guest") {
         return;
     }
-    let run = ferry_with_stdin(
-        &["run", "--cmdline", "echo exit=0"],
-        Some(b"hello from the host\n"),
-        DEADLINE,
-    );
+    let run =
+        ferry_with_stdin(&["run", "--cmdline", "echo exit=0"], Some(b"hello from the host\n"), DEADLINE);
     assert_eq!(run.code(), 0, "stderr: {}", run.stderr);
-    assert!(
-        run.stdout.contains("ECHO hello from the host"),
-        "{}",
-        run.stdout
-    );
+    assert!(run.stdout.contains("ECHO hello from the host"), "{}", run.stdout);
 }
 
 #[test]
@@ -51,20 +44,10 @@ fn console_to_a_file() {
     }
     let dir = TempDir::new("serialfile");
     let log = dir.path().join("console.log");
-    let m = machine_with_console(
-        &dir,
-        &format!("output = \"file\", path = \"{}\"", log.display()),
-    );
-    let run = ferry(
-        &["run", "--machine", &m, "--cmdline", "ready exit=0"],
-        DEADLINE,
-    );
+    let m = machine_with_console(&dir, &format!("output = \"file\", path = \"{}\"", log.display()));
+    let run = ferry(&["run", "--machine", &m, "--cmdline", "ready exit=0"], DEADLINE);
     assert_eq!(run.code(), 0, "stderr: {}", run.stderr);
-    assert!(
-        !run.stdout.contains("FERRY-GUEST"),
-        "console went to stdout too: {}",
-        run.stdout
-    );
+    assert!(!run.stdout.contains("FERRY-GUEST"), "console went to stdout too: {}", run.stdout);
     let text = std::fs::read_to_string(&log).expect("console file");
     assert!(text.starts_with("FERRY-GUEST READY cpus=1"), "{text}");
 }
@@ -76,10 +59,7 @@ fn console_on_a_unix_socket_both_ways() {
     }
     let dir = TempDir::new("serialsock");
     let sock = dir.path().join("console.sock");
-    let m = machine_with_console(
-        &dir,
-        &format!("output = \"socket\", path = \"{}\"", sock.display()),
-    );
+    let m = machine_with_console(&dir, &format!("output = \"socket\", path = \"{}\"", sock.display()));
     // The guest waits for a line first, so nothing it prints is lost
     // before the client connects.
     let child = spawn_ferry(&["run", "--machine", &m, "--cmdline", "echo ready exit=0"]);
@@ -93,12 +73,8 @@ fn console_on_a_unix_socket_both_ways() {
             Err(e) => panic!("cannot connect to {}: {e}", sock.display()),
         }
     };
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .expect("timeout");
-    (&stream)
-        .write_all(b"over the socket\n")
-        .expect("send line");
+    stream.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+    (&stream).write_all(b"over the socket\n").expect("send line");
     let mut lines = BufReader::new(&stream).lines();
     let echo = lines.next().expect("a line").expect("read line");
     assert_eq!(echo, "ECHO over the socket");

@@ -1,16 +1,24 @@
 //! Port and MMIO dispatch: which device answers which guest address.
 //!
-//! Each address space is a sorted map from range start to (end, device,
-//! region). Ranges never overlap: inserting one that does is an error that
-//! names both claimants. Ranges the in-kernel devices (PIC, PIT, I/O APIC,
-//! local APIC) answer are reserved up front, so a plugin cannot claim ports
-//! it would never see.
+//! Each address space is a sorted map from range start to (end, owner).
+//! Ranges never overlap: inserting one that does is an error that names
+//! both claimants. Ranges the in-kernel devices (PIC, PIT, I/O APIC, local
+//! APIC) answer are reserved up front, so a plugin cannot claim ports it
+//! would never see. The PCI host bridge (ports 0xCF8-0xCFF) is part of the
+//! bus: it forwards configuration accesses to the devices' PCI functions
+//! and maps their BARs, remapping whenever a configuration write moves one.
 
-use std::{collections::BTreeMap, fmt, sync::Mutex};
+use std::{
+    collections::BTreeMap,
+    fmt,
+    sync::{Mutex, MutexGuard, RwLock},
+};
 
 use abi_stable::std_types::{RSlice, RSliceMut};
-use ferry_plugin_api::{AddressSpace, DeviceBox};
+use ferry_plugin_api::{AddressSpace, DeviceBox, PciBar, PciFunctionBox, PCI_BAR_REGION};
 use thiserror::Error;
+
+use crate::pci::{self, BarAllocator, ConfigAddress};
 
 /// One device instance on the bus.
 pub struct DeviceSlot {
@@ -20,11 +28,26 @@ pub struct DeviceSlot {
     pub plugin: String,
     /// The device; the lock serialises vCPU threads.
     pub device: Mutex<DeviceBox>,
+    /// Its PCI function, if it is a PCI device.
+    pub pci: Option<PciSlot>,
+}
+
+/// A device's place on PCI bus 0.
+pub struct PciSlot {
+    /// Slot number (device number on bus 0).
+    pub slot: u8,
+    function: Mutex<PciFunctionBox>,
+    /// BARs currently mapped on the bus.
+    mapped: Mutex<Vec<PciBar>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl DeviceSlot {
-    fn lock(&self) -> std::sync::MutexGuard<'_, DeviceBox> {
-        self.device.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> MutexGuard<'_, DeviceBox> {
+        lock(&self.device)
     }
 }
 
@@ -33,6 +56,7 @@ impl DeviceSlot {
 enum Owner {
     Device { index: usize, region: u32 },
     InKernel(&'static str),
+    PciConfig,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -40,6 +64,8 @@ struct Mapping {
     end: u64, // exclusive
     owner: Owner,
 }
+
+type RangeMap = BTreeMap<u64, Mapping>;
 
 /// Bus errors.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -67,6 +93,14 @@ pub enum BusError {
         base: u64,
         /// Length.
         len: u64,
+    },
+    /// PCI resources ran out.
+    #[error("device {device}: {reason}")]
+    Pci {
+        /// Device id.
+        device: String,
+        /// What ran out.
+        reason: String,
     },
 }
 
@@ -101,25 +135,17 @@ const IN_KERNEL: &[(AddressSpace, u64, u64, &str)] = &[
     (AddressSpace::Pio, 0x40, 4, "the in-kernel 8254 PIT"),
     (AddressSpace::Pio, 0x61, 1, "the in-kernel PIT speaker port"),
     (AddressSpace::Pio, 0x4d0, 2, "the in-kernel ELCR"),
-    (
-        AddressSpace::Mmio,
-        0xfec0_0000,
-        0x1000,
-        "the in-kernel I/O APIC",
-    ),
-    (
-        AddressSpace::Mmio,
-        0xfee0_0000,
-        0x1000,
-        "the in-kernel local APIC",
-    ),
+    (AddressSpace::Mmio, 0xfec0_0000, 0x1000, "the in-kernel I/O APIC"),
+    (AddressSpace::Mmio, 0xfee0_0000, 0x1000, "the in-kernel local APIC"),
 ];
 
 /// The address map and the devices.
 pub struct Bus {
-    pio: BTreeMap<u64, Mapping>,
-    mmio: BTreeMap<u64, Mapping>,
+    pio: RwLock<RangeMap>,
+    mmio: RwLock<RangeMap>,
     devices: Vec<DeviceSlot>,
+    config_address: Mutex<u32>,
+    bars: BarAllocator,
 }
 
 impl Default for Bus {
@@ -129,23 +155,27 @@ impl Default for Bus {
 }
 
 impl Bus {
-    /// An empty bus with the in-kernel ranges reserved.
+    /// An empty bus with the in-kernel ranges and the PCI host bridge.
     pub fn new() -> Self {
-        let mut bus = Bus {
-            pio: BTreeMap::new(),
-            mmio: BTreeMap::new(),
+        let bus = Bus {
+            pio: RwLock::new(BTreeMap::new()),
+            mmio: RwLock::new(BTreeMap::new()),
             devices: Vec::new(),
+            config_address: Mutex::new(0),
+            bars: BarAllocator::default(),
         };
         for (space, base, len, name) in IN_KERNEL {
-            bus.claim(*space, *base, *len, Owner::InKernel(name))
-                .expect("in-kernel ranges are disjoint");
+            bus.claim(*space, *base, *len, Owner::InKernel(name)).expect("in-kernel ranges are disjoint");
         }
+        bus.claim(AddressSpace::Pio, pci::CONFIG_ADDRESS_PORT.into(), pci::CONFIG_PORTS, Owner::PciConfig)
+            .expect("PCI ports are free");
         bus
     }
 
     fn owner_name(&self, owner: Owner) -> String {
         match owner {
             Owner::InKernel(name) => name.to_string(),
+            Owner::PciConfig => "the PCI host bridge".to_string(),
             Owner::Device { index, .. } => {
                 let d = &self.devices[index];
                 format!("device {} ({})", d.id, d.plugin)
@@ -153,13 +183,14 @@ impl Bus {
         }
     }
 
-    fn claim(
-        &mut self,
-        space: AddressSpace,
-        base: u64,
-        len: u64,
-        owner: Owner,
-    ) -> Result<(), BusError> {
+    fn map(&self, space: AddressSpace) -> &RwLock<RangeMap> {
+        match space {
+            AddressSpace::Pio => &self.pio,
+            AddressSpace::Mmio => &self.mmio,
+        }
+    }
+
+    fn claim(&self, space: AddressSpace, base: u64, len: u64, owner: Owner) -> Result<(), BusError> {
         let end = match base.checked_add(len) {
             Some(end) if len > 0 => end,
             _ => {
@@ -171,62 +202,125 @@ impl Bus {
                 })
             }
         };
-        let map = match space {
-            AddressSpace::Pio => &self.pio,
-            AddressSpace::Mmio => &self.mmio,
-        };
-        // The only candidates: the last range starting before `end`.
+        let mut map = self.map(space).write().unwrap_or_else(|e| e.into_inner());
+        // The only candidate: the last range starting before `end`.
         if let Some((&start, m)) = map.range(..end).next_back() {
             if m.end > base {
                 let (lo, hi) = (start.max(base), m.end.min(end) - 1);
+                let first = m.owner;
+                drop(map);
                 return Err(BusError::Overlap {
-                    first: self.owner_name(m.owner),
+                    first: self.owner_name(first),
                     second: self.owner_name(owner),
                     space: space_name(space),
                     range: format!("{lo:#x}-{hi:#x}"),
                 });
             }
         }
-        let map = match space {
-            AddressSpace::Pio => &mut self.pio,
-            AddressSpace::Mmio => &mut self.mmio,
-        };
         map.insert(base, Mapping { end, owner });
         Ok(())
     }
 
-    /// Add a device and claim every region it declares.
+    fn release_device(&self, index: usize, bars_only: bool) {
+        for space in [AddressSpace::Pio, AddressSpace::Mmio] {
+            let mut map = self.map(space).write().unwrap_or_else(|e| e.into_inner());
+            map.retain(|_, m| match m.owner {
+                Owner::Device { index: d, region } => d != index || (bars_only && region < PCI_BAR_REGION),
+                _ => true,
+            });
+        }
+    }
+
+    /// Add a device (and its PCI function, if any) and claim every region
+    /// it declares. A PCI function gets the next free slot and addresses
+    /// for all its BARs.
     pub fn add_device(
         &mut self,
         id: &str,
         plugin: &str,
         device: DeviceBox,
+        pci: Option<PciFunctionBox>,
     ) -> Result<(), BusError> {
         let regions = device.regions();
         let index = self.devices.len();
+        let pci = match pci {
+            Some(function) => {
+                let used = self.devices.iter().filter(|d| d.pci.is_some()).count();
+                let slot = u8::try_from(used + 1).ok().filter(|s| *s < pci::SLOTS).ok_or_else(|| {
+                    BusError::Pci { device: id.to_string(), reason: "no free PCI slot on bus 0".to_string() }
+                })?;
+                Some(PciSlot { slot, function: Mutex::new(function), mapped: Mutex::new(Vec::new()) })
+            }
+            None => None,
+        };
         self.devices.push(DeviceSlot {
             id: id.to_string(),
             plugin: plugin.to_string(),
             device: Mutex::new(device),
+            pci,
         });
-        for (i, r) in regions.iter().enumerate() {
-            let owner = Owner::Device {
-                index,
-                region: i as u32,
-            };
-            if let Err(e) = self.claim(r.space, r.base, r.len, owner) {
-                // Leave no half-added device behind.
-                self.pio.retain(
-                    |_, m| !matches!(m.owner, Owner::Device { index: d, .. } if d == index),
-                );
-                self.mmio.retain(
-                    |_, m| !matches!(m.owner, Owner::Device { index: d, .. } if d == index),
-                );
-                self.devices.pop();
-                return Err(e);
-            }
+        let result = self.claim_regions(index, &regions).and_then(|()| self.assign_bars(index));
+        if let Err(e) = result {
+            // Leave no half-added device behind.
+            self.release_device(index, false);
+            self.devices.pop();
+            return Err(e);
         }
         Ok(())
+    }
+
+    fn claim_regions(&self, index: usize, regions: &[ferry_plugin_api::Region]) -> Result<(), BusError> {
+        for (i, r) in regions.iter().enumerate() {
+            self.claim(r.space, r.base, r.len, Owner::Device { index, region: i as u32 })?;
+        }
+        Ok(())
+    }
+
+    /// Program every BAR of device `index`'s PCI function, as firmware would,
+    /// enable memory decoding and bus mastering, and map the BARs.
+    fn assign_bars(&mut self, index: usize) -> Result<(), BusError> {
+        let Some(pci) = &self.devices[index].pci else { return Ok(()) };
+        let mut function = lock(&pci.function);
+        let mut bars: Vec<PciBar> = function.bars().into_iter().collect();
+        bars.sort_by(|a, b| b.size.cmp(&a.size));
+        for bar in &bars {
+            let address = self.bars.allocate(bar.size).ok_or_else(|| BusError::Pci {
+                device: self.devices[index].id.clone(),
+                reason: format!("BAR {} ({} bytes) does not fit in the PCI MMIO window", bar.index, bar.size),
+            })?;
+            for (reg, value) in pci::bar_writes(bar, address) {
+                let _ = function.config_write(reg, RSlice::from_slice(&value.to_le_bytes()));
+            }
+        }
+        let mut command = [0u8; 2];
+        function.config_read(4, RSliceMut::from_mut_slice(&mut command));
+        let command = u16::from_le_bytes(command) | 0x6; // memory space, bus master
+        let _ = function.config_write(4, RSlice::from_slice(&command.to_le_bytes()));
+        drop(function);
+        self.remap_bars(index);
+        Ok(())
+    }
+
+    /// Map the BARs device `index` decodes now, dropping the old mappings.
+    /// A BAR the guest moved onto another device's range stays unmapped.
+    fn remap_bars(&self, index: usize) {
+        let d = &self.devices[index];
+        let Some(pci) = &d.pci else { return };
+        let now: Vec<PciBar> =
+            lock(&pci.function).bars().into_iter().filter(|b| b.enabled && b.address != 0).collect();
+        let mut mapped = lock(&pci.mapped);
+        if *mapped == now {
+            return;
+        }
+        self.release_device(index, true);
+        mapped.clear();
+        for bar in now {
+            let owner = Owner::Device { index, region: PCI_BAR_REGION + bar.index };
+            match self.claim(AddressSpace::Mmio, bar.address, bar.size, owner) {
+                Ok(()) => mapped.push(bar),
+                Err(e) => crate::log::warn(&format!("BAR {} of device {} not mapped: {e}", bar.index, d.id)),
+            }
+        }
     }
 
     /// The devices, in the order they were added.
@@ -234,36 +328,27 @@ impl Bus {
         &self.devices
     }
 
-    fn find(map: &BTreeMap<u64, Mapping>, addr: u64) -> Option<(u64, Owner)> {
+    fn find(map: &RwLock<RangeMap>, addr: u64) -> Option<(u64, Owner)> {
+        let map = map.read().unwrap_or_else(|e| e.into_inner());
         let (&start, m) = map.range(..=addr).next_back()?;
         (addr < m.end).then_some((start, m.owner))
     }
 
     fn fault(&self, index: usize, message: String) -> DeviceFault {
         let d = &self.devices[index];
-        DeviceFault {
-            id: d.id.clone(),
-            plugin: d.plugin.clone(),
-            message,
-        }
+        DeviceFault { id: d.id.clone(), plugin: d.plugin.clone(), message }
     }
 
-    fn read(
-        &self,
-        map: &BTreeMap<u64, Mapping>,
-        addr: u64,
-        data: &mut [u8],
-    ) -> Result<(), DeviceFault> {
-        match Self::find(map, addr) {
+    fn read(&self, space: AddressSpace, addr: u64, data: &mut [u8]) -> Result<(), DeviceFault> {
+        match Self::find(self.map(space), addr) {
             Some((start, Owner::Device { index, region })) => {
-                let result = self.devices[index].lock().read(
-                    region,
-                    addr - start,
-                    RSliceMut::from_mut_slice(data),
-                );
-                result
-                    .into_result()
-                    .map_err(|e| self.fault(index, e.into()))
+                let result =
+                    self.devices[index].lock().read(region, addr - start, RSliceMut::from_mut_slice(data));
+                result.into_result().map_err(|e| self.fault(index, e.into()))
+            }
+            Some((start, Owner::PciConfig)) => {
+                self.config_read((addr - start) as u32, data);
+                Ok(())
             }
             _ => {
                 // Nothing there: the bus floats high.
@@ -273,45 +358,88 @@ impl Bus {
         }
     }
 
-    fn write(
-        &self,
-        map: &BTreeMap<u64, Mapping>,
-        addr: u64,
-        data: &[u8],
-    ) -> Result<(), DeviceFault> {
-        match Self::find(map, addr) {
+    fn write(&self, space: AddressSpace, addr: u64, data: &[u8]) -> Result<(), DeviceFault> {
+        match Self::find(self.map(space), addr) {
             Some((start, Owner::Device { index, region })) => {
-                let result = self.devices[index].lock().write(
-                    region,
-                    addr - start,
-                    RSlice::from_slice(data),
-                );
-                result
-                    .into_result()
-                    .map_err(|e| self.fault(index, e.into()))
+                let result = self.devices[index].lock().write(region, addr - start, RSlice::from_slice(data));
+                result.into_result().map_err(|e| self.fault(index, e.into()))
             }
+            Some((start, Owner::PciConfig)) => self.config_write((addr - start) as u32, data),
             _ => Ok(()),
         }
     }
 
+    /// The device at `slot` of bus 0, by index.
+    fn pci_device(&self, slot: u8) -> Option<usize> {
+        self.devices.iter().position(|d| d.pci.as_ref().is_some_and(|p| p.slot == slot))
+    }
+
+    /// A read of the configuration ports (offset 0 = 0xCF8).
+    fn config_read(&self, offset: u32, data: &mut [u8]) {
+        let latch = *lock(&self.config_address);
+        if offset < 4 {
+            let bytes = latch.to_le_bytes();
+            for (i, b) in data.iter_mut().enumerate() {
+                *b = bytes.get(offset as usize + i).copied().unwrap_or(0xff);
+            }
+            return;
+        }
+        data.fill(0xff);
+        let Some(a) = ConfigAddress::decode(latch) else { return };
+        let register = a.register + (offset - 4);
+        if a.bus != 0 || a.function != 0 {
+            return;
+        }
+        if a.device == 0 {
+            pci::host_bridge_read(register, data);
+        } else if let Some(index) = self.pci_device(a.device) {
+            if let Some(pci) = &self.devices[index].pci {
+                lock(&pci.function).config_read(register, RSliceMut::from_mut_slice(data));
+            }
+        }
+    }
+
+    /// A write to the configuration ports.
+    fn config_write(&self, offset: u32, data: &[u8]) -> Result<(), DeviceFault> {
+        if offset == 0 && data.len() == 4 {
+            *lock(&self.config_address) = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
+            return Ok(());
+        }
+        if offset < 4 {
+            return Ok(()); // partial writes of CONFIG_ADDRESS are not config cycles
+        }
+        let latch = *lock(&self.config_address);
+        let Some(a) = ConfigAddress::decode(latch) else { return Ok(()) };
+        if a.bus != 0 || a.function != 0 || a.device == 0 {
+            return Ok(());
+        }
+        let Some(index) = self.pci_device(a.device) else { return Ok(()) };
+        let Some(pci) = &self.devices[index].pci else { return Ok(()) };
+        let register = a.register + (offset - 4);
+        let result = lock(&pci.function).config_write(register, RSlice::from_slice(data));
+        result.into_result().map_err(|e| self.fault(index, e.into()))?;
+        self.remap_bars(index);
+        Ok(())
+    }
+
     /// A guest port read.
     pub fn pio_read(&self, port: u16, data: &mut [u8]) -> Result<(), DeviceFault> {
-        self.read(&self.pio, port.into(), data)
+        self.read(AddressSpace::Pio, port.into(), data)
     }
 
     /// A guest port write.
     pub fn pio_write(&self, port: u16, data: &[u8]) -> Result<(), DeviceFault> {
-        self.write(&self.pio, port.into(), data)
+        self.write(AddressSpace::Pio, port.into(), data)
     }
 
     /// A guest MMIO read.
     pub fn mmio_read(&self, addr: u64, data: &mut [u8]) -> Result<(), DeviceFault> {
-        self.read(&self.mmio, addr, data)
+        self.read(AddressSpace::Mmio, addr, data)
     }
 
     /// A guest MMIO write.
     pub fn mmio_write(&self, addr: u64, data: &[u8]) -> Result<(), DeviceFault> {
-        self.write(&self.mmio, addr, data)
+        self.write(AddressSpace::Mmio, addr, data)
     }
 }
 
@@ -322,7 +450,7 @@ mod tests {
         sabi_trait::TD_Opaque,
         std_types::{RResult, RString, RVec},
     };
-    use ferry_plugin_api::{Device, Region, StateBlob};
+    use ferry_plugin_api::{Device, PciFunction, Region, StateBlob};
 
     /// Remembers the last write; reads return the region index.
     struct Fake {
@@ -334,12 +462,7 @@ mod tests {
         fn regions(&self) -> RVec<Region> {
             self.regions.iter().copied().collect()
         }
-        fn read(
-            &mut self,
-            region: u32,
-            offset: u64,
-            mut data: RSliceMut<'_, u8>,
-        ) -> RResult<(), RString> {
+        fn read(&mut self, region: u32, offset: u64, mut data: RSliceMut<'_, u8>) -> RResult<(), RString> {
             data.as_mut_slice().fill((region as u8) << 4 | offset as u8);
             RResult::ROk(())
         }
@@ -365,28 +488,17 @@ mod tests {
     }
 
     fn pio(base: u64, len: u64) -> Region {
-        Region {
-            space: AddressSpace::Pio,
-            base,
-            len,
-        }
+        Region { space: AddressSpace::Pio, base, len }
     }
 
     fn fake(regions: Vec<Region>) -> DeviceBox {
-        DeviceBox::from_value(
-            Fake {
-                regions,
-                fail: false,
-            },
-            TD_Opaque,
-        )
+        DeviceBox::from_value(Fake { regions, fail: false }, TD_Opaque)
     }
 
     #[test]
     fn accesses_reach_the_right_region_and_offset() {
         let mut bus = Bus::new();
-        bus.add_device("a", "fake", fake(vec![pio(0x3f8, 8), pio(0x2f8, 8)]))
-            .unwrap();
+        bus.add_device("a", "fake", fake(vec![pio(0x3f8, 8), pio(0x2f8, 8)]), None).unwrap();
         let mut b = [0u8; 1];
         bus.pio_read(0x3fa, &mut b).unwrap();
         assert_eq!(b[0], 0x02);
@@ -399,31 +511,17 @@ mod tests {
     #[test]
     fn overlapping_claims_name_both_devices() {
         let mut bus = Bus::new();
-        bus.add_device("com1", "serial", fake(vec![pio(0x3f8, 8)]))
-            .unwrap();
-        let err = bus
-            .add_device("com2", "serial", fake(vec![pio(0x3fc, 8)]))
-            .unwrap_err();
+        bus.add_device("com1", "serial", fake(vec![pio(0x3f8, 8)]), None).unwrap();
+        let err = bus.add_device("com2", "serial", fake(vec![pio(0x3fc, 8)]), None).unwrap_err();
         assert_eq!(
             err.to_string(),
             "device com1 (serial) and device com2 (serial) both claim I/O ports 0x3fc-0x3ff"
         );
-        assert_eq!(
-            bus.devices().len(),
-            1,
-            "the refused device is not left behind"
-        );
-        let err = bus
-            .add_device("pic", "x", fake(vec![pio(0x21, 1)]))
-            .unwrap_err();
-        assert!(
-            err.to_string()
-                .starts_with("the in-kernel 8259 PIC and device pic (x)"),
-            "{err}"
-        );
+        assert_eq!(bus.devices().len(), 1, "the refused device is not left behind");
+        let err = bus.add_device("pic", "x", fake(vec![pio(0x21, 1)]), None).unwrap_err();
+        assert!(err.to_string().starts_with("the in-kernel 8259 PIC and device pic (x)"), "{err}");
         // Adjacent ranges are fine.
-        bus.add_device("next", "x", fake(vec![pio(0x400, 1), pio(0x3f7, 1)]))
-            .unwrap();
+        bus.add_device("next", "x", fake(vec![pio(0x400, 1), pio(0x3f7, 1)]), None).unwrap();
     }
 
     #[test]
@@ -432,19 +530,91 @@ mod tests {
         bus.add_device(
             "com1",
             "serial-16550",
-            DeviceBox::from_value(
-                Fake {
-                    regions: vec![pio(0x3f8, 8)],
-                    fail: true,
-                },
-                TD_Opaque,
-            ),
+            DeviceBox::from_value(Fake { regions: vec![pio(0x3f8, 8)], fail: true }, TD_Opaque),
+            None,
         )
         .unwrap();
         let err = bus.pio_write(0x3f8, &[1]).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "device com1 (serial-16550): register jammed"
-        );
+        assert_eq!(err.to_string(), "device com1 (serial-16550): register jammed");
+    }
+
+    /// A PCI function with one 4 KiB memory BAR, decoding when memory space
+    /// is enabled (command bit 1), like a real header.
+    struct FakePci {
+        bar: u32,
+        command: u16,
+    }
+
+    impl PciFunction for FakePci {
+        fn config_read(&mut self, offset: u32, mut data: RSliceMut<'_, u8>) {
+            let mut space = [0u8; 64];
+            space[0..4].copy_from_slice(&0x1042_1af4u32.to_le_bytes());
+            space[4..6].copy_from_slice(&self.command.to_le_bytes());
+            space[0x10..0x14].copy_from_slice(&self.bar.to_le_bytes());
+            for (i, b) in data.as_mut_slice().iter_mut().enumerate() {
+                *b = space.get(offset as usize + i).copied().unwrap_or(0);
+            }
+        }
+        fn config_write(&mut self, offset: u32, data: RSlice<'_, u8>) -> RResult<(), RString> {
+            let d = data.as_slice();
+            match (offset, d.len()) {
+                (4, 2) => self.command = u16::from_le_bytes([d[0], d[1]]),
+                (0x10, 4) => self.bar = u32::from_le_bytes([d[0], d[1], d[2], d[3]]) & !0xfff,
+                _ => {}
+            }
+            RResult::ROk(())
+        }
+        fn bars(&self) -> RVec<PciBar> {
+            vec![PciBar {
+                index: 0,
+                size: 0x1000,
+                address: u64::from(self.bar),
+                is_64bit: false,
+                enabled: self.command & 2 != 0,
+            }]
+            .into()
+        }
+    }
+
+    fn config_addr(slot: u8, reg: u32) -> [u8; 4] {
+        (0x8000_0000u32 | u32::from(slot) << 11 | reg).to_le_bytes()
+    }
+
+    #[test]
+    fn pci_functions_get_a_slot_bars_and_follow_bar_moves() {
+        let mut bus = Bus::new();
+        let function = PciFunctionBox::from_value(FakePci { bar: 0, command: 0 }, TD_Opaque);
+        bus.add_device("blk0", "fake", fake(vec![]), Some(function)).unwrap();
+
+        // Slot 0 is the host bridge, the device is slot 1.
+        let mut id = [0u8; 4];
+        bus.pio_write(0xcf8, &config_addr(0, 0)).unwrap();
+        bus.pio_read(0xcfc, &mut id).unwrap();
+        assert_eq!(u32::from_le_bytes(id), 0x1237_8086);
+        bus.pio_write(0xcf8, &config_addr(1, 0)).unwrap();
+        bus.pio_read(0xcfc, &mut id).unwrap();
+        assert_eq!(u32::from_le_bytes(id), 0x1042_1af4);
+        bus.pio_write(0xcf8, &config_addr(2, 0)).unwrap();
+        bus.pio_read(0xcfc, &mut id).unwrap();
+        assert_eq!(id, [0xff; 4], "empty slot");
+
+        // The BAR was assigned and is mapped: region PCI_BAR_REGION + 0.
+        let mut b = [0u8; 1];
+        bus.mmio_read(pci::MMIO_WINDOW_START + 5, &mut b).unwrap();
+        assert_eq!(b[0], ((PCI_BAR_REGION as u8) << 4) | 5);
+
+        // The guest moves the BAR: the old address goes dead, the new one answers.
+        bus.pio_write(0xcf8, &config_addr(1, 0x10)).unwrap();
+        bus.pio_write(0xcfc, &0xd000_0000u32.to_le_bytes()).unwrap();
+        bus.mmio_read(pci::MMIO_WINDOW_START + 5, &mut b).unwrap();
+        assert_eq!(b[0], 0xff);
+        bus.mmio_read(0xd000_0005, &mut b).unwrap();
+        assert_eq!(b[0], ((PCI_BAR_REGION as u8) << 4) | 5);
+
+        // Memory space off: unmapped.
+        bus.pio_write(0xcf8, &config_addr(1, 4)).unwrap();
+        bus.pio_write(0xcfc, &0u16.to_le_bytes()).unwrap();
+        bus.mmio_read(0xd000_0005, &mut b).unwrap();
+        assert_eq!(b[0], 0xff);
     }
 }

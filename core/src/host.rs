@@ -1,5 +1,6 @@
 //! The host services each device gets: interrupt lines on the in-kernel
-//! irqchip, a way to end the VM, and logging tagged with the device id.
+//! irqchip, MSI routes and ioeventfds, guest memory with the device dirty
+//! bitmap, a way to end the VM, and logging tagged with the device id.
 
 use std::sync::Arc;
 
@@ -7,36 +8,51 @@ use abi_stable::{
     sabi_trait::TD_Opaque,
     std_types::{RArc, RResult, RStr, RString},
 };
-use ferry_plugin_api::{Host, HostBox, LogLevel, StopKind};
+use ferry_plugin_api::{GuestMemoryMap, Host, HostBox, LogLevel, MsiMessage, StopKind};
 use kvm_ioctls::VmFd;
 
-use crate::vcpu::{StopEvent, VmControl};
+use crate::{
+    interrupts::IrqRouter,
+    vcpu::{StopEvent, VmControl},
+};
+
+/// What every device of one VM shares.
+#[derive(Clone)]
+pub struct VmServices {
+    /// The VM fd (interrupt lines).
+    pub vm: Arc<VmFd>,
+    /// Run control (stop).
+    pub control: Arc<VmControl>,
+    /// MSI routes and ioeventfds.
+    pub irq: Arc<IrqRouter>,
+    /// Guest RAM as devices see it.
+    pub memory: GuestMemoryMap,
+}
 
 /// Host services for one device.
 #[derive(Clone)]
 pub struct DeviceHost {
     id: Arc<str>,
-    vm: Arc<VmFd>,
-    control: Arc<VmControl>,
+    index: usize,
+    vm: VmServices,
 }
 
 impl DeviceHost {
-    /// Services for device `id`, as the ABI handle plugins receive.
-    pub fn new_box(id: &str, vm: Arc<VmFd>, control: Arc<VmControl>) -> HostBox {
-        HostBox::from_ptr(
-            RArc::new(DeviceHost {
-                id: id.into(),
-                vm,
-                control,
-            }),
-            TD_Opaque,
-        )
+    /// Services for device `id` (the `index`-th device), as the ABI handle
+    /// plugins receive.
+    pub fn new_box(id: &str, index: usize, vm: VmServices) -> HostBox {
+        HostBox::from_ptr(RArc::new(DeviceHost { id: id.into(), index, vm }), TD_Opaque)
+    }
+
+    fn err(&self, e: impl std::fmt::Display) -> RString {
+        RString::from(e.to_string())
     }
 }
 
 impl Host for DeviceHost {
     fn set_irq_level(&self, gsi: u32, level: bool) -> RResult<(), RString> {
         self.vm
+            .vm
             .set_irq_line(gsi, level)
             .map_err(|e| RString::from(format!("setting IRQ line {gsi}: {e}")))
             .into()
@@ -49,15 +65,34 @@ impl Host for DeviceHost {
                 StopEvent::Reset
             }
             StopKind::Exit => StopEvent::Exit(status),
-            StopKind::Error => StopEvent::Error(format!(
-                "device {} stopped the VM (status {status})",
-                self.id
-            )),
+            StopKind::Error => {
+                StopEvent::Error(format!("device {} stopped the VM (status {status})", self.id))
+            }
         };
-        self.control.stop(event);
+        self.vm.control.stop(event);
     }
 
     fn log(&self, level: LogLevel, message: RStr<'_>) {
         crate::log::log(level, &format!("{}: {}", self.id, message));
+    }
+
+    fn guest_memory(&self) -> GuestMemoryMap {
+        self.vm.memory.clone()
+    }
+
+    fn msi_route(&self, fd: i32, message: MsiMessage) -> RResult<(), RString> {
+        self.vm.irq.msi_route(self.index, fd, message.address, message.data).map_err(|e| self.err(e)).into()
+    }
+
+    fn msi_unroute(&self, fd: i32) -> RResult<(), RString> {
+        self.vm.irq.msi_unroute(self.index, fd).map_err(|e| self.err(e)).into()
+    }
+
+    fn ioeventfd(&self, fd: i32, address: u64) -> RResult<(), RString> {
+        self.vm.irq.ioeventfd(self.index, fd, address).map_err(|e| self.err(e)).into()
+    }
+
+    fn remove_ioeventfd(&self, fd: i32, address: u64) -> RResult<(), RString> {
+        self.vm.irq.remove_ioeventfd(self.index, fd, address).map_err(|e| self.err(e)).into()
     }
 }

@@ -4,8 +4,7 @@
 use std::sync::Arc;
 
 use kvm_bindings::{
-    kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
-    KVM_PIT_SPEAKER_DUMMY,
+    kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Kvm, VmFd};
 use thiserror::Error;
@@ -60,43 +59,27 @@ impl Machine {
         let kvm = Kvm::new().map_err(KvmError::Open)?;
         let max = kvm.get_max_vcpus();
         if cpus > max {
-            return Err(KvmError::TooManyVcpus {
-                requested: cpus,
-                max,
-            });
+            return Err(KvmError::TooManyVcpus { requested: cpus, max });
         }
         let vm = kvm.create_vm().map_err(call("CREATE_VM"))?;
-        vm.set_tss_address(TSS_ADDRESS)
-            .map_err(call("SET_TSS_ADDR"))?;
-        vm.set_identity_map_address(IDENTITY_MAP_ADDRESS)
-            .map_err(call("SET_IDENTITY_MAP_ADDR"))?;
+        vm.set_tss_address(TSS_ADDRESS).map_err(call("SET_TSS_ADDR"))?;
+        vm.set_identity_map_address(IDENTITY_MAP_ADDRESS).map_err(call("SET_IDENTITY_MAP_ADDR"))?;
         vm.create_irq_chip().map_err(call("CREATE_IRQCHIP"))?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
+        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
         vm.create_pit2(pit).map_err(call("CREATE_PIT2"))?;
-        let supported_cpuid = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(call("GET_SUPPORTED_CPUID"))?;
-        Ok(Machine {
-            kvm,
-            vm: Arc::new(vm),
-            supported_cpuid,
-        })
+        let supported_cpuid =
+            kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(call("GET_SUPPORTED_CPUID"))?;
+        Ok(Machine { kvm, vm: Arc::new(vm), supported_cpuid })
     }
 
     /// Register guest RAM, one slot per range.
     pub fn register_ram(&self, ram: &GuestRam) -> Result<(), KvmError> {
         use vm_memory::{GuestAddress, GuestMemoryBackend};
         for (slot, r) in ram.ranges().iter().enumerate() {
-            let host = ram
-                .mem()
-                .get_host_address(GuestAddress(r.gpa))
-                .map_err(|_| KvmError::Call {
-                    what: "SET_USER_MEMORY_REGION",
-                    source: kvm_ioctls::Error::new(libc::EFAULT),
-                })?;
+            let host = ram.mem().get_host_address(GuestAddress(r.gpa)).map_err(|_| KvmError::Call {
+                what: "SET_USER_MEMORY_REGION",
+                source: kvm_ioctls::Error::new(libc::EFAULT),
+            })?;
             let region = kvm_userspace_memory_region {
                 slot: slot as u32,
                 flags: 0,
@@ -107,8 +90,7 @@ impl Machine {
             // SAFETY: the host range is a live mapping of `r.len` bytes owned
             // by `ram`, which outlives the VM (the Vm struct drops the VM fd
             // and vCPUs before the RAM).
-            unsafe { self.vm.set_user_memory_region(region) }
-                .map_err(call("SET_USER_MEMORY_REGION"))?;
+            unsafe { self.vm.set_user_memory_region(region) }.map_err(call("SET_USER_MEMORY_REGION"))?;
         }
         Ok(())
     }

@@ -4,10 +4,12 @@
 pub mod boot;
 pub mod bus;
 pub mod host;
+pub mod interrupts;
 pub mod kvm;
 pub mod log;
 pub mod machine;
 pub mod memory;
+pub mod pci;
 pub mod plugins;
 pub mod vcpu;
 pub mod vm;

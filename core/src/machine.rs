@@ -139,18 +139,12 @@ pub struct DevicePlan {
 
 /// Names of the built-in machine types.
 pub fn builtin_names() -> Vec<String> {
-    BUILTIN_MACHINES
-        .iter()
-        .filter_map(|(_, text)| parse(text, "built-in").ok().map(|m| m.name))
-        .collect()
+    BUILTIN_MACHINES.iter().filter_map(|(_, text)| parse(text, "built-in").ok().map(|m| m.name)).collect()
 }
 
 /// Every built-in machine type.
 pub fn builtins() -> Result<Vec<MachineType>, MachineError> {
-    BUILTIN_MACHINES
-        .iter()
-        .map(|(file, text)| parse(text, &format!("built-in {file}")))
-        .collect()
+    BUILTIN_MACHINES.iter().map(|(file, text)| parse(text, &format!("built-in {file}"))).collect()
 }
 
 /// A machine type by built-in name, or from a file path.
@@ -168,10 +162,8 @@ pub fn load(name_or_path: &str) -> Result<MachineType, MachineError> {
         });
     }
     let path = Path::new(name_or_path);
-    let text = std::fs::read_to_string(path).map_err(|source| MachineError::Read {
-        path: name_or_path.to_string(),
-        source,
-    })?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| MachineError::Read { path: name_or_path.to_string(), source })?;
     let mut m = parse(&text, name_or_path)?;
     m.origin = name_or_path.to_string();
     Ok(m)
@@ -181,10 +173,7 @@ pub fn load(name_or_path: &str) -> Result<MachineType, MachineError> {
 fn line_col(text: &str, at: usize) -> (usize, usize) {
     let before = &text[..at.min(text.len())];
     let line = before.matches('\n').count() + 1;
-    let col = before
-        .rfind('\n')
-        .map_or(before.len(), |nl| before.len() - nl - 1)
-        + 1;
+    let col = before.rfind('\n').map_or(before.len(), |nl| before.len() - nl - 1) + 1;
     (line, col)
 }
 
@@ -195,10 +184,7 @@ pub fn parse(text: &str, source_name: &str) -> Result<MachineType, MachineError>
             Some(span) => {
                 let (line, col) = line_col(text, span.start);
                 let snippet = text.lines().nth(line - 1).unwrap_or("").trim();
-                (
-                    format!("line {line}, column {col} (`{snippet}`)"),
-                    e.message().to_string(),
-                )
+                (format!("line {line}, column {col} (`{snippet}`)"), e.message().to_string())
             }
             None => ("top level".to_string(), e.message().to_string()),
         };
@@ -208,26 +194,19 @@ pub fn parse(text: &str, source_name: &str) -> Result<MachineType, MachineError>
             message: message.split_whitespace().collect::<Vec<_>>().join(" "),
         }
     })?;
-    let invalid = |message: String| MachineError::Invalid {
-        machine: file.name.clone(),
-        message,
-    };
+    let invalid = |message: String| MachineError::Invalid { machine: file.name.clone(), message };
 
     let memory = match &file.memory {
-        Some(s) => Some(crate::memory::parse_size(s).ok_or_else(|| {
-            invalid(format!(
-                "field memory: '{s}' is not a size such as 256M or 2G"
-            ))
-        })?),
+        Some(s) => Some(
+            crate::memory::parse_size(s)
+                .ok_or_else(|| invalid(format!("field memory: '{s}' is not a size such as 256M or 2G")))?,
+        ),
         None => None,
     };
     let mut devices = Vec::with_capacity(file.devices.len());
     for d in &file.devices {
         if d.id.is_empty() {
-            return Err(invalid(format!(
-                "a device of plugin {} has an empty id",
-                d.plugin
-            )));
+            return Err(invalid(format!("a device of plugin {} has an empty id", d.plugin)));
         }
         if devices.iter().any(|x: &DeviceSpec| x.id == d.id) {
             return Err(invalid(format!("device id '{}' is used twice", d.id)));
@@ -248,11 +227,7 @@ pub fn parse(text: &str, source_name: &str) -> Result<MachineType, MachineError>
             };
             properties.insert(k.clone(), value);
         }
-        devices.push(DeviceSpec {
-            id: d.id.clone(),
-            plugin: d.plugin.clone(),
-            properties,
-        });
+        devices.push(DeviceSpec { id: d.id.clone(), plugin: d.plugin.clone(), properties });
     }
     Ok(MachineType {
         name: file.name,
@@ -271,13 +246,9 @@ fn check_value(kind: PropertyKind, value: &PropValue) -> Result<String, String> 
         (PropertyKind::Integer, PropValue::Str(s)) => parse_integer(s)
             .map(|n| n.to_string())
             .ok_or_else(|| format!("'{s}' is not a non-negative integer")),
-        (PropertyKind::Integer, other) => {
-            Err(format!("expected a non-negative integer, found {other:?}"))
-        }
+        (PropertyKind::Integer, other) => Err(format!("expected a non-negative integer, found {other:?}")),
         (PropertyKind::Bool, PropValue::Bool(b)) => Ok(b.to_string()),
-        (PropertyKind::Bool, PropValue::Str(s))
-            if s == "true" || s == "false" || s == "on" || s == "off" =>
-        {
+        (PropertyKind::Bool, PropValue::Str(s)) if s == "true" || s == "false" || s == "on" || s == "off" => {
             Ok((s == "true" || s == "on").to_string())
         }
         (PropertyKind::Bool, other) => Err(format!("expected true or false, found {other:?}")),
@@ -289,14 +260,8 @@ fn check_value(kind: PropertyKind, value: &PropValue) -> Result<String, String> 
 
 /// Match a machine type against the installed plugins: every plugin present,
 /// every property known and well-typed, defaults filled in.
-pub fn resolve(
-    machine: &MachineType,
-    registry: &Registry,
-) -> Result<Vec<DevicePlan>, MachineError> {
-    let invalid = |message: String| MachineError::Invalid {
-        machine: machine.name.clone(),
-        message,
-    };
+pub fn resolve(machine: &MachineType, registry: &Registry) -> Result<Vec<DevicePlan>, MachineError> {
+    let invalid = |message: String| MachineError::Invalid { machine: machine.name.clone(), message };
     let mut plans = Vec::with_capacity(machine.devices.len());
     for d in &machine.devices {
         let Some(lib) = registry.get(&d.plugin) else {
@@ -306,11 +271,7 @@ pub fn resolve(
                 d.id,
                 d.plugin,
                 registry.dir.display(),
-                if installed.is_empty() {
-                    "none".to_string()
-                } else {
-                    installed.join(", ")
-                }
+                if installed.is_empty() { "none".to_string() } else { installed.join(", ") }
             )));
         };
         let specs = &lib.descriptor.properties;
@@ -321,41 +282,23 @@ pub fn resolve(
                     "device {}: unknown property '{name}' for plugin {} (known: {})",
                     d.id,
                     d.plugin,
-                    if known.is_empty() {
-                        "none".to_string()
-                    } else {
-                        known.join(", ")
-                    }
+                    if known.is_empty() { "none".to_string() } else { known.join(", ") }
                 )));
             }
         }
         let mut properties = Vec::with_capacity(specs.len());
         for spec in specs.iter() {
-            let value = match (
-                d.properties.get(spec.name.as_str()),
-                spec.default.as_ref().into_option(),
-            ) {
-                (Some(v), _) => check_value(spec.kind, v).map_err(|e| {
-                    invalid(format!("device {}: property {}: {e}", d.id, spec.name))
-                })?,
+            let value = match (d.properties.get(spec.name.as_str()), spec.default.as_ref().into_option()) {
+                (Some(v), _) => check_value(spec.kind, v)
+                    .map_err(|e| invalid(format!("device {}: property {}: {e}", d.id, spec.name)))?,
                 (None, Some(default)) => default.to_string(),
                 (None, None) => {
-                    return Err(invalid(format!(
-                        "device {}: property {} is required",
-                        d.id, spec.name
-                    )))
+                    return Err(invalid(format!("device {}: property {} is required", d.id, spec.name)))
                 }
             };
-            properties.push(Property {
-                name: spec.name.clone(),
-                value: value.into(),
-            });
+            properties.push(Property { name: spec.name.clone(), value: value.into() });
         }
-        plans.push(DevicePlan {
-            id: d.id.clone(),
-            plugin: d.plugin.clone(),
-            properties,
-        });
+        plans.push(DevicePlan { id: d.id.clone(), plugin: d.plugin.clone(), properties });
     }
     Ok(plans)
 }
@@ -372,52 +315,33 @@ mod tests {
 
     #[test]
     fn malformed_toml_names_line_and_text() {
-        let err = parse(
-            "name = \"x\"\n[[device]]\nid = \"a\"\nplugin = \n",
-            "m.toml",
-        )
-        .unwrap_err();
+        let err = parse("name = \"x\"\n[[device]]\nid = \"a\"\nplugin = \n", "m.toml").unwrap_err();
         let s = err.to_string();
         assert!(s.starts_with("machine type m.toml: line 4"), "{s}");
     }
 
     #[test]
     fn a_wrong_field_type_names_the_field() {
-        let err = parse("name = \"x\"\ncpus = \"four\"\n", "m.toml")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("line 2") && err.contains("cpus = \"four\""),
-            "{err}"
-        );
-        let err = parse("name = \"x\"\ncolour = 3\n", "m.toml")
-            .unwrap_err()
-            .to_string();
+        let err = parse("name = \"x\"\ncpus = \"four\"\n", "m.toml").unwrap_err().to_string();
+        assert!(err.contains("line 2") && err.contains("cpus = \"four\""), "{err}");
+        let err = parse("name = \"x\"\ncolour = 3\n", "m.toml").unwrap_err().to_string();
         assert!(err.contains("unknown field `colour`"), "{err}");
         assert!(!err.contains('\n'), "one line: {err}");
     }
 
     #[test]
     fn values_are_checked_against_kinds() {
-        assert_eq!(
-            check_value(PropertyKind::Integer, &PropValue::Int(0x3f8)).unwrap(),
-            "1016"
-        );
-        assert_eq!(
-            check_value(PropertyKind::Integer, &PropValue::Str("0x3f8".into())).unwrap(),
-            "1016"
-        );
+        assert_eq!(check_value(PropertyKind::Integer, &PropValue::Int(0x3f8)).unwrap(), "1016");
+        assert_eq!(check_value(PropertyKind::Integer, &PropValue::Str("0x3f8".into())).unwrap(), "1016");
         assert!(check_value(PropertyKind::Integer, &PropValue::Int(-1)).is_err());
         assert!(check_value(PropertyKind::Bool, &PropValue::Int(1)).is_err());
-        assert_eq!(
-            check_value(PropertyKind::Bool, &PropValue::Str("on".into())).unwrap(),
-            "true"
-        );
+        assert_eq!(check_value(PropertyKind::Bool, &PropValue::Str("on".into())).unwrap(), "true");
     }
 
     #[test]
     fn duplicate_device_ids_are_refused() {
-        let text = "name = \"x\"\n[[device]]\nid = \"a\"\nplugin = \"p\"\n[[device]]\nid = \"a\"\nplugin = \"q\"\n";
+        let text =
+            "name = \"x\"\n[[device]]\nid = \"a\"\nplugin = \"p\"\n[[device]]\nid = \"a\"\nplugin = \"q\"\n";
         let err = parse(text, "m.toml").unwrap_err().to_string();
         assert_eq!(err, "machine type x: device id 'a' is used twice");
     }

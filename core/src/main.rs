@@ -13,11 +13,7 @@ use ferry::{
 };
 
 #[derive(Parser)]
-#[command(
-    name = "ferry",
-    version,
-    about = "A virtual machine monitor whose devices are plugins"
-)]
+#[command(name = "ferry", version, about = "A virtual machine monitor whose devices are plugins")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -65,18 +61,15 @@ struct RunArgs {
 
 fn default_plugin_dir() -> Result<PathBuf> {
     let exe = std::env::current_exe().context("cannot find the ferry binary")?;
-    exe.parent()
-        .map(PathBuf::from)
-        .ok_or_else(|| anyhow!("ferry binary has no directory"))
+    exe.parent().map(PathBuf::from).ok_or_else(|| anyhow!("ferry binary has no directory"))
 }
 
 fn run(args: RunArgs) -> Result<ExitCode> {
     let machine = machine::load(&args.machine)?;
     let memory = match &args.memory {
-        Some(s) => Some(
-            parse_size(s)
-                .ok_or_else(|| anyhow!("--memory '{s}' is not a size such as 256M or 2G"))?,
-        ),
+        Some(s) => {
+            Some(parse_size(s).ok_or_else(|| anyhow!("--memory '{s}' is not a size such as 256M or 2G"))?)
+        }
         None => None,
     };
     let kernel = match args.kernel {
@@ -115,18 +108,9 @@ fn plugins(dir: Option<PathBuf>) -> Result<ExitCode> {
         let state = if s.oldest_load == s.current && s.oldest_save == s.current {
             format!("v{}", s.current)
         } else {
-            format!(
-                "v{} (load v{}+, save v{}+)",
-                s.current, s.oldest_load, s.oldest_save
-            )
+            format!("v{} (load v{}+, save v{}+)", s.current, s.oldest_load, s.oldest_save)
         };
-        println!(
-            "{:<16} {:<10} {:<14} {}",
-            p.name(),
-            p.descriptor.version,
-            state,
-            p.path.display()
-        );
+        println!("{:<16} {:<10} {:<14} {}", p.name(), p.descriptor.version, state, p.path.display());
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -134,20 +118,9 @@ fn plugins(dir: Option<PathBuf>) -> Result<ExitCode> {
 fn machines() -> Result<ExitCode> {
     println!("{:<12} {:<8} {:<8} DEVICES", "MACHINE", "CPUS", "MEMORY");
     for m in machine::builtins()? {
-        let devices: Vec<String> = m
-            .devices
-            .iter()
-            .map(|d| format!("{}:{}", d.id, d.plugin))
-            .collect();
-        let memory = m
-            .memory
-            .map(ferry::memory::human_size)
-            .unwrap_or_else(|| "-".into());
-        let default = if m.name == DEFAULT_MACHINE {
-            " (default)"
-        } else {
-            ""
-        };
+        let devices: Vec<String> = m.devices.iter().map(|d| format!("{}:{}", d.id, d.plugin)).collect();
+        let memory = m.memory.map(ferry::memory::human_size).unwrap_or_else(|| "-".into());
+        let default = if m.name == DEFAULT_MACHINE { " (default)" } else { "" };
         println!(
             "{:<12} {:<8} {:<8} {}\n             {}{default}",
             m.name,

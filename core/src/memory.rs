@@ -10,7 +10,14 @@
 //! The memfd is what later lets a snapshot or a same-host migration hand
 //! the RAM over without copying it.
 
-use std::{fs::File, os::fd::FromRawFd};
+use std::{
+    fs::File,
+    os::fd::FromRawFd,
+    sync::atomic::{AtomicU64, Ordering},
+};
+
+use abi_stable::std_types::RVec;
+use ferry_plugin_api::{GuestMemoryMap, MemoryRegion};
 
 use thiserror::Error;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
@@ -63,26 +70,77 @@ pub struct RamRange {
 /// The RAM layout for a given size.
 pub fn layout(size: u64) -> Vec<RamRange> {
     let low = size.min(LOW_RAM_LIMIT);
-    let mut ranges = vec![RamRange {
-        gpa: 0,
-        len: low,
-        file_offset: 0,
-    }];
+    let mut ranges = vec![RamRange { gpa: 0, len: low, file_offset: 0 }];
     if size > low {
-        ranges.push(RamRange {
-            gpa: HIGH_RAM_START,
-            len: size - low,
-            file_offset: low,
-        });
+        ranges.push(RamRange { gpa: HIGH_RAM_START, len: size - low, file_offset: low });
     }
     ranges
 }
 
-/// Guest RAM: the memfd, the layout and the mapping.
+/// Guest page size for dirty tracking.
+pub const PAGE_SIZE: u64 = 4096;
+
+/// Pages written by devices, one bit per 4 KiB page of RAM, indexed by the
+/// page's offset in the memfd. Devices set bits with atomic ORs through the
+/// address they get from `Host::guest_memory`; migration reads and clears
+/// them here.
+pub struct DirtyBitmap {
+    words: Box<[AtomicU64]>,
+    pages: u64,
+}
+
+impl DirtyBitmap {
+    /// A clean bitmap for `pages` pages.
+    pub fn new(pages: u64) -> Self {
+        let words = (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
+        DirtyBitmap { words, pages }
+    }
+
+    /// Pages covered.
+    pub fn pages(&self) -> u64 {
+        self.pages
+    }
+
+    /// Mark page `page` dirty.
+    pub fn mark(&self, page: u64) {
+        if page < self.pages {
+            self.words[(page / 64) as usize].fetch_or(1 << (page % 64), Ordering::Release);
+        }
+    }
+
+    /// Is page `page` dirty?
+    pub fn is_dirty(&self, page: u64) -> bool {
+        page < self.pages
+            && self.words[(page / 64) as usize].load(Ordering::Acquire) & (1 << (page % 64)) != 0
+    }
+
+    /// The dirty page indexes, clearing them.
+    pub fn take(&self) -> Vec<u64> {
+        let mut pages = Vec::new();
+        for (i, w) in self.words.iter().enumerate() {
+            let mut bits = w.swap(0, Ordering::AcqRel);
+            while bits != 0 {
+                let b = bits.trailing_zeros() as u64;
+                pages.push(i as u64 * 64 + b);
+                bits &= bits - 1;
+            }
+        }
+        pages
+    }
+
+    /// Address of the first word, for devices.
+    fn as_addr(&self) -> u64 {
+        self.words.as_ptr() as u64
+    }
+}
+
+/// Guest RAM: the memfd, the layout, the mapping and the device dirty
+/// bitmap.
 pub struct GuestRam {
     memfd: File,
     ranges: Vec<RamRange>,
     mem: GuestMemoryMmap,
+    dirty: DirtyBitmap,
 }
 
 impl GuestRam {
@@ -100,32 +158,20 @@ impl GuestRam {
                 });
             }
         }
-        let memfd = create_memfd().map_err(|source| MemoryError::Allocate {
-            size: human_size(size),
-            source,
-        })?;
-        memfd
-            .set_len(size)
-            .map_err(|source| MemoryError::Allocate {
-                size: human_size(size),
-                source,
-            })?;
+        let memfd =
+            create_memfd().map_err(|source| MemoryError::Allocate { size: human_size(size), source })?;
+        memfd.set_len(size).map_err(|source| MemoryError::Allocate { size: human_size(size), source })?;
         let ranges = layout(size);
         let mut regions = Vec::with_capacity(ranges.len());
         for r in &ranges {
-            let fd = memfd
-                .try_clone()
-                .map_err(|e| MemoryError::Map(e.to_string()))?;
+            let fd = memfd.try_clone().map_err(|e| MemoryError::Map(e.to_string()))?;
             let len = usize::try_from(r.len).map_err(|e| MemoryError::Map(e.to_string()))?;
-            regions.push((
-                GuestAddress(r.gpa),
-                len,
-                Some(FileOffset::new(fd, r.file_offset)),
-            ));
+            regions.push((GuestAddress(r.gpa), len, Some(FileOffset::new(fd, r.file_offset))));
         }
-        let mem = GuestMemoryMmap::from_ranges_with_files(regions)
-            .map_err(|e| MemoryError::Map(e.to_string()))?;
-        Ok(GuestRam { memfd, ranges, mem })
+        let mem =
+            GuestMemoryMmap::from_ranges_with_files(regions).map_err(|e| MemoryError::Map(e.to_string()))?;
+        let dirty = DirtyBitmap::new(size / PAGE_SIZE);
+        Ok(GuestRam { memfd, ranges, mem, dirty })
     }
 
     /// The vm-memory view.
@@ -151,6 +197,39 @@ impl GuestRam {
     /// The backing memfd.
     pub fn memfd(&self) -> &File {
         &self.memfd
+    }
+
+    /// Pages written by devices.
+    pub fn dirty(&self) -> &DirtyBitmap {
+        &self.dirty
+    }
+
+    /// The page index of guest-physical address `gpa`, if it is RAM.
+    pub fn page_of(&self, gpa: u64) -> Option<u64> {
+        self.ranges
+            .iter()
+            .find(|r| gpa >= r.gpa && gpa < r.gpa + r.len)
+            .map(|r| (r.file_offset + gpa - r.gpa) / PAGE_SIZE)
+    }
+
+    /// What devices get from `Host::guest_memory`. The addresses stay valid
+    /// as long as this `GuestRam` lives, which is the VM's whole life.
+    pub fn device_map(&self) -> GuestMemoryMap {
+        use vm_memory::GuestMemoryBackend;
+        let regions: RVec<MemoryRegion> = self
+            .ranges
+            .iter()
+            .filter_map(|r| {
+                let host = self.mem.get_host_address(GuestAddress(r.gpa)).ok()?;
+                Some(MemoryRegion {
+                    gpa: r.gpa,
+                    len: r.len,
+                    host_addr: host as u64,
+                    first_page: r.file_offset / PAGE_SIZE,
+                })
+            })
+            .collect();
+        GuestMemoryMap { regions, dirty_bitmap: self.dirty.as_addr(), dirty_pages: self.dirty.pages() }
     }
 }
 
@@ -192,12 +271,7 @@ pub fn parse_size(s: &str) -> Option<u64> {
 
 /// Format a byte count for people.
 pub fn human_size(bytes: u64) -> String {
-    const UNITS: [(&str, u64); 4] = [
-        ("TiB", 1 << 40),
-        ("GiB", 1 << 30),
-        ("MiB", 1 << 20),
-        ("KiB", 1 << 10),
-    ];
+    const UNITS: [(&str, u64); 4] = [("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
     for (name, unit) in UNITS {
         if bytes >= unit {
             return if bytes % unit == 0 {
@@ -226,30 +300,12 @@ mod tests {
 
     #[test]
     fn layout_splits_around_the_mmio_hole() {
-        assert_eq!(
-            layout(256 << 20),
-            vec![RamRange {
-                gpa: 0,
-                len: 256 << 20,
-                file_offset: 0
-            }]
-        );
+        assert_eq!(layout(256 << 20), vec![RamRange { gpa: 0, len: 256 << 20, file_offset: 0 }]);
         let big = layout(4 << 30);
-        assert_eq!(
-            big[0],
-            RamRange {
-                gpa: 0,
-                len: LOW_RAM_LIMIT,
-                file_offset: 0
-            }
-        );
+        assert_eq!(big[0], RamRange { gpa: 0, len: LOW_RAM_LIMIT, file_offset: 0 });
         assert_eq!(
             big[1],
-            RamRange {
-                gpa: HIGH_RAM_START,
-                len: (4 << 30) - LOW_RAM_LIMIT,
-                file_offset: LOW_RAM_LIMIT
-            }
+            RamRange { gpa: HIGH_RAM_START, len: (4 << 30) - LOW_RAM_LIMIT, file_offset: LOW_RAM_LIMIT }
         );
     }
 
@@ -257,23 +313,28 @@ mod tests {
     fn more_than_the_host_is_refused() {
         let host = host_memory().expect("/proc/meminfo");
         let err = GuestRam::new(host + (1 << 30)).err().expect("must fail");
-        assert!(
-            err.to_string().contains("more than this host can give"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("more than this host can give"), "{err}");
+    }
+
+    #[test]
+    fn dirty_bitmap_marks_and_takes() {
+        let ram = GuestRam::new(4 << 30).unwrap();
+        let high = ram.page_of(HIGH_RAM_START + 8192).unwrap();
+        assert_eq!(high, (LOW_RAM_LIMIT + 8192) / PAGE_SIZE);
+        ram.dirty().mark(3);
+        ram.dirty().mark(high);
+        assert!(ram.dirty().is_dirty(3) && !ram.dirty().is_dirty(4));
+        assert_eq!(ram.dirty().take(), vec![3, high]);
+        assert!(ram.dirty().take().is_empty(), "take clears");
+        assert_eq!(ram.page_of(LOW_RAM_LIMIT), None, "the MMIO hole is not RAM");
     }
 
     #[test]
     fn ram_is_usable() {
         use vm_memory::Bytes;
         let ram = GuestRam::new(16 << 20).unwrap();
-        ram.mem()
-            .write_obj(0xdead_beefu32, GuestAddress(0x1000))
-            .unwrap();
-        assert_eq!(
-            ram.mem().read_obj::<u32>(GuestAddress(0x1000)).unwrap(),
-            0xdead_beef
-        );
+        ram.mem().write_obj(0xdead_beefu32, GuestAddress(0x1000)).unwrap();
+        assert_eq!(ram.mem().read_obj::<u32>(GuestAddress(0x1000)).unwrap(), 0xdead_beef);
         assert_eq!(ram.size(), 16 << 20);
     }
 }

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use abi_stable::library::{lib_header_from_path, LibraryError, RootModule};
 use ferry_plugin_api::{
-    DeviceBox, DeviceConfig, HostBox, PluginDescriptor, PluginModRef, PLUGIN_API_VERSION,
+    DeviceConfig, DeviceParts, HostBox, PluginDescriptor, PluginModRef, PLUGIN_API_VERSION,
 };
 use thiserror::Error;
 
@@ -90,10 +90,8 @@ pub struct PluginLibrary {
 
 impl PluginLibrary {
     /// Create a device through the plugin's `create`.
-    pub fn create(&self, config: DeviceConfig, host: HostBox) -> Result<DeviceBox, String> {
-        self.module.create()(config, host)
-            .into_result()
-            .map_err(String::from)
+    pub fn create(&self, config: DeviceConfig, host: HostBox) -> Result<DeviceParts, String> {
+        self.module.create()(config, host).into_result().map_err(String::from)
     }
 
     /// Plugin name.
@@ -113,10 +111,8 @@ impl Registry {
     /// Load every `*.so` in `dir`, in name order.
     pub fn load_dir(dir: &Path) -> Result<Self, PluginError> {
         let shown = dir.display().to_string();
-        let entries = std::fs::read_dir(dir).map_err(|source| PluginError::Dir {
-            dir: shown.clone(),
-            source,
-        })?;
+        let entries =
+            std::fs::read_dir(dir).map_err(|source| PluginError::Dir { dir: shown.clone(), source })?;
         let mut paths: Vec<PathBuf> = entries
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "so"))
@@ -134,10 +130,7 @@ impl Registry {
             }
             plugins.push(lib);
         }
-        Ok(Registry {
-            dir: dir.to_path_buf(),
-            plugins,
-        })
+        Ok(Registry { dir: dir.to_path_buf(), plugins })
     }
 
     /// A plugin by name.
@@ -155,23 +148,15 @@ impl Registry {
 pub fn load_one(path: &Path) -> Result<PluginLibrary, PluginError> {
     let shown = path.display().to_string();
     let header = lib_header_from_path(path).map_err(|e| match e {
-        LibraryError::GetSymbolError { .. } => PluginError::NotAPlugin {
-            path: shown.clone(),
-        },
-        LibraryError::OpenError { err, .. } => PluginError::Open {
-            path: shown.clone(),
-            reason: err.to_string(),
-        },
-        other => PluginError::Open {
-            path: shown.clone(),
-            reason: one_line(&other.to_string()),
-        },
+        LibraryError::GetSymbolError { .. } => PluginError::NotAPlugin { path: shown.clone() },
+        LibraryError::OpenError { err, .. } => {
+            PluginError::Open { path: shown.clone(), reason: err.to_string() }
+        }
+        other => PluginError::Open { path: shown.clone(), reason: one_line(&other.to_string()) },
     })?;
 
     let theirs = header.version_strings().version.as_str();
-    let ours = <PluginModRef as RootModule>::VERSION_STRINGS
-        .version
-        .as_str();
+    let ours = <PluginModRef as RootModule>::VERSION_STRINGS.version.as_str();
     if !api_compatible(ours, theirs) {
         return Err(PluginError::ApiVersion {
             path: shown,
@@ -180,38 +165,20 @@ pub fn load_one(path: &Path) -> Result<PluginLibrary, PluginError> {
         });
     }
 
-    let module = header
-        .init_root_module::<PluginModRef>()
-        .map_err(|e| match e {
-            LibraryError::AbiInstability(ref report)
-                if std::env::var_os("FERRY_DUMP_LAYOUT").is_some() =>
-            {
-                eprintln!("{report}");
-                PluginError::Layout {
-                    path: shown.clone(),
-                    summary: summarize_layout_report(&report.to_string()),
-                }
-            }
-            LibraryError::AbiInstability(report) => PluginError::Layout {
-                path: shown.clone(),
-                summary: summarize_layout_report(&report.to_string()),
-            },
-            other => PluginError::Plugin {
-                path: shown.clone(),
-                reason: one_line(&other.to_string()),
-            },
-        })?;
+    let module = header.init_root_module::<PluginModRef>().map_err(|e| match e {
+        LibraryError::AbiInstability(ref report) if std::env::var_os("FERRY_DUMP_LAYOUT").is_some() => {
+            eprintln!("{report}");
+            PluginError::Layout { path: shown.clone(), summary: summarize_layout_report(&report.to_string()) }
+        }
+        LibraryError::AbiInstability(report) => {
+            PluginError::Layout { path: shown.clone(), summary: summarize_layout_report(&report.to_string()) }
+        }
+        other => PluginError::Plugin { path: shown.clone(), reason: one_line(&other.to_string()) },
+    })?;
     let descriptor = module.describe()()
         .into_result()
-        .map_err(|e| PluginError::Plugin {
-            path: shown.clone(),
-            reason: e.into(),
-        })?;
-    Ok(PluginLibrary {
-        path: path.to_path_buf(),
-        descriptor,
-        module,
-    })
+        .map_err(|e| PluginError::Plugin { path: shown.clone(), reason: e.into() })?;
+    Ok(PluginLibrary { path: path.to_path_buf(), descriptor, module })
 }
 
 /// abi_stable's rule: same major; for 0.x the plugin's minor must be at
@@ -247,10 +214,7 @@ pub fn summarize_layout_report(report: &str) -> String {
             let mut j = i + 1;
             let (mut expected, mut found) = (Vec::new(), Vec::new());
             let mut side = 0;
-            while j < lines.len()
-                && !lines[j].starts_with("Error:")
-                && !lines[j].contains("error(s)")
-            {
+            while j < lines.len() && !lines[j].starts_with("Error:") && !lines[j].contains("error(s)") {
                 match lines[j] {
                     "Expected:" => side = 1,
                     "Found:" => side = 2,
@@ -260,12 +224,7 @@ pub fn summarize_layout_report(report: &str) -> String {
                 }
                 j += 1;
             }
-            errors.push(format!(
-                "{}: expected {}, found {}",
-                kind.trim(),
-                pick(&expected),
-                pick(&found)
-            ));
+            errors.push(format!("{}: expected {}, found {}", kind.trim(), pick(&expected), pick(&found)));
             i = j;
         } else {
             i += 1;
@@ -286,10 +245,7 @@ mod tests {
     fn api_versions_follow_abi_stable_rules() {
         assert!(api_compatible("0.1.0", "0.1.7"));
         assert!(api_compatible("0.1.0", "0.2.0"), "a newer 0.x plugin loads");
-        assert!(
-            !api_compatible("0.2.0", "0.1.0"),
-            "an older 0.x plugin does not"
-        );
+        assert!(!api_compatible("0.2.0", "0.1.0"), "an older 0.x plugin does not");
         assert!(!api_compatible("1.0.0", "2.0.0"));
         assert!(api_compatible("1.3.0", "1.0.0"));
         assert!(!api_compatible("0.1.0", "garbage"));

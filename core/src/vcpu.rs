@@ -61,11 +61,7 @@ impl VmControl {
     pub fn new(stopped: Sender<StopEvent>) -> Arc<Self> {
         Arc::new(VmControl {
             state: AtomicU8::new(RUNNING),
-            parking: Mutex::new(Parking {
-                parked: 0,
-                threads: Vec::new(),
-                stop: None,
-            }),
+            parking: Mutex::new(Parking { parked: 0, threads: Vec::new(), stop: None }),
             changed: Condvar::new(),
             stopped,
         })
@@ -105,11 +101,7 @@ impl VmControl {
     /// Let parked vCPUs run again.
     pub fn resume(&self) {
         let _p = self.lock();
-        if self
-            .state
-            .compare_exchange(PAUSED, RUNNING, Ordering::SeqCst, Ordering::SeqCst)
-            .is_ok()
-        {
+        if self.state.compare_exchange(PAUSED, RUNNING, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
             self.changed.notify_all();
         }
     }
@@ -250,9 +242,7 @@ fn run_once(index: usize, vcpu: &mut VcpuFd, bus: &Bus) -> Option<StopEvent> {
             "vCPU {index}: KVM entry failed (hardware reason {reason:#x}, cpu {cpu}){}",
             where_is(vcpu)
         ))),
-        Ok(other) => Some(StopEvent::Error(format!(
-            "vCPU {index}: unexpected exit {other:?}"
-        ))),
+        Ok(other) => Some(StopEvent::Error(format!("vCPU {index}: unexpected exit {other:?}"))),
         Err(e) if e.errno() == libc::EINTR => {
             vcpu.set_kvm_immediate_exit(0);
             None
@@ -260,9 +250,7 @@ fn run_once(index: usize, vcpu: &mut VcpuFd, bus: &Bus) -> Option<StopEvent> {
         // An AP waiting for INIT/SIPI returns EAGAIN; KVM blocked until an
         // event arrived, so retrying does not spin.
         Err(e) if e.errno() == libc::EAGAIN => None,
-        Err(e) => Some(StopEvent::Error(format!(
-            "vCPU {index}: KVM_RUN failed: {e}"
-        ))),
+        Err(e) => Some(StopEvent::Error(format!("vCPU {index}: KVM_RUN failed: {e}"))),
     }
 }
 

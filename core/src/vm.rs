@@ -14,7 +14,8 @@ use thiserror::Error;
 use crate::{
     boot::{self, cpu, pvh, BootError, Kernel},
     bus::{Bus, BusError},
-    host::DeviceHost,
+    host::{DeviceHost, VmServices},
+    interrupts::IrqRouter,
     kvm::{KvmError, Machine},
     machine::{self, MachineError, MachineType},
     memory::{GuestRam, MemoryError},
@@ -105,10 +106,7 @@ pub fn run(config: VmConfig) -> Result<Outcome, VmError> {
     if cpus == 0 {
         return Err(VmError::NoCpus);
     }
-    let memory = config
-        .memory
-        .or(config.machine.memory)
-        .unwrap_or(DEFAULT_MEMORY);
+    let memory = config.memory.or(config.machine.memory).unwrap_or(DEFAULT_MEMORY);
     let ram = GuestRam::new(memory)?;
     let kvm = Machine::new(usize::from(cpus))?;
     kvm.register_ram(&ram)?;
@@ -116,24 +114,29 @@ pub fn run(config: VmConfig) -> Result<Outcome, VmError> {
     let (stop_tx, stop_rx) = crossbeam_channel::unbounded();
     let control = VmControl::new(stop_tx);
 
+    let services = VmServices {
+        vm: kvm.vm.clone(),
+        control: control.clone(),
+        irq: Arc::new(IrqRouter::new(kvm.vm.clone())),
+        memory: ram.device_map(),
+    };
     let mut bus = Bus::new();
     for plan in &plans {
         let Some(lib) = registry.get(&plan.plugin) else {
             continue;
         };
-        let host = DeviceHost::new_box(&plan.id, kvm.vm.clone(), control.clone());
+        let index = bus.devices().len();
+        let host = DeviceHost::new_box(&plan.id, index, services.clone());
         let config = DeviceConfig {
             id: plan.id.as_str().into(),
             properties: plan.properties.iter().cloned().collect::<RVec<_>>(),
         };
-        let device = lib
-            .create(config, host)
-            .map_err(|message| VmError::DeviceCreate {
-                id: plan.id.clone(),
-                plugin: plan.plugin.clone(),
-                message,
-            })?;
-        bus.add_device(&plan.id, &plan.plugin, device)?;
+        let device = lib.create(config, host).map_err(|message| VmError::DeviceCreate {
+            id: plan.id.clone(),
+            plugin: plan.plugin.clone(),
+            message,
+        })?;
+        bus.add_device(&plan.id, &plan.plugin, device.device, device.pci.into_option())?;
     }
 
     let cmdline = match (&config.cmdline, &config.kernel) {
@@ -141,21 +144,13 @@ pub fn run(config: VmConfig) -> Result<Outcome, VmError> {
         (None, Kernel::TestGuest) => boot::TEST_GUEST_CMDLINE.to_string(),
         (None, Kernel::File(_)) => String::new(),
     };
-    let entry = pvh::load(
-        &ram,
-        &config.kernel,
-        config.initramfs.as_deref(),
-        &cmdline,
-        cpus,
-    )?;
+    let entry = pvh::load(&ram, &config.kernel, config.initramfs.as_deref(), &cmdline, cpus)?;
     cpu::write_gdt(&ram)?;
 
     let mut vcpus = Vec::with_capacity(usize::from(cpus));
     for index in 0..cpus {
-        let fd = kvm
-            .vm
-            .create_vcpu(u64::from(index))
-            .map_err(|source| BootError::Vcpu { cpu: index, source })?;
+        let fd =
+            kvm.vm.create_vcpu(u64::from(index)).map_err(|source| BootError::Vcpu { cpu: index, source })?;
         fd.set_cpuid2(&cpu::cpuid_for(&kvm.supported_cpuid, index, cpus))
             .map_err(|source| BootError::Vcpu { cpu: index, source })?;
         cpu::setup_lapic(&fd, index)?;
@@ -175,9 +170,7 @@ pub fn run(config: VmConfig) -> Result<Outcome, VmError> {
         bus.devices().len()
     ));
     let handles = vcpu::spawn(vcpus, bus.clone(), control.clone()).map_err(VmError::Runtime)?;
-    let event = stop_rx
-        .recv()
-        .unwrap_or(StopEvent::Error("VM control channel closed".to_string()));
+    let event = stop_rx.recv().unwrap_or(StopEvent::Error("VM control channel closed".to_string()));
     vcpu::join(handles, &control);
     for d in bus.devices() {
         let _ = d.device.lock().map(|mut dev| dev.pause());

@@ -12,7 +12,7 @@
 //!   lib_header_from_path(path)  ------->   static root-module header
 //!   init_root_module (layout check)
 //!   describe()                  ------->   PluginDescriptor
-//!   create(DeviceConfig, HostBox) ----->   DeviceBox (Device trait object)
+//!   create(DeviceConfig, HostBox) ----->   DeviceParts (Device [+ PciFunction])
 //!   vCPU exit: read / write     ------->   device registers
 //!   device: host.set_irq / stop_vm <----   (any thread)
 //! ```
@@ -214,6 +214,59 @@ pub trait Device: Send {
 /// An owned device trait object, as `create` returns it.
 pub type DeviceBox = Device_TO<'static, RBox<()>>;
 
+/// Region index under which a PCI function's BAR `n` arrives in
+/// [`Device::read`] / [`Device::write`]: `PCI_BAR_REGION + n`.
+pub const PCI_BAR_REGION: u32 = 0x100;
+
+/// One base address register of a PCI function.
+#[repr(C)]
+#[derive(StableAbi, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PciBar {
+    /// BAR number (0-5).
+    pub index: u32,
+    /// Size in bytes (a power of two).
+    pub size: u64,
+    /// Current guest-physical address (0: unassigned).
+    pub address: u64,
+    /// A 64-bit memory BAR (occupies `index` and `index + 1`).
+    pub is_64bit: bool,
+    /// The function decodes it now (memory space enabled, address set).
+    pub enabled: bool,
+}
+
+/// The optional PCI part of a device: its configuration space.
+///
+/// The core's host bridge forwards configuration accesses (mechanism 1,
+/// ports 0xCF8/0xCFC) to the function in the device's slot, and maps each
+/// enabled BAR onto the bus; after every configuration write it asks
+/// `bars()` again, so the guest may move BARs.
+#[sabi_trait]
+pub trait PciFunction: Send {
+    /// Read `data.len()` bytes (1, 2 or 4) at `offset` of the 4 KiB
+    /// configuration space.
+    fn config_read(&mut self, offset: u32, data: RSliceMut<'_, u8>);
+
+    /// Write `data` at `offset` of the configuration space.
+    fn config_write(&mut self, offset: u32, data: RSlice<'_, u8>) -> RResult<(), RString>;
+
+    /// Every BAR the function implements.
+    #[sabi(last_prefix_field)]
+    fn bars(&self) -> RVec<PciBar>;
+}
+
+/// An owned PCI function trait object.
+pub type PciFunctionBox = PciFunction_TO<'static, RBox<()>>;
+
+/// What `create` returns: the device, and its PCI function if it is one.
+#[repr(C)]
+#[derive(StableAbi)]
+pub struct DeviceParts {
+    /// Register accesses, pause/resume, state.
+    pub device: DeviceBox,
+    /// Configuration space, for PCI devices.
+    pub pci: ROption<PciFunctionBox>,
+}
+
 /// Services the core gives each device. Callable from any thread.
 #[sabi_trait]
 pub trait Host: Send + Sync + Clone {
@@ -225,8 +278,65 @@ pub trait Host: Send + Sync + Clone {
     fn stop_vm(&self, kind: StopKind, status: i32);
 
     /// Write a line to ferry's log, tagged with the device id.
-    #[sabi(last_prefix_field)]
     fn log(&self, level: LogLevel, message: RStr<'_>);
+
+    /// Guest RAM and the dirty bitmap the device marks when it writes to
+    /// guest memory (KVM's dirty log does not see device writes).
+    fn guest_memory(&self) -> GuestMemoryMap;
+
+    /// Route MSI `message` through the eventfd `fd` (owned by the device):
+    /// once routed, writing 1 to `fd` raises the interrupt without leaving
+    /// the kernel. Calling it again for the same `fd` changes the message.
+    fn msi_route(&self, fd: i32, message: MsiMessage) -> RResult<(), RString>;
+
+    /// Undo `msi_route` for `fd`.
+    fn msi_unroute(&self, fd: i32) -> RResult<(), RString>;
+
+    /// Make guest writes to MMIO `address` (any length) signal eventfd `fd`
+    /// in the kernel, with no exit to ferry.
+    fn ioeventfd(&self, fd: i32, address: u64) -> RResult<(), RString>;
+
+    /// Undo `ioeventfd`.
+    #[sabi(last_prefix_field)]
+    fn remove_ioeventfd(&self, fd: i32, address: u64) -> RResult<(), RString>;
+}
+
+/// One range of guest RAM, mapped in ferry's address space.
+#[repr(C)]
+#[derive(StableAbi, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemoryRegion {
+    /// Guest-physical start.
+    pub gpa: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// Host virtual address of the first byte.
+    pub host_addr: u64,
+    /// Index in the dirty bitmap of this range's first 4 KiB page.
+    pub first_page: u64,
+}
+
+/// Guest RAM as a device sees it.
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug, PartialEq, Eq)]
+pub struct GuestMemoryMap {
+    /// RAM ranges, in guest-physical order.
+    pub regions: RVec<MemoryRegion>,
+    /// Host address of the dirty bitmap: an array of `AtomicU64` words, one
+    /// bit per 4 KiB page (bit `p % 64` of word `p / 64`). Set bits with an
+    /// atomic OR; never clear them.
+    pub dirty_bitmap: u64,
+    /// Pages the bitmap covers.
+    pub dirty_pages: u64,
+}
+
+/// An MSI message: what the device writes, where, to raise an interrupt.
+#[repr(C)]
+#[derive(StableAbi, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MsiMessage {
+    /// Message address (0xFEExxxxx on x86).
+    pub address: u64,
+    /// Message data (vector and delivery mode).
+    pub data: u32,
 }
 
 /// A shared handle to the host services.
@@ -243,7 +353,7 @@ pub struct PluginMod {
 
     /// Create one device instance.
     #[sabi(last_prefix_field)]
-    pub create: extern "C" fn(config: DeviceConfig, host: HostBox) -> RResult<DeviceBox, RString>,
+    pub create: extern "C" fn(config: DeviceConfig, host: HostBox) -> RResult<DeviceParts, RString>,
 }
 
 impl RootModule for PluginModRef {

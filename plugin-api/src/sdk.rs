@@ -15,8 +15,8 @@ use abi_stable::{
 };
 
 use crate::{
-    Device, DeviceBox, DeviceConfig, HostBox, PluginDescriptor, PropertyKind, PropertySpec, Region,
-    StateBlob, StateVersions,
+    Device, DeviceBox, DeviceConfig, DeviceParts, HostBox, PciBar, PciFunction, PciFunctionBox,
+    PluginDescriptor, PropertyKind, PropertySpec, Region, StateBlob, StateVersions,
 };
 
 /// What a plugin's device implements. Plain Rust: the macro wraps it.
@@ -42,17 +42,73 @@ pub trait PluginDevice: Send + 'static {
 
     /// Save the device state at `version`.
     fn save_state(&mut self, version: u32) -> Result<StateBlob, String> {
-        Err(format!(
-            "saving state v{version} is not supported by this plugin"
-        ))
+        Err(format!("saving state v{version} is not supported by this plugin"))
     }
 
     /// Load a saved state.
     fn load_state(&mut self, state: StateBlob) -> Result<(), String> {
-        Err(format!(
-            "loading state v{} is not supported by this plugin",
-            state.version
-        ))
+        Err(format!("loading state v{} is not supported by this plugin", state.version))
+    }
+
+    /// For PCI devices: the configuration-space side, taken once right
+    /// after `create`. BAR accesses arrive through `read`/`write` with
+    /// region [`PCI_BAR_REGION`](crate::PCI_BAR_REGION) + BAR number.
+    fn take_pci_function(&mut self) -> Option<Box<dyn PciConfigSpace>> {
+        None
+    }
+}
+
+/// The configuration space of a PCI device (plain Rust: the SDK wraps it).
+pub trait PciConfigSpace: Send + 'static {
+    /// Read `data.len()` bytes at `offset`.
+    fn config_read(&mut self, offset: u32, data: &mut [u8]);
+
+    /// Write `data` at `offset`.
+    fn config_write(&mut self, offset: u32, data: &[u8]) -> Result<(), String>;
+
+    /// Every BAR the function implements.
+    fn bars(&self) -> Vec<PciBar>;
+}
+
+/// A [`PciConfigSpace`] behind the stable ABI, with panics caught.
+struct GuardedPci {
+    inner: Box<dyn PciConfigSpace>,
+    poisoned: Option<String>,
+}
+
+impl PciFunction for GuardedPci {
+    fn config_read(&mut self, offset: u32, mut data: RSliceMut<'_, u8>) {
+        let out = data.as_mut_slice();
+        if self.poisoned.is_some() {
+            out.fill(0xff);
+            return;
+        }
+        let inner = &mut self.inner;
+        if let Err(payload) = catch_unwind(AssertUnwindSafe(|| inner.config_read(offset, out))) {
+            self.poisoned = Some(format!("plugin panicked in config_read: {}", panic_message(&*payload)));
+        }
+    }
+
+    fn config_write(&mut self, offset: u32, data: RSlice<'_, u8>) -> RResult<(), RString> {
+        if let Some(reason) = &self.poisoned {
+            return RResult::RErr(format!("device unusable after an earlier failure: {reason}").into());
+        }
+        let inner = &mut self.inner;
+        match catch_unwind(AssertUnwindSafe(|| inner.config_write(offset, data.as_slice()))) {
+            Ok(r) => r.map_err(RString::from).into(),
+            Err(payload) => {
+                let msg = format!("plugin panicked in config_write: {}", panic_message(&*payload));
+                self.poisoned = Some(msg.clone());
+                RResult::RErr(msg.into())
+            }
+        }
+    }
+
+    fn bars(&self) -> RVec<PciBar> {
+        match catch_unwind(AssertUnwindSafe(|| self.inner.bars())) {
+            Ok(b) => b.into_iter().collect(),
+            Err(_) => RVec::new(),
+        }
     }
 }
 
@@ -70,11 +126,7 @@ impl DescriptorBuilder {
                 name: name.into(),
                 version: version.into(),
                 description: description.into(),
-                state: StateVersions {
-                    current: 1,
-                    oldest_load: 1,
-                    oldest_save: 1,
-                },
+                state: StateVersions { current: 1, oldest_load: 1, oldest_save: 1 },
                 properties: RVec::new(),
             },
         }
@@ -82,22 +134,12 @@ impl DescriptorBuilder {
 
     /// Set the state versions.
     pub fn state(mut self, current: u32, oldest_load: u32, oldest_save: u32) -> Self {
-        self.descriptor.state = StateVersions {
-            current,
-            oldest_load,
-            oldest_save,
-        };
+        self.descriptor.state = StateVersions { current, oldest_load, oldest_save };
         self
     }
 
     /// Add a property; `default: None` makes it required.
-    pub fn property(
-        mut self,
-        name: &str,
-        kind: PropertyKind,
-        default: Option<&str>,
-        help: &str,
-    ) -> Self {
+    pub fn property(mut self, name: &str, kind: PropertyKind, default: Option<&str>, help: &str) -> Self {
         self.descriptor.properties.push(PropertySpec {
             name: name.into(),
             kind,
@@ -128,17 +170,12 @@ impl<'a> Properties<'a> {
 
     /// A property's value, if set.
     pub fn get(&self, name: &str) -> Option<&'a str> {
-        self.config
-            .properties
-            .iter()
-            .find(|p| p.name.as_str() == name)
-            .map(|p| p.value.as_str())
+        self.config.properties.iter().find(|p| p.name.as_str() == name).map(|p| p.value.as_str())
     }
 
     /// A required string property.
     pub fn string(&self, name: &str) -> Result<&'a str, String> {
-        self.get(name)
-            .ok_or_else(|| format!("property '{name}' is missing"))
+        self.get(name).ok_or_else(|| format!("property '{name}' is missing"))
     }
 
     /// A required integer property.
@@ -180,10 +217,7 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 pub fn catch<T>(what: &str, f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(result) => result,
-        Err(payload) => Err(format!(
-            "plugin panicked in {what}: {}",
-            panic_message(&*payload)
-        )),
+        Err(payload) => Err(format!("plugin panicked in {what}: {}", panic_message(&*payload))),
     }
 }
 
@@ -194,15 +228,9 @@ pub struct Guarded<D> {
 }
 
 impl<D: PluginDevice> Guarded<D> {
-    fn call<T>(
-        &mut self,
-        what: &str,
-        f: impl FnOnce(&mut D) -> Result<T, String>,
-    ) -> RResult<T, RString> {
+    fn call<T>(&mut self, what: &str, f: impl FnOnce(&mut D) -> Result<T, String>) -> RResult<T, RString> {
         if let Some(reason) = &self.poisoned {
-            return RResult::RErr(
-                format!("device unusable after an earlier failure: {reason}").into(),
-            );
+            return RResult::RErr(format!("device unusable after an earlier failure: {reason}").into());
         }
         let inner = &mut self.inner;
         match catch_unwind(AssertUnwindSafe(|| f(inner))) {
@@ -227,12 +255,7 @@ impl<D: PluginDevice> Device for Guarded<D> {
         }
     }
 
-    fn read(
-        &mut self,
-        region: u32,
-        offset: u64,
-        mut data: RSliceMut<'_, u8>,
-    ) -> RResult<(), RString> {
+    fn read(&mut self, region: u32, offset: u64, mut data: RSliceMut<'_, u8>) -> RResult<(), RString> {
         self.call("read", |d| d.read(region, offset, data.as_mut_slice()))
     }
 
@@ -267,19 +290,20 @@ pub fn create_guarded<D: PluginDevice>(
     config: DeviceConfig,
     host: HostBox,
     f: fn(&DeviceConfig, HostBox) -> Result<D, String>,
-) -> RResult<DeviceBox, RString> {
-    catch("create", || f(&config, host))
-        .map(|d| {
-            DeviceBox::from_value(
-                Guarded {
-                    inner: d,
-                    poisoned: None,
-                },
-                TD_Opaque,
-            )
-        })
-        .map_err(RString::from)
-        .into()
+) -> RResult<DeviceParts, RString> {
+    catch("create", || {
+        let mut device = f(&config, host)?;
+        let pci = device.take_pci_function();
+        Ok((device, pci))
+    })
+    .map(|(d, pci)| DeviceParts {
+        device: DeviceBox::from_value(Guarded { inner: d, poisoned: None }, TD_Opaque),
+        pci: pci
+            .map(|p| PciFunctionBox::from_value(GuardedPci { inner: p, poisoned: None }, TD_Opaque))
+            .into(),
+    })
+    .map_err(RString::from)
+    .into()
 }
 
 /// Convert an `ROption` to `Option` (helper for plugin code).
@@ -309,7 +333,7 @@ macro_rules! export_plugin {
             config: $crate::DeviceConfig,
             host: $crate::HostBox,
         ) -> $crate::abi_stable::std_types::RResult<
-            $crate::DeviceBox,
+            $crate::DeviceParts,
             $crate::abi_stable::std_types::RString,
         > {
             $crate::sdk::create_guarded(config, host, $create)
@@ -348,10 +372,7 @@ mod tests {
 
     #[test]
     fn export_name_matches_abi_stable() {
-        assert_eq!(
-            abi_stable::library::ROOT_MODULE_LOADER_NAME,
-            "_1as_0lib_1header_0root_bmodule_bloader"
-        );
+        assert_eq!(abi_stable::library::ROOT_MODULE_LOADER_NAME, "_1as_0lib_1header_0root_bmodule_bloader");
     }
 
     #[test]
@@ -377,22 +398,11 @@ mod tests {
 
     #[test]
     fn a_panic_becomes_an_error_and_poisons_the_device() {
-        let mut dev = Guarded {
-            inner: Boom,
-            poisoned: None,
-        };
+        let mut dev = Guarded { inner: Boom, poisoned: None };
         let mut buf = [0u8; 1];
-        let err = dev
-            .read(0, 0, RSliceMut::from_mut_slice(&mut buf))
-            .unwrap_err();
-        assert!(
-            err.contains("panicked in read: register 7 exploded"),
-            "{err}"
-        );
+        let err = dev.read(0, 0, RSliceMut::from_mut_slice(&mut buf)).unwrap_err();
+        assert!(err.contains("panicked in read: register 7 exploded"), "{err}");
         let again = dev.write(0, 0, RSlice::from_slice(&[1])).unwrap_err();
-        assert!(
-            again.contains("unusable after an earlier failure"),
-            "{again}"
-        );
+        assert!(again.contains("unusable after an earlier failure"), "{again}");
     }
 }

@@ -12,10 +12,7 @@ use std::{
 pub fn bin_dir() -> PathBuf {
     // Test executables live in target/<profile>/deps/.
     let exe = std::env::current_exe().expect("test executable path");
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>")
-        .to_path_buf()
+    exe.parent().and_then(Path::parent).expect("target/<profile>").to_path_buf()
 }
 
 /// The ferry binary.
@@ -31,27 +28,17 @@ pub fn ferry_bin() -> PathBuf {
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("repo root")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root").to_path_buf()
 }
 
 /// Is /dev/kvm usable? If not, say so where the test output shows it.
 pub fn kvm_or_skip(test: &str) -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
+    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
         Ok(_) => true,
         Err(e) => {
             // Written to the real stderr (not the captured test output), so
             // the skip is visible in every run.
-            let _ = writeln!(
-                std::io::stderr(),
-                "SKIPPED {test}: /dev/kvm is not usable here ({e})"
-            );
+            let _ = writeln!(std::io::stderr(), "SKIPPED {test}: /dev/kvm is not usable here ({e})");
             false
         }
     }
@@ -75,10 +62,9 @@ impl Finished {
     pub fn code(&self) -> i32 {
         match self.status {
             Some(c) => c,
-            None => panic!(
-                "ferry did not finish in time\nstdout:\n{}\nstderr:\n{}",
-                self.stdout, self.stderr
-            ),
+            None => {
+                panic!("ferry did not finish in time\nstdout:\n{}\nstderr:\n{}", self.stdout, self.stderr)
+            }
         }
     }
 }
@@ -193,10 +179,7 @@ pub fn plugin_dir_copy(tag: &str) -> TempDir {
 
 /// The host's current year (UTC), from `date`.
 pub fn host_year() -> String {
-    let out = Command::new("date")
-        .args(["-u", "+%Y"])
-        .output()
-        .expect("run date");
+    let out = Command::new("date").args(["-u", "+%Y"]).output().expect("run date");
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
@@ -211,12 +194,7 @@ pub fn fixture_plugin(name: &str) -> PathBuf {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
     let status = Command::new(cargo)
         .args(["build", "-j2", "--quiet", "--manifest-path"])
-        .arg(
-            root.join("tests")
-                .join("fixtures")
-                .join(name)
-                .join("Cargo.toml"),
-        )
+        .arg(root.join("tests").join("fixtures").join(name).join("Cargo.toml"))
         .arg("--target-dir")
         .arg(&target)
         .status()

@@ -16,12 +16,8 @@ const DATA_SELECTOR: u16 = 0x10;
 const TSS_SELECTOR: u16 = 0x18;
 
 /// GDT entries: null, 32-bit code, data, TSS (all flat).
-const GDT: [u64; 4] = [
-    0,
-    gdt_entry(0xc09b, 0, 0xffff_ffff),
-    gdt_entry(0xc093, 0, 0xffff_ffff),
-    gdt_entry(0x008b, 0, 0x67),
-];
+const GDT: [u64; 4] =
+    [0, gdt_entry(0xc09b, 0, 0xffff_ffff), gdt_entry(0xc093, 0, 0xffff_ffff), gdt_entry(0x008b, 0, 0x67)];
 
 /// Encode a segment descriptor from access/flags, base and limit.
 const fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
@@ -38,11 +34,7 @@ fn segment(entry: u64, selector: u16) -> kvm_segment {
     let granular = (entry >> 55) & 1;
     kvm_segment {
         base: ((entry >> 16) & 0xff_ffff) | ((entry >> 32) & 0xff00_0000),
-        limit: if granular == 1 {
-            (limit << 12) | 0xfff
-        } else {
-            limit
-        },
+        limit: if granular == 1 { (limit << 12) | 0xfff } else { limit },
         selector,
         type_: ((entry >> 40) & 0xf) as u8,
         present: ((entry >> 47) & 1) as u8,
@@ -101,11 +93,7 @@ pub fn setup_lapic(vcpu: &VcpuFd, index: u8) -> Result<(), BootError> {
     let with_mode = |v: u32, mode: u32| (v & !0x0001_0700) | (mode << 8);
     if index == 0 {
         let lvt0 = lapic_reg(&lapic.regs, APIC_LVT0);
-        set_lapic_reg(
-            &mut lapic.regs,
-            APIC_LVT0,
-            with_mode(lvt0, APIC_MODE_EXTINT),
-        );
+        set_lapic_reg(&mut lapic.regs, APIC_LVT0, with_mode(lvt0, APIC_MODE_EXTINT));
     }
     let lvt1 = lapic_reg(&lapic.regs, APIC_LVT1);
     set_lapic_reg(&mut lapic.regs, APIC_LVT1, with_mode(lvt1, APIC_MODE_NMI));
@@ -117,10 +105,7 @@ pub fn write_gdt(ram: &GuestRam) -> Result<(), BootError> {
     for (i, e) in GDT.iter().enumerate() {
         ram.mem()
             .write_obj(*e, GuestAddress(GDT_ADDR + 8 * i as u64))
-            .map_err(|e| BootError::GuestMemory {
-                what: "GDT",
-                reason: e.to_string(),
-            })?;
+            .map_err(|e| BootError::GuestMemory { what: "GDT", reason: e.to_string() })?;
     }
     Ok(())
 }
@@ -146,19 +131,10 @@ pub fn setup_pvh_bsp(vcpu: &VcpuFd, entry: &PvhEntry) -> Result<(), BootError> {
     sregs.efer = 0;
     vcpu.set_sregs(&sregs).map_err(err)?;
 
-    let regs = kvm_regs {
-        rip: entry.entry,
-        rbx: entry.start_info,
-        rflags: 0x2,
-        ..Default::default()
-    };
+    let regs = kvm_regs { rip: entry.entry, rbx: entry.start_info, rflags: 0x2, ..Default::default() };
     vcpu.set_regs(&regs).map_err(err)?;
 
-    let fpu = kvm_fpu {
-        fcw: 0x37f,
-        mxcsr: 0x1f80,
-        ..Default::default()
-    };
+    let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
     vcpu.set_fpu(&fpu).map_err(err)
 }
 
@@ -170,14 +146,7 @@ mod tests {
     fn gdt_entries_decode_to_flat_segments() {
         let code = segment(GDT[1], CODE_SELECTOR);
         assert_eq!(
-            (
-                code.base,
-                code.limit,
-                code.type_,
-                code.db,
-                code.g,
-                code.present
-            ),
+            (code.base, code.limit, code.type_, code.db, code.g, code.present),
             (0, 0xffff_ffff, 0xb, 1, 1, 1)
         );
         let data = segment(GDT[2], DATA_SELECTOR);

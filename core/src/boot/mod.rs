@@ -65,9 +65,7 @@ pub enum BootError {
         source: std::io::Error,
     },
     /// The initramfs does not fit.
-    #[error(
-        "initramfs {path} ({size} bytes) does not fit in guest RAM below 3 GiB above the kernel"
-    )]
+    #[error("initramfs {path} ({size} bytes) does not fit in guest RAM below 3 GiB above the kernel")]
     InitramfsTooBig {
         /// The path given.
         path: String,

@@ -152,11 +152,7 @@ mod tests {
             let mut off = HEADER_LEN;
             let (mut procs, mut bsps) = (0, 0);
             for _ in 0..count {
-                let len = if table[off] == 0 {
-                    PROCESSOR_LEN
-                } else {
-                    SMALL_ENTRY_LEN
-                };
+                let len = if table[off] == 0 { PROCESSOR_LEN } else { SMALL_ENTRY_LEN };
                 if table[off] == 0 {
                     assert_eq!(table[off + 1], procs as u8, "APIC ids count up");
                     assert_eq!(table[off + 3] & 1, 1, "enabled");
@@ -174,9 +170,6 @@ mod tests {
     fn cpu_count_is_bounded() {
         assert_eq!(build(0), Err(MpTableError::CpuCount(0)));
         assert!(build(MAX_CPUS).unwrap().len() <= MPTABLE_SIZE);
-        assert_eq!(
-            build(MAX_CPUS + 1),
-            Err(MpTableError::CpuCount(MAX_CPUS + 1))
-        );
+        assert_eq!(build(MAX_CPUS + 1), Err(MpTableError::CpuCount(MAX_CPUS + 1)));
     }
 }

@@ -58,10 +58,7 @@ pub struct PvhEntry {
 }
 
 fn mem_err(what: &'static str) -> impl Fn(vm_memory::GuestMemoryError) -> BootError {
-    move |e| BootError::GuestMemory {
-        what,
-        reason: e.to_string(),
-    }
+    move |e| BootError::GuestMemory { what, reason: e.to_string() }
 }
 
 /// Load the kernel and write every PVH boot structure for `cpus` vCPUs.
@@ -76,10 +73,8 @@ pub fn load(
         Kernel::TestGuest => load_elf(ram, &mut Cursor::new(super::TEST_GUEST), "test guest")?,
         Kernel::File(path) => {
             let shown = path.display().to_string();
-            let mut f = File::open(path).map_err(|source| BootError::KernelUnreadable {
-                path: shown.clone(),
-                source,
-            })?;
+            let mut f = File::open(path)
+                .map_err(|source| BootError::KernelUnreadable { path: shown.clone(), source })?;
             load_elf(ram, &mut f, &shown)?
         }
     };
@@ -90,42 +85,24 @@ pub fn load(
     }
     let mut bytes = cmdline.as_bytes().to_vec();
     bytes.push(0);
-    ram.mem()
-        .write_slice(&bytes, GuestAddress(CMDLINE))
-        .map_err(mem_err("command line"))?;
+    ram.mem().write_slice(&bytes, GuestAddress(CMDLINE)).map_err(mem_err("command line"))?;
 
     let table = mptable::build(cpus)?;
-    ram.mem()
-        .write_slice(&table, GuestAddress(mptable::MPTABLE_START))
-        .map_err(mem_err("MP table"))?;
+    ram.mem().write_slice(&table, GuestAddress(mptable::MPTABLE_START)).map_err(mem_err("MP table"))?;
     // BIOS data area words that MP table searches start from, as firmware
     // leaves them: the EBDA segment, and base memory in KiB (up to the table).
     let ebda_segment = (mptable::MPTABLE_START >> 4) as u16;
     let base_kib = (mptable::MPTABLE_START >> 10) as u16;
-    ram.mem()
-        .write_obj(ebda_segment, GuestAddress(BDA_EBDA_SEGMENT))
-        .map_err(mem_err("BIOS data area"))?;
-    ram.mem()
-        .write_obj(base_kib, GuestAddress(BDA_BASE_MEMORY_KIB))
-        .map_err(mem_err("BIOS data area"))?;
+    ram.mem().write_obj(ebda_segment, GuestAddress(BDA_EBDA_SEGMENT)).map_err(mem_err("BIOS data area"))?;
+    ram.mem().write_obj(base_kib, GuestAddress(BDA_BASE_MEMORY_KIB)).map_err(mem_err("BIOS data area"))?;
 
-    let mut start = hvm_start_info {
-        magic: START_INFO_MAGIC,
-        version: 1,
-        cmdline_paddr: CMDLINE,
-        ..Default::default()
-    };
+    let mut start =
+        hvm_start_info { magic: START_INFO_MAGIC, version: 1, cmdline_paddr: CMDLINE, ..Default::default() };
 
     if let Some(path) = initramfs {
         let (addr, size) = load_initramfs(ram, path, kernel_end.1)?;
-        let module = hvm_modlist_entry {
-            paddr: addr,
-            size,
-            ..Default::default()
-        };
-        ram.mem()
-            .write_obj(module, GuestAddress(MODLIST))
-            .map_err(mem_err("module list"))?;
+        let module = hvm_modlist_entry { paddr: addr, size, ..Default::default() };
+        ram.mem().write_obj(module, GuestAddress(MODLIST)).map_err(mem_err("module list"))?;
         start.nr_modules = 1;
         start.modlist_paddr = MODLIST;
     }
@@ -133,20 +110,13 @@ pub fn load(
     let memmap = memory_map(ram);
     for (i, e) in memmap.iter().enumerate() {
         let at = MEMMAP + (i * std::mem::size_of::<hvm_memmap_table_entry>()) as u64;
-        ram.mem()
-            .write_obj(*e, GuestAddress(at))
-            .map_err(mem_err("memory map"))?;
+        ram.mem().write_obj(*e, GuestAddress(at)).map_err(mem_err("memory map"))?;
     }
     start.memmap_paddr = MEMMAP;
     start.memmap_entries = memmap.len() as u32;
-    ram.mem()
-        .write_obj(start, GuestAddress(START_INFO))
-        .map_err(mem_err("hvm_start_info"))?;
+    ram.mem().write_obj(start, GuestAddress(START_INFO)).map_err(mem_err("hvm_start_info"))?;
 
-    Ok(PvhEntry {
-        entry,
-        start_info: START_INFO,
-    })
+    Ok(PvhEntry { entry, start_info: START_INFO })
 }
 
 /// Load the ELF; returns (PVH entry, end of the kernel image).
@@ -155,37 +125,25 @@ fn load_elf<F: Read + Seek + vm_memory::ReadVolatile>(
     image: &mut F,
     shown: &str,
 ) -> Result<(u64, u64), BootError> {
-    let result =
-        Elf::load(ram.mem(), None, image, Some(GuestAddress(KERNEL_MIN))).map_err(|e| {
-            BootError::NotPvh {
-                path: shown.to_string(),
-                reason: e.to_string(),
-            }
-        })?;
+    let result = Elf::load(ram.mem(), None, image, Some(GuestAddress(KERNEL_MIN)))
+        .map_err(|e| BootError::NotPvh { path: shown.to_string(), reason: e.to_string() })?;
     match result.pvh_boot_cap {
         PvhBootCapability::PvhEntryPresent(addr) => Ok((addr.0, result.kernel_end)),
-        other => Err(BootError::NotPvh {
-            path: shown.to_string(),
-            reason: other.to_string(),
-        }),
+        other => Err(BootError::NotPvh { path: shown.to_string(), reason: other.to_string() }),
     }
 }
 
 /// Put the initramfs at the top of RAM below 3 GiB, page aligned.
 fn load_initramfs(ram: &GuestRam, path: &Path, kernel_end: u64) -> Result<(u64, u64), BootError> {
     let shown = path.display().to_string();
-    let data = std::fs::read(path).map_err(|source| BootError::InitramfsUnreadable {
-        path: shown.clone(),
-        source,
-    })?;
+    let data = std::fs::read(path)
+        .map_err(|source| BootError::InitramfsUnreadable { path: shown.clone(), source })?;
     let size = data.len() as u64;
     let top = ram.low_end();
     let addr = top.checked_sub(size).map(|a| a & !0xfff);
     match addr {
         Some(addr) if addr >= kernel_end.max(KERNEL_MIN) => {
-            ram.mem()
-                .write_slice(&data, GuestAddress(addr))
-                .map_err(mem_err("initramfs"))?;
+            ram.mem().write_slice(&data, GuestAddress(addr)).map_err(mem_err("initramfs"))?;
             Ok((addr, size))
         }
         _ => Err(BootError::InitramfsTooBig { path: shown, size }),
@@ -194,19 +152,10 @@ fn load_initramfs(ram: &GuestRam, path: &Path, kernel_end: u64) -> Result<(u64, 
 
 /// The e820-style memory map: RAM, the reserved MP table KiB, RAM from 1 MiB.
 pub fn memory_map(ram: &GuestRam) -> Vec<hvm_memmap_table_entry> {
-    let entry = |addr: u64, size: u64, type_: u32| hvm_memmap_table_entry {
-        addr,
-        size,
-        type_,
-        reserved: 0,
-    };
+    let entry = |addr: u64, size: u64, type_: u32| hvm_memmap_table_entry { addr, size, type_, reserved: 0 };
     let mut map = vec![
         entry(0, mptable::MPTABLE_START, E820_RAM),
-        entry(
-            mptable::MPTABLE_START,
-            mptable::MPTABLE_SIZE as u64,
-            E820_RESERVED,
-        ),
+        entry(mptable::MPTABLE_START, mptable::MPTABLE_SIZE as u64, E820_RESERVED),
     ];
     for r in ram.ranges() {
         if r.gpa == 0 {
@@ -232,24 +181,15 @@ mod tests {
         assert_eq!(info.cmdline_paddr, CMDLINE);
         assert_eq!(info.memmap_entries, 3);
         let mut cmd = [0u8; 13];
-        ram.mem()
-            .read_slice(&mut cmd, GuestAddress(CMDLINE))
-            .unwrap();
+        ram.mem().read_slice(&mut cmd, GuestAddress(CMDLINE)).unwrap();
         assert_eq!(&cmd, b"ready exit=3\0");
         let last: hvm_memmap_table_entry = ram
             .mem()
-            .read_obj(GuestAddress(
-                MEMMAP + 2 * std::mem::size_of::<hvm_memmap_table_entry>() as u64,
-            ))
+            .read_obj(GuestAddress(MEMMAP + 2 * std::mem::size_of::<hvm_memmap_table_entry>() as u64))
             .unwrap();
-        assert_eq!(
-            (last.addr, last.size, last.type_),
-            (KERNEL_MIN, (64 << 20) - KERNEL_MIN, E820_RAM)
-        );
+        assert_eq!((last.addr, last.size, last.type_), (KERNEL_MIN, (64 << 20) - KERNEL_MIN, E820_RAM));
         let mut mp = [0u8; 4];
-        ram.mem()
-            .read_slice(&mut mp, GuestAddress(mptable::MPTABLE_START))
-            .unwrap();
+        ram.mem().read_slice(&mut mp, GuestAddress(mptable::MPTABLE_START)).unwrap();
         assert_eq!(&mp, b"_MP_");
     }
 

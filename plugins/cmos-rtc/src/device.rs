@@ -36,12 +36,7 @@ pub fn describe() -> PluginDescriptor {
         env!("CARGO_PKG_VERSION"),
         "MC146818 CMOS real-time clock with the host's date and time (UTC)",
     )
-    .property(
-        "port",
-        PropertyKind::Integer,
-        Some("0x70"),
-        "index port; data is port + 1",
-    )
+    .property("port", PropertyKind::Integer, Some("0x70"), "index port; data is port + 1")
     .build()
 }
 
@@ -61,11 +56,7 @@ impl CmosRtc {
         let mut ram = [0u8; 128];
         ram[usize::from(REG_STATUS_A)] = STATUS_A_DEFAULT;
         ram[usize::from(REG_STATUS_B)] = STATUS_B_24H;
-        Ok(CmosRtc {
-            port,
-            index: 0,
-            ram,
-        })
+        Ok(CmosRtc { port, index: 0, ram })
     }
 
     fn read_register(&self, index: u8, now: &DateTime) -> u8 {
@@ -114,19 +105,11 @@ impl CmosRtc {
 
 impl PluginDevice for CmosRtc {
     fn regions(&self) -> Vec<Region> {
-        vec![Region {
-            space: AddressSpace::Pio,
-            base: self.port.into(),
-            len: 2,
-        }]
+        vec![Region { space: AddressSpace::Pio, base: self.port.into(), len: 2 }]
     }
 
     fn read(&mut self, _region: u32, offset: u64, data: &mut [u8]) -> Result<(), String> {
-        let value = if offset == 0 {
-            self.index
-        } else {
-            self.read_register(self.index, &DateTime::now())
-        };
+        let value = if offset == 0 { self.index } else { self.read_register(self.index, &DateTime::now()) };
         data.fill(value);
         Ok(())
     }
@@ -164,10 +147,7 @@ struct DateTime {
 
 impl DateTime {
     fn now() -> Self {
-        let secs = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
+        let secs = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         Self::from_unix(secs)
     }
 
@@ -204,11 +184,7 @@ mod tests {
     fn rtc() -> CmosRtc {
         let mut ram = [0u8; 128];
         ram[usize::from(REG_STATUS_B)] = STATUS_B_24H;
-        CmosRtc {
-            port: 0x70,
-            index: 0,
-            ram,
-        }
+        CmosRtc { port: 0x70, index: 0, ram }
     }
 
     #[test]
@@ -217,15 +193,7 @@ mod tests {
         let dt = DateTime::from_unix(1_795_821_797);
         assert_eq!(
             dt,
-            DateTime {
-                year: 2026,
-                month: 11,
-                day: 27,
-                weekday: 6,
-                hour: 23,
-                minute: 23,
-                second: 17
-            }
+            DateTime { year: 2026, month: 11, day: 27, weekday: 6, hour: 23, minute: 23, second: 17 }
         );
         // Leap day.
         let leap = DateTime::from_unix(951_782_400); // 2000-02-29 00:00:00
@@ -243,11 +211,7 @@ mod tests {
         assert_eq!(rtc.read_register(REG_YEAR, &dt), 26);
         assert_eq!(rtc.read_register(REG_MONTH, &dt), 11);
         rtc.write_register(REG_STATUS_B, STATUS_B_BINARY);
-        assert_eq!(
-            rtc.read_register(REG_HOURS, &dt),
-            11 | 0x80,
-            "11 pm in 12-hour mode"
-        );
+        assert_eq!(rtc.read_register(REG_HOURS, &dt), 11 | 0x80, "11 pm in 12-hour mode");
     }
 
     #[test]

@@ -12,12 +12,7 @@ pub fn describe() -> PluginDescriptor {
         env!("CARGO_PKG_VERSION"),
         "I/O port that ends the VM with the exit status the guest writes",
     )
-    .property(
-        "port",
-        PropertyKind::Integer,
-        Some("0xf4"),
-        "I/O port (one byte)",
-    )
+    .property("port", PropertyKind::Integer, Some("0xf4"), "I/O port (one byte)")
     .build()
 }
 
@@ -37,11 +32,7 @@ impl DebugExit {
 
 impl PluginDevice for DebugExit {
     fn regions(&self) -> Vec<Region> {
-        vec![Region {
-            space: AddressSpace::Pio,
-            base: self.port.into(),
-            len: 1,
-        }]
+        vec![Region { space: AddressSpace::Pio, base: self.port.into(), len: 1 }]
     }
 
     fn read(&mut self, _region: u32, _offset: u64, data: &mut [u8]) -> Result<(), String> {

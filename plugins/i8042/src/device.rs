@@ -39,9 +39,7 @@ pub struct I8042 {
 
 impl I8042 {
     pub fn create(_config: &DeviceConfig, host: HostBox) -> Result<Self, String> {
-        Ok(I8042 {
-            inner: I8042Device::new(ResetToHost(host)),
-        })
+        Ok(I8042 { inner: I8042Device::new(ResetToHost(host)) })
     }
 }
 
@@ -56,16 +54,8 @@ fn offset_of(region: u32) -> u8 {
 impl PluginDevice for I8042 {
     fn regions(&self) -> Vec<Region> {
         vec![
-            Region {
-                space: AddressSpace::Pio,
-                base: DATA_PORT.into(),
-                len: 1,
-            },
-            Region {
-                space: AddressSpace::Pio,
-                base: COMMAND_PORT.into(),
-                len: 1,
-            },
+            Region { space: AddressSpace::Pio, base: DATA_PORT.into(), len: 1 },
+            Region { space: AddressSpace::Pio, base: COMMAND_PORT.into(), len: 1 },
         ]
     }
 

@@ -32,36 +32,11 @@ pub fn describe() -> PluginDescriptor {
         env!("CARGO_PKG_VERSION"),
         "16550A UART: guest console to stdout, a file or a unix socket",
     )
-    .property(
-        "port",
-        PropertyKind::Integer,
-        Some("0x3f8"),
-        "base I/O port (8 ports)",
-    )
-    .property(
-        "irq",
-        PropertyKind::Integer,
-        Some("4"),
-        "interrupt line (GSI)",
-    )
-    .property(
-        "output",
-        PropertyKind::String,
-        Some("stdout"),
-        "stdout | file | socket | none",
-    )
-    .property(
-        "path",
-        PropertyKind::String,
-        Some(""),
-        "file or socket path for output=file|socket",
-    )
-    .property(
-        "input",
-        PropertyKind::String,
-        Some("stdin"),
-        "stdin | none (socket output reads the socket)",
-    )
+    .property("port", PropertyKind::Integer, Some("0x3f8"), "base I/O port (8 ports)")
+    .property("irq", PropertyKind::Integer, Some("4"), "interrupt line (GSI)")
+    .property("output", PropertyKind::String, Some("stdout"), "stdout | file | socket | none")
+    .property("path", PropertyKind::String, Some(""), "file or socket path for output=file|socket")
+    .property("input", PropertyKind::String, Some("stdin"), "stdin | none (socket output reads the socket)")
     .build()
 }
 
@@ -97,8 +72,7 @@ impl Serial16550 {
             .ok()
             .filter(|p| *p <= u16::MAX - 7)
             .ok_or_else(|| format!("port {port:#x} does not fit 8 registers below 0x10000"))?;
-        let gsi =
-            u32::try_from(props.integer("irq")?).map_err(|_| "irq is too large".to_string())?;
+        let gsi = u32::try_from(props.integer("irq")?).map_err(|_| "irq is too large".to_string())?;
         let path = props.string("path")?;
         let need_path = |what: &str| {
             if path.is_empty() {
@@ -120,11 +94,7 @@ impl Serial16550 {
                 Output::Socket(Arc::new(Mutex::new(None)))
             }
             "none" => Output::Discard,
-            other => {
-                return Err(format!(
-                    "output '{other}' is not one of stdout, file, socket, none"
-                ))
-            }
+            other => return Err(format!("output '{other}' is not one of stdout, file, socket, none")),
         };
         let stdin_input = match props.string("input")? {
             "stdin" => listener.is_none(),
@@ -135,22 +105,11 @@ impl Serial16550 {
             Output::Socket(client) => Some(client.clone()),
             _ => None,
         };
-        let uart = Arc::new(Mutex::new(Serial::new(
-            IrqLine {
-                host: host.clone(),
-                gsi,
-            },
-            output,
-        )));
+        let uart = Arc::new(Mutex::new(Serial::new(IrqLine { host: host.clone(), gsi }, output)));
         let paused = Arc::new(AtomicBool::new(false));
 
         if stdin_input {
-            spawn_input(
-                Box::new(std::io::stdin()),
-                uart.clone(),
-                paused.clone(),
-                host.clone(),
-            )?;
+            spawn_input(Box::new(std::io::stdin()), uart.clone(), paused.clone(), host.clone())?;
         }
         if let (Some(listener), Some(client)) = (listener, socket_client) {
             let (uart, paused, host) = (uart.clone(), paused.clone(), host.clone());
@@ -162,23 +121,12 @@ impl Serial16550 {
                             continue;
                         };
                         *client.lock().unwrap_or_else(|e| e.into_inner()) = Some(stream);
-                        let _ = spawn_input(
-                            Box::new(reader),
-                            uart.clone(),
-                            paused.clone(),
-                            host.clone(),
-                        );
+                        let _ = spawn_input(Box::new(reader), uart.clone(), paused.clone(), host.clone());
                     }
                 })
                 .map_err(|e| format!("cannot start socket thread: {e}"))?;
         }
-        Ok(Serial16550 {
-            port,
-            uart,
-            paused,
-            host,
-            reported_output_error: false,
-        })
+        Ok(Serial16550 { port, uart, paused, host, reported_output_error: false })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Uart> {
@@ -209,10 +157,7 @@ fn spawn_input(
                         match uart.enqueue_raw_bytes(pending) {
                             Ok(taken) => pending = &pending[taken..],
                             Err(e) => {
-                                host.log(
-                                    LogLevel::Warn,
-                                    format!("input dropped: {e:?}").as_str().into(),
-                                );
+                                host.log(LogLevel::Warn, format!("input dropped: {e:?}").as_str().into());
                                 pending = &[];
                             }
                         }
@@ -230,11 +175,7 @@ fn spawn_input(
 
 impl PluginDevice for Serial16550 {
     fn regions(&self) -> Vec<Region> {
-        vec![Region {
-            space: AddressSpace::Pio,
-            base: self.port.into(),
-            len: 8,
-        }]
+        vec![Region { space: AddressSpace::Pio, base: self.port.into(), len: 8 }]
     }
 
     fn read(&mut self, _region: u32, offset: u64, data: &mut [u8]) -> Result<(), String> {
@@ -255,10 +196,7 @@ impl PluginDevice for Serial16550 {
                 // Losing console output must not stop the guest; say it once.
                 if !self.reported_output_error {
                     self.reported_output_error = true;
-                    self.host.log(
-                        LogLevel::Warn,
-                        format!("console output failed: {e:?}").as_str().into(),
-                    );
+                    self.host.log(LogLevel::Warn, format!("console output failed: {e:?}").as_str().into());
                 }
                 Ok(())
             }
