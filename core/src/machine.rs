@@ -239,6 +239,43 @@ pub fn parse(text: &str, source_name: &str) -> Result<MachineType, MachineError>
     })
 }
 
+impl MachineType {
+    /// Add a device (from the command line). Ids must stay unique.
+    pub fn add_device(&mut self, device: DeviceSpec) -> Result<(), MachineError> {
+        if self.devices.iter().any(|d| d.id == device.id) {
+            return Err(MachineError::Invalid {
+                machine: self.name.clone(),
+                message: format!("device id '{}' is used twice", device.id),
+            });
+        }
+        self.devices.push(device);
+        Ok(())
+    }
+
+    /// The first id `prefix0`, `prefix1`, ... not used yet.
+    pub fn free_id(&self, prefix: &str) -> String {
+        (0..)
+            .map(|n| format!("{prefix}{n}"))
+            .find(|id| !self.devices.iter().any(|d| &d.id == id))
+            .unwrap_or_else(|| prefix.to_string())
+    }
+}
+
+/// A device from a command-line option such as `--disk path=a.img,readonly=on`:
+/// `key=value` pairs, separated by commas, become the plugin's properties
+/// (checked against the plugin like any machine-type property).
+pub fn device_from_option(option: &str, id: String, plugin: &str, spec: &str) -> Result<DeviceSpec, MachineError> {
+    let mut properties = BTreeMap::new();
+    for pair in spec.split(',').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').ok_or_else(|| MachineError::Invalid {
+            machine: "command line".to_string(),
+            message: format!("{option} {spec}: '{pair}' is not key=value"),
+        })?;
+        properties.insert(key.trim().to_string(), PropValue::Str(value.trim().to_string()));
+    }
+    Ok(DeviceSpec { id, plugin: plugin.to_string(), properties })
+}
+
 /// Check a value against a property kind; returns the canonical string.
 fn check_value(kind: PropertyKind, value: &PropValue) -> Result<String, String> {
     match (kind, value) {
@@ -336,6 +373,19 @@ mod tests {
         assert!(check_value(PropertyKind::Integer, &PropValue::Int(-1)).is_err());
         assert!(check_value(PropertyKind::Bool, &PropValue::Int(1)).is_err());
         assert_eq!(check_value(PropertyKind::Bool, &PropValue::Str("on".into())).unwrap(), "true");
+    }
+
+    #[test]
+    fn command_line_devices_become_machine_devices() {
+        let mut m = parse("name = \"x\"\n[[device]]\nid = \"disk0\"\nplugin = \"p\"\n", "m.toml").unwrap();
+        let id = m.free_id("disk");
+        assert_eq!(id, "disk1");
+        let d = device_from_option("--disk", id, "virtio-blk", "path=/tmp/a.img,readonly=on").unwrap();
+        assert_eq!(d.properties.get("readonly"), Some(&PropValue::Str("on".into())));
+        m.add_device(d.clone()).unwrap();
+        assert!(m.add_device(d).is_err());
+        let err = device_from_option("--disk", "d".into(), "virtio-blk", "path").unwrap_err().to_string();
+        assert_eq!(err, "machine type command line: --disk path: 'path' is not key=value");
     }
 
     #[test]

@@ -57,6 +57,15 @@ struct RunArgs {
     /// Plugin directory (default: beside the ferry binary).
     #[arg(long, value_name = "DIR")]
     plugins: Option<PathBuf>,
+    /// Add a virtio-blk disk: path=FILE[,readonly=on][,serial=ID]. Repeatable.
+    #[arg(long, value_name = "path=FILE[,readonly=on]")]
+    disk: Vec<String>,
+    /// Add a virtio-net NIC on a tap device: tap=NAME[,mac=MAC]. Repeatable.
+    #[arg(long, value_name = "tap=NAME[,mac=MAC]")]
+    net: Vec<String>,
+    /// Add a virtio-rng entropy device.
+    #[arg(long)]
+    rng: bool,
 }
 
 fn default_plugin_dir() -> Result<PathBuf> {
@@ -65,7 +74,19 @@ fn default_plugin_dir() -> Result<PathBuf> {
 }
 
 fn run(args: RunArgs) -> Result<ExitCode> {
-    let machine = machine::load(&args.machine)?;
+    let mut machine = machine::load(&args.machine)?;
+    for spec in &args.disk {
+        let id = machine.free_id("disk");
+        machine.add_device(machine::device_from_option("--disk", id, "virtio-blk", spec)?)?;
+    }
+    for spec in &args.net {
+        let id = machine.free_id("net");
+        machine.add_device(machine::device_from_option("--net", id, "virtio-net", spec)?)?;
+    }
+    if args.rng {
+        let id = machine.free_id("rng");
+        machine.add_device(machine::device_from_option("--rng", id, "virtio-rng", "")?)?;
+    }
     let memory = match &args.memory {
         Some(s) => {
             Some(parse_size(s).ok_or_else(|| anyhow!("--memory '{s}' is not a size such as 256M or 2G"))?)

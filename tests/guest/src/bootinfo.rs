@@ -43,11 +43,8 @@ pub struct MemInfo {
 /// address and size (0, 0 when none).
 pub static MODULE: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
 
-pub static MEM: MemInfo = MemInfo {
-    total: AtomicU64::new(0),
-    max_end: AtomicU64::new(0),
-    low_end: AtomicU64::new(0),
-};
+pub static MEM: MemInfo =
+    MemInfo { total: AtomicU64::new(0), max_end: AtomicU64::new(0), low_end: AtomicU64::new(0) };
 
 #[derive(Clone, Copy)]
 struct Range {
@@ -65,10 +62,7 @@ impl Ranges {
         if size == 0 || self.len == MAX_RANGES {
             return;
         }
-        self.list[self.len] = Range {
-            start,
-            end: start.saturating_add(size),
-        };
+        self.list[self.len] = Range { start, end: start.saturating_add(size) };
         self.len += 1;
     }
 
@@ -89,10 +83,7 @@ unsafe fn phys_read<T: Copy>(addr: u64) -> T {
 /// Parses the start info, copies the command line into `cmdline` (returns
 /// its length) and records the RAM layout in [`MEM`].
 pub fn parse(start_info: u64, cmdline: &mut [u8]) -> usize {
-    let mut ranges = Ranges {
-        list: [Range { start: 0, end: 0 }; MAX_RANGES],
-        len: 0,
-    };
+    let mut ranges = Ranges { list: [Range { start: 0, end: 0 }; MAX_RANGES], len: 0 };
     let mut cmd_len = 0;
 
     let magic: u32 = if start_info != 0 && start_info < 4 * GIB {
@@ -114,17 +105,12 @@ pub fn parse(start_info: u64, cmdline: &mut [u8]) -> usize {
         };
         // SAFETY: as above; nr_modules and modlist_paddr are part of every
         // version of the structure.
-        let (nr_modules, modlist) = unsafe {
-            (
-                phys_read::<u32>(start_info + 12),
-                phys_read::<u64>(start_info + 16),
-            )
-        };
+        let (nr_modules, modlist) =
+            unsafe { (phys_read::<u32>(start_info + 12), phys_read::<u64>(start_info + 16)) };
         if nr_modules > 0 && modlist != 0 && modlist < 4 * GIB {
             // SAFETY: the first hvm_modlist_entry { paddr, size, cmdline,
             // reserved } at modlist_paddr, identity-mapped.
-            let (paddr, size) =
-                unsafe { (phys_read::<u64>(modlist), phys_read::<u64>(modlist + 8)) };
+            let (paddr, size) = unsafe { (phys_read::<u64>(modlist), phys_read::<u64>(modlist + 8)) };
             MODULE[0].store(paddr, Ordering::Relaxed);
             MODULE[1].store(size, Ordering::Relaxed);
         }
@@ -145,13 +131,8 @@ pub fn parse(start_info: u64, cmdline: &mut [u8]) -> usize {
                 let e = memmap_paddr + i * 24;
                 // SAFETY: `entries` memmap entries at memmap_paddr, as
                 // described by the loader; identity-mapped.
-                let (addr, size, kind) = unsafe {
-                    (
-                        phys_read::<u64>(e),
-                        phys_read::<u64>(e + 8),
-                        phys_read::<u32>(e + 16),
-                    )
-                };
+                let (addr, size, kind) =
+                    unsafe { (phys_read::<u64>(e), phys_read::<u64>(e + 8), phys_read::<u32>(e + 16)) };
                 if kind == E820_RAM {
                     ranges.push(addr, size);
                 }
@@ -174,11 +155,7 @@ fn fallback_ranges(ranges: &mut Ranges) {
     let above_4g = u64::from(rtc::read_cmos(0x5B))
         | u64::from(rtc::read_cmos(0x5C)) << 8
         | u64::from(rtc::read_cmos(0x5D)) << 16;
-    let low_top = if above_16m != 0 {
-        16 * MIB + above_16m * 64 * 1024
-    } else {
-        FALLBACK_RAM
-    };
+    let low_top = if above_16m != 0 { 16 * MIB + above_16m * 64 * 1024 } else { FALLBACK_RAM };
     ranges.push(0, 640 * 1024);
     ranges.push(MIB, low_top - MIB);
     if above_16m != 0 && above_4g != 0 {
@@ -194,11 +171,7 @@ fn record(ranges: &Ranges) {
     // 16 MiB until no range continues the covered span.
     let mut low_end = TEST_REGION_BASE;
     loop {
-        let next = ranges
-            .iter()
-            .filter(|r| r.start <= low_end && r.end > low_end)
-            .map(|r| r.end)
-            .max();
+        let next = ranges.iter().filter(|r| r.start <= low_end && r.end > low_end).map(|r| r.end).max();
         match next {
             Some(end) => low_end = end,
             None => break,
@@ -218,10 +191,7 @@ pub fn total_mib() -> u64 {
 /// Prints `INITRD size=<n> fnv=<hex>` (FNV-1a 32 of the module's bytes) for
 /// the first boot module, or `INITRD none`.
 pub fn report_initrd() {
-    let (paddr, size) = (
-        MODULE[0].load(Ordering::Relaxed),
-        MODULE[1].load(Ordering::Relaxed),
-    );
+    let (paddr, size) = (MODULE[0].load(Ordering::Relaxed), MODULE[1].load(Ordering::Relaxed));
     if size == 0 || paddr.saturating_add(size) > 4 * GIB {
         crate::println!("INITRD none");
         return;

@@ -1,5 +1,7 @@
 //! Command-line tokens (whitespace-separated, executed in order).
 
+use crate::{blk, net, rng};
+
 /// Used when the loader passes no command line or an empty one.
 pub const DEFAULT_CMDLINE: &str = "ready ticks=5 exit=0";
 
@@ -17,7 +19,35 @@ pub enum Token<'a> {
     Reset,
     Echo,
     Initrd,
+    Pci,
+    Blk(BlkOp),
+    Rng(u64),
+    NetSend(u64),
+    NetRecv(u64),
     Unknown(&'a str),
+}
+
+/// A `blk-*` token (sector counts are 1..=64, checked when parsing).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum BlkOp {
+    Write { sector: u64, count: u64, seed: u64 },
+    Read { sector: u64, count: u64 },
+    Verify { sector: u64, count: u64, seed: u64 },
+    Flush,
+    Id,
+}
+
+impl BlkOp {
+    /// Name used in `BLK TIMEOUT op=<name>`.
+    pub fn name(self) -> &'static str {
+        match self {
+            BlkOp::Write { .. } => "write",
+            BlkOp::Read { .. } => "read",
+            BlkOp::Verify { .. } => "verify",
+            BlkOp::Flush => "flush",
+            BlkOp::Id => "id",
+        }
+    }
 }
 
 /// Parses a decimal or `0x`-prefixed hexadecimal number.
@@ -25,6 +55,43 @@ fn number(s: &str) -> Option<u64> {
     match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
         Some(hex) => u64::from_str_radix(hex, 16).ok(),
         None => s.parse().ok(),
+    }
+}
+
+/// Parses exactly `N` colon-separated numbers.
+fn numbers<const N: usize>(s: &str) -> Option<[u64; N]> {
+    let mut out = [0; N];
+    let mut parts = s.split(':');
+    for slot in out.iter_mut() {
+        *slot = number(parts.next()?)?;
+    }
+    parts.next().is_none().then_some(out)
+}
+
+/// `Some(n)` if `n` lies in `1..=max`.
+fn in_range(n: u64, max: u64) -> Option<u64> {
+    (1..=max).contains(&n).then_some(n)
+}
+
+fn blk_op(key: &str, value: &str) -> Option<BlkOp> {
+    let count = |c| in_range(c, blk::MAX_SECTORS);
+    match key {
+        "blk-write" => {
+            let [sector, count_, seed] = numbers(value)?;
+            let count = count(count_)?;
+            Some(BlkOp::Write { sector, count, seed })
+        }
+        "blk-read" => {
+            let [sector, count_] = numbers(value)?;
+            let count = count(count_)?;
+            Some(BlkOp::Read { sector, count })
+        }
+        "blk-verify" => {
+            let [sector, count_, seed] = numbers(value)?;
+            let count = count(count_)?;
+            Some(BlkOp::Verify { sector, count, seed })
+        }
+        _ => None,
     }
 }
 
@@ -42,12 +109,19 @@ pub fn parse_token(tok: &str) -> Token<'_> {
         ("reset", None, _) => Token::Reset,
         ("echo", None, _) => Token::Echo,
         ("initrd", None, _) => Token::Initrd,
+        ("pci", None, _) => Token::Pci,
+        ("blk-flush", None, _) => Token::Blk(BlkOp::Flush),
+        ("blk-id", None, _) => Token::Blk(BlkOp::Id),
         ("seed", _, Some(n)) => Token::Seed(n),
         ("pattern", _, Some(n)) => Token::Pattern(n),
         ("hz", _, Some(n)) => Token::Hz(n),
         ("dirty", _, Some(n)) => Token::Dirty(n),
         ("ticks", _, Some(n)) => Token::Ticks(n),
         ("exit", _, Some(n)) => Token::Exit(n),
+        ("rng", _, Some(n)) => in_range(n, rng::MAX_BYTES).map_or(Token::Unknown(tok), Token::Rng),
+        ("net-send", _, Some(n)) => in_range(n, net::MAX_FRAMES).map_or(Token::Unknown(tok), Token::NetSend),
+        ("net-recv", _, Some(n)) => in_range(n, net::MAX_FRAMES).map_or(Token::Unknown(tok), Token::NetRecv),
+        (_, Some(v), _) => blk_op(key, v).map_or(Token::Unknown(tok), Token::Blk),
         _ => Token::Unknown(tok),
     }
 }

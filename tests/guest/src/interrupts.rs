@@ -1,4 +1,5 @@
-//! IDT, CPU exception reporting and the PIC interrupt stubs.
+//! IDT, CPU exception reporting, the PIC interrupt stubs and the MSI-X
+//! vectors of the virtio devices.
 //!
 //! 64-bit IDT gate (16 bytes): offset[15:0], code selector, IST, type
 //! (0x8E = present, DPL 0, 64-bit interrupt gate, i.e. IF cleared on
@@ -9,16 +10,25 @@
 
 use core::arch::{asm, global_asm};
 use core::cell::UnsafeCell;
+use core::sync::atomic::AtomicU64;
 
 use crate::boot::SEL_CODE64;
-use crate::io;
 use crate::pic_pit::IRQ_BASE;
 use crate::serial;
+use crate::{io, lapic};
 
 /// Exit status written to the debug-exit port after a CPU exception.
 pub const EXCEPTION_EXIT_CODE: u8 = 0x7F;
 /// LAPIC spurious-interrupt vector (programmed into the SVR by `smp`).
 pub const SPURIOUS_VECTOR: u8 = 0xFF;
+/// First MSI-X vector: 0x40 blk, 0x41 net RX, 0x42 net TX, 0x43 rng.
+pub const MSIX_VECTOR_BASE: u8 = 0x40;
+pub const MSIX_VECTORS: usize = 4;
+
+/// Interrupts taken per MSI-X vector (index = vector - 0x40), counted by
+/// the `msix_stub_<i>` handlers.
+#[no_mangle]
+pub static MSIX_IRQS: [AtomicU64; MSIX_VECTORS] = [const { AtomicU64::new(0) }; MSIX_VECTORS];
 
 global_asm!(
     r#"
@@ -117,6 +127,26 @@ irq_slave_stub:
     pop %rax
     iretq
 
+    /* MSI-X vectors: count, then EOI the LAPIC (fixed, edge-triggered
+       interrupts end with a write of 0 to its EOI register). `mov` to
+       %eax zero-extends, so the LAPIC address stays below 4 GiB. */
+    .macro MSIX_STUB i
+    .balign 16
+    .global msix_stub_\i
+msix_stub_\i:
+    push %rax
+    lock incq MSIX_IRQS+8*\i(%rip)
+    mov ${lapic_eoi}, %eax
+    movl $0, (%rax)
+    pop %rax
+    iretq
+    .endm
+
+    MSIX_STUB 0
+    MSIX_STUB 1
+    MSIX_STUB 2
+    MSIX_STUB 3
+
     /* Spurious IRQ7/IRQ15 and the LAPIC spurious vector: no EOI. */
     .balign 16
     .global irq_spurious_stub
@@ -134,6 +164,7 @@ EXC_STUBS:
     .endr
     .popsection
 "#,
+    lapic_eoi = const lapic::BASE + lapic::EOI,
     options(att_syntax)
 );
 
@@ -143,6 +174,10 @@ extern "C" {
     fn irq_master_stub();
     fn irq_slave_stub();
     fn irq_spurious_stub();
+    fn msix_stub_0();
+    fn msix_stub_1();
+    fn msix_stub_2();
+    fn msix_stub_3();
 }
 
 /// An asm interrupt entry point (never called from Rust).
@@ -160,15 +195,13 @@ static IDT: Idt = Idt(UnsafeCell::new([0; 512]));
 
 /// Builds the two quadwords of a 64-bit interrupt gate.
 fn gate(handler: u64) -> (u64, u64) {
-    let low = (handler & 0xFFFF)
-        | u64::from(SEL_CODE64) << 16
-        | 0x8E << 40
-        | ((handler >> 16) & 0xFFFF) << 48;
+    let low =
+        (handler & 0xFFFF) | u64::from(SEL_CODE64) << 16 | 0x8E << 40 | ((handler >> 16) & 0xFFFF) << 48;
     (low, handler >> 32)
 }
 
-/// Fills the IDT (exceptions 0-31, PIC vectors 0x20-0x2F, LAPIC spurious
-/// vector) and loads it on the BSP.
+/// Fills the IDT (exceptions 0-31, PIC vectors 0x20-0x2F, MSI-X vectors
+/// 0x40-0x43, LAPIC spurious vector) and loads it on the BSP.
 pub fn init() {
     let idt = IDT.0.get() as *mut u64;
     let set = |vector: u8, handler: u64| {
@@ -194,6 +227,10 @@ pub fn init() {
         };
         set(IRQ_BASE + irq, handler as usize as u64);
     }
+    let msix: [Stub; MSIX_VECTORS] = [msix_stub_0, msix_stub_1, msix_stub_2, msix_stub_3];
+    for (i, handler) in msix.into_iter().enumerate() {
+        set(MSIX_VECTOR_BASE + i as u8, handler as usize as u64);
+    }
     set(SPURIOUS_VECTOR, irq_spurious_stub as Stub as usize as u64);
     load();
 }
@@ -205,10 +242,7 @@ pub fn load() {
         limit: u16,
         base: u64,
     }
-    let dtr = Dtr {
-        limit: 256 * 16 - 1,
-        base: IDT.0.get() as u64,
-    };
+    let dtr = Dtr { limit: 256 * 16 - 1, base: IDT.0.get() as u64 };
     // SAFETY: the IDT is fully initialised by `init` and lives forever.
     unsafe { asm!("lidt [{}]", in(reg) &dtr, options(readonly, nostack, preserves_flags)) };
 }

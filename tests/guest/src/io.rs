@@ -33,6 +33,38 @@ pub unsafe fn inb(port: u16) -> u8 {
     val
 }
 
+/// Writes a 16-bit word to an I/O port.
+///
+/// # Safety
+/// As for [`outb`].
+#[inline(always)]
+pub unsafe fn outw(port: u16, val: u16) {
+    // SAFETY: forwarded to the caller's contract.
+    unsafe { asm!("out dx, ax", in("dx") port, in("ax") val, options(nostack, preserves_flags)) }
+}
+
+/// Writes a 32-bit doubleword to an I/O port.
+///
+/// # Safety
+/// As for [`outb`].
+#[inline(always)]
+pub unsafe fn outl(port: u16, val: u32) {
+    // SAFETY: forwarded to the caller's contract.
+    unsafe { asm!("out dx, eax", in("dx") port, in("eax") val, options(nostack, preserves_flags)) }
+}
+
+/// Reads a 32-bit doubleword from an I/O port.
+///
+/// # Safety
+/// As for [`inb`].
+#[inline(always)]
+pub unsafe fn inl(port: u16) -> u32 {
+    let val: u32;
+    // SAFETY: forwarded to the caller's contract.
+    unsafe { asm!("in eax, dx", out("eax") val, in("dx") port, options(nostack, preserves_flags)) }
+    val
+}
+
 /// Ends the VM through the debug-exit port. Returns only if no such device
 /// exists (then the write is ignored).
 pub fn debug_exit(code: u8) {

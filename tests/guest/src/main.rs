@@ -6,20 +6,29 @@
 #![no_std]
 #![no_main]
 
+mod blk;
 mod boot;
 mod bootinfo;
 mod cmdline;
+mod dma;
 mod interrupts;
 mod io;
+mod lapic;
+mod mmio;
 mod mptable;
+mod net;
 mod pattern;
+mod pci;
 mod pic_pit;
+mod rng;
 mod rtc;
 #[macro_use]
 mod serial;
 mod smp;
 mod sync;
 mod ticks;
+mod virtio;
+mod virtq;
 
 use core::sync::atomic::Ordering;
 
@@ -33,6 +42,8 @@ struct Settings {
     seed: u64,
     hz: u64,
     dirty: u64,
+    /// virtio devices, initialised on first use.
+    devices: virtio::Devices,
 }
 
 /// Rust entry point, called by `pvh_start32` in long mode on the boot stack.
@@ -49,11 +60,7 @@ pub extern "C" fn main(start_info: u64) -> ! {
     boot::extend_identity_map(bootinfo::MEM.max_end.load(Ordering::Relaxed));
     mptable::discover();
 
-    let mut settings = Settings {
-        seed: 1,
-        hz: 100,
-        dirty: 0,
-    };
+    let mut settings = Settings { seed: 1, hz: 100, dirty: 0, devices: virtio::Devices::new() };
     for tok in cmdline::effective(&raw[..len]).split_ascii_whitespace() {
         run_token(cmdline::parse_token(tok), &mut settings);
     }
@@ -88,6 +95,11 @@ fn run_token(token: Token<'_>, settings: &mut Settings) {
         Token::Reset => io::i8042_reset(),
         Token::Echo => serial::echo_line(),
         Token::Initrd => bootinfo::report_initrd(),
+        Token::Pci => pci::report(),
+        Token::Blk(op) => blk::run(&mut settings.devices.blk, op),
+        Token::Rng(n) => rng::run(&mut settings.devices.rng, n),
+        Token::NetSend(n) => net::send(&mut settings.devices.net, n),
+        Token::NetRecv(n) => net::recv(&mut settings.devices.net, n),
         Token::Unknown(tok) => println!("GUEST: unknown token {}", tok),
     }
 }

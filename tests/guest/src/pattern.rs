@@ -96,11 +96,7 @@ pub fn verify() -> Result<u64, Mismatch> {
             // SAFETY: same region that `fill` wrote (see there).
             let got = unsafe { (at as *const u64).read_volatile() };
             if got != want {
-                return Err(Mismatch {
-                    addr: at,
-                    want,
-                    got,
-                });
+                return Err(Mismatch { addr: at, want, got });
             }
         }
     }
@@ -113,12 +109,7 @@ pub fn report(result: Result<u64, Mismatch>) {
     match result {
         Ok(pages) => crate::println!("PATTERN OK pages={}", pages),
         Err(m) => {
-            crate::println!(
-                "PATTERN BAD addr=0x{:x} want=0x{:x} got=0x{:x}",
-                m.addr,
-                m.want,
-                m.got
-            );
+            crate::println!("PATTERN BAD addr=0x{:x} want=0x{:x} got=0x{:x}", m.addr, m.want, m.got);
             crate::io::debug_exit(2);
             crate::io::halt_forever();
         }

@@ -93,11 +93,7 @@ impl Stopwatch {
     /// Reprograms channel 0 with the maximum period (65536 counts).
     pub fn start() -> Self {
         set_channel0(0);
-        Self {
-            last: read_channel0(),
-            elapsed: 0,
-            unchanged: 0,
-        }
+        Self { last: read_channel0(), elapsed: 0, unchanged: 0 }
     }
 
     /// Microseconds elapsed since [`Stopwatch::start`].

@@ -99,3 +99,15 @@ pub fn echo_line() {
     }
     println!("ECHO TIMEOUT");
 }
+
+/// Copies `src` up to its first NUL (at most `out.len()` bytes) into `out`,
+/// with bytes outside printable ASCII (0x20-0x7E) replaced by `.`.
+pub fn printable<'a>(src: &[u8], out: &'a mut [u8]) -> &'a str {
+    let mut len = 0;
+    for (&b, o) in src.iter().take_while(|&&b| b != 0).zip(out.iter_mut()) {
+        *o = if (0x20..0x7F).contains(&b) { b } else { b'.' };
+        len += 1;
+    }
+    // Only ASCII was written.
+    core::str::from_utf8(&out[..len]).unwrap_or("")
+}

@@ -8,10 +8,8 @@
 //! and paging, and far-jumps to `ap_long_entry` in the image. There each
 //! AP atomically takes a stack slot and calls [`ap_main`].
 //!
-//! xAPIC registers (MMIO, base 0xFEE0_0000): ID at +0x20 (bits 31:24),
-//! SVR at +0xF0 (bit 8 = software enable), ICR low +0x300 / high +0x310
-//! (destination APIC ID in bits 31:24 of the high word; writing the low
-//! word sends; bit 12 = delivery pending). ICR low 0x4500 = INIT, level
+//! xAPIC ICR (see `lapic.rs`): destination APIC ID in bits 31:24 of the
+//! high word; writing the low word sends; bit 12 = delivery pending. ICR low 0x4500 = INIT, level
 //! assert; 0x4600 | V = Start-up IPI with vector V.
 
 use core::arch::global_asm;
@@ -19,16 +17,11 @@ use core::ptr::addr_of;
 use core::sync::atomic::{AtomicU32, Ordering};
 
 use crate::boot::{SEL_CODE32, SEL_CODE64, SEL_DATA};
-use crate::interrupts::{self, SPURIOUS_VECTOR};
-use crate::io;
+use crate::interrupts;
 use crate::mptable::{self, MAX_CPUS};
 use crate::pic_pit::Stopwatch;
+use crate::{io, lapic};
 
-const LAPIC_BASE: u64 = 0xFEE0_0000;
-const LAPIC_ID: u64 = 0x20;
-const LAPIC_SVR: u64 = 0xF0;
-const LAPIC_ICR_LOW: u64 = 0x300;
-const LAPIC_ICR_HIGH: u64 = 0x310;
 const ICR_INIT_ASSERT: u32 = 0x4500;
 const ICR_STARTUP: u32 = 0x4600;
 const ICR_PENDING: u32 = 1 << 12;
@@ -145,27 +138,11 @@ extern "C" {
     static ap_trampoline_end: u8;
 }
 
-fn lapic_read(reg: u64) -> u32 {
-    // SAFETY: the xAPIC page is identity-mapped (uncached); aligned 32-bit
-    // reads of architectural registers have no memory-safety impact.
-    unsafe { ((LAPIC_BASE + reg) as *const u32).read_volatile() }
-}
-
-fn lapic_write(reg: u64, val: u32) {
-    // SAFETY: as for `lapic_read`; only ID/SVR/ICR registers are written.
-    unsafe { ((LAPIC_BASE + reg) as *mut u32).write_volatile(val) }
-}
-
-/// APIC ID of the calling CPU.
-pub fn lapic_id() -> u8 {
-    (lapic_read(LAPIC_ID) >> 24) as u8
-}
-
 fn send_ipi(apic_id: u8, low: u32) {
-    lapic_write(LAPIC_ICR_HIGH, u32::from(apic_id) << 24);
-    lapic_write(LAPIC_ICR_LOW, low);
+    lapic::write(lapic::ICR_HIGH, u32::from(apic_id) << 24);
+    lapic::write(lapic::ICR_LOW, low);
     for _ in 0..1000 {
-        if lapic_read(LAPIC_ICR_LOW) & ICR_PENDING == 0 {
+        if lapic::read(lapic::ICR_LOW) & ICR_PENDING == 0 {
             break;
         }
         core::hint::spin_loop();
@@ -197,7 +174,7 @@ fn install_trampoline() {
 /// `SMP OK cpus=<N> started=<M>` (M includes the BSP).
 pub fn start_aps() {
     let cpus = mptable::cpu_count();
-    let own = lapic_id();
+    let own = lapic::id();
     let targets = || (0..cpus).map(mptable::apic_id).filter(move |&id| id != own);
     let expected = targets().count() as u32;
 
@@ -205,8 +182,7 @@ pub fn start_aps() {
         install_trampoline();
         AP_NEXT_SLOT.store(0, Ordering::SeqCst);
         AP_STARTED.store(0, Ordering::SeqCst);
-        // Software-enable the BSP's LAPIC (spurious vector 0xFF).
-        lapic_write(LAPIC_SVR, 0x100 | u32::from(SPURIOUS_VECTOR));
+        lapic::enable();
 
         let vector = (TRAMPOLINE_BASE >> 12) as u32;
         let mut clock = Stopwatch::start();
@@ -237,7 +213,7 @@ pub fn start_aps() {
 #[no_mangle]
 extern "C" fn ap_main(_slot: u32) -> ! {
     interrupts::load();
-    crate::println!("AP {} up", lapic_id());
+    crate::println!("AP {} up", lapic::id());
     AP_STARTED.fetch_add(1, Ordering::SeqCst);
     io::halt_forever()
 }

@@ -13,17 +13,11 @@ pub struct SpinGuard<'a> {
 
 impl SpinLock {
     pub const fn new() -> Self {
-        Self {
-            locked: AtomicBool::new(false),
-        }
+        Self { locked: AtomicBool::new(false) }
     }
 
     pub fn lock(&self) -> SpinGuard<'_> {
-        while self
-            .locked
-            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
-            .is_err()
-        {
+        while self.locked.compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed).is_err() {
             while self.locked.load(Ordering::Relaxed) {
                 core::hint::spin_loop();
             }

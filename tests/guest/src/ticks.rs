@@ -66,9 +66,7 @@ pub fn run(hz: u64, lines_wanted: u64, dirty: u64) {
 
     TICK_STATE.handled.store(0, Ordering::Relaxed);
     TICK_STATE.lines.store(0, Ordering::Relaxed);
-    TICK_STATE
-        .seen
-        .store(TICK_IRQS.load(Ordering::SeqCst), Ordering::Relaxed);
+    TICK_STATE.seen.store(TICK_IRQS.load(Ordering::SeqCst), Ordering::Relaxed);
     pic_pit::pic_unmask_irq0_only();
 
     loop {
