@@ -38,7 +38,9 @@ fn build_guest(root: &std::path::Path, out: &std::path::Path) {
     // FERRY_TEST_GUEST_DIR builds another copy of the guest sources (for
     // example a snapshot while tests/guest is being edited).
     println!("cargo:rerun-if-env-changed=FERRY_TEST_GUEST_DIR");
-    let guest = env::var_os("FERRY_TEST_GUEST_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("tests").join("guest"));
+    let guest = env::var_os("FERRY_TEST_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("tests").join("guest"));
     for p in ["src", "Cargo.toml", "build.rs", "linker.ld"] {
         println!("cargo:rerun-if-changed={}", guest.join(p).display());
     }

@@ -264,7 +264,12 @@ impl MachineType {
 /// A device from a command-line option such as `--disk path=a.img,readonly=on`:
 /// `key=value` pairs, separated by commas, become the plugin's properties
 /// (checked against the plugin like any machine-type property).
-pub fn device_from_option(option: &str, id: String, plugin: &str, spec: &str) -> Result<DeviceSpec, MachineError> {
+pub fn device_from_option(
+    option: &str,
+    id: String,
+    plugin: &str,
+    spec: &str,
+) -> Result<DeviceSpec, MachineError> {
     let mut properties = BTreeMap::new();
     for pair in spec.split(',').filter(|p| !p.is_empty()) {
         let (key, value) = pair.split_once('=').ok_or_else(|| MachineError::Invalid {

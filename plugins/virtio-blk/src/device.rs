@@ -41,7 +41,12 @@ pub fn describe() -> PluginDescriptor {
     DescriptorBuilder::new("virtio-blk", env!("CARGO_PKG_VERSION"), "virtio block device on a raw image file")
         .property("path", PropertyKind::String, None, "raw disk image")
         .property("readonly", PropertyKind::Bool, Some("false"), "refuse guest writes")
-        .property("serial", PropertyKind::String, Some(""), "id string the guest reads (default: the device id)")
+        .property(
+            "serial",
+            PropertyKind::String,
+            Some(""),
+            "id string the guest reads (default: the device id)",
+        )
         .build()
 }
 
@@ -91,7 +96,8 @@ impl Block {
             return Err("request has no status byte".to_string());
         }
         // After the split `writer` covers the data, the returned half the status byte.
-        let mut status_writer = writer.split_at(writable - 1).map_err(|e| format!("bad request chain: {e}"))?;
+        let mut status_writer =
+            writer.split_at(writable - 1).map_err(|e| format!("bad request chain: {e}"))?;
 
         let mut written = 0usize;
         let status = match kind {
@@ -210,5 +216,153 @@ impl VirtioDevice for Block {
             0 => Ok(()),
             n => Err(format!("{n} bad request(s): {}", errors[0])),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_virtio_pci::testing::{Desc, TestQueues, NEXT, WRITE};
+
+    const HDR: u64 = 0x10_0000;
+    const DATA: u64 = 0x10_1000;
+    const STATUS: u64 = 0x10_3000;
+
+    struct Disk {
+        path: std::path::PathBuf,
+    }
+
+    impl Drop for Disk {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+
+    fn disk(tag: &str, sectors: u64, readonly: bool) -> (Block, Disk) {
+        let path = std::env::temp_dir().join(format!("ferry-blk-{tag}-{}.img", std::process::id()));
+        std::fs::write(&path, vec![0u8; (sectors * SECTOR) as usize]).unwrap();
+        let file = OpenOptions::new().read(true).write(!readonly).open(&path).unwrap();
+        (Block { file, sectors, readonly, id: *b"test-disk\0\0\0\0\0\0\0\0\0\0\0" }, Disk { path })
+    }
+
+    fn header(kind: u32, sector: u64) -> Vec<u8> {
+        let mut h = kind.to_le_bytes().to_vec();
+        h.extend_from_slice(&[0; 4]);
+        h.extend_from_slice(&sector.to_le_bytes());
+        h
+    }
+
+    fn request(t: &mut TestQueues, kind: u32, sector: u64, data_len: u32, data_writable: bool) {
+        t.write(HDR, &header(kind, sector));
+        t.write(STATUS, &[0xee]);
+        t.post_chain(0, 0, &[(HDR, 16, false), (DATA, data_len, data_writable), (STATUS, 1, true)]);
+    }
+
+    #[test]
+    fn guest_writes_reach_the_file_and_read_back() {
+        let (mut blk, d) = disk("rw", 64, false);
+        let mut t = TestQueues::new(4 << 20, &[16]);
+        let pattern: Vec<u8> = (0..1024u32).map(|i| (i * 3) as u8).collect();
+        t.write(DATA, &pattern);
+        request(&mut t, T_OUT, 5, 1024, false);
+        blk.process_queue(0, &mut t.queues()).unwrap();
+        assert_eq!(t.read(STATUS, 1), [S_OK]);
+        let file = std::fs::read(&d.path).unwrap();
+        assert_eq!(&file[5 * 512..7 * 512], &pattern[..]);
+
+        t.write(DATA, &[0u8; 1024]);
+        t.ram.clear_dirty();
+        request(&mut t, T_IN, 5, 1024, true);
+        blk.process_queue(0, &mut t.queues()).unwrap();
+        assert_eq!(t.read(STATUS, 1), [S_OK]);
+        assert_eq!(t.read(DATA, 1024), pattern);
+        assert_eq!(t.used(0), vec![(0, 1), (0, 1025)]);
+        let dirty = t.ram.dirty_pages();
+        assert!(dirty.contains(&((DATA / 4096) as usize)), "data page marked: {dirty:?}");
+        assert!(dirty.contains(&((STATUS / 4096) as usize)), "status page marked: {dirty:?}");
+    }
+
+    #[test]
+    fn a_readonly_disk_fails_writes_with_ioerr() {
+        let (mut blk, d) = disk("ro", 8, true);
+        let mut t = TestQueues::new(4 << 20, &[16]);
+        t.write(DATA, &[0xabu8; 512]);
+        request(&mut t, T_OUT, 0, 512, false);
+        blk.process_queue(0, &mut t.queues()).unwrap();
+        assert_eq!(t.read(STATUS, 1), [S_IOERR]);
+        assert!(std::fs::read(&d.path).unwrap().iter().all(|b| *b == 0));
+        assert_eq!(blk.features() & F_RO, F_RO);
+    }
+
+    #[test]
+    fn requests_past_the_end_and_unknown_types_get_an_error_status() {
+        let (mut blk, _d) = disk("end", 8, false);
+        let mut t = TestQueues::new(4 << 20, &[16]);
+        request(&mut t, T_IN, 7, 1024, true);
+        blk.process_queue(0, &mut t.queues()).unwrap();
+        assert_eq!(t.read(STATUS, 1), [S_IOERR]);
+        request(&mut t, 77, 0, 512, true);
+        blk.process_queue(0, &mut t.queues()).unwrap();
+        assert_eq!(t.read(STATUS, 1), [S_UNSUPP]);
+        request(&mut t, T_GET_ID, 0, 20, true);
+        blk.process_queue(0, &mut t.queues()).unwrap();
+        assert_eq!(&t.read(DATA, 9), b"test-disk");
+    }
+
+    /// Every malformed chain is an error for that request only: the chain is
+    /// returned with length 0, nothing outside RAM is touched, no panic.
+    #[test]
+    fn malformed_chains_are_refused() {
+        let (mut blk, d) = disk("bad", 64, false);
+        let ram = 4u64 << 20;
+        let cases: Vec<(&str, Vec<Desc>)> = vec![
+            (
+                "header outside RAM",
+                vec![
+                    Desc { addr: ram + 0x1000, len: 16, flags: NEXT, next: 1 },
+                    Desc { addr: STATUS, len: 1, flags: WRITE, next: 0 },
+                ],
+            ),
+            (
+                "data straddling the end of RAM",
+                vec![
+                    Desc { addr: HDR, len: 16, flags: NEXT, next: 1 },
+                    Desc { addr: ram - 8, len: 512, flags: NEXT, next: 2 },
+                    Desc { addr: STATUS, len: 1, flags: WRITE, next: 0 },
+                ],
+            ),
+            (
+                "a loop",
+                vec![
+                    Desc { addr: HDR, len: 16, flags: NEXT, next: 1 },
+                    Desc { addr: DATA, len: 512, flags: NEXT, next: 0 },
+                ],
+            ),
+            (
+                "next past the queue size",
+                vec![
+                    Desc { addr: HDR, len: 16, flags: NEXT, next: 1 },
+                    Desc { addr: DATA, len: 512, flags: NEXT, next: 400 },
+                ],
+            ),
+            (
+                "an oversize length",
+                vec![
+                    Desc { addr: HDR, len: 16, flags: NEXT, next: 1 },
+                    Desc { addr: DATA, len: 0xffff_f000, flags: WRITE | NEXT, next: 2 },
+                    Desc { addr: STATUS, len: 1, flags: WRITE, next: 0 },
+                ],
+            ),
+        ];
+        for (i, (what, descs)) in cases.into_iter().enumerate() {
+            let mut t = TestQueues::new(ram as usize, &[16]);
+            t.write(HDR, &header(T_OUT, 0));
+            t.write(STATUS, &[0xee]);
+            t.post(0, 0, &descs, 0);
+            let r = blk.process_queue(0, &mut t.queues());
+            assert!(r.is_err(), "case {i} ({what}) must be reported");
+            assert_eq!(t.used(0), vec![(0, 0)], "case {i} ({what}): returned with length 0");
+        }
+        assert!(std::fs::read(&d.path).unwrap().iter().all(|b| *b == 0), "nothing reached the file");
     }
 }

@@ -102,15 +102,16 @@ pub fn config_space(device_type: u32, class: u32, queues: u16) -> [u8; 256] {
     put16(&mut c, 0x2e, device_type as u16);
     c[0x34] = CAP_COMMON as u8;
 
-    let virtio_cap = |c: &mut [u8; 256], at: usize, next: usize, len: u8, cfg_type: u8, offset: u64, length: u64| {
-        c[at] = 0x09; // vendor-specific
-        c[at + 1] = next as u8;
-        c[at + 2] = len;
-        c[at + 3] = cfg_type;
-        c[at + 4] = 0; // BAR 0
-        c[at + 8..at + 12].copy_from_slice(&(offset as u32).to_le_bytes());
-        c[at + 12..at + 16].copy_from_slice(&(length as u32).to_le_bytes());
-    };
+    let virtio_cap =
+        |c: &mut [u8; 256], at: usize, next: usize, len: u8, cfg_type: u8, offset: u64, length: u64| {
+            c[at] = 0x09; // vendor-specific
+            c[at + 1] = next as u8;
+            c[at + 2] = len;
+            c[at + 3] = cfg_type;
+            c[at + 4] = 0; // BAR 0
+            c[at + 8..at + 12].copy_from_slice(&(offset as u32).to_le_bytes());
+            c[at + 12..at + 16].copy_from_slice(&(length as u32).to_le_bytes());
+        };
     virtio_cap(&mut c, CAP_COMMON, CAP_NOTIFY, 16, 1, COMMON, COMMON_LEN);
     virtio_cap(&mut c, CAP_NOTIFY, CAP_ISR, 20, 2, NOTIFY, u64::from(queues) * u64::from(NOTIFY_MULTIPLIER));
     put32(&mut c, CAP_NOTIFY + 16, NOTIFY_MULTIPLIER);

@@ -15,6 +15,8 @@
 mod layout;
 mod memory;
 mod msix;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 mod transport;
 mod worker;
 

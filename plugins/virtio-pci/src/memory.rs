@@ -82,8 +82,12 @@ pub fn from_host(map: &GuestMemoryMap) -> Result<GuestMemory, String> {
     let mut regions = Vec::with_capacity(map.regions.len());
     for r in map.regions.iter() {
         let size = usize::try_from(r.len).map_err(|_| "guest RAM region too large".to_string())?;
-        let marker =
-            DirtyMarker { words: map.dirty_bitmap as usize, pages: map.dirty_pages, first_page: r.first_page, offset: 0 };
+        let marker = DirtyMarker {
+            words: map.dirty_bitmap as usize,
+            pages: map.dirty_pages,
+            first_page: r.first_page,
+            offset: 0,
+        };
         // SAFETY: the host guarantees `host_addr..host_addr + len` is a live
         // shared, read-write mapping of guest RAM for the VM's life.
         let builder = unsafe {
@@ -101,41 +105,10 @@ pub fn from_host(map: &GuestMemoryMap) -> Result<GuestMemory, String> {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
-    use abi_stable::std_types::RVec;
-    use ferry_plugin_api::MemoryRegion;
+    use crate::testing::FakeRam;
     use vm_memory::Bytes;
-
-    /// A fake "core": RAM and a dirty bitmap owned by the test.
-    pub struct FakeRam {
-        pub ram: Vec<u8>,
-        pub bitmap: Vec<AtomicU64>,
-    }
-
-    impl FakeRam {
-        pub fn new(size: usize) -> Self {
-            let pages = size / PAGE;
-            FakeRam { ram: vec![0; size], bitmap: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect() }
-        }
-
-        pub fn map(&mut self) -> GuestMemoryMap {
-            GuestMemoryMap {
-                regions: RVec::from(vec![MemoryRegion {
-                    gpa: 0,
-                    len: self.ram.len() as u64,
-                    host_addr: self.ram.as_mut_ptr() as u64,
-                    first_page: 0,
-                }]),
-                dirty_bitmap: self.bitmap.as_ptr() as u64,
-                dirty_pages: (self.ram.len() / PAGE) as u64,
-            }
-        }
-
-        pub fn dirty(&self, page: usize) -> bool {
-            self.bitmap[page / 64].load(Ordering::Acquire) & (1 << (page % 64)) != 0
-        }
-    }
 
     #[test]
     fn device_writes_mark_exactly_their_pages() {
@@ -143,9 +116,12 @@ pub(crate) mod tests {
         let mem = from_host(&fake.map()).unwrap();
         mem.write_slice(&[1u8; 10], GuestAddress(3 * 4096 + 4090)).unwrap();
         let _ = mem.read_obj::<u64>(GuestAddress(9 * 4096)).unwrap();
-        let dirty: Vec<usize> = (0..256).filter(|p| fake.dirty(*p)).collect();
-        assert_eq!(dirty, vec![3, 4], "a write across a page boundary marks both; reads mark nothing");
-        assert_eq!(fake.ram[3 * 4096 + 4095], 1);
+        assert_eq!(
+            fake.dirty_pages(),
+            vec![3, 4],
+            "a write across a page boundary marks both; reads mark nothing"
+        );
+        assert_eq!(fake.bytes()[3 * 4096 + 4095], 1);
     }
 
     #[test]

@@ -229,10 +229,18 @@ impl<D: VirtioDevice> State<D> {
                     common::QUEUE_ENABLE if v == 1 && !activated => q.queue.set_ready(true),
                     common::QUEUE_DESC_LO if !enabled => q.queue.set_desc_table_address(Some(v as u32), None),
                     common::QUEUE_DESC_HI if !enabled => q.queue.set_desc_table_address(None, Some(v as u32)),
-                    common::QUEUE_DRIVER_LO if !enabled => q.queue.set_avail_ring_address(Some(v as u32), None),
-                    common::QUEUE_DRIVER_HI if !enabled => q.queue.set_avail_ring_address(None, Some(v as u32)),
-                    common::QUEUE_DEVICE_LO if !enabled => q.queue.set_used_ring_address(Some(v as u32), None),
-                    common::QUEUE_DEVICE_HI if !enabled => q.queue.set_used_ring_address(None, Some(v as u32)),
+                    common::QUEUE_DRIVER_LO if !enabled => {
+                        q.queue.set_avail_ring_address(Some(v as u32), None)
+                    }
+                    common::QUEUE_DRIVER_HI if !enabled => {
+                        q.queue.set_avail_ring_address(None, Some(v as u32))
+                    }
+                    common::QUEUE_DEVICE_LO if !enabled => {
+                        q.queue.set_used_ring_address(Some(v as u32), None)
+                    }
+                    common::QUEUE_DEVICE_HI if !enabled => {
+                        q.queue.set_used_ring_address(None, Some(v as u32))
+                    }
                     _ => {}
                 }
             }
@@ -266,7 +274,9 @@ impl<D: VirtioDevice> State<D> {
             if slot.queue.ready() && !slot.queue.is_valid(&self.mem) {
                 self.host.log(
                     LogLevel::Error,
-                    format!("queue {i}: invalid layout (addresses outside RAM or misaligned); disabled").as_str().into(),
+                    format!("queue {i}: invalid layout (addresses outside RAM or misaligned); disabled")
+                        .as_str()
+                        .into(),
                 );
                 slot.queue.set_ready(false);
             }
