@@ -111,10 +111,14 @@ impl Net {
                 Ok(mut r) => {
                     let n = r.available_bytes().min(MAX_PACKET);
                     if r.read_exact(&mut self.buf[..n]).is_ok() && n > VNET_HDR_LEN {
-                        self.tap.send(&self.buf[..n])?;
+                        if let Err(e) = self.tap.send(&self.buf[..n]) {
+                            error.get_or_insert(e);
+                        }
                     }
                 }
-                Err(e) => error = Some(format!("tx: bad buffer chain: {e}")),
+                Err(e) => {
+                    error.get_or_insert(format!("tx: bad buffer chain: {e}"));
+                }
             }
             queues.complete(TX, head, 0)?;
         }

@@ -84,7 +84,11 @@ impl Tap {
     pub fn send(&mut self, frame: &[u8]) -> Result<(), String> {
         match self.file.write(frame) {
             Ok(_) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
+            // A full queue or a link that is down drops the frame, as a
+            // busy or unplugged cable would.
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.raw_os_error() == Some(libc::EIO) => {
+                Ok(())
+            }
             Err(e) => Err(format!("tap write: {e}")),
         }
     }
