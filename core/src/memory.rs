@@ -330,6 +330,17 @@ mod tests {
     }
 
     #[test]
+    fn device_writes_through_the_virtio_transport_mark_the_core_bitmap() {
+        use vm_memory::Bytes;
+        let ram = GuestRam::new(64 << 20).unwrap();
+        // The view a virtio device builds from Host::guest_memory.
+        let device_view = ferry_virtio_pci::guest_memory_from_host(&ram.device_map()).unwrap();
+        device_view.write_slice(&[7u8; 100], GuestAddress(0x20_0ff0)).unwrap();
+        assert_eq!(ram.dirty().take(), vec![0x200, 0x201]);
+        assert_eq!(ram.mem().read_obj::<u8>(GuestAddress(0x20_1000)).unwrap(), 7, "same RAM");
+    }
+
+    #[test]
     fn ram_is_usable() {
         use vm_memory::Bytes;
         let ram = GuestRam::new(16 << 20).unwrap();
