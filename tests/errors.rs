@@ -37,7 +37,7 @@ fn kernel_that_is_not_an_elf() {
     let dir = TempDir::new("notelf");
     let k = write(dir.path(), "kernel.txt", "hello, I am plain text and no kernel\n");
     let run = ferry(&["run", "--kernel", &k], DEADLINE);
-    assert_refused(&run, &[&k, "is not an ELF file with a PVH entry note"]);
+    assert_refused(&run, &[&k, "is not bootable (neither an ELF with a PVH entry note nor a bzImage)"]);
 }
 
 #[test]

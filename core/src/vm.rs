@@ -12,7 +12,7 @@ use ferry_plugin_api::DeviceConfig;
 use thiserror::Error;
 
 use crate::{
-    boot::{self, cpu, pvh, BootError, Kernel},
+    boot::{self, cpu, BootError, Entry, Kernel},
     bus::{Bus, BusError},
     host::{DeviceHost, VmServices},
     interrupts::IrqRouter,
@@ -144,8 +144,8 @@ pub fn run(config: VmConfig) -> Result<Outcome, VmError> {
         (None, Kernel::TestGuest) => boot::TEST_GUEST_CMDLINE.to_string(),
         (None, Kernel::File(_)) => String::new(),
     };
-    let entry = pvh::load(&ram, &config.kernel, config.initramfs.as_deref(), &cmdline, cpus)?;
-    cpu::write_gdt(&ram)?;
+    let entry = boot::load(&ram, &config.kernel, config.initramfs.as_deref(), &cmdline, cpus)?;
+    cpu::write_gdt(&ram, &entry)?;
 
     let mut vcpus = Vec::with_capacity(usize::from(cpus));
     for index in 0..cpus {
@@ -155,7 +155,10 @@ pub fn run(config: VmConfig) -> Result<Outcome, VmError> {
             .map_err(|source| BootError::Vcpu { cpu: index, source })?;
         cpu::setup_lapic(&fd, index)?;
         if index == 0 {
-            cpu::setup_pvh_bsp(&fd, &entry)?;
+            match &entry {
+                Entry::Pvh(e) => cpu::setup_pvh_bsp(&fd, e)?,
+                Entry::Linux(e) => cpu::setup_linux_bsp(&fd, e)?,
+            }
         }
         vcpus.push(fd);
     }

@@ -1,11 +1,12 @@
-//! vCPU entry state: CPUID, local APIC interrupt pins, and the PVH register
-//! state of the boot CPU (32-bit protected mode, flat segments, paging off).
+//! vCPU entry state: CPUID, local APIC interrupt pins, and the boot CPU's
+//! registers: PVH (32-bit protected mode, flat segments, paging off) or the
+//! Linux 64-bit entry (long mode, identity-mapped, flat segments).
 
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, CpuId};
 use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress};
 
-use super::{pvh::PvhEntry, BootError};
+use super::{linux::LinuxEntry, pvh::PvhEntry, BootError, Entry};
 use crate::memory::GuestRam;
 
 /// Where the boot GDT lives.
@@ -100,9 +101,18 @@ pub fn setup_lapic(vcpu: &VcpuFd, index: u8) -> Result<(), BootError> {
     vcpu.set_lapic(&lapic).map_err(err)
 }
 
-/// Write the boot GDT into guest memory.
-pub fn write_gdt(ram: &GuestRam) -> Result<(), BootError> {
-    for (i, e) in GDT.iter().enumerate() {
+/// The Linux boot protocol's GDT: __BOOT_CS (0x10) is 64-bit code,
+/// __BOOT_DS (0x18) flat data, then a TSS (0x20).
+const LINUX_GDT: [u64; 5] =
+    [0, 0, gdt_entry(0xa09b, 0, 0xfffff), gdt_entry(0xc093, 0, 0xfffff), gdt_entry(0x808b, 0, 0xfffff)];
+
+/// Write the boot GDT for `entry`'s protocol into guest memory.
+pub fn write_gdt(ram: &GuestRam, entry: &Entry) -> Result<(), BootError> {
+    let table: &[u64] = match entry {
+        Entry::Pvh(_) => &GDT,
+        Entry::Linux(_) => &LINUX_GDT,
+    };
+    for (i, e) in table.iter().enumerate() {
         ram.mem()
             .write_obj(*e, GuestAddress(GDT_ADDR + 8 * i as u64))
             .map_err(|e| BootError::GuestMemory { what: "GDT", reason: e.to_string() })?;
@@ -138,6 +148,45 @@ pub fn setup_pvh_bsp(vcpu: &VcpuFd, entry: &PvhEntry) -> Result<(), BootError> {
     vcpu.set_fpu(&fpu).map_err(err)
 }
 
+/// Put the boot CPU into the Linux 64-bit entry state.
+pub fn setup_linux_bsp(vcpu: &VcpuFd, entry: &LinuxEntry) -> Result<(), BootError> {
+    let err = |source| BootError::Vcpu { cpu: 0, source };
+    let mut sregs = vcpu.get_sregs().map_err(err)?;
+    linux_sregs(&mut sregs);
+    vcpu.set_sregs(&sregs).map_err(err)?;
+    let regs = kvm_regs {
+        rip: entry.entry,
+        rsi: entry.zero_page,
+        rsp: super::linux::BOOT_STACK,
+        rbp: super::linux::BOOT_STACK,
+        rflags: 0x2,
+        ..Default::default()
+    };
+    vcpu.set_regs(&regs).map_err(err)?;
+    let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
+    vcpu.set_fpu(&fpu).map_err(err)
+}
+
+/// Long mode: paging on the identity map, PAE, LME/LMA, 64-bit code.
+fn linux_sregs(sregs: &mut kvm_bindings::kvm_sregs) {
+    sregs.cs = segment(LINUX_GDT[2], 0x10);
+    let data = segment(LINUX_GDT[3], 0x18);
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    sregs.tr = segment(LINUX_GDT[4], 0x20);
+    sregs.gdt.base = GDT_ADDR;
+    sregs.gdt.limit = (std::mem::size_of_val(&LINUX_GDT) - 1) as u16;
+    sregs.idt.base = 0;
+    sregs.idt.limit = 0;
+    sregs.cr3 = super::linux::PML4;
+    sregs.cr4 |= 0x20; // PAE
+    sregs.cr0 |= 0x8000_0011; // PG, ET, PE
+    sregs.efer |= 0x500; // LME, LMA
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -153,5 +202,19 @@ mod tests {
         assert_eq!((data.type_, data.s), (0x3, 1));
         let tss = segment(GDT[3], TSS_SELECTOR);
         assert_eq!((tss.limit, tss.type_, tss.s, tss.g), (0x67, 0xb, 0, 0));
+    }
+
+    #[test]
+    fn linux_entry_state_is_long_mode_with_boot_selectors() {
+        let mut sregs = kvm_bindings::kvm_sregs::default();
+        linux_sregs(&mut sregs);
+        assert_eq!((sregs.cs.selector, sregs.cs.l, sregs.cs.db, sregs.cs.present), (0x10, 1, 0, 1));
+        assert_eq!((sregs.ds.selector, sregs.ss.selector, sregs.ds.type_), (0x18, 0x18, 0x3));
+        assert_eq!(sregs.cr3, super::super::linux::PML4);
+        assert_eq!(sregs.cr0 & 0x8000_0001, 0x8000_0001, "paging and protection on");
+        assert_eq!(sregs.cr4 & 0x20, 0x20, "PAE");
+        assert_eq!(sregs.efer & 0x500, 0x500, "LME and LMA");
+        assert_eq!(LINUX_GDT[2], 0x00af_9b00_0000_ffff);
+        assert_eq!(LINUX_GDT[3], 0x00cf_9300_0000_ffff);
     }
 }

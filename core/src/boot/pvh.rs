@@ -40,10 +40,6 @@ pub const CMDLINE_MAX: usize = 0x1_0000;
 /// Kernels load at or above 1 MiB.
 pub const KERNEL_MIN: u64 = 0x10_0000;
 
-/// BIOS data area: segment of the extended BIOS data area.
-const BDA_EBDA_SEGMENT: u64 = 0x40e;
-/// BIOS data area: base memory size in KiB.
-const BDA_BASE_MEMORY_KIB: u64 = 0x413;
 const START_INFO_MAGIC: u32 = 0x336e_c578;
 const E820_RAM: u32 = 1;
 const E820_RESERVED: u32 = 2;
@@ -80,27 +76,13 @@ pub fn load(
     };
     let entry = kernel_end.0;
 
-    if cmdline.len() + 1 > CMDLINE_MAX {
-        return Err(BootError::CmdlineTooLong(cmdline.len()));
-    }
-    let mut bytes = cmdline.as_bytes().to_vec();
-    bytes.push(0);
-    ram.mem().write_slice(&bytes, GuestAddress(CMDLINE)).map_err(mem_err("command line"))?;
-
-    let table = mptable::build(cpus)?;
-    ram.mem().write_slice(&table, GuestAddress(mptable::MPTABLE_START)).map_err(mem_err("MP table"))?;
-    // BIOS data area words that MP table searches start from, as firmware
-    // leaves them: the EBDA segment, and base memory in KiB (up to the table).
-    let ebda_segment = (mptable::MPTABLE_START >> 4) as u16;
-    let base_kib = (mptable::MPTABLE_START >> 10) as u16;
-    ram.mem().write_obj(ebda_segment, GuestAddress(BDA_EBDA_SEGMENT)).map_err(mem_err("BIOS data area"))?;
-    ram.mem().write_obj(base_kib, GuestAddress(BDA_BASE_MEMORY_KIB)).map_err(mem_err("BIOS data area"))?;
+    super::write_cmdline_and_mptable(ram, cmdline, cpus)?;
 
     let mut start =
         hvm_start_info { magic: START_INFO_MAGIC, version: 1, cmdline_paddr: CMDLINE, ..Default::default() };
 
     if let Some(path) = initramfs {
-        let (addr, size) = load_initramfs(ram, path, kernel_end.1)?;
+        let (addr, size) = load_initramfs(ram, path, kernel_end.1, u64::MAX)?;
         let module = hvm_modlist_entry { paddr: addr, size, ..Default::default() };
         ram.mem().write_obj(module, GuestAddress(MODLIST)).map_err(mem_err("module list"))?;
         start.nr_modules = 1;
@@ -133,13 +115,19 @@ fn load_elf<F: Read + Seek + vm_memory::ReadVolatile>(
     }
 }
 
-/// Put the initramfs at the top of RAM below 3 GiB, page aligned.
-fn load_initramfs(ram: &GuestRam, path: &Path, kernel_end: u64) -> Result<(u64, u64), BootError> {
+/// Put the initramfs at the top of RAM below 3 GiB (and at or below
+/// `limit`, its last allowed byte), page aligned, above the kernel.
+pub fn load_initramfs(
+    ram: &GuestRam,
+    path: &Path,
+    kernel_end: u64,
+    limit: u64,
+) -> Result<(u64, u64), BootError> {
     let shown = path.display().to_string();
     let data = std::fs::read(path)
         .map_err(|source| BootError::InitramfsUnreadable { path: shown.clone(), source })?;
     let size = data.len() as u64;
-    let top = ram.low_end();
+    let top = ram.low_end().min(limit.saturating_add(1));
     let addr = top.checked_sub(size).map(|a| a & !0xfff);
     match addr {
         Some(addr) if addr >= kernel_end.max(KERNEL_MIN) => {
