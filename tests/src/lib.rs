@@ -1,6 +1,8 @@
 //! Helpers for Ferry's integration tests: find the built binaries, run one
 //! ferry process per VM with a deadline, and skip loudly without /dev/kvm.
 
+pub mod netns;
+
 use std::{
     io::{Read, Write},
     path::{Path, PathBuf},
@@ -31,6 +33,23 @@ pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root").to_path_buf()
 }
 
+/// Say loudly that `what` was skipped and why: written to the real stderr
+/// (not the captured test output), so it shows in every run.
+pub fn skip(what: &str, why: &str) {
+    let _ = writeln!(std::io::stderr(), "SKIPPED {what}: {why}");
+}
+
+/// Start `program` with `args` and piped stdio.
+pub fn spawn_command(program: &str, args: &[&str]) -> std::process::Child {
+    Command::new(program)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {program}: {e}"))
+}
+
 /// Is /dev/kvm usable? If not, say so where the test output shows it.
 pub fn kvm_or_skip(test: &str) -> bool {
     match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
@@ -38,7 +57,7 @@ pub fn kvm_or_skip(test: &str) -> bool {
         Err(e) => {
             // Written to the real stderr (not the captured test output), so
             // the skip is visible in every run.
-            let _ = writeln!(std::io::stderr(), "SKIPPED {test}: /dev/kvm is not usable here ({e})");
+            skip(test, &format!("/dev/kvm is not usable here ({e})"));
             false
         }
     }

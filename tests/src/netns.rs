@@ -1,0 +1,166 @@
+//! Network namespaces with a tap interface, created and removed by a test,
+//! and raw packet sockets inside them. Traffic never leaves the namespace.
+
+use std::{
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    process::Command,
+    sync::atomic::{AtomicUsize, Ordering},
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+/// The ethertype test frames use (IEEE local experimental).
+pub const ETHERTYPE: u16 = 0x88b5;
+
+/// A network namespace, deleted (with its interfaces) on drop.
+pub struct NetNs {
+    name: String,
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip").args(args).output().map_err(|e| format!("cannot run ip: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
+    }
+}
+
+impl NetNs {
+    /// A new namespace holding tap `tap`, up. None (after a loud SKIPPED
+    /// line) where namespaces cannot be made here.
+    pub fn with_tap(tap: &str) -> Option<Self> {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let name = format!("ferry-t{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst));
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            crate::skip("network namespace tests", "they need root (CAP_NET_ADMIN)");
+            return None;
+        }
+        if let Err(e) = ip(&["netns", "add", &name]) {
+            crate::skip("network namespace tests", &e);
+            return None;
+        }
+        let ns = NetNs { name };
+        let setup = ip(&["-n", &ns.name, "tuntap", "add", tap, "mode", "tap"])
+            .and_then(|()| ip(&["-n", &ns.name, "link", "set", tap, "up"]));
+        if let Err(e) = setup {
+            crate::skip("network namespace tests", &e);
+            return None;
+        }
+        Some(ns)
+    }
+
+    /// Its name, for `ip netns exec`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// A raw packet socket for [`ETHERTYPE`] bound to `ifname` inside the
+    /// namespace (a socket keeps the namespace it was made in).
+    fn packet_socket(&self, ifname: &str) -> (OwnedFd, i32) {
+        let path = format!("/var/run/netns/{}", self.name);
+        let ifname = ifname.to_string();
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(&path).expect("open netns");
+            // SAFETY: setns on this short-lived thread only; the fd is a
+            // network namespace file.
+            assert_eq!(unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns");
+            let cname = std::ffi::CString::new(ifname).expect("name");
+            // SAFETY: a NUL-terminated interface name.
+            let index = unsafe { libc::if_nametoindex(cname.as_ptr()) } as i32;
+            assert!(index > 0, "interface not found in the namespace");
+            let proto = ETHERTYPE.to_be();
+            // SAFETY: plain socket creation; the fd is checked and owned below.
+            let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
+            assert!(fd >= 0, "packet socket: {}", std::io::Error::last_os_error());
+            // SAFETY: fd is a fresh socket we own.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            // SAFETY: an all-zero sockaddr_ll is valid; fields set below.
+            let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            addr.sll_family = libc::AF_PACKET as u16;
+            addr.sll_protocol = proto;
+            addr.sll_ifindex = index;
+            // SAFETY: addr is a sockaddr_ll of the size given.
+            let r = unsafe {
+                libc::bind(
+                    fd.as_raw_fd(),
+                    (&addr as *const libc::sockaddr_ll).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                )
+            };
+            assert_eq!(r, 0, "bind: {}", std::io::Error::last_os_error());
+            (fd, index)
+        })
+        .join()
+        .expect("socket thread")
+    }
+
+    /// Start collecting up to `count` [`ETHERTYPE`] frames arriving on
+    /// `ifname` (sent by the guest); the socket is bound before this returns.
+    pub fn capture(&self, ifname: &str, count: usize, timeout: Duration) -> JoinHandle<Vec<Vec<u8>>> {
+        let (fd, _) = self.packet_socket(ifname);
+        std::thread::spawn(move || {
+            let start = Instant::now();
+            let mut frames = Vec::new();
+            let tv = libc::timeval { tv_sec: 0, tv_usec: 200_000 };
+            // SAFETY: SO_RCVTIMEO takes a timeval of the size given.
+            unsafe {
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    (&tv as *const libc::timeval).cast(),
+                    std::mem::size_of::<libc::timeval>() as u32,
+                );
+            }
+            let mut buf = vec![0u8; 2048];
+            while frames.len() < count && start.elapsed() < timeout {
+                // SAFETY: recv into our buffer of the given length.
+                let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+                if n > 0 {
+                    frames.push(buf[..n as usize].to_vec());
+                }
+            }
+            frames
+        })
+    }
+
+    /// A function that sends a broadcast [`ETHERTYPE`] frame carrying
+    /// `payload` out of `ifname` (towards the guest).
+    pub fn injector(&self, ifname: &str) -> impl Fn(&[u8]) {
+        let (fd, index) = self.packet_socket(ifname);
+        move |payload: &[u8]| {
+            let mut frame = vec![0xffu8; 6];
+            frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01]);
+            frame.extend_from_slice(&ETHERTYPE.to_be_bytes());
+            frame.extend_from_slice(payload);
+            frame.resize(frame.len().max(60), 0);
+            // SAFETY: an all-zero sockaddr_ll is valid; fields set below.
+            let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            addr.sll_family = libc::AF_PACKET as u16;
+            addr.sll_protocol = ETHERTYPE.to_be();
+            addr.sll_ifindex = index;
+            addr.sll_halen = 6;
+            addr.sll_addr[..6].copy_from_slice(&[0xff; 6]);
+            // SAFETY: sendto from our buffer to a sockaddr_ll of the size given.
+            let n = unsafe {
+                libc::sendto(
+                    fd.as_raw_fd(),
+                    frame.as_ptr().cast(),
+                    frame.len(),
+                    0,
+                    (&addr as *const libc::sockaddr_ll).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                )
+            };
+            assert_eq!(n, frame.len() as isize, "sendto: {}", std::io::Error::last_os_error());
+        }
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = ip(&["netns", "del", &self.name]);
+    }
+}

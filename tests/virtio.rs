@@ -1,0 +1,183 @@
+//! virtio-blk, virtio-net and virtio-rng driven by the test guest's own
+//! virtio-pci drivers (PCI enumeration, MSI-X, one queue each), checked from
+//! the host side: the image file, the tap, the bytes.
+
+use std::time::Duration;
+
+use ferry_tests::{ferry, kvm_or_skip, netns, TempDir};
+
+const DEADLINE: Duration = Duration::from_secs(90);
+
+/// The test guest's blk-write pattern: 8-byte words, word at byte offset `o`
+/// of sector `s` is `(s << 32) ^ o ^ (seed * 0x9E3779B97F4A7C15)`.
+fn pattern_sector(sector: u64, seed: u64) -> Vec<u8> {
+    (0..64u64)
+        .flat_map(|w| ((sector << 32) ^ (w * 8) ^ seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)).to_le_bytes())
+        .collect()
+}
+
+fn fnv1a(bytes: &[u8]) -> u32 {
+    bytes.iter().fold(0x811c_9dc5u32, |h, b| (h ^ u32::from(*b)).wrapping_mul(0x0100_0193))
+}
+
+fn line<'a>(stdout: &'a str, prefix: &str) -> &'a str {
+    stdout
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no '{prefix}' line in:\n{stdout}"))
+}
+
+fn irqs(line: &str) -> u64 {
+    line.rsplit("irqs=").next().and_then(|v| v.trim().parse().ok()).unwrap_or(0)
+}
+
+#[test]
+fn guest_sectors_reach_the_image_and_host_sectors_reach_the_guest() {
+    if !kvm_or_skip("guest_sectors_reach_the_image_and_host_sectors_reach_the_guest") {
+        return;
+    }
+    let dir = TempDir::new("blk");
+    let image = dir.path().join("disk.img");
+    // Sectors 100..104 hold host data for the guest to read.
+    let mut disk = vec![0u8; 1 << 20];
+    let host_data: Vec<u8> = (0..2048u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    disk[100 * 512..104 * 512].copy_from_slice(&host_data);
+    std::fs::write(&image, &disk).expect("write image");
+    let disk_arg = format!("path={},serial=ferry-disk-1", image.display());
+    let run = ferry(
+        &["run", "--disk", &disk_arg, "--cmdline", "blk-id blk-write=8:3:77 blk-flush blk-read=100:4 exit=0"],
+        DEADLINE,
+    );
+    assert_eq!(run.code(), 0, "stdout:\n{}\nstderr:\n{}", run.stdout, run.stderr);
+    assert!(run.stdout.contains("BLK ID ferry-disk-1 status=0"), "{}", run.stdout);
+    let write = line(&run.stdout, "BLK WRITE");
+    assert!(write.starts_with("BLK WRITE sector=8 count=3 status=0"), "{write}");
+    assert!(irqs(write) >= 1, "completion came as an MSI-X interrupt: {write}");
+    assert!(run.stdout.contains("BLK FLUSH status=0"));
+
+    let after = std::fs::read(&image).expect("read image");
+    for s in 8..11 {
+        assert_eq!(
+            &after[s * 512..(s + 1) * 512],
+            &pattern_sector(s as u64, 77)[..],
+            "sector {s} on the host"
+        );
+    }
+    assert!(after[11 * 512..100 * 512].iter().all(|b| *b == 0), "nothing else written");
+
+    let read = line(&run.stdout, "BLK READ");
+    let want = format!("BLK READ sector=100 count=4 status=0 fnv={:08x}", fnv1a(&host_data));
+    assert!(read.starts_with(&want), "want '{want}', got '{read}'");
+}
+
+#[test]
+fn a_readonly_disk_fails_guest_writes_with_the_virtio_error_status() {
+    if !kvm_or_skip("a_readonly_disk_fails_guest_writes_with_the_virtio_error_status") {
+        return;
+    }
+    let dir = TempDir::new("blkro");
+    let image = dir.path().join("ro.img");
+    std::fs::write(&image, vec![0x11u8; 64 * 1024]).expect("write image");
+    let disk_arg = format!("path={},readonly=on", image.display());
+    let run =
+        ferry(&["run", "--disk", &disk_arg, "--cmdline", "blk-write=0:1:1 blk-read=0:1 exit=0"], DEADLINE);
+    assert_eq!(run.code(), 0, "stderr: {}", run.stderr);
+    assert!(
+        line(&run.stdout, "BLK WRITE").starts_with("BLK WRITE sector=0 count=1 status=1"),
+        "{}",
+        run.stdout
+    );
+    let want = format!("BLK READ sector=0 count=1 status=0 fnv={:08x}", fnv1a(&[0x11u8; 512]));
+    assert!(line(&run.stdout, "BLK READ").starts_with(&want), "{}", run.stdout);
+    assert!(std::fs::read(&image).expect("image").iter().all(|b| *b == 0x11), "image untouched");
+}
+
+#[test]
+fn virtio_rng_returns_bytes_that_are_not_constant() {
+    if !kvm_or_skip("virtio_rng_returns_bytes_that_are_not_constant") {
+        return;
+    }
+    let run = ferry(&["run", "--rng", "--cmdline", "rng=32 rng=32 exit=0"], DEADLINE);
+    assert_eq!(run.code(), 0, "stderr: {}", run.stderr);
+    let hexes: Vec<&str> = run
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("RNG len=32 hex="))
+        .map(|l| l.split("hex=").nth(1).unwrap_or("").split_whitespace().next().unwrap_or(""))
+        .collect();
+    assert_eq!(hexes.len(), 2, "{}", run.stdout);
+    assert_eq!(hexes[0].len(), 64);
+    assert_ne!(hexes[0], hexes[1], "two requests, same bytes");
+    assert!(hexes[0].as_bytes().chunks(2).any(|c| c != &hexes[0].as_bytes()[..2]), "constant bytes");
+}
+
+#[test]
+fn the_guest_sees_every_device_on_the_pci_bus() {
+    if !kvm_or_skip("the_guest_sees_every_device_on_the_pci_bus") {
+        return;
+    }
+    let dir = TempDir::new("pci");
+    let image = dir.path().join("d.img");
+    std::fs::write(&image, vec![0u8; 4096]).expect("image");
+    let disk_arg = format!("path={}", image.display());
+    let run = ferry(&["run", "--disk", &disk_arg, "--rng", "--cmdline", "pci exit=0"], DEADLINE);
+    assert_eq!(run.code(), 0, "stderr: {}", run.stderr);
+    assert!(run.stdout.contains("PCI 00:00.0 vendor=8086 device=1237 class=060000"), "{}", run.stdout);
+    assert!(run.stdout.contains("PCI 00:01.0 vendor=1af4 device=1042 class=018000"), "{}", run.stdout);
+    assert!(run.stdout.contains("PCI 00:02.0 vendor=1af4 device=1044 class=ff0000"), "{}", run.stdout);
+    assert!(run.stdout.contains("PCI DONE count=3"));
+}
+
+#[test]
+fn frames_cross_between_the_guest_and_a_tap_in_a_namespace() {
+    if !kvm_or_skip("frames_cross_between_the_guest_and_a_tap_in_a_namespace") {
+        return;
+    }
+    let Some(ns) = netns::NetNs::with_tap("ftap0") else { return };
+    let capture = ns.capture("ftap0", 3, Duration::from_secs(60));
+    let inject = ns.injector("ftap0");
+    let ferry_bin = ferry_tests::ferry_bin();
+    let bin = ferry_bin.display().to_string();
+    let plugins = ferry_tests::bin_dir().display().to_string();
+    // The guest sends three frames, then waits for two; the host sends two
+    // once it has seen the guest's three.
+    let child = ferry_tests::spawn_command(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            ns.name(),
+            &bin,
+            "run",
+            "--plugins",
+            &plugins,
+            "--net",
+            "tap=ftap0,mac=52:54:00:12:34:56",
+            "--cmdline",
+            "net-send=3 net-recv=2 exit=0",
+        ],
+    );
+    let frames = capture.join().expect("capture thread");
+    assert_eq!(frames.len(), 3, "three frames reached the tap");
+    for (i, f) in frames.iter().enumerate() {
+        assert_eq!(&f[0..6], &[0xff; 6], "broadcast");
+        assert_eq!(&f[6..12], &[0x52, 0x54, 0x00, 0x12, 0x34, 0x56], "from the guest's MAC");
+        assert_eq!(&f[12..14], &[0x88, 0xb5]);
+        let payload = format!("FERRY-FRAME {}", i + 1);
+        assert_eq!(&f[14..14 + payload.len()], payload.as_bytes());
+    }
+    for i in 0..2 {
+        inject(format!("HOST-FRAME {i}").as_bytes());
+    }
+    let run = ferry_tests::wait_ferry(child, DEADLINE);
+    assert_eq!(run.code(), 0, "stdout:\n{}\nstderr:\n{}", run.stdout, run.stderr);
+    assert!(run.stdout.contains("NET SENT 3 mac=52:54:00:12:34:56"), "{}", run.stdout);
+    for i in 0..2 {
+        assert!(
+            run.stdout.contains(&format!("NET RECV len=60 ethertype=88b5 payload=HOST-FRAME {i}")),
+            "frame {i} missing:\n{}",
+            run.stdout
+        );
+    }
+    assert!(irqs(line(&run.stdout, "NET RECV DONE")) >= 1, "{}", run.stdout);
+}
