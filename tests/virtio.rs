@@ -123,8 +123,8 @@ fn the_guest_sees_every_device_on_the_pci_bus() {
     let run = ferry(&["run", "--disk", &disk_arg, "--rng", "--cmdline", "pci exit=0"], DEADLINE);
     assert_eq!(run.code(), 0, "stderr: {}", run.stderr);
     assert!(run.stdout.contains("PCI 00:00.0 vendor=8086 device=1237 class=060000"), "{}", run.stdout);
-    assert!(run.stdout.contains("PCI 00:01.0 vendor=1af4 device=1042 class=018000"), "{}", run.stdout);
-    assert!(run.stdout.contains("PCI 00:02.0 vendor=1af4 device=1044 class=ff0000"), "{}", run.stdout);
+    assert!(run.stdout.contains("PCI 00:01.0 vendor=1af4 device=1042 class=010000"), "{}", run.stdout);
+    assert!(run.stdout.contains("PCI 00:02.0 vendor=1af4 device=1044 class=00ff00"), "{}", run.stdout);
     assert!(run.stdout.contains("PCI DONE count=3"));
 }
 
@@ -141,7 +141,7 @@ fn frames_cross_between_the_guest_and_a_tap_in_a_namespace() {
     let plugins = ferry_tests::bin_dir().display().to_string();
     // The guest sends three frames, then waits for two; the host sends two
     // once it has seen the guest's three.
-    let child = ferry_tests::spawn_command(
+    let mut guest = ferry_tests::Running::new(ferry_tests::spawn_command(
         "ip",
         &[
             "netns",
@@ -156,7 +156,7 @@ fn frames_cross_between_the_guest_and_a_tap_in_a_namespace() {
             "--cmdline",
             "net-send=3 net-recv=2 exit=0",
         ],
-    );
+    ));
     let frames = capture.join().expect("capture thread");
     assert_eq!(frames.len(), 3, "three frames reached the tap");
     for (i, f) in frames.iter().enumerate() {
@@ -166,10 +166,12 @@ fn frames_cross_between_the_guest_and_a_tap_in_a_namespace() {
         let payload = format!("FERRY-FRAME {}", i + 1);
         assert_eq!(&f[14..14 + payload.len()], payload.as_bytes());
     }
+    // Send once the guest says it is listening.
+    assert!(guest.wait_line("NET RECV READY", DEADLINE).is_some(), "guest never got ready to receive");
     for i in 0..2 {
         inject(format!("HOST-FRAME {i}").as_bytes());
     }
-    let run = ferry_tests::wait_ferry(child, DEADLINE);
+    let run = guest.finish(DEADLINE);
     assert_eq!(run.code(), 0, "stdout:\n{}\nstderr:\n{}", run.stdout, run.stderr);
     assert!(run.stdout.contains("NET SENT 3 mac=52:54:00:12:34:56"), "{}", run.stdout);
     for i in 0..2 {

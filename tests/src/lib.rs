@@ -223,3 +223,93 @@ pub fn fixture_plugin(name: &str) -> PathBuf {
     std::fs::copy(target.join("debug").join(lib), &out).expect("copy fixture");
     out
 }
+
+/// A running ferry (or any child) whose stdout is read line by line as it
+/// comes, so a test can act when the guest reaches a point.
+pub struct Running {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    seen: Vec<String>,
+    stderr: Option<std::thread::JoinHandle<String>>,
+    start: Instant,
+}
+
+impl Running {
+    /// Take over a child started with piped stdout and stderr.
+    pub fn new(mut child: std::process::Child) -> Self {
+        let out = child.stdout.take().expect("piped stdout");
+        let mut err = child.stderr.take().expect("piped stderr");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = err.read_to_string(&mut s);
+            s
+        });
+        Running { child, lines, seen: Vec::new(), stderr: Some(stderr), start: Instant::now() }
+    }
+
+    /// Wait for a stdout line starting with `prefix`; returns it.
+    pub fn wait_line(&mut self, prefix: &str, timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.checked_duration_since(Instant::now())?;
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.starts_with(prefix) {
+                        return Some(line);
+                    }
+                }
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// Its stdin.
+    pub fn stdin(&mut self) -> Option<&mut std::process::ChildStdin> {
+        self.child.stdin.as_mut()
+    }
+
+    /// The child's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Wait for the end (killing it after `deadline`) and collect everything.
+    pub fn finish(mut self, deadline: Duration) -> Finished {
+        let status = loop {
+            if let Some(st) = self.child.try_wait().expect("wait") {
+                break st.code();
+            }
+            if self.start.elapsed() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
+            self.seen.push(line);
+        }
+        let stderr = self.stderr.take().and_then(|h| h.join().ok()).unwrap_or_default();
+        let mut stdout = self.seen.join("\n");
+        stdout.push('\n');
+        Finished { status, stdout, stderr, elapsed: self.start.elapsed() }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

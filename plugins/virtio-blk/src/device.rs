@@ -178,7 +178,7 @@ impl VirtioDevice for Block {
     }
 
     fn pci_class(&self) -> u32 {
-        0x01_8000 // mass storage, other
+        0x01_0000 // mass storage (as QEMU's virtio-blk-pci)
     }
 
     fn queue_max_sizes(&self) -> Vec<u16> {

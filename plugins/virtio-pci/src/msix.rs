@@ -144,19 +144,6 @@ impl Msix {
             self.pending[i] = true;
         }
     }
-
-    /// Device reset: vectors masked, routes dropped.
-    pub fn reset(&mut self) {
-        for i in 0..self.entries.len() {
-            if self.routed[i].take().is_some() {
-                let _ = self.host.msi_unroute(self.fds[i].as_raw_fd());
-            }
-            self.entries[i] = Entry { masked: true, ..Entry::default() };
-            self.pending[i] = false;
-        }
-        self.enabled = false;
-        self.function_masked = false;
-    }
 }
 
 impl Drop for Msix {

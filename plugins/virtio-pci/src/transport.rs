@@ -328,7 +328,8 @@ impl<D: VirtioDevice> State<D> {
             slot.vector = layout::NO_VECTOR;
             let _ = slot.kick.read();
         }
-        self.msix.reset();
+        // The MSI-X table and its enable bits are PCI state: a virtio reset
+        // leaves them as the driver programmed them.
         self.activated = false;
         self.status = 0;
         self.driver_features = 0;

@@ -42,7 +42,7 @@ impl VirtioDevice for Rng {
     }
 
     fn pci_class(&self) -> u32 {
-        0xff_0000
+        0x00_ff00 // unclassified (as QEMU's virtio-rng-pci)
     }
 
     fn queue_max_sizes(&self) -> Vec<u16> {

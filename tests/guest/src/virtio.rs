@@ -12,8 +12,9 @@
 //! control (bit 0 = masked). Address 0xFEE0_0000 | APIC ID << 12 and data
 //! = vector give a fixed, edge-triggered interrupt on that CPU.
 //!
-//! Initialisation: reset (status 0), ACKNOWLEDGE, DRIVER, feature
-//! negotiation, FEATURES_OK (must stick), queue setup, DRIVER_OK.
+//! Initialisation: reset (status 0), MSI-X enable, ACKNOWLEDGE, DRIVER,
+//! feature negotiation, FEATURES_OK (must stick), queue setup (MSI-X
+//! entry, queue vector), DRIVER_OK.
 
 use crate::interrupts::MSIX_VECTOR_BASE;
 use crate::lapic;
@@ -155,11 +156,12 @@ impl Device {
         if common_cap.length < COMMON_LEN as u32 {
             return Err("common-cfg-too-short".into());
         }
-        let msix = msix_cap.map(|at| enable_msix(func, at)).transpose()?;
 
         let mut dev =
-            Device { name: spec.name, common, notify, notify_multiplier, config, msix, features: 0 };
+            Device { name: spec.name, common, notify, notify_multiplier, config, msix: None, features: 0 };
         dev.reset();
+        // Only after the reset, as Linux does: a VMM may tie MSI-X state to it.
+        dev.msix = msix_cap.map(|at| enable_msix(func, at)).transpose()?;
         dev.set_status(STATUS_ACKNOWLEDGE);
         dev.set_status(STATUS_ACKNOWLEDGE | STATUS_DRIVER);
 
