@@ -181,5 +181,8 @@ fn frames_cross_between_the_guest_and_a_tap_in_a_namespace() {
             run.stdout
         );
     }
-    assert!(irqs(line(&run.stdout, "NET RECV DONE")) >= 1, "{}", run.stdout);
+    // Transmit completions come as MSI-X interrupts. (Whether the guest
+    // counts a receive interrupt depends on whether the frames beat its
+    // first halt, so that count is not asserted.)
+    assert!(irqs(line(&run.stdout, "NET SENT")) >= 1, "{}", run.stdout);
 }

@@ -32,6 +32,13 @@ enum Command {
     },
     /// List the built-in machine types.
     Machines,
+    /// Write the bundled test guest (an ELF with a PVH note that QEMU boots
+    /// too) to FILE, for side-by-side runs.
+    TestGuest {
+        /// Where to write it.
+        #[arg(long, value_name = "FILE")]
+        output: PathBuf,
+    },
 }
 
 #[derive(clap::Args)]
@@ -160,6 +167,9 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args),
         Command::Plugins { plugins: dir } => plugins(dir),
         Command::Machines => machines(),
+        Command::TestGuest { output } => std::fs::write(&output, ferry::boot::TEST_GUEST)
+            .map(|()| ExitCode::SUCCESS)
+            .with_context(|| format!("cannot write {}", output.display())),
     };
     match result {
         Ok(code) => code,

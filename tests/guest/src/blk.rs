@@ -13,26 +13,29 @@ use crate::virtio::{Device, DeviceSpec, InitError, Slot};
 use crate::virtq::{Virtq, DESC_NEXT, DESC_WRITE};
 use crate::{dma, io, serial};
 
-const T_IN: u32 = 0;
-const T_OUT: u32 = 1;
+pub const T_IN: u32 = 0;
+pub const T_OUT: u32 = 1;
 const T_FLUSH: u32 = 4;
 const T_GET_ID: u32 = 8;
 const F_RO: u64 = 1 << 5;
-const SECTOR: usize = 512;
+pub const SECTOR: usize = 512;
 const WORDS_PER_SECTOR: usize = SECTOR / 8;
 /// Most sectors per request (the size of the data buffer).
 pub const MAX_SECTORS: u64 = (dma::BLK_DATA_LEN / SECTOR) as u64;
 const ID_LEN: usize = 20;
-const TIMEOUT_MS: u64 = 2000;
+/// Per-request limit (`BLK TIMEOUT` after it).
+pub const TIMEOUT_MS: u64 = 2000;
 /// MSI-X vector 0x40.
 const IRQ: usize = 0;
-const STATUS_OK: u8 = 0;
+pub const STATUS_OK: u8 = 0;
+/// Device configuration: le64 capacity in 512-byte sectors at offset 0.
+const CONFIG_CAPACITY: u64 = 0;
 
 const SPEC: DeviceSpec = DeviceSpec { name: "BLK", device_id: 0x1042, optional_features: F_RO };
 
 pub struct Blk {
-    dev: Device,
-    q: Virtq,
+    pub dev: Device,
+    pub q: Virtq,
 }
 
 fn init() -> Result<Blk, InitError> {
@@ -53,17 +56,42 @@ struct Done {
 }
 
 impl Blk {
-    /// Runs one request over the first `data_len` bytes of the data buffer
-    /// (written by the device if `device_writes`). `None` on timeout.
-    fn request(&mut self, kind: u32, sector: u64, data_len: usize, device_writes: bool) -> Option<Done> {
-        // SAFETY: header, status byte and data buffer belong to the
-        // driver: no request is outstanding (they are issued one at a time).
+    /// Capacity in sectors (0 without a device configuration structure).
+    pub fn capacity(&self) -> u64 {
+        self.dev
+            .config
+            .and_then(|c| c.sub(CONFIG_CAPACITY, 8))
+            .map_or(0, |c| u64::from(c.read32(0)) | u64::from(c.read32(4)) << 32)
+    }
+
+    /// Writes the request header and presets the status byte to 0xFF.
+    pub fn prepare(&mut self, kind: u32, sector: u64) {
+        // SAFETY: header and status byte belong to the driver: requests
+        // are issued one at a time, and each has been returned (or the
+        // device reset) before the next call.
         unsafe {
             let header = dma::bytes(dma::BLK_HEADER, 16);
             header[..4].copy_from_slice(&kind.to_le_bytes());
             header[4..8].fill(0);
             header[8..].copy_from_slice(&sector.to_le_bytes());
             dma::bytes(dma::BLK_STATUS, 1)[0] = 0xFF;
+        }
+    }
+
+    /// The status byte of the last request (meaningful once returned).
+    pub fn status(&self) -> u8 {
+        // SAFETY: the byte lies in the `.dma` block; a volatile one-byte
+        // load sees some value even if the device were writing it.
+        unsafe { (dma::addr(dma::BLK_STATUS) as *const u8).read_volatile() }
+    }
+
+    /// Runs one request over the first `data_len` bytes of the data buffer
+    /// (written by the device if `device_writes`). `None` on timeout.
+    fn request(&mut self, kind: u32, sector: u64, data_len: usize, device_writes: bool) -> Option<Done> {
+        self.prepare(kind, sector);
+        // SAFETY: the data buffer belongs to the driver: no request is
+        // outstanding (they are issued one at a time).
+        unsafe {
             if device_writes {
                 // Zeroed, so a short or failed transfer reads as zeros.
                 dma::bytes(dma::BLK_DATA, data_len).fill(0);
@@ -85,9 +113,7 @@ impl Blk {
             return None;
         }
         q.pop();
-        // SAFETY: the device has returned the request.
-        let status = unsafe { dma::bytes(dma::BLK_STATUS, 1)[0] };
-        Some(Done { status, irqs: q.irqs() - before })
+        Some(Done { status: self.status(), irqs: self.q.irqs() - before })
     }
 }
 
@@ -161,6 +187,7 @@ fn execute(blk: &mut Blk, op: BlkOp) -> Option<()> {
             let mut text = [0u8; ID_LEN];
             crate::println!("BLK ID {} status={}", serial::printable(id, &mut text), d.status);
         }
+        BlkOp::Bench { write, count } => crate::blk_bench::run(blk, write, count)?,
     }
     Some(())
 }

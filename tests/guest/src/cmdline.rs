@@ -1,6 +1,6 @@
 //! Command-line tokens (whitespace-separated, executed in order).
 
-use crate::{blk, net, rng};
+use crate::{blk, blk_bench, net, rng};
 
 /// Used when the loader passes no command line or an empty one.
 pub const DEFAULT_CMDLINE: &str = "ready ticks=5 exit=0";
@@ -20,6 +20,7 @@ pub enum Token<'a> {
     Echo,
     Initrd,
     Pci,
+    Calibrate,
     Blk(BlkOp),
     Rng(u64),
     NetSend(u64),
@@ -27,7 +28,8 @@ pub enum Token<'a> {
     Unknown(&'a str),
 }
 
-/// A `blk-*` token (sector counts are 1..=64, checked when parsing).
+/// A `blk-*` token (sector counts are 1..=64, `blk-bench` request counts
+/// 1..=100000, checked when parsing).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum BlkOp {
     Write { sector: u64, count: u64, seed: u64 },
@@ -35,6 +37,7 @@ pub enum BlkOp {
     Verify { sector: u64, count: u64, seed: u64 },
     Flush,
     Id,
+    Bench { write: bool, count: u64 },
 }
 
 impl BlkOp {
@@ -46,6 +49,7 @@ impl BlkOp {
             BlkOp::Verify { .. } => "verify",
             BlkOp::Flush => "flush",
             BlkOp::Id => "id",
+            BlkOp::Bench { .. } => "bench",
         }
     }
 }
@@ -91,6 +95,16 @@ fn blk_op(key: &str, value: &str) -> Option<BlkOp> {
             let count = count(count_)?;
             Some(BlkOp::Verify { sector, count, seed })
         }
+        "blk-bench" => {
+            let (kind, count) = value.split_once(':')?;
+            let write = match kind {
+                "r" => false,
+                "w" => true,
+                _ => return None,
+            };
+            let count = in_range(number(count)?, blk_bench::MAX_REQUESTS)?;
+            Some(BlkOp::Bench { write, count })
+        }
         _ => None,
     }
 }
@@ -110,6 +124,7 @@ pub fn parse_token(tok: &str) -> Token<'_> {
         ("echo", None, _) => Token::Echo,
         ("initrd", None, _) => Token::Initrd,
         ("pci", None, _) => Token::Pci,
+        ("calibrate", None, _) => Token::Calibrate,
         ("blk-flush", None, _) => Token::Blk(BlkOp::Flush),
         ("blk-id", None, _) => Token::Blk(BlkOp::Id),
         ("seed", _, Some(n)) => Token::Seed(n),

@@ -7,8 +7,10 @@
 #![no_main]
 
 mod blk;
+mod blk_bench;
 mod boot;
 mod bootinfo;
+mod calibrate;
 mod cmdline;
 mod dma;
 mod interrupts;
@@ -27,6 +29,7 @@ mod serial;
 mod smp;
 mod sync;
 mod ticks;
+mod tsc;
 mod virtio;
 mod virtq;
 
@@ -96,6 +99,7 @@ fn run_token(token: Token<'_>, settings: &mut Settings) {
         Token::Echo => serial::echo_line(),
         Token::Initrd => bootinfo::report_initrd(),
         Token::Pci => pci::report(),
+        Token::Calibrate => calibrate::run(),
         Token::Blk(op) => blk::run(&mut settings.devices.blk, op),
         Token::Rng(n) => rng::run(&mut settings.devices.rng, n),
         Token::NetSend(n) => net::send(&mut settings.devices.net, n),

@@ -9,6 +9,7 @@
 //! PIT: input clock 1.193182 MHz; channel 0 data port 0x40 drives IRQ0;
 //! command port 0x43. Command 0x34 = channel 0, lobyte/hibyte access,
 //! mode 2 (rate generator); 0x00 = latch channel 0's count for reading.
+//! Channel 0 is also polled as a clock: by `smp` and to calibrate the TSC.
 
 use crate::io::{inb, outb};
 
@@ -98,6 +99,12 @@ impl Stopwatch {
 
     /// Microseconds elapsed since [`Stopwatch::start`].
     pub fn elapsed_us(&mut self) -> u64 {
+        self.elapsed_counts() * 1_000_000 / PIT_HZ
+    }
+
+    /// PIT counts (1/`PIT_HZ` s) elapsed since [`Stopwatch::start`]. The
+    /// count is sampled by the latch command, the first port access.
+    pub fn elapsed_counts(&mut self) -> u64 {
         let now = read_channel0();
         // The count runs downwards and wraps from 1 to 65536 (read as 0).
         if now == self.last {
@@ -107,7 +114,7 @@ impl Stopwatch {
         }
         self.elapsed += u64::from(self.last.wrapping_sub(now));
         self.last = now;
-        self.elapsed * 1_000_000 / PIT_HZ
+        self.elapsed
     }
 
     /// Waits until `us` microseconds have passed since start. Gives up early

@@ -111,3 +111,12 @@ pub fn printable<'a>(src: &[u8], out: &'a mut [u8]) -> &'a str {
     // Only ASCII was written.
     core::str::from_utf8(&out[..len]).unwrap_or("")
 }
+
+/// A value in tenths, printed with one decimal (`123` prints `12.3`).
+pub struct Tenths(pub u64);
+
+impl fmt::Display for Tenths {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.0 / 10, self.0 % 10)
+    }
+}

@@ -14,7 +14,7 @@ use core::sync::atomic::{fence, Ordering};
 use crate::interrupts::MSIX_IRQS;
 use crate::mmio::Mmio;
 use crate::ticks::TICK_IRQS;
-use crate::{dma, io, pic_pit};
+use crate::{dma, io, pic_pit, tsc};
 
 /// Largest queue size used (the device may offer more).
 pub const MAX_SIZE: u16 = 64;
@@ -108,11 +108,22 @@ impl Virtq {
 
     /// Publishes the pushed entries and notifies the device.
     pub fn kick(&mut self) {
+        self.publish();
+        self.notify();
+    }
+
+    /// Publishes the pushed entries (the device may see them from now on,
+    /// but is only told by [`Virtq::notify`]).
+    pub fn publish(&mut self) {
         fence(Ordering::SeqCst);
         // SAFETY: avail.idx lies in this queue's page; only the driver
         // writes it.
         unsafe { ((self.avail_addr() + 2) as *mut u16).write_volatile(self.next_avail) };
         fence(Ordering::SeqCst);
+    }
+
+    /// Writes the queue's notify register (one VM exit).
+    pub fn notify(&mut self) {
         self.notify.write16(0, self.index);
     }
 
@@ -148,22 +159,27 @@ impl Virtq {
     /// before the kick: with MSI-X, the wait also lasts until the interrupt
     /// arrived (or two more timer ticks passed). False on timeout.
     pub fn wait_idle(&mut self, timeout_ms: u64, irqs_before: u64) -> bool {
-        let mut deadline = Deadline::start(timeout_ms);
-        let mut done_at = None;
+        self.wait_idle_with(&mut Deadline::start(timeout_ms), irqs_before).is_some()
+    }
+
+    /// [`Virtq::wait_idle`] bounded by the caller's running `deadline`.
+    /// Returns the TSC read as soon as the used index was first seen to
+    /// reach the published one (before any wait for the interrupt); `None`
+    /// on timeout. An MSI-X interrupt ends the `hlt` at once, so the
+    /// completion is seen without waiting for a timer tick.
+    pub fn wait_idle_with(&mut self, deadline: &mut Deadline, irqs_before: u64) -> Option<u64> {
+        // (TSC, timer ticks) when the completion was first seen.
+        let mut done: Option<(u64, u64)> = None;
         loop {
             if self.used_idx() == self.next_avail {
-                if !self.msix || self.irqs() != irqs_before {
-                    return true;
-                }
-                let now = deadline.ticks();
-                match done_at {
-                    None => done_at = Some(now),
-                    Some(t) if now - t >= IRQ_GRACE_TICKS => return true,
-                    Some(_) => {}
+                let (tsc, at) = *done.get_or_insert_with(|| (tsc::read(), deadline.ticks()));
+                if !self.msix || self.irqs() != irqs_before || deadline.ticks() - at >= IRQ_GRACE_TICKS {
+                    return Some(tsc);
                 }
             }
             if !deadline.sleep() {
-                return self.used_idx() == self.next_avail;
+                let finished = self.used_idx() == self.next_avail;
+                return finished.then(|| done.map_or_else(tsc::read, |(tsc, _)| tsc));
             }
         }
     }
@@ -182,6 +198,12 @@ impl Deadline {
         pic_pit::pit_set_periodic(WAIT_HZ);
         pic_pit::pic_unmask_irq0_only();
         Self { start: TICK_IRQS.load(Ordering::SeqCst), limit: timeout_ms * WAIT_HZ / 1000, wakeups: 0 }
+    }
+
+    /// Starts a new time and wake-up budget (the timer keeps running).
+    pub fn restart(&mut self) {
+        self.start = TICK_IRQS.load(Ordering::SeqCst);
+        self.wakeups = 0;
     }
 
     /// Timer ticks since the start.

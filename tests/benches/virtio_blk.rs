@@ -1,0 +1,149 @@
+//! virtio-blk, ferry beside QEMU, on the same test guest and the same image
+//! file, in one run: requests per second and host CPU time per request for
+//! 4 KiB reads and writes, and the guest-measured notify-to-completion
+//! latency.
+//!
+//! ```sh
+//! cargo build --release --workspace && cargo bench -p ferry-tests --bench virtio_blk
+//! ```
+//!
+//! `FERRY_BENCH_REQUESTS` sets the request count (default 2000). Host CPU
+//! per request is the VMM process's user+system time for a run of N
+//! requests minus that of a run of N/10, over the difference, so boot and
+//! firmware costs cancel out. QEMU (Debian's `qemu-system-x86`) runs the
+//! same guest ELF (`ferry test-guest`) with a modern-only virtio-blk-pci on
+//! the same raw image; without it, only ferry's figures are printed.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use ferry_tests::{bin_dir, TempDir};
+
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    total_us: f64,
+    avg_us: f64,
+    min_us: f64,
+    cpu_us: f64,
+    n: u64,
+}
+
+fn children_cpu_us() -> f64 {
+    // SAFETY: getrusage fills the struct we pass.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) };
+    let tv = |t: libc::timeval| t.tv_sec as f64 * 1e6 + t.tv_usec as f64;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+fn field(line: &str, key: &str) -> Option<f64> {
+    line.split_whitespace().find_map(|w| w.strip_prefix(key)).and_then(|v| v.parse().ok())
+}
+
+/// Run one VMM command; returns the BLK BENCH figures and the process's CPU time.
+fn run(mut cmd: Command) -> Result<Sample, String> {
+    let before = children_cpu_us();
+    let out =
+        cmd.stdin(Stdio::null()).output().map_err(|e| format!("cannot run {:?}: {e}", cmd.get_program()))?;
+    let cpu_us = children_cpu_us() - before;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().find(|l| l.starts_with("BLK BENCH")).ok_or_else(|| {
+        format!("no BLK BENCH line; stdout:\n{stdout}\nstderr:\n{}", String::from_utf8_lossy(&out.stderr))
+    })?;
+    if field(line, "status_errors=").unwrap_or(1.0) != 0.0 {
+        return Err(format!("requests failed: {line}"));
+    }
+    Ok(Sample {
+        total_us: field(line, "total_us=").ok_or("total_us")?,
+        avg_us: field(line, "avg_us=").ok_or("avg_us")?,
+        min_us: field(line, "min_us=").ok_or("min_us")?,
+        n: field(line, "n=").ok_or("n")? as u64,
+        cpu_us,
+    })
+}
+
+fn ferry_cmd(image: &Path, tokens: &str) -> Command {
+    let mut c = Command::new(bin_dir().join("ferry"));
+    c.args(["run", "--disk", &format!("path={}", image.display()), "--cmdline", tokens]);
+    c
+}
+
+fn qemu_cmd(guest: &Path, image: &Path, tokens: &str) -> Command {
+    let mut c = Command::new("qemu-system-x86_64");
+    c.args(["-accel", "kvm", "-M", "pc", "-m", "256M", "-nographic", "-no-reboot", "-kernel"])
+        .arg(guest)
+        .args(["-append", tokens, "-device", "isa-debug-exit,iobase=0xf4,iosize=0x01", "-drive"])
+        .arg(format!("file={},format=raw,if=none,id=d0", image.display()))
+        .args(["-device", "virtio-blk-pci,drive=d0,disable-legacy=on"]);
+    c
+}
+
+fn qemu_available() -> bool {
+    Command::new("qemu-system-x86_64").arg("--version").output().is_ok_and(|o| o.status.success())
+}
+
+/// Figures for one VMM and one operation: the long run, and CPU per request
+/// from the long run minus the short one.
+fn measure(make: &dyn Fn(&str) -> Command, op: &str, n: u64) -> Result<(Sample, f64), String> {
+    let short = (n / 10).max(1);
+    let small = run(make(&format!("blk-bench={op}:{short} exit=0")))?;
+    let big = run(make(&format!("blk-bench={op}:{n} exit=0")))?;
+    let cpu_per_req = (big.cpu_us - small.cpu_us) / (big.n - small.n) as f64;
+    Ok((big, cpu_per_req))
+}
+
+fn main() {
+    let n: u64 = std::env::var("FERRY_BENCH_REQUESTS").ok().and_then(|v| v.parse().ok()).unwrap_or(2000);
+    let dir = TempDir::new("bench-blk");
+    let image: PathBuf = dir.path().join("bench.img");
+    // 64 MiB of real data (not sparse), so reads hit the page cache in both VMMs.
+    let chunk: Vec<u8> = (0..1 << 20).map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 11) as u8).collect();
+    let mut data = Vec::with_capacity(64 << 20);
+    for _ in 0..64 {
+        data.extend_from_slice(&chunk);
+    }
+    std::fs::write(&image, &data).expect("write image");
+    let guest = dir.path().join("guest.elf");
+    let status = Command::new(bin_dir().join("ferry"))
+        .args(["test-guest", "--output"])
+        .arg(&guest)
+        .status()
+        .expect("run ferry test-guest (build the workspace first)");
+    assert!(status.success(), "ferry test-guest failed");
+
+    let qemu = qemu_available();
+    println!("virtio-blk, 4 KiB requests, one in flight, {n} requests per run, same guest and image\n");
+    println!("| VMM   | op    | requests/s | host CPU µs/request | notify→completion avg µs | min µs |");
+    println!("|-------|-------|-----------:|--------------------:|-------------------------:|-------:|");
+    let ferry_make = |t: &str| ferry_cmd(&image, t);
+    let qemu_make = |t: &str| qemu_cmd(&guest, &image, t);
+    let mut vmms: Vec<(&str, &dyn Fn(&str) -> Command)> = vec![("ferry", &ferry_make)];
+    if qemu {
+        vmms.push(("qemu", &qemu_make));
+    }
+    for op in ["r", "w"] {
+        for (name, make) in &vmms {
+            match measure(*make, op, n) {
+                Ok((s, cpu)) => println!(
+                    "| {name:<5} | {:<5} | {:>10.0} | {:>19.1} | {:>24.1} | {:>6.1} |",
+                    if op == "r" { "read" } else { "write" },
+                    s.n as f64 / (s.total_us / 1e6),
+                    cpu,
+                    s.avg_us,
+                    s.min_us
+                ),
+                Err(e) => println!("| {name:<5} | {op:<5} | failed: {e} |"),
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    if !qemu {
+        println!("\nQEMU is not installed (apt-get install qemu-system-x86): ferry's figures only.");
+    }
+    println!("\nThe guest's instructions are emulated on hosts with a nested, emulating KVM; the");
+    println!("guest-side driver cost is the same for both VMMs, the difference is the VMM's.");
+}
