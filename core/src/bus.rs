@@ -282,7 +282,7 @@ impl Bus {
         let Some(pci) = &self.devices[index].pci else { return Ok(()) };
         let mut function = lock(&pci.function);
         let mut bars: Vec<PciBar> = function.bars().into_iter().collect();
-        bars.sort_by(|a, b| b.size.cmp(&a.size));
+        bars.sort_by_key(|b| std::cmp::Reverse(b.size));
         for bar in &bars {
             let address = self.bars.allocate(bar.size).ok_or_else(|| BusError::Pci {
                 device: self.devices[index].id.clone(),

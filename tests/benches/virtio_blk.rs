@@ -51,7 +51,8 @@ fn run(mut cmd: Command) -> Result<Sample, String> {
         cmd.stdin(Stdio::null()).output().map_err(|e| format!("cannot run {:?}: {e}", cmd.get_program()))?;
     let cpu_us = children_cpu_us() - before;
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout.lines().find(|l| l.starts_with("BLK BENCH")).ok_or_else(|| {
+    // QEMU's firmware prints without a newline before the guest starts.
+    let line = stdout.lines().find_map(|l| l.find("BLK BENCH").map(|at| &l[at..])).ok_or_else(|| {
         format!("no BLK BENCH line; stdout:\n{stdout}\nstderr:\n{}", String::from_utf8_lossy(&out.stderr))
     })?;
     if field(line, "status_errors=").unwrap_or(1.0) != 0.0 {
@@ -74,7 +75,7 @@ fn ferry_cmd(image: &Path, tokens: &str) -> Command {
 
 fn qemu_cmd(guest: &Path, image: &Path, tokens: &str) -> Command {
     let mut c = Command::new("qemu-system-x86_64");
-    c.args(["-accel", "kvm", "-M", "pc", "-m", "256M", "-nographic", "-no-reboot", "-kernel"])
+    c.args(["-accel", "kvm", "-M", "pc", "-m", "256M", "-nographic", "-no-reboot", "-net", "none", "-kernel"])
         .arg(guest)
         .args(["-append", tokens, "-device", "isa-debug-exit,iobase=0xf4,iosize=0x01", "-drive"])
         .arg(format!("file={},format=raw,if=none,id=d0", image.display()))
@@ -82,13 +83,16 @@ fn qemu_cmd(guest: &Path, image: &Path, tokens: &str) -> Command {
     c
 }
 
+/// Builds a VMM command line for a guest command line.
+type MakeCommand = dyn Fn(&str) -> Command;
+
 fn qemu_available() -> bool {
     Command::new("qemu-system-x86_64").arg("--version").output().is_ok_and(|o| o.status.success())
 }
 
 /// Figures for one VMM and one operation: the long run, and CPU per request
 /// from the long run minus the short one.
-fn measure(make: &dyn Fn(&str) -> Command, op: &str, n: u64) -> Result<(Sample, f64), String> {
+fn measure(make: &MakeCommand, op: &str, n: u64) -> Result<(Sample, f64), String> {
     let short = (n / 10).max(1);
     let small = run(make(&format!("blk-bench={op}:{short} exit=0")))?;
     let big = run(make(&format!("blk-bench={op}:{n} exit=0")))?;
@@ -121,7 +125,7 @@ fn main() {
     println!("|-------|-------|-----------:|--------------------:|-------------------------:|-------:|");
     let ferry_make = |t: &str| ferry_cmd(&image, t);
     let qemu_make = |t: &str| qemu_cmd(&guest, &image, t);
-    let mut vmms: Vec<(&str, &dyn Fn(&str) -> Command)> = vec![("ferry", &ferry_make)];
+    let mut vmms: Vec<(&str, &MakeCommand)> = vec![("ferry", &ferry_make)];
     if qemu {
         vmms.push(("qemu", &qemu_make));
     }
@@ -136,7 +140,7 @@ fn main() {
                     s.avg_us,
                     s.min_us
                 ),
-                Err(e) => println!("| {name:<5} | {op:<5} | failed: {e} |"),
+                Err(e) => println!("| {name:<5} | {op:<5} | failed: {} |", e.lines().next().unwrap_or("")),
             }
             std::thread::sleep(Duration::from_millis(100));
         }
