@@ -84,7 +84,7 @@ fn qemu_cmd(guest: &Path, image: &Path, tokens: &str) -> Command {
 }
 
 /// Builds a VMM command line for a guest command line.
-type MakeCommand = dyn Fn(&str) -> Command;
+type MakeCommand<'a> = dyn Fn(&str) -> Command + 'a;
 
 fn qemu_available() -> bool {
     Command::new("qemu-system-x86_64").arg("--version").output().is_ok_and(|o| o.status.success())
@@ -92,7 +92,7 @@ fn qemu_available() -> bool {
 
 /// Figures for one VMM and one operation: the long run, and CPU per request
 /// from the long run minus the short one.
-fn measure(make: &MakeCommand, op: &str, n: u64) -> Result<(Sample, f64), String> {
+fn measure(make: &MakeCommand<'_>, op: &str, n: u64) -> Result<(Sample, f64), String> {
     let short = (n / 10).max(1);
     let small = run(make(&format!("blk-bench={op}:{short} exit=0")))?;
     let big = run(make(&format!("blk-bench={op}:{n} exit=0")))?;
@@ -125,7 +125,7 @@ fn main() {
     println!("|-------|-------|-----------:|--------------------:|-------------------------:|-------:|");
     let ferry_make = |t: &str| ferry_cmd(&image, t);
     let qemu_make = |t: &str| qemu_cmd(&guest, &image, t);
-    let mut vmms: Vec<(&str, &MakeCommand)> = vec![("ferry", &ferry_make)];
+    let mut vmms: Vec<(&str, &MakeCommand<'_>)> = vec![("ferry", &ferry_make)];
     if qemu {
         vmms.push(("qemu", &qemu_make));
     }
