@@ -28,6 +28,8 @@
 #![warn(missing_docs)]
 
 pub mod sdk;
+pub mod state;
+pub mod testing;
 
 use abi_stable::{
     declare_root_module_statics,
@@ -40,6 +42,8 @@ use abi_stable::{
 
 #[doc(hidden)]
 pub use abi_stable;
+/// serde, for deriving state types (`#[serde(crate = "ferry_plugin_api::serde")]`).
+pub use serde;
 
 /// The version of this crate, which is the version of the plugin ABI.
 pub const PLUGIN_API_VERSION: &str = env!("CARGO_PKG_VERSION");

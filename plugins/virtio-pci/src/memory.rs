@@ -112,7 +112,7 @@ mod tests {
 
     #[test]
     fn device_writes_mark_exactly_their_pages() {
-        let mut fake = FakeRam::new(1 << 20);
+        let fake = FakeRam::new(1 << 20);
         let mem = from_host(&fake.map()).unwrap();
         mem.write_slice(&[1u8; 10], GuestAddress(3 * 4096 + 4090)).unwrap();
         let _ = mem.read_obj::<u64>(GuestAddress(9 * 4096)).unwrap();
@@ -126,7 +126,7 @@ mod tests {
 
     #[test]
     fn accesses_outside_ram_fail() {
-        let mut fake = FakeRam::new(1 << 20);
+        let fake = FakeRam::new(1 << 20);
         let mem = from_host(&fake.map()).unwrap();
         assert!(mem.write_slice(&[1u8; 8], GuestAddress(1 << 20)).is_err());
         assert!(mem.write_slice(&[1u8; 8], GuestAddress((1 << 20) - 4)).is_err());

@@ -5,10 +5,6 @@
 //! Layout of queue `q`: descriptor table at `0x10000 * (q + 1)`, available
 //! ring 0x4000 after it, used ring 0x8000 after it.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
-use abi_stable::std_types::RVec;
-use ferry_plugin_api::{GuestMemoryMap, MemoryRegion};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -20,73 +16,7 @@ pub const NEXT: u16 = 1;
 /// Descriptor flag: device-writable.
 pub const WRITE: u16 = 2;
 
-/// Guest RAM and a dirty bitmap owned by the test (standing in for the core).
-pub struct FakeRam {
-    ptr: *mut u8,
-    len: usize,
-    bitmap: Vec<AtomicU64>,
-}
-
-// SAFETY: the mapping is plain anonymous memory owned by this value.
-unsafe impl Send for FakeRam {}
-
-impl FakeRam {
-    /// `size` bytes of zeroed, page-aligned RAM.
-    pub fn new(size: usize) -> Self {
-        // SAFETY: an anonymous private mapping; the result is checked.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                size,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert!(ptr != libc::MAP_FAILED, "mmap of fake RAM failed");
-        let pages = size / 4096;
-        FakeRam {
-            ptr: ptr.cast(),
-            len: size,
-            bitmap: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
-        }
-    }
-
-    /// The RAM bytes.
-    pub fn bytes(&self) -> &[u8] {
-        // SAFETY: `ptr..ptr + len` is our live mapping.
-        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
-    }
-
-    /// What the host would hand a device.
-    pub fn map(&mut self) -> GuestMemoryMap {
-        GuestMemoryMap {
-            regions: RVec::from(vec![MemoryRegion {
-                gpa: 0,
-                len: self.len as u64,
-                host_addr: self.ptr as u64,
-                first_page: 0,
-            }]),
-            dirty_bitmap: self.bitmap.as_ptr() as u64,
-            dirty_pages: (self.len / 4096) as u64,
-        }
-    }
-
-    /// Dirty page numbers, in order.
-    pub fn dirty_pages(&self) -> Vec<usize> {
-        (0..self.len / 4096)
-            .filter(|p| self.bitmap[p / 64].load(Ordering::Acquire) & (1 << (p % 64)) != 0)
-            .collect()
-    }
-
-    /// Forget every dirty mark.
-    pub fn clear_dirty(&self) {
-        for w in &self.bitmap {
-            w.store(0, Ordering::Release);
-        }
-    }
-}
+pub use ferry_plugin_api::testing::FakeRam;
 
 /// One descriptor to post.
 #[derive(Debug, Clone, Copy)]
@@ -119,7 +49,7 @@ fn desc_table(q: usize) -> u64 {
 impl TestQueues {
     /// `ram` bytes of RAM (at least 1 MiB) and queues of the given sizes.
     pub fn new(ram: usize, sizes: &[u16]) -> Self {
-        let mut fake = Box::new(FakeRam::new(ram));
+        let fake = Box::new(FakeRam::new(ram));
         let mem = crate::memory::from_host(&fake.map()).expect("fake RAM maps");
         let slots = sizes
             .iter()
@@ -207,12 +137,5 @@ impl TestQueues {
         let mut v = vec![0; len];
         self.mem.read_slice(&mut v, GuestAddress(addr)).expect("read");
         v
-    }
-}
-
-impl Drop for FakeRam {
-    fn drop(&mut self) {
-        // SAFETY: unmapping the mapping made in `new`, used by nothing now.
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
     }
 }
