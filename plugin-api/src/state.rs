@@ -15,6 +15,8 @@
 //! needs no serde dependency of its own:
 //!
 //! ```ignore
+//! use ferry_plugin_api::serde;
+//!
 //! #[derive(serde::Serialize, serde::Deserialize)]
 //! #[serde(crate = "ferry_plugin_api::serde")]
 //! struct StateV1 { index: u8, ram: Vec<u8> }
@@ -77,10 +79,18 @@ pub fn save<S: Versioned>(state: &S, version: u32) -> Result<StateBlob, String> 
 pub fn load<S: Versioned>(blob: &StateBlob) -> Result<S, String> {
     let v = blob.version;
     if v > S::CURRENT {
-        return Err(format!("state v{v} is newer than this plugin loads (v{}..v{})", S::OLDEST_LOAD, S::CURRENT));
+        return Err(format!(
+            "state v{v} is newer than this plugin loads (v{}..v{})",
+            S::OLDEST_LOAD,
+            S::CURRENT
+        ));
     }
     if v < S::OLDEST_LOAD {
-        return Err(format!("state v{v} is older than this plugin loads (v{}..v{})", S::OLDEST_LOAD, S::CURRENT));
+        return Err(format!(
+            "state v{v} is older than this plugin loads (v{}..v{})",
+            S::OLDEST_LOAD,
+            S::CURRENT
+        ));
     }
     S::load_version(v, blob.bytes.as_slice())
 }

@@ -90,7 +90,9 @@ impl FakeRam {
 
     /// Dirty page numbers, in order.
     pub fn dirty_pages(&self) -> Vec<usize> {
-        (0..self.len / 4096).filter(|p| self.bitmap[p / 64].load(Ordering::Acquire) & (1 << (p % 64)) != 0).collect()
+        (0..self.len / 4096)
+            .filter(|p| self.bitmap[p / 64].load(Ordering::Acquire) & (1 << (p % 64)) != 0)
+            .collect()
     }
 
     /// Forget every dirty mark.
@@ -189,7 +191,9 @@ pub fn check_round_trip<S: Versioned + PartialEq + Debug>(samples: &[S]) {
                 Ok(old) => {
                     state::load::<S>(&old).unwrap_or_else(|e| panic!("v{v} saved but does not load: {e}"));
                 }
-                Err(reason) => assert!(!reason.trim().is_empty(), "a refused downgrade to v{v} gives a reason"),
+                Err(reason) => {
+                    assert!(!reason.trim().is_empty(), "a refused downgrade to v{v} gives a reason")
+                }
             }
         }
     }
@@ -225,15 +229,18 @@ pub fn check_through_abi(root: fn() -> PluginModRef, properties: &[(&str, &str)]
             .properties
             .iter()
             .map(|spec| {
-                let given = properties.iter().find(|(k, _)| *k == spec.name.as_str()).map(|(_, v)| v.to_string());
+                let given =
+                    properties.iter().find(|(k, _)| *k == spec.name.as_str()).map(|(_, v)| v.to_string());
                 let value = given.or_else(|| spec.default.clone().into_option().map(|d| d.to_string()));
                 Property { name: spec.name.clone(), value: value.unwrap_or_default().into() }
             })
             .collect(),
     };
     let host = FakeHost::new(4 << 20);
-    let mut a = module.create()(config(), host.handle()).into_result().expect("create through the ABI").device;
-    let mut b = module.create()(config(), host.handle()).into_result().expect("create a second device").device;
+    let mut a =
+        module.create()(config(), host.handle()).into_result().expect("create through the ABI").device;
+    let mut b =
+        module.create()(config(), host.handle()).into_result().expect("create a second device").device;
     for d in [&mut a, &mut b] {
         d.pause().into_result().expect("pause");
         d.pause().into_result().expect("pause twice");

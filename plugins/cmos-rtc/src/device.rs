@@ -8,8 +8,36 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use ferry_plugin_api::{
     sdk::{DescriptorBuilder, PluginDevice, Properties},
-    AddressSpace, DeviceConfig, HostBox, PluginDescriptor, PropertyKind, Region,
+    serde,
+    state::{self, Versioned},
+    AddressSpace, DeviceConfig, HostBox, PluginDescriptor, PropertyKind, Region, StateBlob,
 };
+
+/// State v1: the index register and the CMOS RAM (which holds the status
+/// registers). The clock itself is the host's and is not saved.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(crate = "ferry_plugin_api::serde")]
+pub struct RtcStateV1 {
+    index: u8,
+    ram: Vec<u8>,
+}
+
+impl Versioned for RtcStateV1 {
+    const CURRENT: u32 = 1;
+    const OLDEST_LOAD: u32 = 1;
+
+    fn load_version(_version: u32, bytes: &[u8]) -> Result<Self, String> {
+        let s: RtcStateV1 = state::decode(bytes)?;
+        if s.ram.len() != 128 {
+            return Err(format!("CMOS RAM of {} bytes, expected 128", s.ram.len()));
+        }
+        Ok(s)
+    }
+
+    fn save_version(&self, _version: u32) -> Result<Vec<u8>, String> {
+        state::encode(self)
+    }
+}
 
 const REG_SECONDS: u8 = 0x00;
 const REG_MINUTES: u8 = 0x02;
@@ -37,6 +65,7 @@ pub fn describe() -> PluginDescriptor {
         "MC146818 CMOS real-time clock with the host's date and time (UTC)",
     )
     .property("port", PropertyKind::Integer, Some("0x70"), "index port; data is port + 1")
+    .state(RtcStateV1::CURRENT, RtcStateV1::OLDEST_LOAD, RtcStateV1::OLDEST_SAVE)
     .build()
 }
 
@@ -124,6 +153,17 @@ impl PluginDevice for CmosRtc {
         } else {
             self.write_register(self.index, value);
         }
+        Ok(())
+    }
+
+    fn save_state(&mut self, version: u32) -> Result<StateBlob, String> {
+        state::save(&RtcStateV1 { index: self.index, ram: self.ram.to_vec() }, version)
+    }
+
+    fn load_state(&mut self, blob: StateBlob) -> Result<(), String> {
+        let s = state::load::<RtcStateV1>(&blob)?;
+        self.index = s.index & 0x7f;
+        self.ram.copy_from_slice(&s.ram);
         Ok(())
     }
 }
@@ -225,5 +265,22 @@ mod tests {
         rtc.write(0, 0, &[REG_STATUS_D]).unwrap();
         rtc.read(0, 1, &mut out).unwrap();
         assert_eq!(out[0], STATUS_D_VALID_RAM);
+    }
+}
+
+#[cfg(test)]
+mod state_tests {
+    use super::*;
+    use ferry_plugin_api::testing;
+
+    #[test]
+    fn state_round_trips_and_bad_ram_is_refused() {
+        let mut ram = vec![0u8; 128];
+        ram[0x0b] = 0x06;
+        ram[0x40] = 0x5a;
+        testing::check_round_trip(&[RtcStateV1 { index: 0x40, ram }]);
+        let bad = state::encode(&RtcStateV1 { index: 0, ram: vec![0; 3] }).unwrap();
+        let err = state::load::<RtcStateV1>(&StateBlob { version: 1, bytes: bad.into() }).unwrap_err();
+        assert!(err.contains("3 bytes"), "{err}");
     }
 }

@@ -7,3 +7,13 @@ ferry_plugin_api::export_plugin! {
     describe: device::describe,
     create: device::CmosRtc::create,
 }
+
+#[cfg(test)]
+mod abi_tests {
+    use ferry_plugin_api::testing;
+
+    #[test]
+    fn state_and_abi() {
+        testing::check_through_abi(crate::__ferry_plugin_root_module, &[]);
+    }
+}

@@ -3,7 +3,8 @@
 
 use ferry_plugin_api::{
     sdk::{DescriptorBuilder, PluginDevice, Properties},
-    AddressSpace, DeviceConfig, HostBox, PluginDescriptor, PropertyKind, Region, StopKind,
+    state::{self, NoState},
+    AddressSpace, DeviceConfig, HostBox, PluginDescriptor, PropertyKind, Region, StateBlob, StopKind,
 };
 
 pub fn describe() -> PluginDescriptor {
@@ -44,5 +45,13 @@ impl PluginDevice for DebugExit {
         let status = data.first().copied().unwrap_or(0);
         self.host.stop_vm(StopKind::Exit, i32::from(status));
         Ok(())
+    }
+
+    fn save_state(&mut self, version: u32) -> Result<StateBlob, String> {
+        state::save(&NoState {}, version)
+    }
+
+    fn load_state(&mut self, blob: StateBlob) -> Result<(), String> {
+        state::load::<NoState>(&blob).map(|_| ())
     }
 }

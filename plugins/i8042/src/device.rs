@@ -3,7 +3,8 @@
 
 use ferry_plugin_api::{
     sdk::{DescriptorBuilder, PluginDevice},
-    AddressSpace, DeviceConfig, HostBox, PluginDescriptor, Region, StopKind,
+    state::{self, NoState},
+    AddressSpace, DeviceConfig, HostBox, PluginDescriptor, Region, StateBlob, StopKind,
 };
 use vm_superio::{I8042Device, Trigger};
 
@@ -70,5 +71,13 @@ impl PluginDevice for I8042 {
             let _ = self.inner.write(offset_of(region), value);
         }
         Ok(())
+    }
+
+    fn save_state(&mut self, version: u32) -> Result<StateBlob, String> {
+        state::save(&NoState {}, version)
+    }
+
+    fn load_state(&mut self, blob: StateBlob) -> Result<(), String> {
+        state::load::<NoState>(&blob).map(|_| ())
     }
 }

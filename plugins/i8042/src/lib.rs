@@ -7,3 +7,14 @@ ferry_plugin_api::export_plugin! {
     describe: device::describe,
     create: device::I8042::create,
 }
+
+#[cfg(test)]
+mod abi_tests {
+    use ferry_plugin_api::{state::NoState, testing};
+
+    #[test]
+    fn state_round_trips_and_the_plugin_works_through_the_abi() {
+        testing::check_round_trip(&[NoState {}]);
+        testing::check_through_abi(crate::__ferry_plugin_root_module, &[]);
+    }
+}

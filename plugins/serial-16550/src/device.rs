@@ -20,7 +20,15 @@ use ferry_plugin_api::{
     sdk::{DescriptorBuilder, PluginDevice, Properties},
     AddressSpace, DeviceConfig, HostBox, LogLevel, PluginDescriptor, PropertyKind, Region,
 };
-use vm_superio::{serial::NoEvents, Serial, Trigger};
+use ferry_plugin_api::{
+    serde,
+    state::{self, Versioned},
+    StateBlob,
+};
+use vm_superio::{
+    serial::{NoEvents, SerialState},
+    Serial, Trigger,
+};
 
 use crate::backend::{bind_socket, open_file, Input, Output};
 
@@ -37,7 +45,79 @@ pub fn describe() -> PluginDescriptor {
     .property("output", PropertyKind::String, Some("stdout"), "stdout | file | socket | none")
     .property("path", PropertyKind::String, Some(""), "file or socket path for output=file|socket")
     .property("input", PropertyKind::String, Some("stdin"), "stdin | none (socket output reads the socket)")
+    .state(UartStateV1::CURRENT, UartStateV1::OLDEST_LOAD, UartStateV1::OLDEST_SAVE)
     .build()
+}
+
+/// State v1: every 16550 register and the receive FIFO (what the guest has
+/// not read yet). Where output goes is configuration, not state.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(crate = "ferry_plugin_api::serde")]
+pub struct UartStateV1 {
+    divisor_low: u8,
+    divisor_high: u8,
+    interrupt_enable: u8,
+    interrupt_identification: u8,
+    line_control: u8,
+    line_status: u8,
+    modem_control: u8,
+    modem_status: u8,
+    scratch: u8,
+    rx_fifo: Vec<u8>,
+}
+
+/// The 16550 FIFO depth.
+const FIFO_SIZE: usize = 64;
+
+impl Versioned for UartStateV1 {
+    const CURRENT: u32 = 1;
+    const OLDEST_LOAD: u32 = 1;
+
+    fn load_version(_version: u32, bytes: &[u8]) -> Result<Self, String> {
+        let s: UartStateV1 = state::decode(bytes)?;
+        if s.rx_fifo.len() > FIFO_SIZE {
+            return Err(format!("receive FIFO of {} bytes, the UART holds {FIFO_SIZE}", s.rx_fifo.len()));
+        }
+        Ok(s)
+    }
+
+    fn save_version(&self, _version: u32) -> Result<Vec<u8>, String> {
+        state::encode(self)
+    }
+}
+
+impl From<SerialState> for UartStateV1 {
+    fn from(s: SerialState) -> Self {
+        UartStateV1 {
+            divisor_low: s.baud_divisor_low,
+            divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            rx_fifo: s.in_buffer,
+        }
+    }
+}
+
+impl From<&UartStateV1> for SerialState {
+    fn from(s: &UartStateV1) -> Self {
+        SerialState {
+            baud_divisor_low: s.divisor_low,
+            baud_divisor_high: s.divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.rx_fifo.clone(),
+        }
+    }
 }
 
 /// Raises the UART's interrupt line as an edge (ISA interrupts are edges).
@@ -58,6 +138,7 @@ impl Trigger for IrqLine {
 
 pub struct Serial16550 {
     port: u16,
+    gsi: u32,
     uart: Arc<Mutex<Uart>>,
     paused: Arc<AtomicBool>,
     host: HostBox,
@@ -126,7 +207,7 @@ impl Serial16550 {
                 })
                 .map_err(|e| format!("cannot start socket thread: {e}"))?;
         }
-        Ok(Serial16550 { port, uart, paused, host, reported_output_error: false })
+        Ok(Serial16550 { port, gsi, uart, paused, host, reported_output_error: false })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Uart> {
@@ -211,5 +292,39 @@ impl PluginDevice for Serial16550 {
     fn resume(&mut self) -> Result<(), String> {
         self.paused.store(false, Ordering::Release);
         Ok(())
+    }
+
+    fn save_state(&mut self, version: u32) -> Result<StateBlob, String> {
+        state::save(&UartStateV1::from(self.lock().state()), version)
+    }
+
+    fn load_state(&mut self, blob: StateBlob) -> Result<(), String> {
+        let s = state::load::<UartStateV1>(&blob)?;
+        let mut uart = self.lock();
+        // Rebuild the register model around the same output.
+        let placeholder = Serial::new(IrqLine { host: self.host.clone(), gsi: self.gsi }, Output::Discard);
+        let out = std::mem::replace(&mut *uart, placeholder).into_writer();
+        let irq = IrqLine { host: self.host.clone(), gsi: self.gsi };
+        *uart = Serial::from_state(&SerialState::from(&s), irq, NoEvents, out)
+            .map_err(|e| format!("restoring the UART: {e:?}"))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod state_tests {
+    use super::*;
+    use ferry_plugin_api::testing;
+
+    #[test]
+    fn state_round_trips_and_an_overfull_fifo_is_refused() {
+        let mut s = UartStateV1::from(SerialState::default());
+        s.rx_fifo = b"typed ahead".to_vec();
+        s.line_control = 0x03;
+        testing::check_round_trip(&[UartStateV1::from(SerialState::default()), s.clone()]);
+        s.rx_fifo = vec![b'x'; 65];
+        let bytes = state::encode(&s).unwrap();
+        let err = state::load::<UartStateV1>(&StateBlob { version: 1, bytes: bytes.into() }).unwrap_err();
+        assert!(err.contains("65 bytes"), "{err}");
     }
 }

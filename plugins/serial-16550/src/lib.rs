@@ -9,3 +9,16 @@ ferry_plugin_api::export_plugin! {
     describe: device::describe,
     create: device::Serial16550::create,
 }
+
+#[cfg(test)]
+mod abi_tests {
+    use ferry_plugin_api::testing;
+
+    #[test]
+    fn the_plugin_works_through_the_abi() {
+        testing::check_through_abi(
+            crate::__ferry_plugin_root_module,
+            &[("output", "none"), ("input", "none")],
+        );
+    }
+}

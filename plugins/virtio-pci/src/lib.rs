@@ -15,6 +15,7 @@
 mod layout;
 mod memory;
 mod msix;
+mod state;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 mod transport;
@@ -70,6 +71,17 @@ pub trait VirtioDevice: Send + 'static {
 
     /// The driver reset the device.
     fn reset(&mut self) {}
+
+    /// Device-specific state beyond the transport's (CBOR, version 1), for
+    /// snapshots and migration. Called while the device is paused.
+    fn save(&self) -> Result<Vec<u8>, String> {
+        Ok(Vec::new())
+    }
+
+    /// Load what `save` returned. Called while the device is paused.
+    fn restore(&mut self, _bytes: &[u8]) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// One virtqueue and its notification eventfd.

@@ -8,7 +8,17 @@
 
 use std::os::fd::AsRawFd;
 
-use ferry_plugin_api::{HostBox, MsiMessage};
+use ferry_plugin_api::{serde, HostBox, MsiMessage};
+
+/// Saved MSI-X state.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(crate = "ferry_plugin_api::serde")]
+pub struct MsixStateV1 {
+    entries: Vec<(u64, u32, bool)>,
+    pending: Vec<bool>,
+    enabled: bool,
+    function_masked: bool,
+}
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -47,6 +57,34 @@ impl Msix {
             function_masked: false,
             host,
         })
+    }
+
+    /// Entries (address, data, masked), pending bits, enable, function mask.
+    pub fn snapshot(&self) -> MsixStateV1 {
+        MsixStateV1 {
+            entries: self.entries.iter().map(|e| (e.address, e.data, e.masked)).collect(),
+            pending: self.pending.clone(),
+            enabled: self.enabled,
+            function_masked: self.function_masked,
+        }
+    }
+
+    /// Take over a saved table, routing what is deliverable.
+    pub fn restore(&mut self, s: &MsixStateV1) -> Result<(), String> {
+        if s.entries.len() != self.entries.len() || s.pending.len() != self.pending.len() {
+            return Err(format!(
+                "MSI-X table of {} vectors, this device has {}",
+                s.entries.len(),
+                self.entries.len()
+            ));
+        }
+        for (e, &(address, data, masked)) in self.entries.iter_mut().zip(&s.entries) {
+            *e = Entry { address, data, masked };
+        }
+        self.pending.clone_from(&s.pending);
+        self.enabled = s.enabled;
+        self.function_masked = s.function_masked;
+        self.control_changed()
     }
 
     /// Table size.

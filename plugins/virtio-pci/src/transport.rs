@@ -11,7 +11,7 @@ use std::{
 
 use ferry_plugin_api::{
     sdk::{PciConfigSpace, PluginDevice},
-    AddressSpace, HostBox, LogLevel, PciBar, Region, PCI_BAR_REGION,
+    state, AddressSpace, HostBox, LogLevel, PciBar, Region, StateBlob, PCI_BAR_REGION,
 };
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -20,8 +20,12 @@ use crate::{
     layout::{self, common, status},
     memory::GuestMemory,
     msix::Msix,
+    state::{QueueStateV1, VirtioStateV1},
     worker, QueueSlot, Queues, VirtioDevice, VIRTIO_F_VERSION_1,
 };
+
+/// The state version virtio devices on this transport write and load.
+pub const STATE_VERSION: u32 = 1;
 
 /// Everything the vCPU side and the worker share.
 pub(crate) struct State<D: VirtioDevice> {
@@ -461,6 +465,87 @@ impl<D: VirtioDevice> State<D> {
         Ok(())
     }
 
+    fn save(&self) -> Result<VirtioStateV1, String> {
+        Ok(VirtioStateV1 {
+            command: self.command,
+            bar0: self.bar0,
+            status: self.status,
+            driver_features: self.driver_features,
+            device_feature_select: self.device_feature_select,
+            driver_feature_select: self.driver_feature_select,
+            queue_select: self.queue_select,
+            config_vector: self.config_vector,
+            isr: self.isr,
+            activated: self.activated,
+            queues: self
+                .queues
+                .iter()
+                .map(|q| {
+                    let s = q.queue.state();
+                    QueueStateV1 {
+                        size: s.size,
+                        ready: s.ready,
+                        desc: s.desc_table,
+                        avail: s.avail_ring,
+                        used: s.used_ring,
+                        next_avail: s.next_avail,
+                        next_used: s.next_used,
+                        vector: q.vector,
+                    }
+                })
+                .collect(),
+            msix: self.msix.snapshot(),
+            device: self.device.save()?,
+        })
+    }
+
+    fn restore(&mut self, s: &VirtioStateV1) -> Result<(), String> {
+        if s.queues.len() != self.queues.len() {
+            return Err(format!(
+                "state has {} queues, this device has {}",
+                s.queues.len(),
+                self.queues.len()
+            ));
+        }
+        self.unregister_notifies();
+        self.command = s.command & 0x0406;
+        self.bar0 = s.bar0 & !(layout::BAR0_SIZE as u32 - 1);
+        self.status = s.status;
+        self.driver_features = s.driver_features & self.device_features;
+        self.device_feature_select = s.device_feature_select;
+        self.driver_feature_select = s.driver_feature_select;
+        self.queue_select = s.queue_select;
+        self.config_vector = s.config_vector;
+        self.isr = s.isr;
+        for (slot, q) in self.queues.iter_mut().zip(&s.queues) {
+            if q.size > slot.queue.max_size() || (q.size != 0 && !q.size.is_power_of_two()) {
+                return Err(format!("queue size {} (max {})", q.size, slot.queue.max_size()));
+            }
+            slot.queue.reset();
+            slot.queue.set_size(q.size);
+            slot.queue.set_desc_table_address(Some(q.desc as u32), Some((q.desc >> 32) as u32));
+            slot.queue.set_avail_ring_address(Some(q.avail as u32), Some((q.avail >> 32) as u32));
+            slot.queue.set_used_ring_address(Some(q.used as u32), Some((q.used >> 32) as u32));
+            slot.queue.set_next_avail(q.next_avail);
+            slot.queue.set_next_used(q.next_used);
+            slot.queue.set_ready(q.ready);
+            slot.vector = q.vector;
+        }
+        self.msix.restore(&s.msix)?;
+        self.device.restore(&s.device)?;
+        self.activated = s.activated;
+        if self.activated {
+            self.register_notifies()?;
+            // Serve whatever the driver made available before the save.
+            for slot in &self.queues {
+                if slot.queue.ready() {
+                    let _ = slot.kick.write(1);
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn bar(&self) -> PciBar {
         PciBar {
             index: 0,
@@ -508,6 +593,26 @@ impl<D: VirtioDevice> PluginDevice for VirtioPci<D> {
         self.shared.lock().paused = false;
         self.shared.resumed.notify_all();
         Ok(())
+    }
+
+    fn save_state(&mut self, version: u32) -> Result<StateBlob, String> {
+        if version != STATE_VERSION {
+            return Err(format!("cannot write state v{version}: this plugin writes v{STATE_VERSION}"));
+        }
+        let s = self.shared.lock().save()?;
+        Ok(StateBlob { version, bytes: state::encode(&s)?.into() })
+    }
+
+    fn load_state(&mut self, blob: StateBlob) -> Result<(), String> {
+        if blob.version != STATE_VERSION {
+            return Err(format!(
+                "state v{} is {} than this plugin loads (v{STATE_VERSION}..v{STATE_VERSION})",
+                blob.version,
+                if blob.version > STATE_VERSION { "newer" } else { "older" }
+            ));
+        }
+        let s: VirtioStateV1 = state::decode(blob.bytes.as_slice())?;
+        self.shared.lock().restore(&s)
     }
 
     fn take_pci_function(&mut self) -> Option<Box<dyn PciConfigSpace>> {
