@@ -9,6 +9,7 @@ pub mod kvm;
 pub mod log;
 pub mod machine;
 pub mod memory;
+pub mod migration;
 pub mod pci;
 pub mod plugins;
 pub mod vcpu;

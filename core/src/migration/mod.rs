@@ -1,0 +1,3 @@
+//! Moving a VM's state: the stream format, the manifest, snapshots.
+
+pub mod stream;
