@@ -323,6 +323,14 @@ impl Bus {
         }
     }
 
+    /// Map every PCI function's BARs as they are now (after device state
+    /// was loaded, the guest's BAR addresses may differ from fresh ones).
+    pub fn refresh_pci(&self) {
+        for index in 0..self.devices.len() {
+            self.remap_bars(index);
+        }
+    }
+
     /// The devices, in the order they were added.
     pub fn devices(&self) -> &[DeviceSlot] {
         &self.devices

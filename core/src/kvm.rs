@@ -72,6 +72,12 @@ impl Machine {
         Ok(Machine { kvm, vm: Arc::new(vm), supported_cpuid })
     }
 
+    /// The MSRs KVM can save and restore on this host.
+    pub fn msr_indexes(&self) -> Result<Vec<u32>, KvmError> {
+        let list = self.kvm.get_msr_index_list().map_err(call("KVM_GET_MSR_INDEX_LIST"))?;
+        Ok(list.as_slice().to_vec())
+    }
+
     /// Register guest RAM, one slot per range.
     pub fn register_ram(&self, ram: &GuestRam) -> Result<(), KvmError> {
         use vm_memory::{GuestAddress, GuestMemoryBackend};

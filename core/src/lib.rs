@@ -1,6 +1,7 @@
 //! Ferry's core: KVM, guest memory, vCPU threads, the address bus, boot,
 //! the plugin loader and machine types. `main.rs` is the CLI on top.
 
+pub mod api;
 pub mod boot;
 pub mod bus;
 pub mod host;
@@ -12,5 +13,6 @@ pub mod memory;
 pub mod migration;
 pub mod pci;
 pub mod plugins;
+pub mod state;
 pub mod vcpu;
 pub mod vm;

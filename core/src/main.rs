@@ -9,7 +9,7 @@ use ferry::{
     machine::{self, DEFAULT_MACHINE},
     memory::parse_size,
     plugins::Registry,
-    vm::{self, Outcome, VmConfig},
+    vm::{self, BootConfig, Outcome},
 };
 
 #[derive(Parser)]
@@ -32,6 +32,22 @@ enum Command {
     },
     /// List the built-in machine types.
     Machines,
+    /// Talk to a running ferry's control API.
+    Ctl {
+        /// The API socket (`ferry run --api-socket`).
+        #[arg(long, value_name = "PATH")]
+        api_socket: PathBuf,
+        #[command(subcommand)]
+        action: CtlAction,
+    },
+    /// Show a snapshot's manifest and sections, with CRC checks.
+    Inspect {
+        /// The snapshot file.
+        file: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Write the bundled test guest (an ELF with a PVH note that QEMU boots
     /// too) to FILE, for side-by-side runs.
     TestGuest {
@@ -39,6 +55,23 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         output: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum CtlAction {
+    /// State, machine type, devices.
+    Info,
+    /// Pause the guest.
+    Pause,
+    /// Resume the guest.
+    Resume,
+    /// Write a snapshot (the guest pauses while it is written).
+    Snapshot {
+        /// Where.
+        file: PathBuf,
+    },
+    /// End the VM.
+    Shutdown,
 }
 
 #[derive(clap::Args)]
@@ -73,6 +106,16 @@ struct RunArgs {
     /// Add a virtio-rng entropy device.
     #[arg(long)]
     rng: bool,
+    /// Restore a snapshot instead of booting (its machine type, devices,
+    /// vCPUs and memory come from the file).
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["machine", "kernel", "initramfs", "cmdline", "cpus", "memory", "disk", "net", "rng"])]
+    restore: Option<PathBuf>,
+    /// With --restore: check every memory page's CRC before running.
+    #[arg(long, requires = "restore")]
+    verify_memory: bool,
+    /// Serve the control API (REST/JSON) on this unix socket.
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
 }
 
 fn default_plugin_dir() -> Result<PathBuf> {
@@ -81,6 +124,22 @@ fn default_plugin_dir() -> Result<PathBuf> {
 }
 
 fn run(args: RunArgs) -> Result<ExitCode> {
+    let plugins = match &args.plugins {
+        Some(dir) => dir.clone(),
+        None => default_plugin_dir()?,
+    };
+    let vm = match &args.restore {
+        Some(file) => vm::restore(file, &plugins, args.verify_memory)?,
+        None => vm::boot(boot_config(&args, plugins)?)?,
+    };
+    let outcome = vm.run(args.api_socket.as_deref())?;
+    Ok(match outcome {
+        Outcome::Reset | Outcome::Shutdown => ExitCode::SUCCESS,
+        Outcome::Exit(status) => ExitCode::from((status & 0xff) as u8),
+    })
+}
+
+fn boot_config(args: &RunArgs, plugins: PathBuf) -> Result<BootConfig> {
     let mut machine = machine::load(&args.machine)?;
     for spec in &args.disk {
         let id = machine.free_id("disk");
@@ -100,28 +159,40 @@ fn run(args: RunArgs) -> Result<ExitCode> {
         }
         None => None,
     };
-    let kernel = match args.kernel {
-        Some(path) => Kernel::File(path),
+    let kernel = match &args.kernel {
+        Some(path) => Kernel::File(path.clone()),
         None => Kernel::TestGuest,
     };
-    let plugins = match args.plugins {
-        Some(dir) => dir,
-        None => default_plugin_dir()?,
-    };
-    let config = VmConfig {
+    Ok(BootConfig {
         machine,
         kernel,
-        initramfs: args.initramfs,
-        cmdline: args.cmdline,
+        initramfs: args.initramfs.clone(),
+        cmdline: args.cmdline.clone(),
         cpus: args.cpus,
         memory,
         plugins,
-    };
-    let outcome = vm::run(config)?;
-    Ok(match outcome {
-        Outcome::Reset => ExitCode::SUCCESS,
-        Outcome::Exit(status) => ExitCode::from((status & 0xff) as u8),
     })
+}
+
+fn ctl(socket: &std::path::Path, action: CtlAction) -> Result<ExitCode> {
+    let (method, path, body) = match &action {
+        CtlAction::Info => ("GET", "/vm", None),
+        CtlAction::Pause => ("PUT", "/vm/pause", None),
+        CtlAction::Resume => ("PUT", "/vm/resume", None),
+        CtlAction::Shutdown => ("PUT", "/vm/shutdown", None),
+        CtlAction::Snapshot { file } => {
+            // The server resolves relative paths against its own directory.
+            let abs = std::path::absolute(file).with_context(|| format!("bad path {}", file.display()))?;
+            ("PUT", "/vm/snapshot", Some(serde_json::json!({ "path": abs })))
+        }
+    };
+    let (status, value) = ferry::api::call(socket, method, path, body.as_ref()).map_err(|e| anyhow!(e))?;
+    if !(200..300).contains(&status) {
+        let message = value.get("error").and_then(|e| e.as_str()).unwrap_or("unknown error");
+        return Err(anyhow!("{message}"));
+    }
+    println!("{}", serde_json::to_string_pretty(&value).unwrap_or_default());
+    Ok(ExitCode::SUCCESS)
 }
 
 fn plugins(dir: Option<PathBuf>) -> Result<ExitCode> {
@@ -167,6 +238,21 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args),
         Command::Plugins { plugins: dir } => plugins(dir),
         Command::Machines => machines(),
+        Command::Ctl { api_socket, action } => ctl(&api_socket, action),
+        Command::Inspect { file, json } => {
+            ferry::migration::inspect::inspect(&file).map_err(|e| anyhow!(e)).map(|report| {
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&report.to_json()).unwrap_or_default());
+                } else {
+                    print!("{}", report.to_text());
+                }
+                if report.ok() {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                }
+            })
+        }
         Command::TestGuest { output } => std::fs::write(&output, ferry::boot::TEST_GUEST)
             .map(|()| ExitCode::SUCCESS)
             .with_context(|| format!("cannot write {}", output.display())),

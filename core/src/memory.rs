@@ -137,10 +137,29 @@ impl DirtyBitmap {
 /// Guest RAM: the memfd, the layout, the mapping and the device dirty
 /// bitmap.
 pub struct GuestRam {
-    memfd: File,
+    /// The backing memfd (None for RAM mapped from a snapshot file).
+    memfd: Option<File>,
     ranges: Vec<RamRange>,
     mem: GuestMemoryMmap,
     dirty: DirtyBitmap,
+    /// Mappings this value made itself and must unmap.
+    own_maps: Vec<(usize, usize)>,
+}
+
+// SAFETY: the raw mappings in `own_maps` are plain memory owned by this
+// value; access goes through vm-memory, which is Send + Sync.
+unsafe impl Send for GuestRam {}
+// SAFETY: as above.
+unsafe impl Sync for GuestRam {}
+
+impl Drop for GuestRam {
+    fn drop(&mut self) {
+        for &(addr, len) in &self.own_maps {
+            // SAFETY: a mapping made by `from_snapshot`, unused once the
+            // VM (which holds this value) is gone.
+            unsafe { libc::munmap(addr as *mut libc::c_void, len) };
+        }
+    }
 }
 
 impl GuestRam {
@@ -171,7 +190,75 @@ impl GuestRam {
         let mem =
             GuestMemoryMmap::from_ranges_with_files(regions).map_err(|e| MemoryError::Map(e.to_string()))?;
         let dirty = DirtyBitmap::new(size / PAGE_SIZE);
-        Ok(GuestRam { memfd, ranges, mem, dirty })
+        Ok(GuestRam { memfd: Some(memfd), ranges, mem, dirty, own_maps: Vec::new() })
+    }
+
+    /// RAM of `size` bytes whose contents are the `runs` of a snapshot file,
+    /// mapped privately and lazily: nothing is read until the guest touches
+    /// a page, and guest writes never reach the file. Pages outside the runs
+    /// are zero.
+    pub fn from_snapshot(size: u64, file: &File, runs: &[(u64, u64, u64)]) -> Result<Self, MemoryError> {
+        use std::os::fd::AsRawFd;
+        let ranges = layout(size);
+        let mut own_maps = Vec::new();
+        let mut regions = Vec::new();
+        let map_err = |what: &str| MemoryError::Map(format!("{what}: {}", std::io::Error::last_os_error()));
+        for r in &ranges {
+            let len = usize::try_from(r.len).map_err(|e| MemoryError::Map(e.to_string()))?;
+            // SAFETY: a fresh anonymous reservation; checked below.
+            let base = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                    -1,
+                    0,
+                )
+            };
+            if base == libc::MAP_FAILED {
+                return Err(map_err("reserving guest RAM"));
+            }
+            own_maps.push((base as usize, len));
+            for &(gpa, bytes, file_offset) in runs {
+                if gpa < r.gpa || gpa + bytes > r.gpa + r.len {
+                    continue;
+                }
+                let at = (base as usize + (gpa - r.gpa) as usize) as *mut libc::c_void;
+                // SAFETY: `at..at + bytes` lies inside the reservation made
+                // above (checked against the range), MAP_FIXED replaces
+                // those pages only, and the file offset is page aligned
+                // (the stream reader checks it).
+                let p = unsafe {
+                    libc::mmap(
+                        at,
+                        bytes as usize,
+                        libc::PROT_READ | libc::PROT_WRITE,
+                        libc::MAP_PRIVATE | libc::MAP_FIXED,
+                        file.as_raw_fd(),
+                        file_offset as libc::off_t,
+                    )
+                };
+                if p == libc::MAP_FAILED {
+                    return Err(map_err("mapping snapshot memory"));
+                }
+            }
+            // SAFETY: `base..base + len` is the live mapping made above,
+            // owned by this GuestRam until it drops.
+            let builder = unsafe {
+                vm_memory::mmap::MmapRegionBuilder::new(len)
+                    .with_raw_mmap_pointer(base.cast())
+                    .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                    .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS)
+            };
+            let region = builder.build().map_err(|e| MemoryError::Map(e.to_string()))?;
+            regions.push(
+                vm_memory::GuestRegionMmap::new(region, GuestAddress(r.gpa))
+                    .ok_or_else(|| MemoryError::Map("region wraps".into()))?,
+            );
+        }
+        let mem = GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Map(e.to_string()))?;
+        Ok(GuestRam { memfd: None, ranges, mem, dirty: DirtyBitmap::new(size / PAGE_SIZE), own_maps })
     }
 
     /// The vm-memory view.
@@ -194,9 +281,62 @@ impl GuestRam {
         self.ranges[0].len
     }
 
-    /// The backing memfd.
-    pub fn memfd(&self) -> &File {
-        &self.memfd
+    /// The backing memfd, if RAM is memfd-backed.
+    pub fn memfd(&self) -> Option<&File> {
+        self.memfd.as_ref()
+    }
+
+    /// Runs of non-zero pages: (gpa, bytes). Holes in the memfd are skipped
+    /// without reading them (SEEK_DATA), the rest is checked page by page.
+    pub fn nonzero_runs(&self) -> Vec<(u64, u64)> {
+        use std::os::fd::AsRawFd;
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for r in &self.ranges {
+            let Ok(host) = vm_memory::GuestMemoryBackend::get_host_address(&self.mem, GuestAddress(r.gpa))
+            else {
+                continue;
+            };
+            let mut off = 0u64;
+            while off < r.len {
+                if let Some(fd) = &self.memfd {
+                    // SAFETY: lseek on our memfd; no memory is touched.
+                    let data = unsafe {
+                        libc::lseek(fd.as_raw_fd(), (r.file_offset + off) as libc::off_t, libc::SEEK_DATA)
+                    };
+                    if data < 0 {
+                        break; // no data up to the end of the file
+                    }
+                    let data = data as u64 - r.file_offset;
+                    if data >= r.len {
+                        break;
+                    }
+                    off = data & !(PAGE_SIZE - 1);
+                }
+                // SAFETY: host..host + len maps this range; the VM is paused
+                // (vCPUs and device workers), so nothing writes it now.
+                let page = unsafe { std::slice::from_raw_parts(host.add(off as usize) as *const u64, 512) };
+                if page.iter().any(|w| *w != 0) {
+                    let gpa = r.gpa + off;
+                    match runs.last_mut() {
+                        Some(last) if last.0 + last.1 == gpa => last.1 += PAGE_SIZE,
+                        _ => runs.push((gpa, PAGE_SIZE)),
+                    }
+                }
+                off += PAGE_SIZE;
+            }
+        }
+        runs
+    }
+
+    /// The bytes of RAM at `gpa..gpa + len` (inside one range).
+    ///
+    /// The caller must keep the VM paused while it holds the slice.
+    pub fn bytes(&self, gpa: u64, len: u64) -> Option<&[u8]> {
+        let r = self.ranges.iter().find(|r| gpa >= r.gpa && gpa + len <= r.gpa + r.len)?;
+        let host = vm_memory::GuestMemoryBackend::get_host_address(&self.mem, GuestAddress(r.gpa)).ok()?;
+        // SAFETY: inside the mapping of range `r` (checked above); a slice
+        // of plain bytes, read while the VM is paused.
+        Some(unsafe { std::slice::from_raw_parts(host.add((gpa - r.gpa) as usize), len as usize) })
     }
 
     /// Pages written by devices.
@@ -338,6 +478,17 @@ mod tests {
         device_view.write_slice(&[7u8; 100], GuestAddress(0x20_0ff0)).unwrap();
         assert_eq!(ram.dirty().take(), vec![0x200, 0x201]);
         assert_eq!(ram.mem().read_obj::<u8>(GuestAddress(0x20_1000)).unwrap(), 7, "same RAM");
+    }
+
+    #[test]
+    fn nonzero_runs_skip_zero_pages_and_holes() {
+        use vm_memory::Bytes;
+        let ram = GuestRam::new(64 << 20).unwrap();
+        ram.mem().write_obj(1u8, GuestAddress(0x5000)).unwrap();
+        ram.mem().write_obj(1u8, GuestAddress(0x6fff)).unwrap();
+        ram.mem().write_obj(1u8, GuestAddress(0x30_0000)).unwrap();
+        ram.mem().write_obj(0u8, GuestAddress(0x40_0000)).unwrap(); // touched, still zero
+        assert_eq!(ram.nonzero_runs(), vec![(0x5000, 0x2000), (0x30_0000, 0x1000)]);
     }
 
     #[test]

@@ -25,7 +25,7 @@ use crossbeam_channel::Sender;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
-use crate::bus::Bus;
+use crate::{bus::Bus, state::VcpuStateV1};
 
 /// How a VM ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,6 +46,8 @@ struct Parking {
     parked: usize,
     threads: Vec<libc::pthread_t>,
     stop: Option<StopEvent>,
+    /// Each vCPU's state, saved by its own thread when it parked last.
+    states: Vec<Option<Result<VcpuStateV1, String>>>,
 }
 
 /// Run state shared by the vCPU threads, devices and the main thread.
@@ -61,7 +63,7 @@ impl VmControl {
     pub fn new(stopped: Sender<StopEvent>) -> Arc<Self> {
         Arc::new(VmControl {
             state: AtomicU8::new(RUNNING),
-            parking: Mutex::new(Parking { parked: 0, threads: Vec::new(), stop: None }),
+            parking: Mutex::new(Parking { parked: 0, threads: Vec::new(), stop: None, states: Vec::new() }),
             changed: Condvar::new(),
             stopped,
         })
@@ -120,22 +122,40 @@ impl VmControl {
         self.lock().threads.clear();
     }
 
-    /// Called by a vCPU thread between runs. Returns false when it must exit.
-    fn checkpoint(&self) -> bool {
+    /// The state each vCPU saved when it parked (call after `pause`).
+    pub fn take_vcpu_states(&self) -> Vec<Result<VcpuStateV1, String>> {
+        let mut p = self.lock();
+        p.states
+            .iter_mut()
+            .map(|s| s.take().unwrap_or_else(|| Err("vCPU did not park".to_string())))
+            .collect()
+    }
+
+    /// Called by a vCPU thread between runs: Ok(true) to run, Ok(false) to
+    /// exit, Err(()) when it must park (then call `park`).
+    fn check(&self) -> Option<bool> {
         match self.state.load(Ordering::Acquire) {
-            RUNNING => true,
-            STOPPING => false,
-            _ => {
-                let mut p = self.lock();
-                p.parked += 1;
-                self.changed.notify_all();
-                while self.state.load(Ordering::SeqCst) == PAUSED {
-                    p = self.changed.wait(p).unwrap_or_else(|e| e.into_inner());
-                }
-                p.parked -= 1;
-                self.state.load(Ordering::SeqCst) != STOPPING
-            }
+            RUNNING => Some(true),
+            STOPPING => Some(false),
+            _ => None,
         }
+    }
+
+    /// Park vCPU `index` with the state it just saved, until resumed.
+    /// Returns false when it must exit instead.
+    fn park(&self, index: usize, state: Result<VcpuStateV1, String>) -> bool {
+        let mut p = self.lock();
+        if p.states.len() <= index {
+            p.states.resize_with(index + 1, || None);
+        }
+        p.states[index] = Some(state);
+        p.parked += 1;
+        self.changed.notify_all();
+        while self.state.load(Ordering::SeqCst) == PAUSED {
+            p = self.changed.wait(p).unwrap_or_else(|e| e.into_inner());
+        }
+        p.parked -= 1;
+        self.state.load(Ordering::SeqCst) != STOPPING
     }
 }
 
@@ -174,18 +194,20 @@ pub fn install_kick_handler() -> Result<(), String> {
     .clone()
 }
 
-/// Start one thread per vCPU. The threads run until the control stops.
+/// Start one thread per vCPU. The threads run until the control stops;
+/// each saves its own state (with the MSRs in `msrs`) whenever it parks.
 pub fn spawn(
     vcpus: Vec<VcpuFd>,
     bus: Arc<Bus>,
     control: Arc<VmControl>,
+    msrs: Arc<Vec<u32>>,
 ) -> Result<Vec<JoinHandle<()>>, String> {
     let mut handles = Vec::with_capacity(vcpus.len());
     for (index, vcpu) in vcpus.into_iter().enumerate() {
-        let (bus, ctl) = (bus.clone(), control.clone());
+        let (bus, ctl, msrs) = (bus.clone(), control.clone(), msrs.clone());
         let handle = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
-            .spawn(move || run_vcpu(index, vcpu, &bus, &ctl))
+            .spawn(move || run_vcpu(index, vcpu, &bus, &ctl, &msrs))
             .map_err(|e| format!("cannot start vCPU thread: {e}"))?;
         handles.push(handle);
     }
@@ -202,19 +224,41 @@ pub fn join(handles: Vec<JoinHandle<()>>, control: &VmControl) {
     }
 }
 
-fn run_vcpu(index: usize, mut vcpu: VcpuFd, bus: &Bus, control: &VmControl) {
+fn run_vcpu(index: usize, mut vcpu: VcpuFd, bus: &Bus, control: &VmControl, msrs: &[u32]) {
     let flag: *mut u8 = &mut vcpu.get_kvm_run().immediate_exit;
     IMMEDIATE_EXIT.with(|f| f.set(flag));
     // Registered from the thread itself, under the control's lock: a stop
-    // that came earlier is seen by the first checkpoint, a later one kicks.
+    // that came earlier is seen by the first check, a later one kicks.
     // SAFETY: pthread_self has no preconditions.
     control.register(unsafe { libc::pthread_self() });
-    while control.checkpoint() {
-        if let Some(event) = run_once(index, &mut vcpu, bus) {
-            control.stop(event);
+    loop {
+        match control.check() {
+            Some(true) => {
+                if let Some(event) = run_once(index, &mut vcpu, bus) {
+                    control.stop(event);
+                }
+            }
+            Some(false) => break,
+            None => {
+                let state = save_parked(&mut vcpu, msrs);
+                if !control.park(index, state) {
+                    break;
+                }
+            }
         }
     }
     IMMEDIATE_EXIT.with(|f| f.set(std::ptr::null_mut()));
+}
+
+/// Save this vCPU's state on its way to parking. An I/O exit the vCPU
+/// loop just answered is only completed by the next KVM_RUN, so run once
+/// with `immediate_exit` set (KVM finishes the instruction and returns
+/// EINTR without entering the guest) before reading the registers.
+fn save_parked(vcpu: &mut VcpuFd, msrs: &[u32]) -> Result<VcpuStateV1, String> {
+    vcpu.set_kvm_immediate_exit(1);
+    let _ = vcpu.run();
+    vcpu.set_kvm_immediate_exit(0);
+    crate::state::save_vcpu(vcpu, msrs).map_err(|e| e.to_string())
 }
 
 /// One KVM_RUN and its exit. Returns a stop event when the VM must end.

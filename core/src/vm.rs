@@ -1,34 +1,48 @@
-//! Building and running one VM: plugins, machine type, RAM, devices, boot,
-//! vCPUs, and the wait for the guest to end.
+//! Building and running one VM: plugins, machine type, RAM, devices, boot
+//! or restore, vCPUs, the control API, and the wait for the guest to end.
 //!
 //! Everything that can be refused is checked before the first vCPU runs:
 //! the plugin directory, the machine type against the installed plugins,
-//! memory, each device's creation, and the address map.
+//! memory, each device's creation, the address map, and, for a restore,
+//! every section of the snapshot.
 
-use std::{path::PathBuf, sync::Arc};
+use std::{
+    fs::File,
+    io::BufWriter,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Instant,
+};
 
 use abi_stable::std_types::RVec;
-use ferry_plugin_api::DeviceConfig;
+use ferry_plugin_api::{DeviceConfig, StateBlob};
+use kvm_ioctls::VcpuFd;
 use thiserror::Error;
 
 use crate::{
+    api::{self, ApiRequest},
     boot::{self, cpu, BootError, Entry, Kernel},
     bus::{Bus, BusError},
     host::{DeviceHost, VmServices},
     interrupts::IrqRouter,
     kvm::{KvmError, Machine},
-    machine::{self, MachineError, MachineType},
+    machine::{self, DevicePlan, MachineError, MachineType},
     memory::{GuestRam, MemoryError},
+    migration::{
+        manifest::{CpuidRecord, DeviceRecord, MachineRecord, Manifest, MANIFEST_VERSION},
+        stream::{self, Kind, StreamError},
+    },
     plugins::{PluginError, Registry},
+    state::{self, StateError, MACHINE_STATE_VERSION, VCPU_STATE_VERSION},
     vcpu::{self, StopEvent, VmControl},
 };
 
 /// Memory when neither the command line nor the machine type says.
 pub const DEFAULT_MEMORY: u64 = 256 << 20;
 
-/// What to run.
+/// How to start the guest.
 #[derive(Debug, Clone)]
-pub struct VmConfig {
+pub struct BootConfig {
     /// The machine type.
     pub machine: MachineType,
     /// The kernel.
@@ -52,6 +66,8 @@ pub enum Outcome {
     Reset,
     /// It chose an exit status.
     Exit(i32),
+    /// The control API shut it down.
+    Shutdown,
 }
 
 /// Why a VM could not be built or ended in failure.
@@ -77,7 +93,7 @@ pub enum VmError {
     Bus(#[from] BusError),
     /// A device refused to be created.
     #[error("device {id} ({plugin}): {message}")]
-    DeviceCreate {
+    Device {
         /// Device id.
         id: String,
         /// Plugin.
@@ -88,7 +104,18 @@ pub enum VmError {
     /// The vCPU count is zero.
     #[error("--cpus must be at least 1")]
     NoCpus,
-    /// Starting threads or signal handling failed.
+    /// A snapshot cannot be read or used.
+    #[error("snapshot {path}: {message}")]
+    Snapshot {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// KVM state.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// Starting threads, signals, the API socket.
     #[error("{0}")]
     Runtime(String),
     /// The VM stopped because something failed while it ran.
@@ -96,24 +123,58 @@ pub enum VmError {
     Failed(String),
 }
 
-/// Build the VM described by `config`, run it until the guest ends, and
-/// report how it ended.
-pub fn run(config: VmConfig) -> Result<Outcome, VmError> {
-    let registry = Registry::load_dir(&config.plugins)?;
-    let plans = machine::resolve(&config.machine, &registry)?;
+/// Where guest RAM comes from.
+enum RamSource<'a> {
+    Fresh(u64),
+    Snapshot { size: u64, file: &'a File, runs: Vec<(u64, u64, u64)> },
+}
 
-    let cpus = config.cpus.or(config.machine.cpus).unwrap_or(1);
+/// A built VM: everything created, vCPUs not started yet.
+pub struct Vm {
+    machine: MachineType,
+    plans: Vec<DevicePlan>,
+    registry: Registry,
+    ram: GuestRam,
+    kvm: Machine,
+    bus: Arc<Bus>,
+    control: Arc<VmControl>,
+    stop_rx: crossbeam_channel::Receiver<StopEvent>,
+    cpus: u8,
+    msrs: Arc<Vec<u32>>,
+    cpuid: Vec<CpuidRecord>,
+    vcpus: Vec<VcpuFd>,
+}
+
+/// What a snapshot wrote.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SnapshotReport {
+    /// The file.
+    pub path: String,
+    /// Its size.
+    pub bytes: u64,
+    /// Guest RAM bytes stored (non-zero pages).
+    pub memory_bytes: u64,
+    /// Time the guest was paused, in milliseconds.
+    pub paused_ms: f64,
+}
+
+fn build(machine: MachineType, plugins: &Path, cpus: Option<u8>, ram: RamSource<'_>) -> Result<Vm, VmError> {
+    let registry = Registry::load_dir(plugins)?;
+    let plans = machine::resolve(&machine, &registry)?;
+    let cpus = cpus.or(machine.cpus).unwrap_or(1);
     if cpus == 0 {
         return Err(VmError::NoCpus);
     }
-    let memory = config.memory.or(config.machine.memory).unwrap_or(DEFAULT_MEMORY);
-    let ram = GuestRam::new(memory)?;
+    let ram = match ram {
+        RamSource::Fresh(size) => GuestRam::new(size)?,
+        RamSource::Snapshot { size, file, runs } => GuestRam::from_snapshot(size, file, &runs)?,
+    };
     let kvm = Machine::new(usize::from(cpus))?;
     kvm.register_ram(&ram)?;
+    let msrs = Arc::new(kvm.msr_indexes()?);
 
     let (stop_tx, stop_rx) = crossbeam_channel::unbounded();
     let control = VmControl::new(stop_tx);
-
     let services = VmServices {
         vm: kvm.vm.clone(),
         control: control.clone(),
@@ -122,65 +183,422 @@ pub fn run(config: VmConfig) -> Result<Outcome, VmError> {
     };
     let mut bus = Bus::new();
     for plan in &plans {
-        let Some(lib) = registry.get(&plan.plugin) else {
-            continue;
-        };
+        let Some(lib) = registry.get(&plan.plugin) else { continue };
         let index = bus.devices().len();
         let host = DeviceHost::new_box(&plan.id, index, services.clone());
         let config = DeviceConfig {
             id: plan.id.as_str().into(),
             properties: plan.properties.iter().cloned().collect::<RVec<_>>(),
         };
-        let device = lib.create(config, host).map_err(|message| VmError::DeviceCreate {
+        let parts = lib.create(config, host).map_err(|message| VmError::Device {
             id: plan.id.clone(),
             plugin: plan.plugin.clone(),
             message,
         })?;
-        bus.add_device(&plan.id, &plan.plugin, device.device, device.pci.into_option())?;
+        bus.add_device(&plan.id, &plan.plugin, parts.device, parts.pci.into_option())?;
     }
 
+    let base_cpuid = &kvm.supported_cpuid;
+    let mut vcpus = Vec::with_capacity(usize::from(cpus));
+    let mut cpuid = Vec::new();
+    for index in 0..cpus {
+        let fd =
+            kvm.vm.create_vcpu(u64::from(index)).map_err(|source| BootError::Vcpu { cpu: index, source })?;
+        let table = cpu::cpuid_for(base_cpuid, index, cpus);
+        fd.set_cpuid2(&table).map_err(|source| BootError::Vcpu { cpu: index, source })?;
+        if index == 0 {
+            cpuid = table
+                .as_slice()
+                .iter()
+                .map(|e| CpuidRecord {
+                    function: e.function,
+                    index: e.index,
+                    flags: e.flags,
+                    eax: e.eax,
+                    ebx: e.ebx,
+                    ecx: e.ecx,
+                    edx: e.edx,
+                })
+                .collect();
+        }
+        cpu::setup_lapic(&fd, index)?;
+        vcpus.push(fd);
+    }
+    Ok(Vm {
+        machine,
+        plans,
+        registry,
+        ram,
+        kvm,
+        bus: Arc::new(bus),
+        control,
+        stop_rx,
+        cpus,
+        msrs,
+        cpuid,
+        vcpus,
+    })
+}
+
+/// Build a VM and load its kernel.
+pub fn boot(config: BootConfig) -> Result<Vm, VmError> {
+    let memory = config.memory.or(config.machine.memory).unwrap_or(DEFAULT_MEMORY);
+    let vm = build(config.machine, &config.plugins, config.cpus, RamSource::Fresh(memory))?;
     let cmdline = match (&config.cmdline, &config.kernel) {
         (Some(c), _) => c.clone(),
         (None, Kernel::TestGuest) => boot::TEST_GUEST_CMDLINE.to_string(),
         (None, Kernel::File(_)) => String::new(),
     };
-    let entry = boot::load(&ram, &config.kernel, config.initramfs.as_deref(), &cmdline, cpus)?;
-    cpu::write_gdt(&ram, &entry)?;
+    let entry = boot::load(&vm.ram, &config.kernel, config.initramfs.as_deref(), &cmdline, vm.cpus)?;
+    cpu::write_gdt(&vm.ram, &entry)?;
+    match &entry {
+        Entry::Pvh(e) => cpu::setup_pvh_bsp(&vm.vcpus[0], e)?,
+        Entry::Linux(e) => cpu::setup_linux_bsp(&vm.vcpus[0], e)?,
+    }
+    crate::log::info(&format!(
+        "booting {} on machine type {} with {} vCPU(s), {} of RAM, {} device(s)",
+        config.kernel.describe(),
+        vm.machine.name,
+        vm.cpus,
+        crate::memory::human_size(vm.ram.size()),
+        vm.bus.devices().len()
+    ));
+    Ok(vm)
+}
 
-    let mut vcpus = Vec::with_capacity(usize::from(cpus));
-    for index in 0..cpus {
-        let fd =
-            kvm.vm.create_vcpu(u64::from(index)).map_err(|source| BootError::Vcpu { cpu: index, source })?;
-        fd.set_cpuid2(&cpu::cpuid_for(&kvm.supported_cpuid, index, cpus))
-            .map_err(|source| BootError::Vcpu { cpu: index, source })?;
-        cpu::setup_lapic(&fd, index)?;
-        if index == 0 {
-            match &entry {
-                Entry::Pvh(e) => cpu::setup_pvh_bsp(&fd, e)?,
-                Entry::Linux(e) => cpu::setup_linux_bsp(&fd, e)?,
+/// Everything read from a snapshot before the VM is built.
+struct SnapshotContents {
+    manifest: Manifest,
+    machine: Option<(u32, Vec<u8>)>,
+    vcpus: Vec<Option<(u32, Vec<u8>)>>,
+    devices: Vec<(String, u32, Vec<u8>)>,
+    runs: Vec<(u64, u64, u64)>,
+}
+
+fn read_snapshot(file: &File, path: &str, verify_memory: bool) -> Result<SnapshotContents, VmError> {
+    let err = |e: StreamError| VmError::Snapshot { path: path.to_string(), message: e.to_string() };
+    let bad = |m: String| VmError::Snapshot { path: path.to_string(), message: m };
+    let mut r = stream::Reader::new(file).map_err(err)?;
+    let h = r.next_header().map_err(err)?;
+    if h.kind != Kind::Manifest {
+        return Err(bad(format!("section 0 is a {} section; a manifest must come first", h.kind.name())));
+    }
+    if h.version > MANIFEST_VERSION {
+        return Err(bad(format!(
+            "manifest v{} is newer than this ferry reads (v{MANIFEST_VERSION})",
+            h.version
+        )));
+    }
+    let manifest: Manifest =
+        state::decode(&r.payload(&h).map_err(err)?).map_err(|e| bad(format!("section 0 (manifest): {e}")))?;
+    if manifest.cpus == 0 || usize::from(manifest.cpus) > boot::mptable::MAX_CPUS as usize {
+        return Err(bad(format!("manifest: {} vCPUs", manifest.cpus)));
+    }
+    let mut contents = SnapshotContents {
+        vcpus: vec![None; usize::from(manifest.cpus)],
+        manifest,
+        machine: None,
+        devices: Vec::new(),
+        runs: Vec::new(),
+    };
+    loop {
+        let h = r.next_header().map_err(err)?;
+        match h.kind {
+            Kind::End => break,
+            Kind::Manifest => return Err(bad(format!("section {}: a second manifest", h.index))),
+            Kind::Machine => contents.machine = Some((h.version, r.payload(&h).map_err(err)?)),
+            Kind::Vcpu => {
+                let n = h.id.strip_prefix("cpu").and_then(|n| n.parse::<usize>().ok());
+                let slot = n.and_then(|n| contents.vcpus.get_mut(n)).ok_or_else(|| {
+                    bad(format!("section {} (vcpu {}): no such vCPU in the manifest", h.index, h.id))
+                })?;
+                *slot = Some((h.version, r.payload(&h).map_err(err)?));
+            }
+            Kind::Device => {
+                if !contents.manifest.devices.iter().any(|d| d.id == h.id) {
+                    return Err(bad(format!("section {} (device {}): unknown device id", h.index, h.id)));
+                }
+                let payload = r.payload(&h).map_err(err)?;
+                contents.devices.push((h.id.clone(), h.version, payload));
+            }
+            Kind::Memory => {
+                let table = r.payload(&h).map_err(err)?;
+                let runs = r.runs(&h, &table, &contents.manifest.ram).map_err(err)?;
+                if verify_memory {
+                    for (i, run) in runs.iter().enumerate() {
+                        r.verify_run(&h, i, run).map_err(err)?;
+                    }
+                }
+                let end =
+                    runs.last().map(|l| l.data_at + l.pages * 4096).unwrap_or(h.payload_at + h.payload_len);
+                let end = end.div_ceil(4096) * 4096;
+                contents.runs = runs.iter().map(|x| (x.gpa, x.pages * 4096, x.data_at)).collect();
+                r.skip_to(end.max(h.payload_at + h.payload_len)).map_err(err)?;
             }
         }
-        vcpus.push(fd);
+    }
+    if contents.machine.is_none() {
+        return Err(bad("no machine section".into()));
+    }
+    if let Some(i) = contents.vcpus.iter().position(Option::is_none) {
+        return Err(bad(format!("no state for vCPU {i}")));
+    }
+    for d in &contents.manifest.devices {
+        if !contents.devices.iter().any(|(id, _, _)| id == &d.id) {
+            return Err(bad(format!("device {}: no state section", d.id)));
+        }
+    }
+    Ok(contents)
+}
+
+/// Build a VM from a snapshot: the machine type comes from the file; memory
+/// is mapped from it lazily. Every section is checked before the VM runs.
+pub fn restore(path: &Path, plugins: &Path, verify_memory: bool) -> Result<Vm, VmError> {
+    let shown = path.display().to_string();
+    let bad = |m: String| VmError::Snapshot { path: shown.clone(), message: m };
+    let file = File::open(path).map_err(|e| bad(format!("cannot open: {e}")))?;
+    let c = read_snapshot(&file, &shown, verify_memory)?;
+    let m = &c.manifest;
+    let machine = m.machine.to_machine_type(m.cpus, m.memory);
+
+    // Versions first: a state this host cannot load is named before any
+    // device is created.
+    let registry = Registry::load_dir(plugins)?;
+    for d in &m.devices {
+        let Some(lib) = registry.get(&d.plugin) else {
+            return Err(bad(format!(
+                "device {}: plugin {} {} is not installed in {}",
+                d.id,
+                d.plugin,
+                d.plugin_version,
+                registry.dir.display()
+            )));
+        };
+        let v = lib.descriptor.state;
+        if d.state_version < v.oldest_load || d.state_version > v.current {
+            return Err(bad(format!(
+                "device {}: {} state v{}, this host loads v{}..v{}",
+                d.id, d.plugin, d.state_version, v.oldest_load, v.current
+            )));
+        }
+    }
+    drop(registry);
+
+    let vm = build(
+        machine,
+        plugins,
+        Some(m.cpus),
+        RamSource::Snapshot { size: m.memory, file: &file, runs: c.runs.clone() },
+    )?;
+    if vm.ram.ranges().iter().map(|r| (r.gpa, r.len)).collect::<Vec<_>>() != m.ram {
+        return Err(bad("the memory layout differs from this ferry's for the same size".into()));
+    }
+    let (mv, machine_bytes) = c.machine.as_ref().expect("checked");
+    if *mv != MACHINE_STATE_VERSION {
+        return Err(bad(format!("machine state v{mv}, this ferry loads v{MACHINE_STATE_VERSION}")));
+    }
+    let ms: state::MachineStateV1 =
+        state::decode(machine_bytes).map_err(|e| bad(format!("machine section: {e}")))?;
+    state::restore_machine(&vm.kvm.vm, &ms).map_err(|e| bad(format!("machine section: {e}")))?;
+    for (i, (fd, s)) in vm.vcpus.iter().zip(&c.vcpus).enumerate() {
+        let (version, bytes) = s.as_ref().expect("checked");
+        if *version != VCPU_STATE_VERSION {
+            return Err(bad(format!(
+                "vcpu cpu{i}: state v{version}, this ferry loads v{VCPU_STATE_VERSION}"
+            )));
+        }
+        let st: state::VcpuStateV1 = state::decode(bytes).map_err(|e| bad(format!("vcpu cpu{i}: {e}")))?;
+        state::restore_vcpu(fd, &st).map_err(|e| bad(format!("vcpu cpu{i}: {e}")))?;
+    }
+    for slot in vm.bus.devices() {
+        let Some((_, version, bytes)) = c.devices.iter().find(|(id, _, _)| id == &slot.id) else {
+            return Err(bad(format!("device {}: no state section", slot.id)));
+        };
+        let blob = StateBlob { version: *version, bytes: bytes.clone().into() };
+        let mut dev = slot.device.lock().unwrap_or_else(|e| e.into_inner());
+        dev.pause().into_result().map_err(|e| bad(format!("device {}: {e}", slot.id)))?;
+        dev.load_state(blob)
+            .into_result()
+            .map_err(|e| bad(format!("device {} ({}): {e}", slot.id, slot.plugin)))?;
+    }
+    vm.bus.refresh_pci();
+    crate::log::info(&format!(
+        "restored {shown}: machine type {}, {} vCPU(s), {} of RAM",
+        vm.machine.name,
+        vm.cpus,
+        crate::memory::human_size(vm.ram.size())
+    ));
+    Ok(vm)
+}
+
+impl Vm {
+    fn set_devices_paused(&self, paused: bool) -> Result<(), String> {
+        for d in self.bus.devices() {
+            let mut dev = d.device.lock().unwrap_or_else(|e| e.into_inner());
+            let r = if paused { dev.pause() } else { dev.resume() };
+            r.into_result().map_err(|e| format!("device {} ({}): {e}", d.id, d.plugin))?;
+        }
+        Ok(())
     }
 
-    vcpu::install_kick_handler().map_err(VmError::Runtime)?;
-    let bus = Arc::new(bus);
-    crate::log::info(&format!(
-        "booting {} on machine type {} with {cpus} vCPU(s), {} of RAM, {} device(s)",
-        config.kernel.describe(),
-        config.machine.name,
-        crate::memory::human_size(ram.size()),
-        bus.devices().len()
-    ));
-    let handles = vcpu::spawn(vcpus, bus.clone(), control.clone()).map_err(VmError::Runtime)?;
-    let event = stop_rx.recv().unwrap_or(StopEvent::Error("VM control channel closed".to_string()));
-    vcpu::join(handles, &control);
-    for d in bus.devices() {
-        let _ = d.device.lock().map(|mut dev| dev.pause());
+    /// Pause vCPUs, then devices.
+    pub fn pause(&self) -> Result<(), String> {
+        self.control.pause();
+        self.set_devices_paused(true)
     }
-    match event {
-        StopEvent::Reset => Ok(Outcome::Reset),
-        StopEvent::Exit(status) => Ok(Outcome::Exit(status)),
-        StopEvent::Error(msg) => Err(VmError::Failed(msg)),
+
+    /// Resume devices, then vCPUs.
+    pub fn resume(&self) -> Result<(), String> {
+        self.set_devices_paused(false)?;
+        self.control.resume();
+        Ok(())
+    }
+
+    /// Write a snapshot to `path` (through a temporary file, renamed when
+    /// complete). The guest is paused while it is written and resumed after
+    /// if it was running.
+    pub fn snapshot(&self, path: &Path) -> Result<SnapshotReport, VmError> {
+        let start = Instant::now();
+        let was_running = !self.control.is_paused();
+        self.pause().map_err(VmError::Runtime)?;
+        let result = self.write_snapshot(path);
+        let paused_ms = start.elapsed().as_secs_f64() * 1e3;
+        if was_running {
+            self.resume().map_err(VmError::Runtime)?;
+        }
+        let (bytes, memory_bytes) = result?;
+        Ok(SnapshotReport { path: path.display().to_string(), bytes, memory_bytes, paused_ms })
+    }
+
+    fn write_snapshot(&self, path: &Path) -> Result<(u64, u64), VmError> {
+        let shown = path.display().to_string();
+        let fail = |m: String| VmError::Snapshot { path: shown.clone(), message: m };
+        let mut devices = Vec::new();
+        let mut records = Vec::new();
+        for d in self.bus.devices() {
+            let lib =
+                self.registry.get(&d.plugin).ok_or_else(|| fail(format!("plugin {} vanished", d.plugin)))?;
+            let version = lib.descriptor.state.current;
+            let blob = d
+                .device
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .save_state(version)
+                .into_result()
+                .map_err(|e| fail(format!("device {} ({}): {e}", d.id, d.plugin)))?;
+            records.push(DeviceRecord {
+                id: d.id.clone(),
+                plugin: d.plugin.clone(),
+                plugin_version: lib.descriptor.version.to_string(),
+                state_version: blob.version,
+            });
+            devices.push((d.id.clone(), blob));
+        }
+        let manifest = Manifest {
+            ferry_version: env!("CARGO_PKG_VERSION").to_string(),
+            machine: MachineRecord::new(&self.machine, &self.plans),
+            devices: records,
+            cpus: self.cpus,
+            memory: self.ram.size(),
+            ram: self.ram.ranges().iter().map(|r| (r.gpa, r.len)).collect(),
+            cpuid: self.cpuid.clone(),
+        };
+        let vcpus = self.control.take_vcpu_states();
+        let machine = state::save_machine(&self.kvm.vm)?;
+
+        let tmp = path.with_extension("partial");
+        let file = File::create(&tmp).map_err(|e| fail(format!("cannot create {}: {e}", tmp.display())))?;
+        let write = || -> Result<u64, StreamError> {
+            let mut w = stream::Writer::new(BufWriter::new(&file))?;
+            let enc = |v: Result<Vec<u8>, StateError>| v.map_err(|e| std::io::Error::other(e.to_string()));
+            w.section(Kind::Manifest, "", MANIFEST_VERSION, &enc(state::encode(&manifest))?)?;
+            w.section(Kind::Machine, "", MACHINE_STATE_VERSION, &enc(state::encode(&machine))?)?;
+            for (i, s) in vcpus.iter().enumerate() {
+                let s = s.as_ref().map_err(|e| std::io::Error::other(format!("vCPU {i}: {e}")))?;
+                w.section(Kind::Vcpu, &format!("cpu{i}"), VCPU_STATE_VERSION, &enc(state::encode(s))?)?;
+            }
+            for (id, blob) in &devices {
+                w.section(Kind::Device, id, blob.version, blob.bytes.as_slice())?;
+            }
+            let runs = self.ram.nonzero_runs();
+            let data: Vec<(u64, &[u8])> =
+                runs.iter().filter_map(|&(gpa, len)| self.ram.bytes(gpa, len).map(|b| (gpa, b))).collect();
+            w.memory(&data)?;
+            w.finish()?.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+            Ok(runs.iter().map(|r| r.1).sum())
+        };
+        let memory_bytes = write().map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            fail(e.to_string())
+        })?;
+        std::fs::rename(&tmp, path).map_err(|e| fail(format!("cannot rename into place: {e}")))?;
+        let bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+        Ok((bytes, memory_bytes))
+    }
+
+    /// What `ferry ctl info` shows.
+    pub fn info(&self) -> serde_json::Value {
+        serde_json::json!({
+            "state": if self.control.is_paused() { "paused" } else { "running" },
+            "machine": self.machine.name,
+            "cpus": self.cpus,
+            "memory_bytes": self.ram.size(),
+            "devices": self.bus.devices().iter().map(|d| serde_json::json!({
+                "id": d.id,
+                "plugin": d.plugin,
+                "plugin_version": self.registry.get(&d.plugin).map(|p| p.descriptor.version.to_string()),
+                "state_version": self.registry.get(&d.plugin).map(|p| p.descriptor.state.current),
+            })).collect::<Vec<_>>(),
+        })
+    }
+
+    /// Start the vCPUs and run until the guest ends; serve the control API
+    /// on `api_socket` meanwhile.
+    pub fn run(mut self, api_socket: Option<&Path>) -> Result<Outcome, VmError> {
+        vcpu::install_kick_handler().map_err(VmError::Runtime)?;
+        let api_rx = match api_socket {
+            Some(path) => Some(api::serve(path).map_err(VmError::Runtime)?),
+            None => None,
+        };
+        let vcpus = std::mem::take(&mut self.vcpus);
+        let handles = vcpu::spawn(vcpus, self.bus.clone(), self.control.clone(), self.msrs.clone())
+            .map_err(VmError::Runtime)?;
+        let never = crossbeam_channel::never();
+        let api = api_rx.as_ref().unwrap_or(&never);
+        let mut shutdown = false;
+        let event = loop {
+            crossbeam_channel::select! {
+                recv(self.stop_rx) -> ev => break ev.unwrap_or(StopEvent::Error("VM control channel closed".into())),
+                recv(api) -> req => {
+                    let Ok((req, reply)) = req else { continue };
+                    let answer = match req {
+                        ApiRequest::Info => Ok(self.info()),
+                        ApiRequest::Pause => self.pause().map(|()| self.info()),
+                        ApiRequest::Resume => self.resume().map(|()| self.info()),
+                        ApiRequest::Snapshot(path) => self
+                            .snapshot(&path)
+                            .map(|r| serde_json::to_value(r).unwrap_or_default())
+                            .map_err(|e| e.to_string()),
+                        ApiRequest::Shutdown => {
+                            shutdown = true;
+                            self.control.stop(StopEvent::Exit(0));
+                            Ok(serde_json::json!({"state": "shutting down"}))
+                        }
+                    };
+                    let _ = reply.send(answer);
+                }
+            }
+        };
+        vcpu::join(handles, &self.control);
+        let _ = self.set_devices_paused(true);
+        if let Some(path) = api_socket {
+            let _ = std::fs::remove_file(path);
+        }
+        match event {
+            StopEvent::Exit(_) if shutdown => Ok(Outcome::Shutdown),
+            StopEvent::Reset => Ok(Outcome::Reset),
+            StopEvent::Exit(status) => Ok(Outcome::Exit(status)),
+            StopEvent::Error(msg) => Err(VmError::Failed(msg)),
+        }
     }
 }

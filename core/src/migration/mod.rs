@@ -1,3 +1,5 @@
 //! Moving a VM's state: the stream format, the manifest, snapshots.
 
+pub mod inspect;
+pub mod manifest;
 pub mod stream;

@@ -217,7 +217,12 @@ pub struct SectionHeader {
 impl SectionHeader {
     /// An error about this section.
     pub fn bad(&self, message: impl Into<String>) -> StreamError {
-        StreamError::Bad { index: self.index, kind: self.kind.name(), id: self.id.clone(), message: message.into() }
+        StreamError::Bad {
+            index: self.index,
+            kind: self.kind.name(),
+            id: self.id.clone(),
+            message: message.into(),
+        }
     }
 }
 
@@ -255,7 +260,13 @@ impl<W: Write + Seek> Writer<W> {
     /// Write one section.
     pub fn section(&mut self, kind: Kind, id: &str, version: u32, payload: &[u8]) -> Result<(), StreamError> {
         assert!(id.len() <= MAX_ID_LEN, "section ids are short");
-        self.out.write_all(&header_bytes(kind, id, version, payload.len() as u64, crc32fast::hash(payload)))?;
+        self.out.write_all(&header_bytes(
+            kind,
+            id,
+            version,
+            payload.len() as u64,
+            crc32fast::hash(payload),
+        ))?;
         self.out.write_all(payload)?;
         Ok(())
     }
@@ -348,7 +359,12 @@ impl<R: Read + Seek> Reader<R> {
 
     fn read_exact_checked(&mut self, n: u64, what: &str) -> Result<Vec<u8>, StreamError> {
         if self.at.checked_add(n).is_none_or(|end| end > self.len) {
-            return Err(StreamError::Truncated { what: what.to_string(), need: n, at: self.at, have: self.len });
+            return Err(StreamError::Truncated {
+                what: what.to_string(),
+                need: n,
+                at: self.at,
+                have: self.len,
+            });
         }
         let mut buf = vec![0u8; n as usize];
         self.input.read_exact(&mut buf)?;
@@ -406,7 +422,11 @@ impl<R: Read + Seek> Reader<R> {
         let what = format!("section {} ({} {}) payload", header.index, header.kind.name(), header.id);
         let data = self.read_exact_checked(header.payload_len, &what)?;
         if crc32fast::hash(&data) != header.payload_crc {
-            return Err(StreamError::PayloadCrc { index: header.index, kind: header.kind.name(), id: header.id.clone() });
+            return Err(StreamError::PayloadCrc {
+                index: header.index,
+                kind: header.kind.name(),
+                id: header.id.clone(),
+            });
         }
         Ok(data)
     }
@@ -420,13 +440,20 @@ impl<R: Read + Seek> Reader<R> {
 
     /// Decode a memory run table (the payload of a MEMORY section), checking
     /// every run against `ram` ((gpa, len) ranges) and the input length.
-    pub fn runs(&self, header: &SectionHeader, table: &[u8], ram: &[(u64, u64)]) -> Result<Vec<Run>, StreamError> {
+    pub fn runs(
+        &self,
+        header: &SectionHeader,
+        table: &[u8],
+        ram: &[(u64, u64)],
+    ) -> Result<Vec<Run>, StreamError> {
         if table.len() < 8 {
             return Err(header.bad("run table shorter than its count"));
         }
         let count = u64::from_le_bytes(table[0..8].try_into().expect("8 bytes"));
         if count.checked_mul(RUN_ENTRY_LEN).and_then(|n| n.checked_add(8)) != Some(table.len() as u64) {
-            return Err(header.bad(format!("run count {count} does not match a table of {} bytes", table.len())));
+            return Err(
+                header.bad(format!("run count {count} does not match a table of {} bytes", table.len()))
+            );
         }
         let mut runs = Vec::with_capacity(count as usize);
         let mut data_end = header.payload_at + header.payload_len;
@@ -439,12 +466,18 @@ impl<R: Read + Seek> Reader<R> {
                 data_at: word(2),
                 crc: u32::from_le_bytes([e[24], e[25], e[26], e[27]]),
             };
-            let bytes = run.pages.checked_mul(4096).ok_or_else(|| header.bad(format!("run {i}: page count overflows")))?;
+            let bytes = run
+                .pages
+                .checked_mul(4096)
+                .ok_or_else(|| header.bad(format!("run {i}: page count overflows")))?;
             let inside = ram.iter().any(|&(start, len)| {
                 run.gpa >= start && run.gpa.checked_add(bytes).is_some_and(|end| end <= start + len)
             });
             if !inside || run.gpa % 4096 != 0 || run.pages == 0 {
-                return Err(header.bad(format!("run {i} at {:#x} ({} pages) is not inside guest RAM", run.gpa, run.pages)));
+                return Err(header.bad(format!(
+                    "run {i} at {:#x} ({} pages) is not inside guest RAM",
+                    run.gpa, run.pages
+                )));
             }
             if run.data_at % 4096 != 0 || run.data_at < data_end {
                 return Err(header.bad(format!("run {i}: data offset {:#x} is misplaced", run.data_at)));
@@ -571,7 +604,10 @@ mod tests {
         // A length longer than the file, with a valid header CRC.
         let mut long = good[..16].to_vec();
         long.extend_from_slice(&header_bytes(Kind::Device, "com1", 1, 1 << 20, 0));
-        assert!(err(long).starts_with("truncated: section 0 (device com1) payload needs 1048576 bytes"), "long");
+        assert!(
+            err(long).starts_with("truncated: section 0 (device com1) payload needs 1048576 bytes"),
+            "long"
+        );
         let mut huge = good[..16].to_vec();
         huge.extend_from_slice(&header_bytes(Kind::Vcpu, "cpu0", 1, u64::MAX, 0));
         assert!(err(huge).contains("exceeds the limit"), "huge");

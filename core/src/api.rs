@@ -1,0 +1,157 @@
+//! The control API: REST/JSON over a unix socket (`curl --unix-socket`
+//! works), and the client `ferry ctl` uses. The server thread parses
+//! requests and hands them to the VM's main loop, which answers each.
+//!
+//! ```text
+//!  GET /vm                          info (state, machine, cpus, memory, devices)
+//!  PUT /vm/pause                    pause vCPUs, then devices
+//!  PUT /vm/resume                   resume devices, then vCPUs
+//!  PUT /vm/snapshot {"path": FILE}  write a snapshot (the guest pauses meanwhile)
+//!  PUT /vm/shutdown                 end the VM; ferry exits 0
+//! ```
+//! Answers are JSON; errors are `{"error": "..."}` with status 400 (bad
+//! request), 404 (no such endpoint) or 500 (the operation failed).
+
+use std::{
+    io::{Read, Write},
+    os::unix::{fs::FileTypeExt, net::UnixStream},
+    path::{Path, PathBuf},
+};
+
+use crossbeam_channel::{Receiver, Sender};
+use serde_json::Value;
+
+/// What the VM's main loop is asked to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApiRequest {
+    /// Describe the VM.
+    Info,
+    /// Pause.
+    Pause,
+    /// Resume.
+    Resume,
+    /// Snapshot to a file.
+    Snapshot(PathBuf),
+    /// End the VM.
+    Shutdown,
+}
+
+/// A request and where its answer goes.
+pub type Call = (ApiRequest, Sender<Result<Value, String>>);
+
+/// Decode method, path and body into a request.
+pub fn route(method: &str, path: &str, body: &str) -> Result<ApiRequest, (u16, String)> {
+    match (method, path.trim_end_matches('/')) {
+        ("GET", "/vm") => Ok(ApiRequest::Info),
+        ("PUT", "/vm/pause") => Ok(ApiRequest::Pause),
+        ("PUT", "/vm/resume") => Ok(ApiRequest::Resume),
+        ("PUT", "/vm/shutdown") => Ok(ApiRequest::Shutdown),
+        ("PUT", "/vm/snapshot") => {
+            let v: Value = serde_json::from_str(body).map_err(|e| (400, format!("body is not JSON: {e}")))?;
+            let path = v
+                .get("path")
+                .and_then(Value::as_str)
+                .ok_or((400, "body needs {\"path\": FILE}".to_string()))?;
+            Ok(ApiRequest::Snapshot(PathBuf::from(path)))
+        }
+        (_, "/vm" | "/vm/pause" | "/vm/resume" | "/vm/shutdown" | "/vm/snapshot") => {
+            Err((405, format!("{method} is not allowed on {path}")))
+        }
+        _ => Err((404, format!("no endpoint {path}"))),
+    }
+}
+
+/// Serve the API on `path` (replacing a stale socket); requests arrive on
+/// the returned channel.
+pub fn serve(path: &Path) -> Result<Receiver<Call>, String> {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if meta.file_type().is_socket() {
+            let _ = std::fs::remove_file(path);
+        } else {
+            return Err(format!("API socket {} exists and is not a socket", path.display()));
+        }
+    }
+    let server = tiny_http::Server::http_unix(path)
+        .map_err(|e| format!("cannot serve the API on {}: {e}", path.display()))?;
+    let (tx, rx) = crossbeam_channel::unbounded::<Call>();
+    std::thread::Builder::new()
+        .name("api".into())
+        .spawn(move || {
+            for mut request in server.incoming_requests() {
+                let mut body = String::new();
+                let read = request.as_reader().take(1 << 20).read_to_string(&mut body);
+                let method = request.method().as_str().to_string();
+                let (status, value) = match read
+                    .map_err(|e| (400, e.to_string()))
+                    .and_then(|_| route(&method, request.url(), &body))
+                {
+                    Err((status, message)) => (status, serde_json::json!({ "error": message })),
+                    Ok(req) => {
+                        let (reply_tx, reply_rx) = crossbeam_channel::bounded(1);
+                        if tx.send((req, reply_tx)).is_err() {
+                            (503, serde_json::json!({ "error": "the VM has ended" }))
+                        } else {
+                            match reply_rx.recv() {
+                                Ok(Ok(v)) => (200, v),
+                                Ok(Err(e)) => (500, serde_json::json!({ "error": e })),
+                                Err(_) => (503, serde_json::json!({ "error": "the VM has ended" })),
+                            }
+                        }
+                    }
+                };
+                let header = tiny_http::Header::from_bytes(&b"Content-Type"[..], &b"application/json"[..])
+                    .expect("static header");
+                let response = tiny_http::Response::from_string(value.to_string() + "\n")
+                    .with_status_code(status)
+                    .with_header(header);
+                let _ = request.respond(response);
+            }
+        })
+        .map_err(|e| format!("cannot start the API thread: {e}"))?;
+    Ok(rx)
+}
+
+/// One request to the API at `socket`; returns the status and the body.
+pub fn call(socket: &Path, method: &str, path: &str, body: Option<&Value>) -> Result<(u16, Value), String> {
+    let mut stream = UnixStream::connect(socket)
+        .map_err(|e| format!("cannot connect to the API socket {}: {e}", socket.display()))?;
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).map_err(|e| format!("API request: {e}"))?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).map_err(|e| format!("API response: {e}"))?;
+    let (head, payload) = response.split_once("\r\n\r\n").ok_or("API response without a body")?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse::<u16>().ok())
+        .ok_or_else(|| format!("API response has no status: {head}"))?;
+    // tiny_http may use chunked encoding; take the JSON object inside.
+    let json = match (payload.find('{'), payload.rfind('}')) {
+        (Some(a), Some(b)) if b >= a => &payload[a..=b],
+        _ => "null",
+    };
+    let value = serde_json::from_str(json).map_err(|e| format!("API answer is not JSON ({e}): {payload}"))?;
+    Ok((status, value))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_decode() {
+        assert_eq!(route("GET", "/vm", ""), Ok(ApiRequest::Info));
+        assert_eq!(route("PUT", "/vm/pause/", ""), Ok(ApiRequest::Pause));
+        assert_eq!(
+            route("PUT", "/vm/snapshot", r#"{"path":"/tmp/s"}"#),
+            Ok(ApiRequest::Snapshot("/tmp/s".into()))
+        );
+        assert_eq!(route("PUT", "/vm/snapshot", "{}").unwrap_err().0, 400);
+        assert_eq!(route("GET", "/vm/pause", "").unwrap_err().0, 405);
+        assert_eq!(route("GET", "/nope", "").unwrap_err().0, 404);
+    }
+}

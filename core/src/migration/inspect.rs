@@ -1,0 +1,219 @@
+//! `ferry inspect`: a snapshot's manifest and sections, every CRC checked
+//! (memory included), as text or JSON. Reading stops at the first damage,
+//! which the report names.
+
+use std::{fs::File, path::Path};
+
+use serde::Serialize;
+
+use super::{
+    manifest::Manifest,
+    stream::{Kind, Reader},
+};
+
+/// One section as found.
+#[derive(Debug, Clone, Serialize)]
+pub struct SectionInfo {
+    /// Number in the stream.
+    pub index: usize,
+    /// Kind name.
+    pub kind: &'static str,
+    /// Id.
+    pub id: String,
+    /// Payload version.
+    pub version: u32,
+    /// Payload offset.
+    pub offset: u64,
+    /// Payload length.
+    pub length: u64,
+    /// CRC checked and good.
+    pub crc_ok: bool,
+}
+
+/// Memory as found.
+#[derive(Debug, Clone, Serialize)]
+pub struct MemoryInfo {
+    /// Runs of non-zero pages.
+    pub runs: usize,
+    /// Bytes stored.
+    pub bytes: u64,
+    /// Every run's CRC good.
+    pub crc_ok: bool,
+}
+
+/// The whole report.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// File.
+    pub file: String,
+    /// File length.
+    pub length: u64,
+    /// The manifest, if it decoded.
+    pub manifest: Option<Manifest>,
+    /// Sections read.
+    pub sections: Vec<SectionInfo>,
+    /// Memory.
+    pub memory: Option<MemoryInfo>,
+    /// Where reading stopped, if it did.
+    pub error: Option<String>,
+}
+
+impl Report {
+    /// Nothing wrong.
+    pub fn ok(&self) -> bool {
+        self.error.is_none()
+    }
+
+    /// As JSON.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or_default()
+    }
+
+    /// As text for people.
+    pub fn to_text(&self) -> String {
+        let mut t = format!("snapshot {} ({} bytes)\n", self.file, self.length);
+        if let Some(m) = &self.manifest {
+            t += &format!(
+                "written by ferry {}; machine type {}; {} vCPU(s); {} of RAM in {} range(s); {} CPUID entries\n",
+                m.ferry_version,
+                m.machine.name,
+                m.cpus,
+                crate::memory::human_size(m.memory),
+                m.ram.len(),
+                m.cpuid.len()
+            );
+            t += "devices:\n";
+            for d in &m.devices {
+                t += &format!(
+                    "  {:<12} {:<14} {:<8} state v{}\n",
+                    d.id, d.plugin, d.plugin_version, d.state_version
+                );
+            }
+        }
+        t += "sections:\n";
+        for s in &self.sections {
+            t += &format!(
+                "  {:>3} {:<8} {:<12} v{:<3} offset {:>10} length {:>10} crc {}\n",
+                s.index,
+                s.kind,
+                s.id,
+                s.version,
+                s.offset,
+                s.length,
+                if s.crc_ok { "ok" } else { "BAD" }
+            );
+        }
+        if let Some(mem) = &self.memory {
+            t += &format!(
+                "memory: {} run(s), {} stored, crc {}\n",
+                mem.runs,
+                crate::memory::human_size(mem.bytes),
+                if mem.crc_ok { "ok" } else { "BAD" }
+            );
+        }
+        match &self.error {
+            Some(e) => t += &format!("ERROR: {e}\n"),
+            None => t += "ok\n",
+        }
+        t
+    }
+}
+
+/// Read and check a snapshot file.
+pub fn inspect(path: &Path) -> Result<Report, String> {
+    let file = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    let mut report = Report {
+        file: path.display().to_string(),
+        length: file.metadata().map(|m| m.len()).unwrap_or(0),
+        manifest: None,
+        sections: Vec::new(),
+        memory: None,
+        error: None,
+    };
+    let mut r = match Reader::new(&file) {
+        Ok(r) => r,
+        Err(e) => {
+            report.error = Some(e.to_string());
+            return Ok(report);
+        }
+    };
+    loop {
+        let h = match r.next_header() {
+            Ok(h) => h,
+            Err(e) => {
+                report.error = Some(e.to_string());
+                break;
+            }
+        };
+        let mut info = SectionInfo {
+            index: h.index,
+            kind: h.kind.name(),
+            id: h.id.clone(),
+            version: h.version,
+            offset: h.payload_at,
+            length: h.payload_len,
+            crc_ok: false,
+        };
+        if h.kind == Kind::End {
+            info.crc_ok = true;
+            report.sections.push(info);
+            break;
+        }
+        let payload = match r.payload(&h) {
+            Ok(p) => p,
+            Err(e) => {
+                report.sections.push(info);
+                report.error = Some(e.to_string());
+                break;
+            }
+        };
+        info.crc_ok = true;
+        report.sections.push(info);
+        match h.kind {
+            Kind::Manifest => match crate::state::decode::<Manifest>(&payload) {
+                Ok(m) => report.manifest = Some(m),
+                Err(e) => {
+                    report.error = Some(format!("section {} (manifest): {e}", h.index));
+                    break;
+                }
+            },
+            Kind::Memory => {
+                let ram = report.manifest.as_ref().map(|m| m.ram.clone()).unwrap_or_default();
+                let runs = match r.runs(&h, &payload, &ram) {
+                    Ok(runs) => runs,
+                    Err(e) => {
+                        report.error = Some(e.to_string());
+                        break;
+                    }
+                };
+                let mut mem = MemoryInfo {
+                    runs: runs.len(),
+                    bytes: runs.iter().map(|x| x.pages * 4096).sum(),
+                    crc_ok: true,
+                };
+                for (i, run) in runs.iter().enumerate() {
+                    if let Err(e) = r.verify_run(&h, i, run) {
+                        mem.crc_ok = false;
+                        report.error = Some(e.to_string());
+                        break;
+                    }
+                }
+                let end =
+                    runs.last().map(|l| l.data_at + l.pages * 4096).unwrap_or(h.payload_at + h.payload_len);
+                report.memory = Some(mem);
+                if report.error.is_some() {
+                    break;
+                }
+                if let Err(e) = r.skip_to(end.div_ceil(4096) * 4096) {
+                    report.error = Some(e.to_string());
+                    break;
+                }
+            }
+            _ => {}
+        }
+    }
+    if report.error.is_none() && report.sections.last().map(|s| s.kind) != Some("end") {
+        report.error = Some("no end marker".into());
+    }
+    Ok(report)
+}
