@@ -422,6 +422,7 @@ pub fn restore(path: &Path, plugins: &Path, verify_memory: bool) -> Result<Vm, V
             .map_err(|e| bad(format!("device {} ({}): {e}", slot.id, slot.plugin)))?;
     }
     vm.bus.refresh_pci();
+    vm.set_devices_paused(false).map_err(bad)?;
     crate::log::info(&format!(
         "restored {shown}: machine type {}, {} vCPU(s), {} of RAM",
         vm.machine.name,

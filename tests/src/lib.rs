@@ -313,3 +313,39 @@ impl Drop for Running {
         let _ = self.child.wait();
     }
 }
+
+/// Run `ferry ctl --api-socket SOCKET ARGS...`; returns its stdout, failing
+/// the test if it fails.
+pub fn ctl(socket: &Path, args: &[&str]) -> String {
+    let out = Command::new(ferry_bin())
+        .arg("ctl")
+        .arg("--api-socket")
+        .arg(socket)
+        .args(args)
+        .output()
+        .expect("run ferry ctl");
+    assert!(
+        out.status.success(),
+        "ferry ctl {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// Wait until `path` exists (a socket ferry creates).
+pub fn wait_for_path(path: &Path, timeout: Duration) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if path.exists() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
+}
+
+/// The number in a `TICK <n>` line.
+pub fn tick_number(line: &str) -> Option<u64> {
+    line.strip_prefix("TICK ").and_then(|n| n.trim().parse().ok())
+}

@@ -301,12 +301,18 @@ impl PluginDevice for Serial16550 {
     fn load_state(&mut self, blob: StateBlob) -> Result<(), String> {
         let s = state::load::<UartStateV1>(&blob)?;
         let mut uart = self.lock();
+        // Input the host typed into this (fresh) UART before the state
+        // arrived belongs to the guest too: keep it behind the saved FIFO.
+        let typed = uart.state().in_buffer;
         // Rebuild the register model around the same output.
         let placeholder = Serial::new(IrqLine { host: self.host.clone(), gsi: self.gsi }, Output::Discard);
         let out = std::mem::replace(&mut *uart, placeholder).into_writer();
         let irq = IrqLine { host: self.host.clone(), gsi: self.gsi };
         *uart = Serial::from_state(&SerialState::from(&s), irq, NoEvents, out)
             .map_err(|e| format!("restoring the UART: {e:?}"))?;
+        if !typed.is_empty() {
+            let _ = uart.enqueue_raw_bytes(&typed);
+        }
         Ok(())
     }
 }

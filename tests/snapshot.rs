@@ -1,0 +1,117 @@
+//! Snapshot and restore with the test guest: the counter carries on from
+//! its last value, the memory pattern holds, virtio-blk, virtio-rng, the
+//! serial console (both ways) and interrupts work after restore, with 1 and
+//! 4 vCPUs; ten cycles in a row stay good.
+
+use std::{io::Write, time::Duration};
+
+use ferry_tests::{ctl, kvm_or_skip, spawn_ferry, tick_number, wait_for_path, Running, TempDir};
+
+const DEADLINE: Duration = Duration::from_secs(120);
+
+/// Start `args`, wait for `TICK <after>` or later, snapshot to `snap`, shut
+/// down; returns the last tick the first process printed.
+fn run_and_snapshot(dir: &TempDir, args: &[&str], after: u64, snap: &str) -> u64 {
+    let socket = dir.path().join("api.sock");
+    let socket_arg = socket.display().to_string();
+    let mut all = vec!["run", "--api-socket", &socket_arg];
+    all.extend_from_slice(args);
+    let mut first = Running::new(spawn_ferry(&all));
+    assert!(wait_for_path(&socket, Duration::from_secs(20)), "no API socket");
+    loop {
+        let line = first.wait_line("TICK", DEADLINE).expect("the guest ticks");
+        if tick_number(&line).unwrap_or(0) >= after {
+            break;
+        }
+    }
+    // Paused first, so the last tick printed is the snapshot's.
+    ctl(&socket, &["pause"]);
+    let report = ctl(&socket, &["snapshot", snap]);
+    assert!(report.contains("\"paused_ms\""), "{report}");
+    ctl(&socket, &["shutdown"]);
+    let out = first.finish(DEADLINE);
+    assert_eq!(out.code(), 0, "shutdown ends ferry with 0; stderr: {}", out.stderr);
+    out.stdout.lines().filter_map(tick_number).max().expect("ticks before the snapshot")
+}
+
+fn snapshot_and_restore_with(cpus: &str) {
+    let dir = TempDir::new(&format!("snap{cpus}"));
+    let disk = dir.path().join("disk.img");
+    std::fs::write(&disk, vec![0u8; 4 << 20]).expect("disk");
+    let disk_arg = format!("path={}", disk.display());
+    let snap = dir.path().join("vm.snap").display().to_string();
+    let cmdline = "smp pattern=8 blk-write=10:2:3 ticks=40 blk-verify=10:2:3 blk-write=20:1:4 \
+                   blk-verify=20:1:4 rng=8 verify echo exit=7";
+    let last = run_and_snapshot(
+        &dir,
+        &["--cpus", cpus, "--disk", &disk_arg, "--rng", "--cmdline", cmdline],
+        5,
+        &snap,
+    );
+
+    // A new process, from the file alone (plus what the user types).
+    let mut second = Running::new(spawn_ferry(&["run", "--restore", &snap]));
+    second.stdin().expect("stdin").write_all(b"typed after restore\n").expect("type");
+    let out = second.finish(DEADLINE);
+    assert_eq!(out.code(), 7, "stdout:\n{}\nstderr:\n{}", out.stdout, out.stderr);
+    let ticks: Vec<u64> = out.stdout.lines().filter_map(tick_number).collect();
+    assert_eq!(ticks.first(), Some(&(last + 1)), "the counter continues from {last}:\n{}", out.stdout);
+    assert_eq!(ticks.last(), Some(&40), "PIT interrupts keep arriving");
+    for want in ["BLK VERIFY OK sector=10 count=2", "BLK VERIFY OK sector=20 count=1", "PATTERN OK pages=2048", "ECHO typed after restore"] {
+        assert!(out.stdout.contains(want), "'{want}' missing:\n{}", out.stdout);
+    }
+    let write = out.stdout.lines().find(|l| l.starts_with("BLK WRITE sector=20")).expect("blk write after restore");
+    assert!(write.contains("status=0") && !write.ends_with("irqs=0"), "MSI-X after restore: {write}");
+    assert!(out.stdout.lines().any(|l| l.starts_with("RNG len=8")), "{}", out.stdout);
+    if cpus == "4" {
+        // The APs were started before the snapshot and stay parked; the
+        // BSP's view of them survives.
+        assert!(!out.stdout.contains("GUEST EXCEPTION"), "{}", out.stdout);
+    }
+}
+
+#[test]
+fn snapshot_and_restore_with_one_vcpu() {
+    if kvm_or_skip("snapshot_and_restore_with_one_vcpu") {
+        snapshot_and_restore_with("1");
+    }
+}
+
+#[test]
+fn snapshot_and_restore_with_four_vcpus() {
+    if kvm_or_skip("snapshot_and_restore_with_four_vcpus") {
+        snapshot_and_restore_with("4");
+    }
+}
+
+#[test]
+fn ten_snapshot_restore_cycles_in_a_row() {
+    if !kvm_or_skip("ten_snapshot_restore_cycles_in_a_row") {
+        return;
+    }
+    let dir = TempDir::new("cycles");
+    let socket = dir.path().join("api.sock");
+    let socket_arg = socket.display().to_string();
+    let snap = |i: usize| dir.path().join(format!("cycle{i}.snap")).display().to_string();
+    let mut last = run_and_snapshot(&dir, &["--cmdline", "pattern=16 ticks=100 verify exit=5"], 3, &snap(0));
+    for i in 1..=10 {
+        let previous = snap(i - 1);
+        let mut vm = Running::new(spawn_ferry(&["run", "--restore", &previous, "--api-socket", &socket_arg]));
+        assert!(wait_for_path(&socket, Duration::from_secs(20)), "cycle {i}: no API socket");
+        let first = vm.wait_line("TICK", DEADLINE).and_then(|l| tick_number(&l)).expect("ticks after restore");
+        assert_eq!(first, last + 1, "cycle {i}: the counter continues");
+        let target = first + 2;
+        while vm.wait_line("TICK", DEADLINE).and_then(|l| tick_number(&l)).expect("ticks") < target {}
+        ctl(&socket, &["pause"]);
+        ctl(&socket, &["snapshot", &snap(i)]);
+        ctl(&socket, &["shutdown"]);
+        let out = vm.finish(DEADLINE);
+        assert_eq!(out.code(), 0, "cycle {i}: {}", out.stderr);
+        assert!(!out.stdout.contains("BAD"), "cycle {i}: pattern broke:\n{}", out.stdout);
+        last = out.stdout.lines().filter_map(tick_number).max().unwrap_or(target);
+    }
+    let end = Running::new(spawn_ferry(&["run", "--restore", &snap(10)])).finish(DEADLINE);
+    assert_eq!(end.code(), 5, "stdout:\n{}\nstderr:\n{}", end.stdout, end.stderr);
+    assert!(end.stdout.contains("PATTERN OK pages=4096"), "{}", end.stdout);
+    assert!(end.stdout.contains("TICK 100"));
+}
