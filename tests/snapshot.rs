@@ -57,10 +57,16 @@ fn snapshot_and_restore_with(cpus: &str) {
     let ticks: Vec<u64> = out.stdout.lines().filter_map(tick_number).collect();
     assert_eq!(ticks.first(), Some(&(last + 1)), "the counter continues from {last}:\n{}", out.stdout);
     assert_eq!(ticks.last(), Some(&40), "PIT interrupts keep arriving");
-    for want in ["BLK VERIFY OK sector=10 count=2", "BLK VERIFY OK sector=20 count=1", "PATTERN OK pages=2048", "ECHO typed after restore"] {
+    for want in [
+        "BLK VERIFY OK sector=10 count=2",
+        "BLK VERIFY OK sector=20 count=1",
+        "PATTERN OK pages=2048",
+        "ECHO typed after restore",
+    ] {
         assert!(out.stdout.contains(want), "'{want}' missing:\n{}", out.stdout);
     }
-    let write = out.stdout.lines().find(|l| l.starts_with("BLK WRITE sector=20")).expect("blk write after restore");
+    let write =
+        out.stdout.lines().find(|l| l.starts_with("BLK WRITE sector=20")).expect("blk write after restore");
     assert!(write.contains("status=0") && !write.ends_with("irqs=0"), "MSI-X after restore: {write}");
     assert!(out.stdout.lines().any(|l| l.starts_with("RNG len=8")), "{}", out.stdout);
     if cpus == "4" {
@@ -98,7 +104,8 @@ fn ten_snapshot_restore_cycles_in_a_row() {
         let previous = snap(i - 1);
         let mut vm = Running::new(spawn_ferry(&["run", "--restore", &previous, "--api-socket", &socket_arg]));
         assert!(wait_for_path(&socket, Duration::from_secs(20)), "cycle {i}: no API socket");
-        let first = vm.wait_line("TICK", DEADLINE).and_then(|l| tick_number(&l)).expect("ticks after restore");
+        let first =
+            vm.wait_line("TICK", DEADLINE).and_then(|l| tick_number(&l)).expect("ticks after restore");
         assert_eq!(first, last + 1, "cycle {i}: the counter continues");
         let target = first + 2;
         while vm.wait_line("TICK", DEADLINE).and_then(|l| tick_number(&l)).expect("ticks") < target {}
