@@ -1,7 +1,19 @@
 //! Ferry's log: one line per message on stderr, prefixed `ferry:`.
 //! `FERRY_LOG=error|warn|info|debug` sets the level (default `warn`).
 
-use std::sync::OnceLock;
+use std::{sync::OnceLock, time::Instant};
+
+static START: OnceLock<Instant> = OnceLock::new();
+
+/// Remember when ferry started (call first thing in main).
+pub fn mark_start() {
+    let _ = START.set(Instant::now());
+}
+
+/// Milliseconds since `mark_start`.
+pub fn since_start_ms() -> f64 {
+    START.get().map(|s| s.elapsed().as_secs_f64() * 1e3).unwrap_or(0.0)
+}
 
 use ferry_plugin_api::LogLevel;
 

@@ -233,6 +233,7 @@ fn machines() -> Result<ExitCode> {
 }
 
 fn main() -> ExitCode {
+    ferry::log::mark_start();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(args),

@@ -564,6 +564,7 @@ impl Vm {
         let vcpus = std::mem::take(&mut self.vcpus);
         let handles = vcpu::spawn(vcpus, self.bus.clone(), self.control.clone(), self.msrs.clone())
             .map_err(VmError::Runtime)?;
+        crate::log::info(&format!("vCPUs started {:.1} ms after ferry started", crate::log::since_start_ms()));
         let never = crossbeam_channel::never();
         let api = api_rx.as_ref().unwrap_or(&never);
         let mut shutdown = false;
