@@ -2,7 +2,11 @@
 //! (memory included), as text or JSON. Reading stops at the first damage,
 //! which the report names.
 
-use std::{fs::File, path::Path};
+use std::{
+    fs::File,
+    io::{Read, Seek, SeekFrom},
+    path::Path,
+};
 
 use serde::Serialize;
 
@@ -122,19 +126,21 @@ impl Report {
 /// Read and check a snapshot file.
 pub fn inspect(path: &Path) -> Result<Report, String> {
     let file = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-    let mut report = Report {
-        file: path.display().to_string(),
-        length: file.metadata().map(|m| m.len()).unwrap_or(0),
-        manifest: None,
-        sections: Vec::new(),
-        memory: None,
-        error: None,
-    };
-    let mut r = match Reader::new(&file) {
+    Ok(inspect_reader(&path.display().to_string(), file))
+}
+
+/// Read and check a stream from any seekable input (the fuzz target's
+/// entry point: every input must end in a report, never a panic).
+pub fn inspect_reader<R: Read + Seek>(name: &str, mut input: R) -> Report {
+    let length = input.seek(SeekFrom::End(0)).unwrap_or(0);
+    let _ = input.seek(SeekFrom::Start(0));
+    let mut report =
+        Report { file: name.to_string(), length, manifest: None, sections: Vec::new(), memory: None, error: None };
+    let mut r = match Reader::new(input) {
         Ok(r) => r,
         Err(e) => {
             report.error = Some(e.to_string());
-            return Ok(report);
+            return report;
         }
     };
     loop {
@@ -215,5 +221,5 @@ pub fn inspect(path: &Path) -> Result<Report, String> {
     if report.error.is_none() && report.sections.last().map(|s| s.kind) != Some("end") {
         report.error = Some("no end marker".into());
     }
-    Ok(report)
+    report
 }
