@@ -61,9 +61,18 @@ pub fn route(method: &str, path: &str, body: &str) -> Result<ApiRequest, (u16, S
     }
 }
 
+/// The server side: requests to answer, and a signal after each answer
+/// has been written (so ferry does not exit under a response).
+pub struct Served {
+    /// Requests.
+    pub calls: Receiver<Call>,
+    /// One message per response written.
+    pub answered: Receiver<()>,
+}
+
 /// Serve the API on `path` (replacing a stale socket); requests arrive on
 /// the returned channel.
-pub fn serve(path: &Path) -> Result<Receiver<Call>, String> {
+pub fn serve(path: &Path) -> Result<Served, String> {
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if meta.file_type().is_socket() {
             let _ = std::fs::remove_file(path);
@@ -74,6 +83,7 @@ pub fn serve(path: &Path) -> Result<Receiver<Call>, String> {
     let server = tiny_http::Server::http_unix(path)
         .map_err(|e| format!("cannot serve the API on {}: {e}", path.display()))?;
     let (tx, rx) = crossbeam_channel::unbounded::<Call>();
+    let (answered_tx, answered) = crossbeam_channel::unbounded::<()>();
     std::thread::Builder::new()
         .name("api".into())
         .spawn(move || {
@@ -105,10 +115,11 @@ pub fn serve(path: &Path) -> Result<Receiver<Call>, String> {
                     .with_status_code(status)
                     .with_header(header);
                 let _ = request.respond(response);
+                let _ = answered_tx.send(());
             }
         })
         .map_err(|e| format!("cannot start the API thread: {e}"))?;
-    Ok(rx)
+    Ok(Served { calls: rx, answered })
 }
 
 /// One request to the API at `socket`; returns the status and the body.

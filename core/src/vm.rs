@@ -557,16 +557,19 @@ impl Vm {
     /// on `api_socket` meanwhile.
     pub fn run(mut self, api_socket: Option<&Path>) -> Result<Outcome, VmError> {
         vcpu::install_kick_handler().map_err(VmError::Runtime)?;
-        let api_rx = match api_socket {
+        let served = match api_socket {
             Some(path) => Some(api::serve(path).map_err(VmError::Runtime)?),
             None => None,
         };
         let vcpus = std::mem::take(&mut self.vcpus);
         let handles = vcpu::spawn(vcpus, self.bus.clone(), self.control.clone(), self.msrs.clone())
             .map_err(VmError::Runtime)?;
-        crate::log::info(&format!("vCPUs started {:.1} ms after ferry started", crate::log::since_start_ms()));
+        crate::log::info(&format!(
+            "vCPUs started {:.1} ms after ferry started",
+            crate::log::since_start_ms()
+        ));
         let never = crossbeam_channel::never();
-        let api = api_rx.as_ref().unwrap_or(&never);
+        let api = served.as_ref().map(|s| &s.calls).unwrap_or(&never);
         let mut shutdown = false;
         let event = loop {
             crossbeam_channel::select! {
@@ -583,6 +586,10 @@ impl Vm {
                             .map_err(|e| e.to_string()),
                         ApiRequest::Shutdown => {
                             shutdown = true;
+                            // Earlier answers' signals; the next one is this answer's.
+                            if let Some(s) = &served {
+                                while s.answered.try_recv().is_ok() {}
+                            }
                             self.control.stop(StopEvent::Exit(0));
                             Ok(serde_json::json!({"state": "shutting down"}))
                         }
@@ -591,6 +598,12 @@ impl Vm {
                 }
             }
         };
+        if shutdown {
+            // Let the API thread finish writing the shutdown answer.
+            if let Some(s) = &served {
+                let _ = s.answered.recv_timeout(std::time::Duration::from_secs(2));
+            }
+        }
         vcpu::join(handles, &self.control);
         let _ = self.set_devices_paused(true);
         if let Some(path) = api_socket {

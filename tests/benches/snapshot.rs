@@ -39,7 +39,9 @@ fn ferry_snapshot(dir: &Path, memory: &str) -> Result<(f64, u64, f64), String> {
         .spawn()
         .map_err(|e| e.to_string())?;
     let mut vm = Running::new(child);
-    if !wait_for_path(&socket, Duration::from_secs(30)) || vm.wait_line("TICK 2", Duration::from_secs(60)).is_none() {
+    if !wait_for_path(&socket, Duration::from_secs(30))
+        || vm.wait_line("TICK 2", Duration::from_secs(60)).is_none()
+    {
         return Err("ferry guest did not start".into());
     }
     let report = ctl(&socket, &["snapshot", &snap.display().to_string()]);
@@ -90,7 +92,9 @@ impl Qmp {
         let stream = loop {
             match UnixStream::connect(path) {
                 Ok(s) => break s,
-                Err(_) if start.elapsed() < Duration::from_secs(30) => std::thread::sleep(Duration::from_millis(1)),
+                Err(_) if start.elapsed() < Duration::from_secs(30) => {
+                    std::thread::sleep(Duration::from_millis(1))
+                }
                 Err(e) => return Err(format!("QMP: {e}")),
             }
         };
@@ -121,13 +125,25 @@ impl Qmp {
 
 fn qemu_cmd(guest: &Path, memory: &str, qmp: &Path) -> Command {
     let mut c = Command::new("qemu-system-x86_64");
-    c.args(["-accel", "kvm", "-M", "pc", "-m", memory, "-nographic", "-no-reboot", "-net", "none", "-kernel"])
-        .arg(guest)
-        .args(["-append", GUEST, "-device", "isa-debug-exit,iobase=0xf4,iosize=0x01", "-qmp"])
-        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    c.args([
+        "-accel",
+        "kvm",
+        "-M",
+        "pc",
+        "-m",
+        memory,
+        "-nographic",
+        "-no-reboot",
+        "-net",
+        "none",
+        "-kernel",
+    ])
+    .arg(guest)
+    .args(["-append", GUEST, "-device", "isa-debug-exit,iobase=0xf4,iosize=0x01", "-qmp"])
+    .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
     c
 }
 
@@ -144,7 +160,12 @@ fn qemu_snapshot(dir: &Path, guest: &Path, memory: &str) -> Result<(f64, u64, f6
     let total_ms = loop {
         let l = qmp.cmd(r#"{"execute":"query-migrate"}"#)?;
         if l.contains("\"completed\"") {
-            break l.split("\"total-time\": ").nth(1).and_then(|v| v.split([',', '}']).next()).and_then(|v| v.trim().parse().ok()).unwrap_or(f64::NAN);
+            break l
+                .split("\"total-time\": ")
+                .nth(1)
+                .and_then(|v| v.split([',', '}']).next())
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(f64::NAN);
         }
         if l.contains("\"failed\"") {
             return Err(format!("QEMU migrate failed: {l}"));

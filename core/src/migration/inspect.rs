@@ -134,8 +134,14 @@ pub fn inspect(path: &Path) -> Result<Report, String> {
 pub fn inspect_reader<R: Read + Seek>(name: &str, mut input: R) -> Report {
     let length = input.seek(SeekFrom::End(0)).unwrap_or(0);
     let _ = input.seek(SeekFrom::Start(0));
-    let mut report =
-        Report { file: name.to_string(), length, manifest: None, sections: Vec::new(), memory: None, error: None };
+    let mut report = Report {
+        file: name.to_string(),
+        length,
+        manifest: None,
+        sections: Vec::new(),
+        memory: None,
+        error: None,
+    };
     let mut r = match Reader::new(input) {
         Ok(r) => r,
         Err(e) => {
