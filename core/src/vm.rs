@@ -306,6 +306,20 @@ fn read_snapshot(file: &File, path: &str, verify_memory: bool) -> Result<Snapsho
         match h.kind {
             Kind::End => break,
             Kind::Manifest => return Err(bad(format!("section {}: a second manifest", h.index))),
+            Kind::Hello
+            | Kind::Plan
+            | Kind::Decision
+            | Kind::Pages
+            | Kind::ZeroPages
+            | Kind::Resumed
+            | Kind::Failed
+            | Kind::Memfd => {
+                return Err(bad(format!(
+                    "section {}: a {} message belongs to a live migration",
+                    h.index,
+                    h.kind.name()
+                )))
+            }
             Kind::Machine => contents.machine = Some((h.version, r.payload(&h).map_err(err)?)),
             Kind::Vcpu => {
                 let n = h.id.strip_prefix("cpu").and_then(|n| n.parse::<usize>().ok());
@@ -492,6 +506,7 @@ impl Vm {
                 plugin: d.plugin.clone(),
                 plugin_version: lib.descriptor.version.to_string(),
                 state_version: blob.version,
+                oldest_save: lib.descriptor.state.oldest_save,
             });
             devices.push((d.id.clone(), blob));
         }

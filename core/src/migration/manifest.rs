@@ -45,6 +45,9 @@ pub struct DeviceRecord {
     pub plugin_version: String,
     /// State version of its section.
     pub state_version: u32,
+    /// Oldest state version the source's plugin can write (downgrades).
+    #[serde(default)]
+    pub oldest_save: u32,
 }
 
 /// One CPUID entry given to the vCPUs.

@@ -44,6 +44,8 @@ pub const SECTION_HEADER_LEN: u64 = 24;
 pub const MAX_ID_LEN: usize = 64;
 /// Size of one memory run entry.
 pub const RUN_ENTRY_LEN: u64 = 32;
+/// Largest PAGES message: its address and 1024 pages.
+pub const MAX_PAGES_PAYLOAD: u64 = 8 + 1024 * 4096;
 
 /// Section kinds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,6 +62,24 @@ pub enum Kind {
     Memory,
     /// The end.
     End,
+    /// Live migration: the source's manifest, opening a migration.
+    Hello,
+    /// Live migration: the destination's plan, device by device.
+    Plan,
+    /// Live migration: the source goes ahead (payload: "go") or stops
+    /// ("dry-run", "abort: reason").
+    Decision,
+    /// Live migration: guest pages (gpa u64, then whole pages).
+    Pages,
+    /// Live migration: zero pages (pairs of gpa u64, pages u64).
+    ZeroPages,
+    /// Live migration: the destination has resumed the guest.
+    Resumed,
+    /// Live migration: the destination failed (payload: the reason).
+    Failed,
+    /// Live migration on one host: the guest RAM memfd follows as
+    /// SCM_RIGHTS ancillary data.
+    Memfd,
 }
 
 impl Kind {
@@ -71,6 +91,14 @@ impl Kind {
             Kind::Device => 4,
             Kind::Memory => 5,
             Kind::End => 0xffff,
+            Kind::Hello => 0x10,
+            Kind::Plan => 0x11,
+            Kind::Decision => 0x12,
+            Kind::Pages => 0x13,
+            Kind::ZeroPages => 0x14,
+            Kind::Resumed => 0x15,
+            Kind::Failed => 0x16,
+            Kind::Memfd => 0x17,
         }
     }
 
@@ -82,6 +110,14 @@ impl Kind {
             4 => Kind::Device,
             5 => Kind::Memory,
             0xffff => Kind::End,
+            0x10 => Kind::Hello,
+            0x11 => Kind::Plan,
+            0x12 => Kind::Decision,
+            0x13 => Kind::Pages,
+            0x14 => Kind::ZeroPages,
+            0x15 => Kind::Resumed,
+            0x16 => Kind::Failed,
+            0x17 => Kind::Memfd,
             _ => return None,
         })
     }
@@ -89,11 +125,13 @@ impl Kind {
     /// Largest payload accepted for this kind.
     pub fn max_payload(self) -> u64 {
         match self {
-            Kind::Manifest => 16 << 20,
+            Kind::Manifest | Kind::Hello | Kind::Plan => 16 << 20,
             Kind::Machine | Kind::Vcpu => 1 << 20,
             Kind::Device => 64 << 20,
-            Kind::Memory => 64 << 20,
-            Kind::End => 0,
+            Kind::Memory | Kind::ZeroPages => 64 << 20,
+            Kind::Pages => MAX_PAGES_PAYLOAD,
+            Kind::End | Kind::Memfd => 0,
+            Kind::Decision | Kind::Resumed | Kind::Failed => 64 << 10,
         }
     }
 
@@ -106,6 +144,14 @@ impl Kind {
             Kind::Device => "device",
             Kind::Memory => "memory",
             Kind::End => "end",
+            Kind::Hello => "hello",
+            Kind::Plan => "plan",
+            Kind::Decision => "decision",
+            Kind::Pages => "pages",
+            Kind::ZeroPages => "zero-pages",
+            Kind::Resumed => "resumed",
+            Kind::Failed => "failed",
+            Kind::Memfd => "memfd",
         }
     }
 }
@@ -523,6 +569,61 @@ impl<R: Read + Seek> Reader<R> {
     }
 }
 
+/// Send one message (a section) on a byte stream.
+pub fn send<W: Write>(
+    out: &mut W,
+    kind: Kind,
+    id: &str,
+    version: u32,
+    payload: &[u8],
+) -> std::io::Result<()> {
+    out.write_all(&header_bytes(kind, id, version, payload.len() as u64, crc32fast::hash(payload)))?;
+    out.write_all(payload)
+}
+
+/// Receive one message from a byte stream: the header is checked (CRC,
+/// kind, length limit) before the payload is read, then the payload's CRC.
+/// `index` numbers messages in errors.
+pub fn receive<R: Read>(input: &mut R, index: usize) -> Result<(SectionHeader, Vec<u8>), StreamError> {
+    let mut h = [0u8; SECTION_HEADER_LEN as usize];
+    input.read_exact(&mut h)?;
+    let code = u16::from_le_bytes([h[0], h[1]]);
+    let id_len = u16::from_le_bytes([h[2], h[3]]) as usize;
+    let version = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
+    let payload_len = u64::from_le_bytes(h[8..16].try_into().expect("8 bytes"));
+    let payload_crc = u32::from_le_bytes([h[16], h[17], h[18], h[19]]);
+    let header_crc = u32::from_le_bytes([h[20], h[21], h[22], h[23]]);
+    if id_len > MAX_ID_LEN {
+        return Err(StreamError::SectionHeaderCrc { index, at: 0 });
+    }
+    let mut id_bytes = vec![0u8; id_len];
+    input.read_exact(&mut id_bytes)?;
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&h[..20]);
+    crc.update(&id_bytes);
+    if crc.finalize() != header_crc {
+        return Err(StreamError::SectionHeaderCrc { index, at: 0 });
+    }
+    let kind = Kind::from_code(code).ok_or(StreamError::UnknownKind { index, at: 0, code })?;
+    let id = String::from_utf8_lossy(&id_bytes).to_string();
+    if payload_len > kind.max_payload() {
+        return Err(StreamError::TooLong {
+            index,
+            kind: kind.name(),
+            id,
+            what: "payload",
+            len: payload_len,
+            limit: kind.max_payload(),
+        });
+    }
+    let mut payload = vec![0u8; payload_len as usize];
+    input.read_exact(&mut payload)?;
+    if crc32fast::hash(&payload) != payload_crc {
+        return Err(StreamError::PayloadCrc { index, kind: kind.name(), id });
+    }
+    Ok((SectionHeader { index, kind, id, version, payload_len, payload_crc, payload_at: 0 }, payload))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -611,6 +712,27 @@ mod tests {
         let mut huge = good[..16].to_vec();
         huge.extend_from_slice(&header_bytes(Kind::Vcpu, "cpu0", 1, u64::MAX, 0));
         assert!(err(huge).contains("exceeds the limit"), "huge");
+    }
+
+    #[test]
+    fn messages_cross_a_byte_stream_and_damage_is_caught() {
+        let mut wire = Vec::new();
+        send(&mut wire, Kind::Hello, "", 1, b"manifest").unwrap();
+        send(&mut wire, Kind::Pages, "", 1, &[1u8; 8 + 4096]).unwrap();
+        let mut r = Cursor::new(wire.clone());
+        let (h, p) = receive(&mut r, 0).unwrap();
+        assert_eq!((h.kind, p.as_slice()), (Kind::Hello, &b"manifest"[..]));
+        assert_eq!(receive(&mut r, 1).unwrap().1.len(), 8 + 4096);
+        assert!(receive(&mut r, 2).is_err(), "end of stream");
+        let mut bad = wire.clone();
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        let mut r = Cursor::new(bad);
+        receive(&mut r, 0).unwrap();
+        assert!(receive(&mut r, 1).unwrap_err().to_string().contains("payload CRC mismatch"));
+        let mut huge = Vec::new();
+        huge.extend_from_slice(&header_bytes(Kind::Pages, "", 1, u64::MAX / 2, 0));
+        assert!(receive(&mut Cursor::new(huge), 0).unwrap_err().to_string().contains("exceeds the limit"));
     }
 
     #[test]

@@ -42,6 +42,11 @@ pub(crate) fn spawn<D: VirtioDevice>(shared: Arc<Shared<D>>) -> Result<JoinHandl
 fn run<D: VirtioDevice>(shared: &Shared<D>, epoll: &Epoll) {
     let mut events = vec![EpollEvent::default(); 16];
     loop {
+        // Checked before every wait: a stop whose wake-up this thread
+        // consumed while handling an earlier event is not lost.
+        if shared.stop.load(Ordering::SeqCst) {
+            return;
+        }
         let n = match epoll.wait(-1, &mut events) {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,

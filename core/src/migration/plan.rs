@@ -1,0 +1,310 @@
+//! The migration plan: for a stream's manifest and a destination's plugin
+//! set, what happens to each device, decided before the guest is paused.
+//!
+//! | verdict | when |
+//! |---|---|
+//! | same vN | the destination's plugin loads and writes the source's state version |
+//! | upgrade vA->vB | the destination loads vA and upgrades it to its vB |
+//! | downgrade vB->vA | the source writes the older vA the destination loads (its downgrade functions run at stop-and-copy, and may still refuse then if the guest's state needs vB) |
+//! | refused | no plugin, an unknown property, or no version path |
+//!
+//! CPU features the source's vCPUs were given and the destination's KVM
+//! does not offer refuse the whole plan.
+
+use serde::{Deserialize, Serialize};
+
+use super::manifest::{CpuidRecord, Manifest};
+
+/// What one plugin on a host can do: enough to plan without loading it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostPlugin {
+    /// Plugin name.
+    pub name: String,
+    /// Plugin version.
+    pub version: String,
+    /// State version written by default.
+    pub current: u32,
+    /// Oldest state version it loads.
+    pub oldest_load: u32,
+    /// Oldest state version it writes (through downgrades).
+    pub oldest_save: u32,
+    /// Property names it accepts.
+    pub properties: Vec<String>,
+}
+
+/// The verdict for one device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Verdict {
+    /// Same state version on both sides.
+    Same {
+        /// The version.
+        version: u32,
+    },
+    /// The destination upgrades.
+    Upgrade {
+        /// Written by the source.
+        from: u32,
+        /// The destination's.
+        to: u32,
+    },
+    /// The source downgrades before sending.
+    Downgrade {
+        /// The source's.
+        from: u32,
+        /// Written for the destination.
+        to: u32,
+    },
+    /// It cannot go.
+    Refused {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// One device's line of the plan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceLine {
+    /// Device id.
+    pub id: String,
+    /// Plugin name.
+    pub plugin: String,
+    /// Plugin version on the source.
+    pub source_version: String,
+    /// Plugin version on the destination, if installed.
+    pub destination_version: Option<String>,
+    /// What happens.
+    pub verdict: Verdict,
+}
+
+/// The whole plan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Plan {
+    /// Per device, in machine-type order.
+    pub devices: Vec<DeviceLine>,
+    /// Refusals that concern the whole machine (CPU features).
+    pub machine: Vec<String>,
+}
+
+impl Plan {
+    /// Anything refused?
+    pub fn refused(&self) -> bool {
+        !self.machine.is_empty() || self.devices.iter().any(|d| matches!(d.verdict, Verdict::Refused { .. }))
+    }
+
+    /// One line per device (and per machine-level refusal).
+    pub fn lines(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for d in &self.devices {
+            let versions = format!(
+                "{} {} -> {}",
+                d.plugin,
+                d.source_version,
+                d.destination_version.as_deref().unwrap_or("(not installed)")
+            );
+            let what = match &d.verdict {
+                Verdict::Same { version } => format!("same state v{version}"),
+                Verdict::Upgrade { from, to } => format!("destination upgrades v{from}->v{to}"),
+                Verdict::Downgrade { from, to } => format!("source downgrades v{from}->v{to}"),
+                Verdict::Refused { reason } => format!("REFUSED: {reason}"),
+            };
+            out.push(format!("device {} ({versions}): {what}", d.id));
+        }
+        for m in &self.machine {
+            out.push(format!("machine: REFUSED: {m}"));
+        }
+        out
+    }
+
+    /// The target state version for device `id` (what the source writes).
+    pub fn write_version(&self, id: &str) -> Option<u32> {
+        self.devices.iter().find(|d| d.id == id).and_then(|d| match d.verdict {
+            Verdict::Same { version } => Some(version),
+            Verdict::Upgrade { from, .. } => Some(from),
+            Verdict::Downgrade { to, .. } => Some(to),
+            Verdict::Refused { .. } => None,
+        })
+    }
+}
+
+/// Feature registers compared between hosts: (leaf, subleaf, register
+/// index 0=eax 1=ebx 2=ecx 3=edx, name).
+const FEATURE_REGS: &[(u32, u32, usize, &str)] = &[
+    (1, 0, 2, "ecx"),
+    (1, 0, 3, "edx"),
+    (7, 0, 1, "ebx"),
+    (7, 0, 2, "ecx"),
+    (7, 0, 3, "edx"),
+    (0x8000_0001, 0, 2, "ecx"),
+    (0x8000_0001, 0, 3, "edx"),
+];
+
+fn reg(entries: &[CpuidRecord], leaf: u32, sub: u32, r: usize) -> Option<u32> {
+    entries.iter().find(|e| e.function == leaf && (e.index == sub || leaf == 1 || leaf == 0x8000_0001)).map(
+        |e| match r {
+            0 => e.eax,
+            1 => e.ebx,
+            2 => e.ecx,
+            _ => e.edx,
+        },
+    )
+}
+
+/// Features the source's vCPUs have that `host` (the destination's CPUID
+/// for the same vCPU) lacks.
+pub fn missing_cpu_features(source: &[CpuidRecord], host: &[CpuidRecord]) -> Vec<String> {
+    let mut missing = Vec::new();
+    for &(leaf, sub, r, name) in FEATURE_REGS {
+        let (Some(have), Some(offer)) = (reg(source, leaf, sub, r), reg(host, leaf, sub, r)) else {
+            continue;
+        };
+        let lacking = have & !offer;
+        if lacking != 0 {
+            missing.push(format!("CPUID leaf {leaf:#x}.{sub} {name} bits {lacking:#010x}"));
+        }
+    }
+    missing
+}
+
+/// Plan the move of `manifest`'s VM to a host with `plugins` (and, if
+/// known, the CPUID the destination would give vCPU 0).
+pub fn make_plan(manifest: &Manifest, plugins: &[HostPlugin], host_cpuid: Option<&[CpuidRecord]>) -> Plan {
+    let mut devices = Vec::new();
+    for d in &manifest.devices {
+        let dest = plugins.iter().find(|p| p.name == d.plugin);
+        let properties = manifest.machine.devices.iter().find(|m| m.id == d.id).map(|m| m.properties.clone());
+        let verdict = match dest {
+            None => Verdict::Refused {
+                reason: format!("plugin {} is not installed on the destination", d.plugin),
+            },
+            Some(p) => {
+                let unknown: Vec<&String> = properties
+                    .iter()
+                    .flat_map(|props| props.keys())
+                    .filter(|k| !p.properties.iter().any(|q| q == *k))
+                    .collect();
+                let (s_cur, s_min) = (d.state_version, d.oldest_save.min(d.state_version));
+                if let Some(k) = unknown.first() {
+                    Verdict::Refused {
+                        reason: format!("property '{k}' is unknown to {} {}", p.name, p.version),
+                    }
+                } else if (p.oldest_load..=p.current).contains(&s_cur) {
+                    if s_cur == p.current {
+                        Verdict::Same { version: s_cur }
+                    } else {
+                        Verdict::Upgrade { from: s_cur, to: p.current }
+                    }
+                } else if s_cur > p.current && s_min <= p.current && p.oldest_load <= p.current {
+                    Verdict::Downgrade { from: s_cur, to: p.current }
+                } else {
+                    Verdict::Refused {
+                        reason: format!(
+                            "no version path: the source writes state v{s_min}..v{s_cur}, the destination loads v{}..v{}",
+                            p.oldest_load, p.current
+                        ),
+                    }
+                }
+            }
+        };
+        devices.push(DeviceLine {
+            id: d.id.clone(),
+            plugin: d.plugin.clone(),
+            source_version: d.plugin_version.clone(),
+            destination_version: dest.map(|p| p.version.clone()),
+            verdict,
+        });
+    }
+    let machine = match host_cpuid {
+        Some(host) => {
+            let missing = missing_cpu_features(&manifest.cpuid, host);
+            if missing.is_empty() {
+                Vec::new()
+            } else {
+                vec![format!("CPU features missing on the destination: {}", missing.join(", "))]
+            }
+        }
+        None => Vec::new(),
+    };
+    Plan { devices, machine }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::migration::manifest::{DeviceRecord, MachineDevice, MachineRecord};
+
+    fn manifest(state_version: u32, oldest_save: u32) -> Manifest {
+        Manifest {
+            ferry_version: "0.1.0".into(),
+            machine: MachineRecord {
+                name: "pc-1".into(),
+                description: String::new(),
+                devices: vec![MachineDevice {
+                    id: "com1".into(),
+                    plugin: "serial-16550".into(),
+                    properties: [("port".to_string(), "1016".to_string())].into(),
+                }],
+            },
+            devices: vec![DeviceRecord {
+                id: "com1".into(),
+                plugin: "serial-16550".into(),
+                plugin_version: "0.2.0".into(),
+                state_version,
+                oldest_save,
+            }],
+            cpus: 1,
+            memory: 1 << 28,
+            ram: vec![(0, 1 << 28)],
+            cpuid: vec![CpuidRecord { function: 1, index: 0, flags: 0, eax: 0, ebx: 0, ecx: 0b1011, edx: 1 }],
+        }
+    }
+
+    fn host(current: u32, oldest_load: u32) -> Vec<HostPlugin> {
+        vec![HostPlugin {
+            name: "serial-16550".into(),
+            version: "0.1.0".into(),
+            current,
+            oldest_load,
+            oldest_save: current,
+            properties: vec!["port".into()],
+        }]
+    }
+
+    #[test]
+    fn verdicts_follow_the_version_ranges() {
+        let p = make_plan(&manifest(1, 1), &host(1, 1), None);
+        assert_eq!(p.devices[0].verdict, Verdict::Same { version: 1 });
+        let p = make_plan(&manifest(1, 1), &host(3, 1), None);
+        assert_eq!(p.devices[0].verdict, Verdict::Upgrade { from: 1, to: 3 });
+        let p = make_plan(&manifest(3, 1), &host(2, 1), None);
+        assert_eq!(p.devices[0].verdict, Verdict::Downgrade { from: 3, to: 2 });
+        assert_eq!(p.write_version("com1"), Some(2));
+        let p = make_plan(&manifest(3, 3), &host(2, 1), None);
+        assert!(p.refused());
+        assert_eq!(
+            p.lines()[0],
+            "device com1 (serial-16550 0.2.0 -> 0.1.0): REFUSED: no version path: the source writes state v3..v3, \
+             the destination loads v1..v2"
+        );
+    }
+
+    #[test]
+    fn missing_plugins_properties_and_cpu_features_refuse() {
+        let p = make_plan(&manifest(1, 1), &[], None);
+        assert_eq!(
+            p.lines()[0],
+            "device com1 (serial-16550 0.2.0 -> (not installed)): REFUSED: plugin serial-16550 is not installed on the destination"
+        );
+        let mut h = host(1, 1);
+        h[0].properties.clear();
+        assert!(make_plan(&manifest(1, 1), &h, None).lines()[0]
+            .contains("property 'port' is unknown to serial-16550 0.1.0"));
+        let dest_cpuid =
+            [CpuidRecord { function: 1, index: 0, flags: 0, eax: 0, ebx: 0, ecx: 0b0011, edx: 1 }];
+        let p = make_plan(&manifest(1, 1), &host(1, 1), Some(&dest_cpuid));
+        assert!(p.refused());
+        assert_eq!(
+            p.machine[0],
+            "CPU features missing on the destination: CPUID leaf 0x1.0 ecx bits 0x00000008"
+        );
+    }
+}
