@@ -8,6 +8,10 @@
 //!  PUT /vm/resume                   resume devices, then vCPUs
 //!  PUT /vm/snapshot {"path": FILE}  write a snapshot (the guest pauses meanwhile)
 //!  PUT /vm/shutdown                 end the VM; ferry exits 0
+//!  PUT /vm/migrate {"uri": "tcp:HOST:PORT"|"unix:PATH", "max_downtime_ms": 300, "dry_run": false}
+//!                                   start a live migration (answers at once)
+//!  GET /vm/migration                the migration's progress, plan and report
+//!  PUT /vm/migrate-cancel           give up the migration; the guest keeps running here
 //! ```
 //! Answers are JSON; errors are `{"error": "..."}` with status 400 (bad
 //! request), 404 (no such endpoint) or 500 (the operation failed).
@@ -34,6 +38,19 @@ pub enum ApiRequest {
     Snapshot(PathBuf),
     /// End the VM.
     Shutdown,
+    /// Start a live migration.
+    Migrate {
+        /// Where to.
+        uri: String,
+        /// Downtime limit.
+        max_downtime_ms: u64,
+        /// Plan only.
+        dry_run: bool,
+    },
+    /// Progress of the migration.
+    MigrationStatus,
+    /// Give up the migration.
+    MigrateCancel,
 }
 
 /// A request and where its answer goes.
@@ -46,6 +63,18 @@ pub fn route(method: &str, path: &str, body: &str) -> Result<ApiRequest, (u16, S
         ("PUT", "/vm/pause") => Ok(ApiRequest::Pause),
         ("PUT", "/vm/resume") => Ok(ApiRequest::Resume),
         ("PUT", "/vm/shutdown") => Ok(ApiRequest::Shutdown),
+        ("GET", "/vm/migration") => Ok(ApiRequest::MigrationStatus),
+        ("PUT", "/vm/migrate-cancel") => Ok(ApiRequest::MigrateCancel),
+        ("PUT", "/vm/migrate") => {
+            let v: Value = serde_json::from_str(body).map_err(|e| (400, format!("body is not JSON: {e}")))?;
+            let uri =
+                v.get("uri").and_then(Value::as_str).ok_or((400, "body needs {\"uri\": ...}".to_string()))?;
+            Ok(ApiRequest::Migrate {
+                uri: uri.to_string(),
+                max_downtime_ms: v.get("max_downtime_ms").and_then(Value::as_u64).unwrap_or(300),
+                dry_run: v.get("dry_run").and_then(Value::as_bool).unwrap_or(false),
+            })
+        }
         ("PUT", "/vm/snapshot") => {
             let v: Value = serde_json::from_str(body).map_err(|e| (400, format!("body is not JSON: {e}")))?;
             let path = v
@@ -54,9 +83,11 @@ pub fn route(method: &str, path: &str, body: &str) -> Result<ApiRequest, (u16, S
                 .ok_or((400, "body needs {\"path\": FILE}".to_string()))?;
             Ok(ApiRequest::Snapshot(PathBuf::from(path)))
         }
-        (_, "/vm" | "/vm/pause" | "/vm/resume" | "/vm/shutdown" | "/vm/snapshot") => {
-            Err((405, format!("{method} is not allowed on {path}")))
-        }
+        (
+            _,
+            "/vm" | "/vm/pause" | "/vm/resume" | "/vm/shutdown" | "/vm/snapshot" | "/vm/migrate"
+            | "/vm/migration" | "/vm/migrate-cancel",
+        ) => Err((405, format!("{method} is not allowed on {path}"))),
         _ => Err((404, format!("no endpoint {path}"))),
     }
 }

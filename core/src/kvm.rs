@@ -80,6 +80,35 @@ impl Machine {
 
     /// Register guest RAM, one slot per range.
     pub fn register_ram(&self, ram: &GuestRam) -> Result<(), KvmError> {
+        self.set_ram_slots(ram, 0)
+    }
+
+    /// Turn KVM's dirty-page logging of guest RAM on or off.
+    pub fn set_dirty_log(&self, ram: &GuestRam, on: bool) -> Result<(), KvmError> {
+        self.set_ram_slots(ram, if on { kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES } else { 0 })
+    }
+
+    /// Pages the guest wrote since the last call (dirty logging on), as RAM
+    /// page indexes (the device dirty bitmap's numbering).
+    pub fn dirty_pages(&self, ram: &GuestRam) -> Result<Vec<u64>, KvmError> {
+        let mut pages = Vec::new();
+        for (slot, r) in ram.ranges().iter().enumerate() {
+            let bitmap =
+                self.vm.get_dirty_log(slot as u32, r.len as usize).map_err(call("KVM_GET_DIRTY_LOG"))?;
+            let first = r.file_offset / 4096;
+            for (i, word) in bitmap.iter().enumerate() {
+                let mut bits = *word;
+                while bits != 0 {
+                    let b = u64::from(bits.trailing_zeros());
+                    pages.push(first + i as u64 * 64 + b);
+                    bits &= bits - 1;
+                }
+            }
+        }
+        Ok(pages)
+    }
+
+    fn set_ram_slots(&self, ram: &GuestRam, flags: u32) -> Result<(), KvmError> {
         use vm_memory::{GuestAddress, GuestMemoryBackend};
         for (slot, r) in ram.ranges().iter().enumerate() {
             let host = ram.mem().get_host_address(GuestAddress(r.gpa)).map_err(|_| KvmError::Call {
@@ -88,7 +117,7 @@ impl Machine {
             })?;
             let region = kvm_userspace_memory_region {
                 slot: slot as u32,
-                flags: 0,
+                flags,
                 guest_phys_addr: r.gpa,
                 memory_size: r.len,
                 userspace_addr: host as u64,

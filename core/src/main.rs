@@ -72,6 +72,19 @@ enum CtlAction {
     },
     /// End the VM.
     Shutdown,
+    /// Move the VM live to another ferry (`ferry run --incoming URI`).
+    Migrate {
+        /// tcp:HOST:PORT or unix:PATH.
+        uri: String,
+        /// Downtime limit in milliseconds.
+        #[arg(long, value_name = "MS", default_value_t = 300)]
+        max_downtime: u64,
+        /// Print the destination's plan and stop; nothing is paused.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Give up a running migration; the guest keeps running here.
+    MigrateCancel,
 }
 
 #[derive(clap::Args)]
@@ -116,6 +129,10 @@ struct RunArgs {
     /// Serve the control API (REST/JSON) on this unix socket.
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
+    /// Wait for a live migration on tcp:ADDR:PORT or unix:PATH instead of
+    /// booting (the machine type and devices come from the source).
+    #[arg(long, value_name = "URI", conflicts_with_all = ["machine", "kernel", "initramfs", "cmdline", "cpus", "memory", "disk", "net", "rng", "restore"])]
+    incoming: Option<String>,
 }
 
 fn default_plugin_dir() -> Result<PathBuf> {
@@ -128,14 +145,28 @@ fn run(args: RunArgs) -> Result<ExitCode> {
         Some(dir) => dir.clone(),
         None => default_plugin_dir()?,
     };
-    let vm = match &args.restore {
-        Some(file) => vm::restore(file, &plugins, args.verify_memory)?,
-        None => vm::boot(boot_config(&args, plugins)?)?,
+    let (vm, confirm) = match (&args.restore, &args.incoming) {
+        (Some(file), _) => (vm::restore(file, &plugins, args.verify_memory)?, None),
+        (None, Some(uri)) => match vm::incoming(uri, &plugins)? {
+            Some((vm, link)) => (vm, Some(link)),
+            None => {
+                eprintln!("ferry: dry run: the source only asked for the plan");
+                return Ok(ExitCode::SUCCESS);
+            }
+        },
+        (None, None) => (vm::boot(boot_config(&args, plugins)?)?, None),
     };
-    let outcome = vm.run(args.api_socket.as_deref())?;
+    let outcome = vm.run(args.api_socket.as_deref(), confirm)?;
     Ok(match outcome {
         Outcome::Reset | Outcome::Shutdown => ExitCode::SUCCESS,
         Outcome::Exit(status) => ExitCode::from((status & 0xff) as u8),
+        Outcome::Migrated(s) => {
+            eprintln!(
+                "ferry: migrated: total {:.1} ms, downtime {:.1} ms, {} bytes sent, {} round(s)",
+                s.total_ms, s.downtime_ms, s.bytes_sent, s.round
+            );
+            ExitCode::SUCCESS
+        }
     })
 }
 
@@ -175,7 +206,12 @@ fn boot_config(args: &RunArgs, plugins: PathBuf) -> Result<BootConfig> {
 }
 
 fn ctl(socket: &std::path::Path, action: CtlAction) -> Result<ExitCode> {
+    if let CtlAction::Migrate { uri, max_downtime, dry_run } = &action {
+        return migrate(socket, uri, *max_downtime, *dry_run);
+    }
     let (method, path, body) = match &action {
+        CtlAction::Migrate { .. } => unreachable!("handled above"),
+        CtlAction::MigrateCancel => ("PUT", "/vm/migrate-cancel", None),
         CtlAction::Info => ("GET", "/vm", None),
         CtlAction::Pause => ("PUT", "/vm/pause", None),
         CtlAction::Resume => ("PUT", "/vm/resume", None),
@@ -192,6 +228,48 @@ fn ctl(socket: &std::path::Path, action: CtlAction) -> Result<ExitCode> {
         return Err(anyhow!("{message}"));
     }
     println!("{}", serde_json::to_string_pretty(&value).unwrap_or_default());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Start a migration through the API and follow it with a progress bar.
+fn migrate(socket: &std::path::Path, uri: &str, max_downtime: u64, dry_run: bool) -> Result<ExitCode> {
+    let body = serde_json::json!({ "uri": uri, "max_downtime_ms": max_downtime, "dry_run": dry_run });
+    let (status, value) =
+        ferry::api::call(socket, "PUT", "/vm/migrate", Some(&body)).map_err(|e| anyhow!(e))?;
+    if !(200..300).contains(&status) {
+        return Err(anyhow!("{}", value.get("error").and_then(|e| e.as_str()).unwrap_or("unknown error")));
+    }
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+    );
+    let final_status = loop {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let (_, s) = ferry::api::call(socket, "GET", "/vm/migration", None).map_err(|e| anyhow!(e))?;
+        let get = |k: &str| s.get(k).and_then(|v| v.as_f64()).unwrap_or(0.0);
+        bar.set_message(format!(
+            "{} round {} | {:.1} MiB sent | dirty {:.1} MiB/s | link {:.1} MiB/s | expected downtime {:.1} ms",
+            s.get("phase").and_then(|v| v.as_str()).unwrap_or("?"),
+            get("round"),
+            get("bytes_sent") / 1048576.0,
+            get("dirty_rate_bytes_per_s") / 1048576.0,
+            get("bandwidth_bytes_per_s") / 1048576.0,
+            get("expected_downtime_ms"),
+        ));
+        bar.tick();
+        if s.get("done").and_then(|v| v.as_bool()).unwrap_or(false) {
+            break s;
+        }
+    };
+    bar.finish_and_clear();
+    for line in final_status.get("plan").and_then(|p| p.as_array()).into_iter().flatten() {
+        println!("{}", line.as_str().unwrap_or(""));
+    }
+    if let Some(err) = final_status.get("error").and_then(|e| e.as_str()) {
+        return Err(anyhow!("migration failed, the guest keeps running here: {err}"));
+    }
+    println!("{}", serde_json::to_string_pretty(&final_status).unwrap_or_default());
     Ok(ExitCode::SUCCESS)
 }
 

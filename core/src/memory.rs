@@ -344,6 +344,15 @@ impl GuestRam {
         &self.dirty
     }
 
+    /// The guest-physical address of RAM page `page` (dirty-bitmap numbering).
+    pub fn gpa_of_page(&self, page: u64) -> Option<u64> {
+        let off = page * PAGE_SIZE;
+        self.ranges
+            .iter()
+            .find(|r| off >= r.file_offset && off < r.file_offset + r.len)
+            .map(|r| r.gpa + off - r.file_offset)
+    }
+
     /// The page index of guest-physical address `gpa`, if it is RAM.
     pub fn page_of(&self, gpa: u64) -> Option<u64> {
         self.ranges

@@ -60,7 +60,7 @@ pub struct BootConfig {
 }
 
 /// How the guest ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Outcome {
     /// It reset the machine.
     Reset,
@@ -68,6 +68,8 @@ pub enum Outcome {
     Exit(i32),
     /// The control API shut it down.
     Shutdown,
+    /// It moved to another host; the report says how.
+    Migrated(crate::migration::live::Status),
 }
 
 /// Why a VM could not be built or ended in failure.
@@ -129,20 +131,36 @@ enum RamSource<'a> {
     Snapshot { size: u64, file: &'a File, runs: Vec<(u64, u64, u64)> },
 }
 
+/// What a running VM shares between its main loop, the control API and a
+/// migration thread.
+pub struct VmCore {
+    pub(crate) machine: MachineType,
+    pub(crate) plans: Vec<DevicePlan>,
+    pub(crate) registry: Registry,
+    pub(crate) ram: GuestRam,
+    pub(crate) kvm: Machine,
+    pub(crate) bus: Arc<Bus>,
+    pub(crate) control: Arc<VmControl>,
+    pub(crate) cpus: u8,
+    pub(crate) msrs: Arc<Vec<u32>>,
+    pub(crate) cpuid: Vec<CpuidRecord>,
+    /// The live migration in progress or last finished, if any.
+    pub(crate) migration: std::sync::Mutex<Option<crate::migration::live::Status>>,
+}
+
 /// A built VM: everything created, vCPUs not started yet.
 pub struct Vm {
-    machine: MachineType,
-    plans: Vec<DevicePlan>,
-    registry: Registry,
-    ram: GuestRam,
-    kvm: Machine,
-    bus: Arc<Bus>,
-    control: Arc<VmControl>,
+    core: Arc<VmCore>,
     stop_rx: crossbeam_channel::Receiver<StopEvent>,
-    cpus: u8,
-    msrs: Arc<Vec<u32>>,
-    cpuid: Vec<CpuidRecord>,
     vcpus: Vec<VcpuFd>,
+}
+
+impl std::ops::Deref for Vm {
+    type Target = VmCore;
+
+    fn deref(&self) -> &VmCore {
+        &self.core
+    }
 }
 
 /// What a snapshot wrote.
@@ -224,7 +242,7 @@ fn build(machine: MachineType, plugins: &Path, cpus: Option<u8>, ram: RamSource<
         cpu::setup_lapic(&fd, index)?;
         vcpus.push(fd);
     }
-    Ok(Vm {
+    let core = VmCore {
         machine,
         plans,
         registry,
@@ -232,12 +250,12 @@ fn build(machine: MachineType, plugins: &Path, cpus: Option<u8>, ram: RamSource<
         kvm,
         bus: Arc::new(bus),
         control,
-        stop_rx,
         cpus,
         msrs,
         cpuid,
-        vcpus,
-    })
+        migration: std::sync::Mutex::new(None),
+    };
+    Ok(Vm { core: Arc::new(core), stop_rx, vcpus })
 }
 
 /// Build a VM and load its kernel.
@@ -407,36 +425,9 @@ pub fn restore(path: &Path, plugins: &Path, verify_memory: bool) -> Result<Vm, V
     if vm.ram.ranges().iter().map(|r| (r.gpa, r.len)).collect::<Vec<_>>() != m.ram {
         return Err(bad("the memory layout differs from this ferry's for the same size".into()));
     }
-    let (mv, machine_bytes) = c.machine.as_ref().expect("checked");
-    if *mv != MACHINE_STATE_VERSION {
-        return Err(bad(format!("machine state v{mv}, this ferry loads v{MACHINE_STATE_VERSION}")));
-    }
-    let ms: state::MachineStateV1 =
-        state::decode(machine_bytes).map_err(|e| bad(format!("machine section: {e}")))?;
-    state::restore_machine(&vm.kvm.vm, &ms).map_err(|e| bad(format!("machine section: {e}")))?;
-    for (i, (fd, s)) in vm.vcpus.iter().zip(&c.vcpus).enumerate() {
-        let (version, bytes) = s.as_ref().expect("checked");
-        if *version != VCPU_STATE_VERSION {
-            return Err(bad(format!(
-                "vcpu cpu{i}: state v{version}, this ferry loads v{VCPU_STATE_VERSION}"
-            )));
-        }
-        let st: state::VcpuStateV1 = state::decode(bytes).map_err(|e| bad(format!("vcpu cpu{i}: {e}")))?;
-        state::restore_vcpu(fd, &st).map_err(|e| bad(format!("vcpu cpu{i}: {e}")))?;
-    }
-    for slot in vm.bus.devices() {
-        let Some((_, version, bytes)) = c.devices.iter().find(|(id, _, _)| id == &slot.id) else {
-            return Err(bad(format!("device {}: no state section", slot.id)));
-        };
-        let blob = StateBlob { version: *version, bytes: bytes.clone().into() };
-        let mut dev = slot.device.lock().unwrap_or_else(|e| e.into_inner());
-        dev.pause().into_result().map_err(|e| bad(format!("device {}: {e}", slot.id)))?;
-        dev.load_state(blob)
-            .into_result()
-            .map_err(|e| bad(format!("device {} ({}): {e}", slot.id, slot.plugin)))?;
-    }
-    vm.bus.refresh_pci();
-    vm.set_devices_paused(false).map_err(bad)?;
+    let machine_state = c.machine.clone().expect("checked");
+    let vcpus: Vec<(u32, Vec<u8>)> = c.vcpus.iter().map(|v| v.clone().expect("checked")).collect();
+    apply_states(&vm, &machine_state, &vcpus, &c.devices).map_err(bad)?;
     crate::log::info(&format!(
         "restored {shown}: machine type {}, {} vCPU(s), {} of RAM",
         vm.machine.name,
@@ -446,8 +437,186 @@ pub fn restore(path: &Path, plugins: &Path, verify_memory: bool) -> Result<Vm, V
     Ok(vm)
 }
 
-impl Vm {
-    fn set_devices_paused(&self, paused: bool) -> Result<(), String> {
+/// Load machine, vCPU and device state into a freshly built VM, remap the
+/// PCI BARs and let the devices run. Errors say which section.
+fn apply_states(
+    vm: &Vm,
+    machine: &(u32, Vec<u8>),
+    vcpus: &[(u32, Vec<u8>)],
+    devices: &[(String, u32, Vec<u8>)],
+) -> Result<(), String> {
+    let (mv, machine_bytes) = machine;
+    if *mv != MACHINE_STATE_VERSION {
+        return Err(format!("machine state v{mv}, this ferry loads v{MACHINE_STATE_VERSION}"));
+    }
+    let ms: state::MachineStateV1 =
+        state::decode(machine_bytes).map_err(|e| format!("machine section: {e}"))?;
+    state::restore_machine(&vm.kvm.vm, &ms).map_err(|e| format!("machine section: {e}"))?;
+    if vcpus.len() != vm.vcpus.len() {
+        return Err(format!("{} vCPU sections for {} vCPUs", vcpus.len(), vm.vcpus.len()));
+    }
+    for (i, (fd, (version, bytes))) in vm.vcpus.iter().zip(vcpus).enumerate() {
+        if *version != VCPU_STATE_VERSION {
+            return Err(format!("vcpu cpu{i}: state v{version}, this ferry loads v{VCPU_STATE_VERSION}"));
+        }
+        let st: state::VcpuStateV1 = state::decode(bytes).map_err(|e| format!("vcpu cpu{i}: {e}"))?;
+        state::restore_vcpu(fd, &st).map_err(|e| format!("vcpu cpu{i}: {e}"))?;
+    }
+    for slot in vm.bus.devices() {
+        let Some((_, version, bytes)) = devices.iter().find(|(id, _, _)| id == &slot.id) else {
+            return Err(format!("device {}: no state section", slot.id));
+        };
+        let blob = StateBlob { version: *version, bytes: bytes.clone().into() };
+        let mut dev = slot.device.lock().unwrap_or_else(|e| e.into_inner());
+        dev.pause().into_result().map_err(|e| format!("device {}: {e}", slot.id))?;
+        dev.load_state(blob)
+            .into_result()
+            .map_err(|e| format!("device {} ({}): {e}", slot.id, slot.plugin))?;
+    }
+    vm.bus.refresh_pci();
+    vm.set_devices_paused(false)
+}
+
+/// This host's plugins, as a migration plan sees them.
+pub fn host_plugins(registry: &Registry) -> Vec<crate::migration::plan::HostPlugin> {
+    registry
+        .plugins()
+        .iter()
+        .map(|p| crate::migration::plan::HostPlugin {
+            name: p.name().to_string(),
+            version: p.descriptor.version.to_string(),
+            current: p.descriptor.state.current,
+            oldest_load: p.descriptor.state.oldest_load,
+            oldest_save: p.descriptor.state.oldest_save,
+            properties: p.descriptor.properties.iter().map(|q| q.name.to_string()).collect(),
+        })
+        .collect()
+}
+
+/// Wait for a live migration on `uri`, plan it against the plugins in
+/// `plugins`, receive the VM, and return it ready to run with the link to
+/// confirm on. None after a dry run.
+pub fn incoming(
+    uri: &str,
+    plugins: &Path,
+) -> Result<Option<(Vm, crate::migration::live::IncomingLink)>, VmError> {
+    use crate::migration::{live, plan};
+    let fail = |m: String| VmError::Failed(format!("incoming migration: {m}"));
+    let registry = Registry::load_dir(plugins)?;
+    let host = host_plugins(&registry);
+    let host_cpuid = |cpus: u8| -> Option<Vec<CpuidRecord>> {
+        let kvm = kvm_ioctls::Kvm::new().ok()?;
+        let base = kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES).ok()?;
+        Some(
+            cpu::cpuid_for(&base, 0, cpus)
+                .as_slice()
+                .iter()
+                .map(|e| CpuidRecord {
+                    function: e.function,
+                    index: e.index,
+                    flags: e.flags,
+                    eax: e.eax,
+                    ebx: e.ebx,
+                    ecx: e.ecx,
+                    edx: e.edx,
+                })
+                .collect(),
+        )
+    };
+    let accepted = live::accept(uri, |m| {
+        let cpuid = host_cpuid(m.cpus);
+        plan::make_plan(m, &host, cpuid.as_deref())
+    })
+    .map_err(|e| fail(e.to_string()))?;
+    drop(registry);
+    let Some(mut incoming) = accepted else { return Ok(None) };
+    let m = incoming.manifest.clone();
+    let machine = m.machine.to_machine_type(m.cpus, m.memory);
+    let vm = match build(machine, plugins, Some(m.cpus), RamSource::Fresh(m.memory)) {
+        Ok(vm) => vm,
+        Err(e) => {
+            incoming.link.failed(&e.to_string());
+            return Err(e);
+        }
+    };
+    let result = receive_state(&vm, &mut incoming.link);
+    match result {
+        Ok(()) => Ok(Some((vm, incoming.link))),
+        Err(e) => {
+            incoming.link.failed(&e);
+            Err(fail(e))
+        }
+    }
+}
+
+/// Memory and state from the source, until END; then load the state.
+fn receive_state(vm: &Vm, link: &mut crate::migration::live::IncomingLink) -> Result<(), String> {
+    use vm_memory::{Bytes, GuestAddress};
+    let mut machine = None;
+    let mut vcpus: Vec<Option<(u32, Vec<u8>)>> = vec![None; usize::from(vm.cpus)];
+    let mut devices = Vec::new();
+    loop {
+        let (h, payload) = link.receive().map_err(|e| e.to_string())?;
+        match h.kind {
+            Kind::Pages => {
+                if payload.len() < 8 || (payload.len() - 8) % 4096 != 0 {
+                    return Err(format!("message {}: malformed pages", h.index));
+                }
+                let gpa = u64::from_le_bytes(payload[..8].try_into().map_err(|_| "short")?);
+                let data = &payload[8..];
+                if vm.ram.bytes(gpa, data.len() as u64).is_none() {
+                    return Err(format!("message {}: pages at {gpa:#x} outside guest RAM", h.index));
+                }
+                vm.ram.mem().write_slice(data, GuestAddress(gpa)).map_err(|e| e.to_string())?;
+            }
+            Kind::ZeroPages => {
+                for pair in payload.chunks_exact(16) {
+                    let gpa = u64::from_le_bytes(pair[..8].try_into().map_err(|_| "short")?);
+                    let n = u64::from_le_bytes(pair[8..].try_into().map_err(|_| "short")?);
+                    let len = n.checked_mul(4096).ok_or("zero run overflows")?;
+                    if vm.ram.bytes(gpa, len).is_none() {
+                        return Err(format!("message {}: zero pages at {gpa:#x} outside guest RAM", h.index));
+                    }
+                    let zero = [0u8; 4096];
+                    for k in 0..n {
+                        vm.ram
+                            .mem()
+                            .write_slice(&zero, GuestAddress(gpa + k * 4096))
+                            .map_err(|e| e.to_string())?;
+                    }
+                }
+            }
+            Kind::Machine => machine = Some((h.version, payload)),
+            Kind::Vcpu => {
+                let slot =
+                    h.id.strip_prefix("cpu")
+                        .and_then(|n| n.parse::<usize>().ok())
+                        .and_then(|n| vcpus.get_mut(n))
+                        .ok_or_else(|| format!("message {}: no vCPU {}", h.index, h.id))?;
+                *slot = Some((h.version, payload));
+            }
+            Kind::Device => {
+                if !vm.bus.devices().iter().any(|d| d.id == h.id) {
+                    return Err(format!("message {} (device {}): unknown device id", h.index, h.id));
+                }
+                devices.push((h.id, h.version, payload));
+            }
+            Kind::End => break,
+            Kind::Failed => return Err(format!("the source gave up: {}", String::from_utf8_lossy(&payload))),
+            other => return Err(format!("message {}: unexpected {}", h.index, other.name())),
+        }
+    }
+    let machine = machine.ok_or("no machine state")?;
+    let vcpus: Vec<(u32, Vec<u8>)> = vcpus
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| v.ok_or_else(|| format!("no state for vCPU {i}")))
+        .collect::<Result<_, _>>()?;
+    apply_states(vm, &machine, &vcpus, &devices)
+}
+
+impl VmCore {
+    pub(crate) fn set_devices_paused(&self, paused: bool) -> Result<(), String> {
         for d in self.bus.devices() {
             let mut dev = d.device.lock().unwrap_or_else(|e| e.into_inner());
             let r = if paused { dev.pause() } else { dev.resume() };
@@ -485,11 +654,39 @@ impl Vm {
         Ok(SnapshotReport { path: path.display().to_string(), bytes, memory_bytes, paused_ms })
     }
 
+    /// The manifest of this VM, with every device at its plugin's current
+    /// state version.
+    pub fn manifest(&self) -> Manifest {
+        let records = self
+            .bus
+            .devices()
+            .iter()
+            .map(|d| {
+                let lib = self.registry.get(&d.plugin);
+                DeviceRecord {
+                    id: d.id.clone(),
+                    plugin: d.plugin.clone(),
+                    plugin_version: lib.map(|l| l.descriptor.version.to_string()).unwrap_or_default(),
+                    state_version: lib.map(|l| l.descriptor.state.current).unwrap_or(0),
+                    oldest_save: lib.map(|l| l.descriptor.state.oldest_save).unwrap_or(0),
+                }
+            })
+            .collect();
+        Manifest {
+            ferry_version: env!("CARGO_PKG_VERSION").to_string(),
+            machine: MachineRecord::new(&self.machine, &self.plans),
+            devices: records,
+            cpus: self.cpus,
+            memory: self.ram.size(),
+            ram: self.ram.ranges().iter().map(|r| (r.gpa, r.len)).collect(),
+            cpuid: self.cpuid.clone(),
+        }
+    }
+
     fn write_snapshot(&self, path: &Path) -> Result<(u64, u64), VmError> {
         let shown = path.display().to_string();
         let fail = |m: String| VmError::Snapshot { path: shown.clone(), message: m };
         let mut devices = Vec::new();
-        let mut records = Vec::new();
         for d in self.bus.devices() {
             let lib =
                 self.registry.get(&d.plugin).ok_or_else(|| fail(format!("plugin {} vanished", d.plugin)))?;
@@ -501,24 +698,9 @@ impl Vm {
                 .save_state(version)
                 .into_result()
                 .map_err(|e| fail(format!("device {} ({}): {e}", d.id, d.plugin)))?;
-            records.push(DeviceRecord {
-                id: d.id.clone(),
-                plugin: d.plugin.clone(),
-                plugin_version: lib.descriptor.version.to_string(),
-                state_version: blob.version,
-                oldest_save: lib.descriptor.state.oldest_save,
-            });
             devices.push((d.id.clone(), blob));
         }
-        let manifest = Manifest {
-            ferry_version: env!("CARGO_PKG_VERSION").to_string(),
-            machine: MachineRecord::new(&self.machine, &self.plans),
-            devices: records,
-            cpus: self.cpus,
-            memory: self.ram.size(),
-            ram: self.ram.ranges().iter().map(|r| (r.gpa, r.len)).collect(),
-            cpuid: self.cpuid.clone(),
-        };
+        let manifest = self.manifest();
         let vcpus = self.control.take_vcpu_states();
         let machine = state::save_machine(&self.kvm.vm)?;
 
@@ -567,15 +749,29 @@ impl Vm {
             })).collect::<Vec<_>>(),
         })
     }
+}
 
+impl Vm {
     /// Start the vCPUs and run until the guest ends; serve the control API
-    /// on `api_socket` meanwhile.
-    pub fn run(mut self, api_socket: Option<&Path>) -> Result<Outcome, VmError> {
+    /// on `api_socket` meanwhile. For an incoming migration, `confirm`
+    /// tells the source the guest runs here now, before the vCPUs start.
+    pub fn run(
+        mut self,
+        api_socket: Option<&Path>,
+        confirm: Option<crate::migration::live::IncomingLink>,
+    ) -> Result<Outcome, VmError> {
         vcpu::install_kick_handler().map_err(VmError::Runtime)?;
         let served = match api_socket {
             Some(path) => Some(api::serve(path).map_err(VmError::Runtime)?),
             None => None,
         };
+        if let Some(mut link) = confirm {
+            link.resumed().map_err(|e| {
+                VmError::Failed(format!(
+                    "incoming migration: cannot confirm to the source ({e}); the guest stays there"
+                ))
+            })?;
+        }
         let vcpus = std::mem::take(&mut self.vcpus);
         let handles = vcpu::spawn(vcpus, self.bus.clone(), self.control.clone(), self.msrs.clone())
             .map_err(VmError::Runtime)?;
@@ -586,12 +782,45 @@ impl Vm {
         let never = crossbeam_channel::never();
         let api = served.as_ref().map(|s| &s.calls).unwrap_or(&never);
         let mut shutdown = false;
+        let mut migrated = None;
+        let (mig_tx, mig_rx) = crossbeam_channel::unbounded();
+        let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut migrating = false;
+        // After a completed migration the (paused) source lingers until the
+        // report was fetched through the API, or a short while.
+        let mut linger = crossbeam_channel::never();
         let event = loop {
             crossbeam_channel::select! {
                 recv(self.stop_rx) -> ev => break ev.unwrap_or(StopEvent::Error("VM control channel closed".into())),
+                recv(linger) -> _ => self.control.stop(StopEvent::Exit(0)),
+                recv(mig_rx) -> done => {
+                    migrating = false;
+                    let done: Result<crate::migration::live::Status, String> =
+                        done.unwrap_or_else(|_| Err("migration thread ended".into()));
+                    let mut status = self.migration.lock().unwrap_or_else(|e| e.into_inner());
+                    match done {
+                        Ok(s) if s.phase == "completed" => {
+                            *status = Some(s.clone());
+                            migrated = Some(s);
+                            linger = crossbeam_channel::after(std::time::Duration::from_secs(2));
+                        }
+                        Ok(s) => *status = Some(s),
+                        Err(e) => {
+                            crate::log::warn(&format!("migration failed, the guest keeps running here: {e}"));
+                            let s = status.get_or_insert_with(Default::default);
+                            s.phase = "failed".into();
+                            s.error = Some(e);
+                            s.done = true;
+                        }
+                    }
+                }
                 recv(api) -> req => {
                     let Ok((req, reply)) = req else { continue };
+                    let req_kind = if req == ApiRequest::MigrationStatus { ReqKind::Status } else { ReqKind::Other };
                     let answer = match req {
+                        ApiRequest::Pause | ApiRequest::Resume | ApiRequest::Snapshot(_) if migrating => {
+                            Err("a migration is running".to_string())
+                        }
                         ApiRequest::Info => Ok(self.info()),
                         ApiRequest::Pause => self.pause().map(|()| self.info()),
                         ApiRequest::Resume => self.resume().map(|()| self.info()),
@@ -599,6 +828,35 @@ impl Vm {
                             .snapshot(&path)
                             .map(|r| serde_json::to_value(r).unwrap_or_default())
                             .map_err(|e| e.to_string()),
+                        ApiRequest::MigrationStatus => Ok(serde_json::to_value(
+                            self.migration.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+                        )
+                        .unwrap_or_default()),
+                        ApiRequest::MigrateCancel if migrating => {
+                            cancel.store(true, std::sync::atomic::Ordering::SeqCst);
+                            Ok(serde_json::json!({"state": "cancelling"}))
+                        }
+                        ApiRequest::MigrateCancel => Err("no migration is running".to_string()),
+                        ApiRequest::Migrate { .. } if migrating => Err("a migration is already running".to_string()),
+                        ApiRequest::Migrate { uri, max_downtime_ms, dry_run } => {
+                            migrating = true;
+                            cancel.store(false, std::sync::atomic::Ordering::SeqCst);
+                            *self.migration.lock().unwrap_or_else(|e| e.into_inner()) = Some(crate::migration::live::Status {
+                                phase: "handshake".into(),
+                                ..Default::default()
+                            });
+                            let core = self.core.clone();
+                            let (tx, cancel) = (mig_tx.clone(), cancel.clone());
+                            let opts = crate::migration::live::Options { uri, max_downtime_ms, dry_run };
+                            std::thread::Builder::new()
+                                .name("migration".into())
+                                .spawn(move || {
+                                    let r = crate::migration::live::migrate(&core, &opts, &cancel).map_err(|e| e.to_string());
+                                    let _ = tx.send(r);
+                                })
+                                .map(|_| serde_json::json!({"state": "started"}))
+                                .map_err(|e| e.to_string())
+                        }
                         ApiRequest::Shutdown => {
                             shutdown = true;
                             // Earlier answers' signals; the next one is this answer's.
@@ -609,7 +867,11 @@ impl Vm {
                             Ok(serde_json::json!({"state": "shutting down"}))
                         }
                     };
+                    let reported = migrated.is_some() && matches!(req_kind, ReqKind::Status);
                     let _ = reply.send(answer);
+                    if reported {
+                        self.control.stop(StopEvent::Exit(0));
+                    }
                 }
             }
         };
@@ -624,6 +886,9 @@ impl Vm {
         if let Some(path) = api_socket {
             let _ = std::fs::remove_file(path);
         }
+        if let Some(status) = migrated {
+            return Ok(Outcome::Migrated(status));
+        }
         match event {
             StopEvent::Exit(_) if shutdown => Ok(Outcome::Shutdown),
             StopEvent::Reset => Ok(Outcome::Reset),
@@ -631,4 +896,10 @@ impl Vm {
             StopEvent::Error(msg) => Err(VmError::Failed(msg)),
         }
     }
+}
+
+/// Which kind of API request was just answered (for the post-migration linger).
+enum ReqKind {
+    Status,
+    Other,
 }

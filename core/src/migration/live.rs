@@ -1,0 +1,642 @@
+//! Live migration over TCP or a unix socket, with the device plan agreed
+//! before the guest is paused, and pre-copy of dirty memory.
+//!
+//! ```text
+//!  source                                   destination (ferry run --incoming)
+//!  HELLO (manifest)            ---------->  plan each device against its plugins
+//!                              <----------  PLAN
+//!  refused? DECISION "abort"   ---------->  exits non-zero with the reasons
+//!  dry run? DECISION "dry-run" ---------->  exits 0
+//!  DECISION "go"               ---------->  builds the VM from the manifest
+//!  dirty logging on
+//!  round 0: PAGES (non-zero pages)   ---->  writes them into RAM
+//!  round n: PAGES / ZERO-PAGES (dirty) --->
+//!    ... until the rest fits in max-downtime (or the round limit)
+//!  pause (vCPUs, devices)
+//!  last PAGES / ZERO-PAGES     ---------->
+//!  MACHINE, VCPU x N, DEVICE x M (at the plan's versions) ---> loads them (upgrades)
+//!  END                         ---------->  resumes devices
+//!                              <----------  RESUMED, then starts its vCPUs
+//!  exits with the report
+//! ```
+//!
+//! Any failure before RESUMED arrives (connection lost, destination gone,
+//! a device refusing its downgrade at stop-and-copy, a timeout, a cancel)
+//! resumes the source guest; the destination exits non-zero with the
+//! reason. The destination sends RESUMED before it starts its vCPUs; if
+//! that write fails it never runs the guest. (If the connection breaks
+//! after RESUMED left the destination but before the source read it, both
+//! would hold the guest: the one window left, as in any two-party commit.)
+//!
+//! Policy when the guest dirties memory faster than the link: after
+//! [`MAX_ROUNDS`] rounds ferry stops and copies anyway if the expected
+//! downtime is within twice the limit; otherwise it gives up, says so, and
+//! the source guest keeps running.
+
+use std::{
+    io::{BufReader, BufWriter, Read, Write},
+    net::TcpStream,
+    os::unix::net::UnixStream,
+    time::{Duration, Instant},
+};
+
+use serde::Serialize;
+
+use super::{
+    manifest::Manifest,
+    plan::Plan,
+    stream::{self, Kind, StreamError},
+};
+use crate::{
+    state::{self, MACHINE_STATE_VERSION, VCPU_STATE_VERSION},
+    vm::VmCore,
+};
+
+/// Rounds of pre-copy before the convergence policy applies.
+pub const MAX_ROUNDS: u32 = 30;
+/// Default downtime limit.
+pub const DEFAULT_MAX_DOWNTIME_MS: u64 = 300;
+/// Pages per PAGES message.
+const PAGES_PER_MESSAGE: usize = 1024;
+/// How long the source waits for the destination's answers.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What `ferry ctl migrate` asked for.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// `tcp:HOST:PORT` or `unix:PATH`.
+    pub uri: String,
+    /// Downtime limit.
+    pub max_downtime_ms: u64,
+    /// Stop after the plan.
+    pub dry_run: bool,
+}
+
+/// Progress and outcome, as the API reports them.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Status {
+    /// handshake | precopy | stop-and-copy | completed | failed | dry-run.
+    pub phase: String,
+    /// The plan, one line per device.
+    pub plan: Vec<String>,
+    /// Current pre-copy round (0 = first pass).
+    pub round: u32,
+    /// Bytes sent so far.
+    pub bytes_sent: u64,
+    /// Guest memory dirtied per second in the last round.
+    pub dirty_rate_bytes_per_s: f64,
+    /// Link throughput in the last round.
+    pub bandwidth_bytes_per_s: f64,
+    /// Expected downtime if stopping now.
+    pub expected_downtime_ms: f64,
+    /// Total time, when finished.
+    pub total_ms: f64,
+    /// Measured downtime: source paused to destination's RESUMED.
+    pub downtime_ms: f64,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// Finished (either way).
+    pub done: bool,
+}
+
+/// Migration errors.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    /// The URI is not tcp:HOST:PORT or unix:PATH.
+    #[error("'{0}' is not tcp:HOST:PORT or unix:PATH")]
+    Uri(String),
+    /// Cannot reach the destination.
+    #[error("cannot connect to {uri}: {source}")]
+    Connect {
+        /// Where.
+        uri: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The stream broke or carried something wrong.
+    #[error("{phase}: {source}")]
+    Stream {
+        /// During which phase.
+        phase: &'static str,
+        /// What.
+        source: StreamError,
+    },
+    /// The destination refused the plan.
+    #[error("refused by the destination:\n{}", .0.join("\n"))]
+    Refused(Vec<String>),
+    /// The destination said something unexpected or failed.
+    #[error("{0}")]
+    Protocol(String),
+    /// Saving state failed (a refused downgrade, a KVM error).
+    #[error("{0}")]
+    State(String),
+    /// Pre-copy does not converge.
+    #[error("did not converge after {rounds} rounds: the guest dirties {dirty:.1} MB/s, the link moves {link:.1} MB/s; the source keeps running")]
+    NoConvergence {
+        /// Rounds done.
+        rounds: u32,
+        /// MB/s dirtied.
+        dirty: f64,
+        /// MB/s sent.
+        link: f64,
+    },
+}
+
+/// A connected byte stream to the other side.
+pub enum Conn {
+    /// TCP.
+    Tcp(TcpStream),
+    /// Unix socket.
+    Unix(UnixStream),
+}
+
+impl Conn {
+    fn try_clone(&self) -> std::io::Result<Conn> {
+        Ok(match self {
+            Conn::Tcp(s) => Conn::Tcp(s.try_clone()?),
+            Conn::Unix(s) => Conn::Unix(s.try_clone()?),
+        })
+    }
+
+    fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        match self {
+            Conn::Tcp(s) => s.set_read_timeout(t),
+            Conn::Unix(s) => s.set_read_timeout(t),
+        }
+    }
+
+    /// Close both directions (wakes a blocked reader).
+    pub fn shutdown(&self) {
+        let _ = match self {
+            Conn::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
+            Conn::Unix(s) => s.shutdown(std::net::Shutdown::Both),
+        };
+    }
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Tcp(s) => s.read(buf),
+            Conn::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Tcp(s) => s.write(buf),
+            Conn::Unix(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Conn::Tcp(s) => s.flush(),
+            Conn::Unix(s) => s.flush(),
+        }
+    }
+}
+
+/// Where to connect or listen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// host:port.
+    Tcp(String),
+    /// A socket path.
+    Unix(std::path::PathBuf),
+}
+
+impl Endpoint {
+    /// Parse `tcp:HOST:PORT` or `unix:PATH`.
+    pub fn parse(uri: &str) -> Result<Self, MigrateError> {
+        if let Some(rest) = uri.strip_prefix("tcp:") {
+            if rest.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok()) {
+                return Ok(Endpoint::Tcp(rest.to_string()));
+            }
+        } else if let Some(path) = uri.strip_prefix("unix:") {
+            if !path.is_empty() {
+                return Ok(Endpoint::Unix(path.into()));
+            }
+        }
+        Err(MigrateError::Uri(uri.to_string()))
+    }
+
+    /// Connect.
+    pub fn connect(&self, uri: &str) -> Result<Conn, MigrateError> {
+        let err = |source| MigrateError::Connect { uri: uri.to_string(), source };
+        match self {
+            Endpoint::Tcp(addr) => {
+                let s = TcpStream::connect(addr).map_err(err)?;
+                let _ = s.set_nodelay(true);
+                Ok(Conn::Tcp(s))
+            }
+            Endpoint::Unix(path) => UnixStream::connect(path).map(Conn::Unix).map_err(err),
+        }
+    }
+}
+
+struct Link {
+    reader: BufReader<Conn>,
+    writer: BufWriter<Conn>,
+    received: usize,
+    sent: u64,
+}
+
+impl Link {
+    fn new(conn: Conn) -> Result<Self, std::io::Error> {
+        let reader = BufReader::new(conn.try_clone()?);
+        Ok(Link { reader, writer: BufWriter::with_capacity(1 << 20, conn), received: 0, sent: 0 })
+    }
+
+    fn send(&mut self, kind: Kind, id: &str, version: u32, payload: &[u8]) -> std::io::Result<()> {
+        self.sent += payload.len() as u64 + 24 + id.len() as u64;
+        stream::send(&mut self.writer, kind, id, version, payload)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.writer.flush()
+    }
+
+    fn receive(&mut self) -> Result<(stream::SectionHeader, Vec<u8>), StreamError> {
+        let r = stream::receive(&mut self.reader, self.received);
+        self.received += 1;
+        r
+    }
+}
+
+fn io(phase: &'static str) -> impl Fn(std::io::Error) -> MigrateError {
+    move |e| MigrateError::Stream { phase, source: StreamError::Io(e) }
+}
+
+fn st(phase: &'static str) -> impl Fn(StreamError) -> MigrateError {
+    move |source| MigrateError::Stream { phase, source }
+}
+
+/// Send RAM pages (dirty-bitmap numbering): runs of non-zero pages as
+/// PAGES messages, zero pages as ZERO-PAGES runs. Returns page bytes sent.
+fn send_pages(core: &VmCore, link: &mut Link, pages: &[u64]) -> Result<u64, MigrateError> {
+    let mut sent = 0u64;
+    let mut batch: Vec<u8> = Vec::new();
+    let mut batch_pages = 0usize;
+    let mut next_gpa = None;
+    let mut zeros: Vec<(u64, u64)> = Vec::new();
+    let flush = |link: &mut Link, batch: &mut Vec<u8>, batch_pages: &mut usize, sent: &mut u64| {
+        if *batch_pages > 0 {
+            link.send(Kind::Pages, "", 1, batch)?;
+            *sent += *batch_pages as u64 * 4096;
+        }
+        batch.clear();
+        *batch_pages = 0;
+        Ok::<(), std::io::Error>(())
+    };
+    for &page in pages {
+        let Some(gpa) = core.ram.gpa_of_page(page) else { continue };
+        let Some(data) = core.ram.bytes(gpa, 4096) else { continue };
+        if data.iter().all(|b| *b == 0) {
+            match zeros.last_mut() {
+                Some((start, n)) if *start + *n * 4096 == gpa => *n += 1,
+                _ => zeros.push((gpa, 1)),
+            }
+            continue;
+        }
+        if next_gpa != Some(gpa) || batch_pages == PAGES_PER_MESSAGE {
+            flush(link, &mut batch, &mut batch_pages, &mut sent).map_err(io("sending memory"))?;
+            batch.extend_from_slice(&gpa.to_le_bytes());
+        }
+        batch.extend_from_slice(data);
+        batch_pages += 1;
+        next_gpa = Some(gpa + 4096);
+    }
+    flush(link, &mut batch, &mut batch_pages, &mut sent).map_err(io("sending memory"))?;
+    for chunk in zeros.chunks(65536) {
+        let payload: Vec<u8> =
+            chunk.iter().flat_map(|(g, n)| g.to_le_bytes().into_iter().chain(n.to_le_bytes())).collect();
+        link.send(Kind::ZeroPages, "", 1, &payload).map_err(io("sending memory"))?;
+    }
+    Ok(sent)
+}
+
+fn update(core: &VmCore, f: impl FnOnce(&mut Status)) {
+    let mut guard = core.migration.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(s) = guard.as_mut() {
+        f(s);
+    }
+}
+
+/// Migrate `core`'s VM to the destination. On success the caller ends the
+/// source VM; on failure the guest is running again (it may have been
+/// paused for stop-and-copy).
+pub fn migrate(
+    core: &VmCore,
+    opts: &Options,
+    cancel: &std::sync::atomic::AtomicBool,
+) -> Result<Status, MigrateError> {
+    let start = Instant::now();
+    let endpoint = Endpoint::parse(&opts.uri)?;
+    let conn = endpoint.connect(&opts.uri)?;
+    conn.set_read_timeout(Some(ANSWER_TIMEOUT)).map_err(io("connecting"))?;
+    let mut link = Link::new(conn).map_err(io("connecting"))?;
+
+    // Handshake: nothing is paused.
+    let manifest = core.manifest();
+    let encoded = state::encode(&manifest).map_err(|e| MigrateError::State(e.to_string()))?;
+    link.send(Kind::Hello, "", super::manifest::MANIFEST_VERSION, &encoded).map_err(io("handshake"))?;
+    link.flush().map_err(io("handshake"))?;
+    let (h, payload) = link.receive().map_err(st("handshake"))?;
+    if h.kind == Kind::Failed {
+        return Err(MigrateError::Protocol(format!("destination: {}", String::from_utf8_lossy(&payload))));
+    }
+    if h.kind != Kind::Plan {
+        return Err(MigrateError::Protocol(format!("handshake: expected a plan, got {}", h.kind.name())));
+    }
+    let plan: Plan = state::decode(&payload).map_err(|e| MigrateError::Protocol(format!("plan: {e}")))?;
+    update(core, |s| s.plan = plan.lines());
+    if plan.refused() {
+        let _ = link.send(Kind::Decision, "", 1, b"abort: refused");
+        let _ = link.flush();
+        return Err(MigrateError::Refused(plan.lines()));
+    }
+    if opts.dry_run {
+        link.send(Kind::Decision, "", 1, b"dry-run").map_err(io("handshake"))?;
+        link.flush().map_err(io("handshake"))?;
+        let mut s = Status { phase: "dry-run".into(), plan: plan.lines(), done: true, ..Status::default() };
+        s.total_ms = start.elapsed().as_secs_f64() * 1e3;
+        return Ok(s);
+    }
+    link.send(Kind::Decision, "", 1, b"go").map_err(io("handshake"))?;
+
+    // Pre-copy.
+    update(core, |s| s.phase = "precopy".into());
+    core.kvm.set_dirty_log(&core.ram, true).map_err(|e| MigrateError::State(e.to_string()))?;
+    let result = precopy_and_switch(core, opts, &plan, &mut link, start, cancel);
+    if result.is_err() {
+        // Give the guest back: running, not logging.
+        if core.control.is_paused() {
+            let _ = core.resume();
+        }
+        let _ = core.kvm.set_dirty_log(&core.ram, false);
+        let _ = link.send(Kind::Failed, "", 1, b"source aborted the migration");
+        let _ = link.flush();
+    }
+    result
+}
+
+fn precopy_and_switch(
+    core: &VmCore,
+    opts: &Options,
+    plan: &Plan,
+    link: &mut Link,
+    start: Instant,
+    cancel: &std::sync::atomic::AtomicBool,
+) -> Result<Status, MigrateError> {
+    let cancelled = || {
+        if cancel.load(std::sync::atomic::Ordering::SeqCst) {
+            Err(MigrateError::Protocol("cancelled".into()))
+        } else {
+            Ok(())
+        }
+    };
+    // Round 0: every non-zero page (the destination's RAM starts zeroed).
+    let _ = core.kvm.dirty_pages(&core.ram); // start a fresh log
+    let _ = core.ram.dirty().take();
+    let round0: Vec<u64> = core
+        .ram
+        .nonzero_runs()
+        .iter()
+        .flat_map(|&(gpa, len)| {
+            let first = core.ram.page_of(gpa).unwrap_or(0);
+            first..first + len / 4096
+        })
+        .collect();
+    let t = Instant::now();
+    let bytes = send_pages(core, link, &round0)?;
+    link.flush().map_err(io("first pass"))?;
+    let mut bandwidth = (bytes.max(4096) as f64) / t.elapsed().as_secs_f64().max(1e-6);
+    update(core, |s| {
+        s.bytes_sent = link.sent;
+        s.bandwidth_bytes_per_s = bandwidth;
+    });
+    cancelled()?;
+
+    let max_downtime = opts.max_downtime_ms as f64 / 1e3;
+    let mut round = 1u32;
+    let mut last_round = Instant::now();
+    loop {
+        let mut dirty = core.kvm.dirty_pages(&core.ram).map_err(|e| MigrateError::State(e.to_string()))?;
+        dirty.extend(core.ram.dirty().take());
+        dirty.sort_unstable();
+        dirty.dedup();
+        let dirty_bytes = dirty.len() as u64 * 4096;
+        let dirty_rate = dirty_bytes as f64 / last_round.elapsed().as_secs_f64().max(1e-6);
+        let expected = dirty_bytes as f64 / bandwidth;
+        update(core, |s| {
+            s.round = round;
+            s.dirty_rate_bytes_per_s = dirty_rate;
+            s.expected_downtime_ms = expected * 1e3;
+        });
+        if expected <= max_downtime {
+            // Switch over: what is dirty now goes in the final pass.
+            return switch_over(core, plan, link, start, dirty, round);
+        }
+        if round >= MAX_ROUNDS {
+            if expected <= 2.0 * max_downtime {
+                return switch_over(core, plan, link, start, dirty, round);
+            }
+            return Err(MigrateError::NoConvergence {
+                rounds: round,
+                dirty: dirty_rate / 1e6,
+                link: bandwidth / 1e6,
+            });
+        }
+        last_round = Instant::now();
+        let t = Instant::now();
+        let bytes = send_pages(core, link, &dirty)?;
+        link.flush().map_err(io("pre-copy"))?;
+        if bytes > 0 {
+            bandwidth = 0.5 * bandwidth + 0.5 * (bytes as f64 / t.elapsed().as_secs_f64().max(1e-6));
+        }
+        update(core, |s| {
+            s.bytes_sent = link.sent;
+            s.bandwidth_bytes_per_s = bandwidth;
+        });
+        cancelled()?;
+        round += 1;
+    }
+}
+
+fn switch_over(
+    core: &VmCore,
+    plan: &Plan,
+    link: &mut Link,
+    start: Instant,
+    mut dirty: Vec<u64>,
+    rounds: u32,
+) -> Result<Status, MigrateError> {
+    update(core, |s| s.phase = "stop-and-copy".into());
+    let paused_at = Instant::now();
+    core.pause().map_err(MigrateError::State)?;
+    dirty.extend(core.kvm.dirty_pages(&core.ram).map_err(|e| MigrateError::State(e.to_string()))?);
+    dirty.extend(core.ram.dirty().take());
+    dirty.sort_unstable();
+    dirty.dedup();
+    send_pages(core, link, &dirty)?;
+
+    let machine = state::save_machine(&core.kvm.vm).map_err(|e| MigrateError::State(e.to_string()))?;
+    let enc = |v: Result<Vec<u8>, state::StateError>| v.map_err(|e| MigrateError::State(e.to_string()));
+    link.send(Kind::Machine, "", MACHINE_STATE_VERSION, &enc(state::encode(&machine))?)
+        .map_err(io("stop-and-copy"))?;
+    for (i, s) in core.control.take_vcpu_states().iter().enumerate() {
+        let s = s.as_ref().map_err(|e| MigrateError::State(format!("vCPU {i}: {e}")))?;
+        link.send(Kind::Vcpu, &format!("cpu{i}"), VCPU_STATE_VERSION, &enc(state::encode(s))?)
+            .map_err(io("stop-and-copy"))?;
+    }
+    for d in core.bus.devices() {
+        let version = plan
+            .write_version(&d.id)
+            .ok_or_else(|| MigrateError::State(format!("device {}: not in the plan", d.id)))?;
+        let blob =
+            d.device.lock().unwrap_or_else(|e| e.into_inner()).save_state(version).into_result().map_err(
+                |e| MigrateError::State(format!("device {} ({}): state v{version}: {e}", d.id, d.plugin)),
+            )?;
+        link.send(Kind::Device, &d.id, blob.version, blob.bytes.as_slice()).map_err(io("stop-and-copy"))?;
+    }
+    link.send(Kind::End, "", 1, &[]).map_err(io("stop-and-copy"))?;
+    link.flush().map_err(io("stop-and-copy"))?;
+
+    let (h, payload) = link.receive().map_err(st("waiting for the destination to resume"))?;
+    match h.kind {
+        Kind::Resumed => {}
+        Kind::Failed => {
+            return Err(MigrateError::Protocol(format!(
+                "destination failed: {}",
+                String::from_utf8_lossy(&payload)
+            )))
+        }
+        other => return Err(MigrateError::Protocol(format!("expected RESUMED, got {}", other.name()))),
+    }
+    let downtime = paused_at.elapsed().as_secs_f64() * 1e3;
+    let mut status = core.migration.lock().unwrap_or_else(|e| e.into_inner()).clone().unwrap_or_default();
+    status.phase = "completed".into();
+    status.round = rounds;
+    status.bytes_sent = link.sent;
+    status.downtime_ms = downtime;
+    status.total_ms = start.elapsed().as_secs_f64() * 1e3;
+    status.done = true;
+    Ok(status)
+}
+
+/// What the destination received before it starts the guest.
+pub struct Incoming {
+    /// The source's manifest.
+    pub manifest: Manifest,
+    /// The plan it agreed to.
+    pub plan: Plan,
+    /// The connection, to send RESUMED on.
+    pub link: IncomingLink,
+}
+
+/// The destination's side of the connection.
+pub struct IncomingLink(Link);
+
+impl IncomingLink {
+    /// Tell the source the guest is about to run here.
+    pub fn resumed(&mut self) -> std::io::Result<()> {
+        self.0.send(Kind::Resumed, "", 1, &[])?;
+        self.0.flush()
+    }
+
+    /// Tell the source this side failed.
+    pub fn failed(&mut self, reason: &str) {
+        let _ = self.0.send(Kind::Failed, "", 1, reason.as_bytes());
+        let _ = self.0.flush();
+    }
+
+    /// The next message.
+    pub fn receive(&mut self) -> Result<(stream::SectionHeader, Vec<u8>), StreamError> {
+        self.0.receive()
+    }
+}
+
+/// Accept one migration on `uri` and run the handshake: returns the
+/// manifest and the plan once the source said "go" (None for a dry run).
+pub fn accept(uri: &str, plan_for: impl FnOnce(&Manifest) -> Plan) -> Result<Option<Incoming>, MigrateError> {
+    let conn = match Endpoint::parse(uri)? {
+        Endpoint::Tcp(addr) => {
+            let listener = std::net::TcpListener::bind(&addr)
+                .map_err(|source| MigrateError::Connect { uri: uri.into(), source })?;
+            crate::log::info(&format!("waiting for a migration on {uri}"));
+            let (s, _) =
+                listener.accept().map_err(|source| MigrateError::Connect { uri: uri.into(), source })?;
+            let _ = s.set_nodelay(true);
+            Conn::Tcp(s)
+        }
+        Endpoint::Unix(path) => {
+            use std::os::unix::fs::FileTypeExt;
+            if std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_socket()) {
+                let _ = std::fs::remove_file(&path);
+            }
+            let listener = std::os::unix::net::UnixListener::bind(&path)
+                .map_err(|source| MigrateError::Connect { uri: uri.into(), source })?;
+            crate::log::info(&format!("waiting for a migration on {uri}"));
+            let (s, _) =
+                listener.accept().map_err(|source| MigrateError::Connect { uri: uri.into(), source })?;
+            let _ = std::fs::remove_file(&path);
+            Conn::Unix(s)
+        }
+    };
+    conn.set_read_timeout(Some(ANSWER_TIMEOUT)).map_err(io("handshake"))?;
+    let mut link = Link::new(conn).map_err(io("handshake"))?;
+    let (h, payload) = link.receive().map_err(st("handshake"))?;
+    if h.kind != Kind::Hello {
+        return Err(MigrateError::Protocol(format!("expected HELLO, got {}", h.kind.name())));
+    }
+    if h.version > super::manifest::MANIFEST_VERSION {
+        let reason = format!("manifest v{} is newer than this ferry reads", h.version);
+        let _ = link.send(Kind::Failed, "", 1, reason.as_bytes());
+        let _ = link.flush();
+        return Err(MigrateError::Protocol(reason));
+    }
+    let manifest: Manifest =
+        state::decode(&payload).map_err(|e| MigrateError::Protocol(format!("manifest: {e}")))?;
+    let plan = plan_for(&manifest);
+    let encoded = state::encode(&plan).map_err(|e| MigrateError::State(e.to_string()))?;
+    link.send(Kind::Plan, "", 1, &encoded).map_err(io("handshake"))?;
+    link.flush().map_err(io("handshake"))?;
+    if plan.refused() {
+        return Err(MigrateError::Refused(plan.lines()));
+    }
+    let (h, payload) = link.receive().map_err(st("handshake"))?;
+    match (h.kind, payload.as_slice()) {
+        (Kind::Decision, b"go") => {}
+        (Kind::Decision, b"dry-run") => return Ok(None),
+        (Kind::Decision, other) => {
+            return Err(MigrateError::Protocol(format!("source: {}", String::from_utf8_lossy(other))))
+        }
+        (kind, _) => {
+            return Err(MigrateError::Protocol(format!(
+                "expected the source's decision, got {}",
+                kind.name()
+            )))
+        }
+    }
+    // The source may take long over pre-copy rounds: no read timeout from here
+    // (a dead source closes the connection).
+    link.reader.get_ref().set_read_timeout(None).map_err(io("pre-copy"))?;
+    Ok(Some(Incoming { manifest, plan, link: IncomingLink(link) }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_parse() {
+        assert_eq!(Endpoint::parse("tcp:10.0.0.2:4444").unwrap(), Endpoint::Tcp("10.0.0.2:4444".into()));
+        assert_eq!(Endpoint::parse("unix:/tmp/m.sock").unwrap(), Endpoint::Unix("/tmp/m.sock".into()));
+        for bad in ["tcp:host", "tcp::1", "udp:1:2", "unix:", "tcp:h:99999"] {
+            assert!(Endpoint::parse(bad).is_err(), "{bad}");
+        }
+    }
+}
