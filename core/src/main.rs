@@ -20,6 +20,7 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once per process
 enum Command {
     /// Boot a VM and run it until the guest ends; ferry exits with the
     /// guest's exit status (0 after a guest reset).

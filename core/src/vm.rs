@@ -782,6 +782,7 @@ impl Vm {
         let never = crossbeam_channel::never();
         let api = served.as_ref().map(|s| &s.calls).unwrap_or(&never);
         let mut shutdown = false;
+        let mut shutdown_answer = false;
         let mut migrated = None;
         let (mig_tx, mig_rx) = crossbeam_channel::unbounded();
         let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -859,6 +860,7 @@ impl Vm {
                         }
                         ApiRequest::Shutdown => {
                             shutdown = true;
+                            shutdown_answer = true;
                             // Earlier answers' signals; the next one is this answer's.
                             if let Some(s) = &served {
                                 while s.answered.try_recv().is_ok() {}
@@ -868,6 +870,13 @@ impl Vm {
                         }
                     };
                     let reported = migrated.is_some() && matches!(req_kind, ReqKind::Status);
+                    if reported {
+                        // The last answer before ferry exits: wait for it below.
+                        shutdown_answer = true;
+                        if let Some(s) = &served {
+                            while s.answered.try_recv().is_ok() {}
+                        }
+                    }
                     let _ = reply.send(answer);
                     if reported {
                         self.control.stop(StopEvent::Exit(0));
@@ -875,8 +884,8 @@ impl Vm {
                 }
             }
         };
-        if shutdown {
-            // Let the API thread finish writing the shutdown answer.
+        if shutdown_answer {
+            // Let the API thread finish writing the last answer.
             if let Some(s) = &served {
                 let _ = s.answered.recv_timeout(std::time::Duration::from_secs(2));
             }

@@ -349,3 +349,146 @@ pub fn wait_for_path(path: &Path, timeout: Duration) -> bool {
 pub fn tick_number(line: &str) -> Option<u64> {
     line.strip_prefix("TICK ").and_then(|n| n.trim().parse().ok())
 }
+
+/// A free TCP port on loopback (bound and released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// What a [`MigrationProxy`] does to the migration stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// Cut both connections when the source sends a message of this kind
+    /// code (the `nth` one, counting from 1).
+    CutAt { kind: u16, nth: usize },
+    /// Cut when the destination sends this kind (e.g. RESUMED).
+    CutReply { kind: u16 },
+    /// Replace the payload of the source's DEVICE message for this device
+    /// id with bytes that are not a state (CRCs recomputed).
+    SpoilDevice(&'static str),
+}
+
+/// Message kind codes of ferry's stream (`core/src/migration/stream.rs`).
+pub mod kind {
+    /// The manifest.
+    pub const HELLO: u16 = 0x10;
+    /// Guest pages.
+    pub const PAGES: u16 = 0x13;
+    /// A vCPU's state.
+    pub const VCPU: u16 = 3;
+    /// End of state.
+    pub const END: u16 = 0xffff;
+    /// The destination resumed.
+    pub const RESUMED: u16 = 0x15;
+}
+
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut c = 0xffff_ffffu32;
+    for b in bytes {
+        c ^= u32::from(*b);
+        for _ in 0..8 {
+            c = if c & 1 != 0 { (c >> 1) ^ 0xedb8_8320 } else { c >> 1 };
+        }
+    }
+    !c
+}
+
+/// Read one framed message (header, id, payload) from `r`.
+fn read_message(r: &mut impl Read) -> Option<(u16, String, Vec<u8>, Vec<u8>)> {
+    let mut h = [0u8; 24];
+    r.read_exact(&mut h).ok()?;
+    let kind = u16::from_le_bytes([h[0], h[1]]);
+    let id_len = u16::from_le_bytes([h[2], h[3]]) as usize;
+    let len = u64::from_le_bytes(h[8..16].try_into().ok()?) as usize;
+    let mut id = vec![0u8; id_len];
+    r.read_exact(&mut id).ok()?;
+    let mut payload = vec![0u8; len];
+    r.read_exact(&mut payload).ok()?;
+    let mut header = h.to_vec();
+    header.extend_from_slice(&id);
+    Some((kind, String::from_utf8_lossy(&id).to_string(), header, payload))
+}
+
+/// A TCP proxy between a migration source and destination that injects one
+/// fault. Source connects to `port()`; it forwards to `target`.
+pub struct MigrationProxy {
+    port: u16,
+    /// Set once the fault was injected.
+    pub fired: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl MigrationProxy {
+    /// Listen on a free loopback port and forward one connection to `target`.
+    pub fn start(target: std::net::SocketAddr, fault: Fault) -> Self {
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("proxy listen");
+        let port = listener.local_addr().expect("addr").port();
+        let fired = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let fired2 = fired.clone();
+        std::thread::spawn(move || {
+            let Ok((src, _)) = listener.accept() else { return };
+            let Ok(dst) = std::net::TcpStream::connect(target) else { return };
+            let (mut src_r, mut src_w) = (src.try_clone().expect("clone"), src);
+            let (mut dst_r, mut dst_w) = (dst.try_clone().expect("clone"), dst);
+            let pair =
+                std::sync::Arc::new((src_w.try_clone().expect("clone"), dst_w.try_clone().expect("clone")));
+            let cutter = |p: &std::sync::Arc<(std::net::TcpStream, std::net::TcpStream)>| {
+                let _ = p.0.shutdown(std::net::Shutdown::Both);
+                let _ = p.1.shutdown(std::net::Shutdown::Both);
+            };
+            let pair2 = pair.clone();
+            let fired3 = fired2.clone();
+            // Destination -> source.
+            std::thread::spawn(move || {
+                while let Some((k, _, header, payload)) = read_message(&mut dst_r) {
+                    if let Fault::CutReply { kind } = fault {
+                        if k == kind {
+                            fired3.store(true, Ordering::SeqCst);
+                            cutter(&pair2);
+                            return;
+                        }
+                    }
+                    if src_w.write_all(&header).and_then(|()| src_w.write_all(&payload)).is_err() {
+                        return;
+                    }
+                }
+            });
+            // Source -> destination.
+            let mut seen = std::collections::HashMap::new();
+            while let Some((k, id, mut header, mut payload)) = read_message(&mut src_r) {
+                let n = seen.entry(k).or_insert(0usize);
+                *n += 1;
+                match fault {
+                    Fault::CutAt { kind, nth } if k == kind && *n == nth => {
+                        fired2.store(true, Ordering::SeqCst);
+                        cutter(&pair);
+                        return;
+                    }
+                    Fault::SpoilDevice(dev) if k == 4 && id == dev => {
+                        payload = vec![0xff, 0x00, 0x13];
+                        header[8..16].copy_from_slice(&(payload.len() as u64).to_le_bytes());
+                        header[16..20].copy_from_slice(&crc32(&payload).to_le_bytes());
+                        let mut covered = header[..20].to_vec();
+                        covered.extend_from_slice(&header[24..]);
+                        let c = crc32(&covered);
+                        header[20..24].copy_from_slice(&c.to_le_bytes());
+                        fired2.store(true, Ordering::SeqCst);
+                    }
+                    _ => {}
+                }
+                if dst_w.write_all(&header).and_then(|()| dst_w.write_all(&payload)).is_err() {
+                    return;
+                }
+            }
+        });
+        MigrationProxy { port, fired }
+    }
+
+    /// The port the source should migrate to.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}

@@ -1,0 +1,281 @@
+//! Live migration between two ferry processes ("hosts"), on the test guest:
+//! the counter continues, the memory pattern holds, devices work after the
+//! move; plans refused before pausing; faults in every phase leave the
+//! source guest running, and a later migration of it succeeds.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use ferry_tests::{
+    ferry_bin, free_port, kind, kvm_or_skip, plugin_dir_copy, spawn_ferry, tick_number, wait_for_path, Fault,
+    Finished, MigrationProxy, Running, TempDir,
+};
+
+const DEADLINE: Duration = Duration::from_secs(120);
+
+struct Source {
+    vm: Running,
+    socket: PathBuf,
+}
+
+fn source(dir: &TempDir, name: &str, args: &[&str]) -> Source {
+    let socket = dir.path().join(format!("{name}.sock"));
+    let s = socket.display().to_string();
+    let mut all = vec!["run", "--api-socket", &s];
+    all.extend_from_slice(args);
+    let vm = Running::new(spawn_ferry(&all));
+    assert!(wait_for_path(&socket, DEADLINE), "no API socket for {name}");
+    Source { vm, socket }
+}
+
+fn destination(uri: &str, plugins: Option<&Path>) -> Running {
+    let mut args = vec!["run".to_string(), "--incoming".to_string(), uri.to_string()];
+    if let Some(p) = plugins {
+        args.push("--plugins".into());
+        args.push(p.display().to_string());
+    }
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let vm = Running::new(spawn_ferry(&argv));
+    // Give the listener a moment to bind.
+    std::thread::sleep(Duration::from_millis(300));
+    vm
+}
+
+/// `ferry ctl migrate`; returns (success, stdout + stderr).
+fn migrate(socket: &Path, uri: &str, extra: &[&str]) -> (bool, String) {
+    let out = Command::new(ferry_bin())
+        .arg("ctl")
+        .arg("--api-socket")
+        .arg(socket)
+        .arg("migrate")
+        .arg(uri)
+        .args(extra)
+        .output()
+        .expect("run ferry ctl migrate");
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+fn wait_tick(vm: &mut Running) -> u64 {
+    vm.wait_line("TICK", DEADLINE).and_then(|l| tick_number(&l)).expect("the guest ticks")
+}
+
+/// Migrate a ticking guest and check both sides.
+fn migrate_and_check(src_args: &[&str], uri: &str, expect_exit: i32, after: &[&str]) -> (Finished, Finished) {
+    let dir = TempDir::new("mig");
+    let mut dst = destination(uri, None);
+    let mut src = source(&dir, "src", src_args);
+    while wait_tick(&mut src.vm) < 3 {}
+    let (ok, text) = migrate(&src.socket, uri, &[]);
+    assert!(ok, "migration failed:\n{text}");
+    assert!(text.contains("\"phase\": \"completed\""), "{text}");
+    assert!(text.contains("same state v1"), "the plan is printed:\n{text}");
+    let src_out = src.vm.finish(DEADLINE);
+    assert_eq!(src_out.code(), 0, "the source ends after the move: {}", src_out.stderr);
+    assert!(src_out.stderr.contains("ferry: migrated: total"), "{}", src_out.stderr);
+    let last = src_out.stdout.lines().filter_map(tick_number).max().expect("source ticks");
+    let first = wait_tick(&mut dst);
+    assert_eq!(first, last + 1, "the counter continues on the destination");
+    let dst_out = dst.finish(DEADLINE);
+    assert_eq!(dst_out.code(), expect_exit, "stdout:\n{}\nstderr:\n{}", dst_out.stdout, dst_out.stderr);
+    for want in after {
+        assert!(dst_out.stdout.contains(want), "'{want}' missing on the destination:\n{}", dst_out.stdout);
+    }
+    (src_out, dst_out)
+}
+
+#[test]
+fn idle_guest_over_tcp_with_one_vcpu() {
+    if !kvm_or_skip("idle_guest_over_tcp_with_one_vcpu") {
+        return;
+    }
+    let uri = format!("tcp:127.0.0.1:{}", free_port());
+    migrate_and_check(
+        &["--cmdline", "pattern=8 ticks=40 verify exit=9"],
+        &uri,
+        9,
+        &["PATTERN OK pages=2048", "TICK 40"],
+    );
+}
+
+#[test]
+fn idle_guest_over_tcp_with_four_vcpus() {
+    if !kvm_or_skip("idle_guest_over_tcp_with_four_vcpus") {
+        return;
+    }
+    let uri = format!("tcp:127.0.0.1:{}", free_port());
+    migrate_and_check(
+        &["--cpus", "4", "--cmdline", "smp pattern=8 ticks=40 verify exit=9"],
+        &uri,
+        9,
+        &["PATTERN OK pages=2048", "TICK 40"],
+    );
+}
+
+#[test]
+fn guest_dirtying_memory_over_a_unix_socket() {
+    if !kvm_or_skip("guest_dirtying_memory_over_a_unix_socket") {
+        return;
+    }
+    let dir = TempDir::new("migunix");
+    let uri = format!("unix:{}", dir.path().join("mig.sock").display());
+    migrate_and_check(
+        &["--cmdline", "pattern=16 dirty=64 hz=100 ticks=40 verify exit=9"],
+        &uri,
+        9,
+        &["PATTERN OK pages=4096", "TICK 40"],
+    );
+}
+
+#[test]
+fn virtio_blk_keeps_working_after_the_move() {
+    if !kvm_or_skip("virtio_blk_keeps_working_after_the_move") {
+        return;
+    }
+    let dir = TempDir::new("migblk");
+    let disk = dir.path().join("disk.img");
+    std::fs::write(&disk, vec![0u8; 4 << 20]).expect("disk");
+    let d = format!("path={}", disk.display());
+    let uri = format!("tcp:127.0.0.1:{}", free_port());
+    migrate_and_check(
+        &["--disk", &d, "--rng", "--cmdline", "pattern=8 blk-write=10:2:3 ticks=30 blk-verify=10:2:3 blk-write=20:1:4 blk-verify=20:1:4 rng=8 verify exit=9"],
+        &uri,
+        9,
+        &["BLK VERIFY OK sector=10 count=2", "BLK VERIFY OK sector=20 count=1", "RNG len=8", "PATTERN OK pages=2048"],
+    );
+}
+
+/// The source keeps running after a failed migration, and a later one succeeds.
+fn still_running_then_migrates(mut src: Source) {
+    let before = wait_tick(&mut src.vm);
+    let after = wait_tick(&mut src.vm);
+    assert!(after > before, "the source guest keeps ticking");
+    let uri = format!("tcp:127.0.0.1:{}", free_port());
+    let dst = destination(&uri, None);
+    let (ok, text) = migrate(&src.socket, &uri, &[]);
+    assert!(ok, "the later migration succeeds:\n{text}");
+    assert_eq!(src.vm.finish(DEADLINE).code(), 0);
+    drop(dst);
+}
+
+#[test]
+fn a_plan_with_a_missing_plugin_is_refused_before_pausing() {
+    if !kvm_or_skip("a_plan_with_a_missing_plugin_is_refused_before_pausing") {
+        return;
+    }
+    let dir = TempDir::new("migrefuse");
+    let plugins = plugin_dir_copy("migrefuse-plugins");
+    std::fs::remove_file(plugins.path().join("libcmos_rtc.so")).expect("remove");
+    let uri = format!("tcp:127.0.0.1:{}", free_port());
+    let dst = destination(&uri, Some(plugins.path()));
+    let mut src = source(&dir, "src", &["--cmdline", "pattern=8 ticks=0"]);
+    wait_tick(&mut src.vm);
+    let (ok, text) = migrate(&src.socket, &uri, &[]);
+    assert!(!ok, "refused:\n{text}");
+    assert!(
+        text.contains("device rtc (cmos-rtc 0.1.0 -> (not installed)): REFUSED: plugin cmos-rtc is not installed on the destination"),
+        "{text}"
+    );
+    let dst_out = dst.finish(DEADLINE);
+    assert_ne!(dst_out.code(), 0, "the destination exits non-zero");
+    assert!(dst_out.stderr.contains("REFUSED"), "{}", dst_out.stderr);
+    still_running_then_migrates(src);
+}
+
+#[test]
+fn a_dry_run_prints_the_plan_and_moves_nothing() {
+    if !kvm_or_skip("a_dry_run_prints_the_plan_and_moves_nothing") {
+        return;
+    }
+    let dir = TempDir::new("migdry");
+    let uri = format!("tcp:127.0.0.1:{}", free_port());
+    let dst = destination(&uri, None);
+    let mut src = source(&dir, "src", &["--cmdline", "ticks=0"]);
+    wait_tick(&mut src.vm);
+    let (ok, text) = migrate(&src.socket, &uri, &["--dry-run"]);
+    assert!(ok && text.contains("device com1 (serial-16550 0.1.0 -> 0.1.0): same state v1"), "{text}");
+    assert!(text.contains("\"phase\": \"dry-run\""), "{text}");
+    assert_eq!(dst.finish(DEADLINE).code(), 0);
+    still_running_then_migrates(src);
+}
+
+fn fault(fault: Fault, destination_runs: bool) {
+    let dir = TempDir::new("migfault");
+    let port = free_port();
+    let mut dst = destination(&format!("tcp:127.0.0.1:{port}"), None);
+    let proxy = MigrationProxy::start(format!("127.0.0.1:{port}").parse().expect("addr"), fault);
+    let mut src = source(&dir, "src", &["--cmdline", "pattern=8 dirty=16 ticks=0"]);
+    wait_tick(&mut src.vm);
+    let (ok, text) = migrate(&src.socket, &format!("tcp:127.0.0.1:{}", proxy.port()), &[]);
+    assert!(proxy.fired.load(std::sync::atomic::Ordering::SeqCst), "the fault was injected");
+    assert!(!ok, "the migration fails:\n{text}");
+    assert!(text.contains("the guest keeps running here"), "{text}");
+    if destination_runs {
+        // RESUMED was lost: the destination runs too (the documented window).
+        dst.wait_line("TICK", DEADLINE);
+        drop(dst);
+    } else {
+        let out = dst.finish(DEADLINE);
+        assert_ne!(out.code(), 0, "the destination exits non-zero: {}", out.stderr);
+        assert!(!out.stdout.contains("TICK"), "the destination never ran the guest: {}", out.stdout);
+    }
+    still_running_then_migrates(src);
+}
+
+#[test]
+fn cut_during_the_handshake() {
+    if kvm_or_skip("cut_during_the_handshake") {
+        fault(Fault::CutAt { kind: kind::HELLO, nth: 1 }, false);
+    }
+}
+
+#[test]
+fn cut_during_the_first_pass() {
+    if kvm_or_skip("cut_during_the_first_pass") {
+        fault(Fault::CutAt { kind: kind::PAGES, nth: 2 }, false);
+    }
+}
+
+#[test]
+fn cut_during_stop_and_copy() {
+    if kvm_or_skip("cut_during_stop_and_copy") {
+        fault(Fault::CutAt { kind: kind::VCPU, nth: 1 }, false);
+    }
+}
+
+#[test]
+fn cut_before_the_confirm() {
+    if kvm_or_skip("cut_before_the_confirm") {
+        fault(Fault::CutReply { kind: kind::RESUMED }, true);
+    }
+}
+
+#[test]
+fn the_destination_refuses_a_device_section() {
+    if kvm_or_skip("the_destination_refuses_a_device_section") {
+        fault(Fault::SpoilDevice("rtc"), false);
+    }
+}
+
+#[test]
+fn the_destination_is_killed() {
+    if !kvm_or_skip("the_destination_is_killed") {
+        return;
+    }
+    let dir = TempDir::new("migkill");
+    let uri = format!("tcp:127.0.0.1:{}", free_port());
+    let dst = destination(&uri, None);
+    let mut src = source(&dir, "src", &["--cmdline", "pattern=8 ticks=0"]);
+    wait_tick(&mut src.vm);
+    // SIGKILL before the migration: the source's connection fails at once.
+    let pid = dst.pid();
+    // SAFETY: a plain kill(2) of our own child.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let _ = dst.finish(DEADLINE);
+    let (ok, text) = migrate(&src.socket, &uri, &[]);
+    assert!(!ok, "{text}");
+    still_running_then_migrates(src);
+}
