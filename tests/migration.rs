@@ -279,3 +279,58 @@ fn the_destination_is_killed() {
     assert!(!ok, "{text}");
     still_running_then_migrates(src);
 }
+
+#[test]
+fn between_two_hosts_over_tcp_with_frames_before_and_after() {
+    if !kvm_or_skip("between_two_hosts_over_tcp_with_frames_before_and_after") {
+        return;
+    }
+    let Some(hosts) = ferry_tests::netns::TwoHosts::new("ftap0") else { return };
+    let dir = TempDir::new("mig2hosts");
+    let bin = ferry_bin().display().to_string();
+    let plugins = ferry_tests::bin_dir().display().to_string();
+    let uri = "tcp:10.200.0.2:7790";
+    let capture_a = hosts.a.capture("ftap0", 2, Duration::from_secs(60));
+    let capture_b = hosts.b.capture("ftap0", 3, Duration::from_secs(90));
+    let mut dst = Running::new(ferry_tests::spawn_command(
+        "ip",
+        &["netns", "exec", hosts.b.name(), &bin, "run", "--plugins", &plugins, "--incoming", uri],
+    ));
+    std::thread::sleep(Duration::from_millis(300));
+    let socket = dir.path().join("src.sock");
+    let s = socket.display().to_string();
+    let mut src = Running::new(ferry_tests::spawn_command(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            hosts.a.name(),
+            &bin,
+            "run",
+            "--plugins",
+            &plugins,
+            "--api-socket",
+            &s,
+            "--net",
+            "tap=ftap0,mac=52:54:00:12:34:56",
+            "--cmdline",
+            "pattern=8 net-send=2 ticks=30 net-send=3 verify exit=9",
+        ],
+    ));
+    assert!(wait_for_path(&socket, DEADLINE));
+    while wait_tick(&mut src) < 3 {}
+    let (ok, text) = migrate(&socket, uri, &[]);
+    assert!(ok, "{text}");
+    let src_out = src.finish(DEADLINE);
+    assert_eq!(src_out.code(), 0, "{}", src_out.stderr);
+    let last = src_out.stdout.lines().filter_map(tick_number).max().expect("ticks");
+    assert_eq!(wait_tick(&mut dst), last + 1);
+    let dst_out = dst.finish(DEADLINE);
+    assert_eq!(dst_out.code(), 9, "{}\n{}", dst_out.stdout, dst_out.stderr);
+    assert!(dst_out.stdout.contains("PATTERN OK pages=2048"));
+    let a = capture_a.join().expect("capture A");
+    let b = capture_b.join().expect("capture B");
+    assert_eq!(a.len(), 2, "frames before the move left through host A's tap");
+    assert_eq!(b.len(), 3, "frames after the move leave through host B's tap");
+    assert!(b.iter().all(|f| f[6..12] == [0x52, 0x54, 0x00, 0x12, 0x34, 0x56]), "same guest MAC on host B");
+}

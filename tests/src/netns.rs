@@ -164,3 +164,51 @@ impl Drop for NetNs {
         let _ = ip(&["netns", "del", &self.name]);
     }
 }
+
+/// Two namespaces ("hosts") joined by a veth pair, 10.200.0.1 and
+/// 10.200.0.2, each with a tap interface of the same name. Removed on drop.
+pub struct TwoHosts {
+    /// Host A (10.200.0.1).
+    pub a: NetNs,
+    /// Host B (10.200.0.2).
+    pub b: NetNs,
+}
+
+impl TwoHosts {
+    /// Make them; None (after a loud SKIPPED line) where that is not possible.
+    pub fn new(tap: &str) -> Option<Self> {
+        let a = NetNs::with_tap(tap)?;
+        let b = NetNs::with_tap(tap)?;
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let n = N.fetch_add(1, Ordering::SeqCst);
+        let (va, vb) = (
+            format!("fva{}x{n}", std::process::id() % 10000),
+            format!("fvb{}x{n}", std::process::id() % 10000),
+        );
+        let setup = ip(&[
+            "link",
+            "add",
+            &va,
+            "netns",
+            a.name(),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &vb,
+            "netns",
+            b.name(),
+        ])
+        .and_then(|()| ip(&["-n", a.name(), "addr", "add", "10.200.0.1/24", "dev", &va]))
+        .and_then(|()| ip(&["-n", b.name(), "addr", "add", "10.200.0.2/24", "dev", &vb]))
+        .and_then(|()| ip(&["-n", a.name(), "link", "set", &va, "up"]))
+        .and_then(|()| ip(&["-n", b.name(), "link", "set", &vb, "up"]))
+        .and_then(|()| ip(&["-n", a.name(), "link", "set", "lo", "up"]))
+        .and_then(|()| ip(&["-n", b.name(), "link", "set", "lo", "up"]));
+        if let Err(e) = setup {
+            crate::skip("two-host tests", &e);
+            return None;
+        }
+        Some(TwoHosts { a, b })
+    }
+}
