@@ -14,14 +14,13 @@
 //! exec:cat FILE` (time from process start until QMP reports `running`).
 
 use std::{
-    io::{BufRead, BufReader, Write},
-    os::unix::net::UnixStream,
+    io::{BufRead, BufReader},
     path::Path,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-use ferry_tests::{bin_dir, ctl, wait_for_path, Running, TempDir};
+use ferry_tests::{bin_dir, ctl, qmp::Qmp, wait_for_path, Running, TempDir};
 
 const GUEST: &str = "pattern=64 ticks=0";
 
@@ -79,48 +78,6 @@ fn ferry_snapshot(dir: &Path, memory: &str) -> Result<(f64, u64, f64), String> {
     let _ = restored.wait();
     let _ = std::fs::remove_file(&snap);
     Ok((field("paused_ms"), size, restore_ms))
-}
-
-/// A minimal QMP client.
-struct Qmp {
-    stream: BufReader<UnixStream>,
-}
-
-impl Qmp {
-    fn connect(path: &Path) -> Result<Self, String> {
-        let start = Instant::now();
-        let stream = loop {
-            match UnixStream::connect(path) {
-                Ok(s) => break s,
-                Err(_) if start.elapsed() < Duration::from_secs(30) => {
-                    std::thread::sleep(Duration::from_millis(1))
-                }
-                Err(e) => return Err(format!("QMP: {e}")),
-            }
-        };
-        let mut q = Qmp { stream: BufReader::new(stream) };
-        q.line()?; // greeting
-        q.cmd(r#"{"execute":"qmp_capabilities"}"#)?;
-        Ok(q)
-    }
-
-    fn line(&mut self) -> Result<String, String> {
-        let mut l = String::new();
-        self.stream.read_line(&mut l).map_err(|e| e.to_string())?;
-        Ok(l)
-    }
-
-    /// Send a command, return its "return" line (events are skipped).
-    fn cmd(&mut self, json: &str) -> Result<String, String> {
-        self.stream.get_mut().write_all(json.as_bytes()).map_err(|e| e.to_string())?;
-        self.stream.get_mut().write_all(b"\n").map_err(|e| e.to_string())?;
-        loop {
-            let l = self.line()?;
-            if l.contains("\"return\"") || l.contains("\"error\"") || l.is_empty() {
-                return Ok(l);
-            }
-        }
-    }
 }
 
 fn qemu_cmd(guest: &Path, memory: &str, qmp: &Path) -> Command {

@@ -2,6 +2,7 @@
 //! ferry process per VM with a deadline, and skip loudly without /dev/kvm.
 
 pub mod netns;
+pub mod qmp;
 
 use std::{
     io::{Read, Write},

@@ -1,0 +1,128 @@
+//! Live migration, ferry beside QEMU, on the same test guest over the same
+//! loopback TCP, default settings, one run: 512 MiB and 2 GiB guests, idle
+//! and dirtying about 100 MB/s; total time, downtime, bytes sent.
+//!
+//! ```sh
+//! cargo build --release --workspace && cargo bench -p ferry-tests --bench migration
+//! ```
+//!
+//! The guest fills 64 MiB with a pattern, then ticks; "dirtying" adds 26
+//! pages per 1 kHz timer interrupt (about 100 MB/s of dirtied memory).
+//! Ferry's figures come from `ferry ctl migrate`'s report (downtime: source
+//! paused to the destination's RESUMED); QEMU's from `query-migrate`
+//! (`total-time`, `downtime`, `ram.transferred`).
+
+use std::{
+    path::Path,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use ferry_tests::{bin_dir, free_port, qmp::Qmp, wait_for_path, Running, TempDir};
+
+const IDLE: &str = "pattern=64 ticks=0";
+const DIRTY: &str = "pattern=64 dirty=26 hz=1000 ticks=0";
+
+struct Figures {
+    total_ms: f64,
+    downtime_ms: f64,
+    bytes: f64,
+}
+
+fn field(json: &str, key: &str) -> f64 {
+    json.split(&format!("\"{key}\": ")).nth(1).and_then(|v| v.split([',', '\n', '}']).next()).and_then(|v| v.trim().parse().ok()).unwrap_or(f64::NAN)
+}
+
+fn spawn(cmd: &mut Command) -> Result<Running, String> {
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.spawn().map(Running::new).map_err(|e| e.to_string())
+}
+
+fn ferry(dir: &Path, memory: &str, guest: &str) -> Result<Figures, String> {
+    let ferry = bin_dir().join("ferry");
+    let port = free_port();
+    let uri = format!("tcp:127.0.0.1:{port}");
+    let dst = spawn(Command::new(&ferry).args(["run", "--incoming", &uri]))?;
+    std::thread::sleep(Duration::from_millis(300));
+    let socket = dir.join(format!("src-{memory}.sock"));
+    let mut src = spawn(Command::new(&ferry).args(["run", "--memory", memory, "--api-socket"]).arg(&socket).args(["--cmdline", guest]))?;
+    if !wait_for_path(&socket, Duration::from_secs(30)) || src.wait_line("TICK 2", Duration::from_secs(60)).is_none() {
+        return Err("ferry guest did not start".into());
+    }
+    let out = Command::new(&ferry).arg("ctl").arg("--api-socket").arg(&socket).args(["migrate", &uri]).output().map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+    }
+    drop(src);
+    drop(dst);
+    Ok(Figures { total_ms: field(&text, "total_ms"), downtime_ms: field(&text, "downtime_ms"), bytes: field(&text, "bytes_sent") })
+}
+
+fn qemu_cmd(guest_elf: &Path, memory: &str, guest: &str, qmp: &Path) -> Command {
+    let mut c = Command::new("qemu-system-x86_64");
+    c.args(["-accel", "kvm", "-M", "pc", "-m", memory, "-nographic", "-no-reboot", "-net", "none", "-kernel"])
+        .arg(guest_elf)
+        .args(["-append", guest, "-device", "isa-debug-exit,iobase=0xf4,iosize=0x01", "-qmp"])
+        .arg(format!("unix:{},server=on,wait=off", qmp.display()));
+    c
+}
+
+fn qemu(dir: &Path, guest_elf: &Path, memory: &str, guest: &str) -> Result<Figures, String> {
+    let port = free_port();
+    let (qs, qd) = (dir.join(format!("qs-{memory}.qmp")), dir.join(format!("qd-{memory}.qmp")));
+    let _dst = spawn(qemu_cmd(guest_elf, memory, guest, &qd).arg("-incoming").arg(format!("tcp:127.0.0.1:{port}")))?;
+    let mut src = spawn(&mut qemu_cmd(guest_elf, memory, guest, &qs))?;
+    if src.wait_line("TICK 2", Duration::from_secs(120)).is_none() {
+        return Err("QEMU guest did not tick".into());
+    }
+    let mut q = Qmp::connect(&qs)?;
+    q.cmd(&format!(r#"{{"execute":"migrate","arguments":{{"uri":"tcp:127.0.0.1:{port}"}}}}"#))?;
+    loop {
+        let l = q.cmd(r#"{"execute":"query-migrate"}"#)?;
+        if l.contains("\"status\": \"completed\"") {
+            let total = field(&l, "total-time");
+            let down = field(&l, "downtime");
+            let bytes = l.split("\"transferred\": ").nth(1).and_then(|v| v.split([',', '}']).next()).and_then(|v| v.trim().parse().ok()).unwrap_or(f64::NAN);
+            let _ = q.cmd(r#"{"execute":"quit"}"#);
+            return Ok(Figures { total_ms: total, downtime_ms: down, bytes });
+        }
+        if l.contains("\"failed\"") {
+            return Err(format!("QEMU migration failed: {l}"));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn main() {
+    let dir = TempDir::new("bench-mig");
+    let guest_elf = dir.path().join("guest.elf");
+    let ok = Command::new(bin_dir().join("ferry")).args(["test-guest", "--output"]).arg(&guest_elf).status();
+    assert!(ok.is_ok_and(|s| s.success()), "build the workspace first (cargo build --release --workspace)");
+    let have_qemu = Command::new("qemu-system-x86_64").arg("--version").output().is_ok_and(|o| o.status.success());
+    println!("Live migration over loopback TCP, test guest with 64 MiB of pattern\n");
+    println!("| VMM   | RAM  | guest    | total ms | downtime ms | MiB sent |");
+    println!("|-------|------|----------|---------:|------------:|---------:|");
+    for memory in ["512M", "2G"] {
+        for (name, guest) in [("idle", IDLE), ("dirtying", DIRTY)] {
+            let mut rows: Vec<(&str, Result<Figures, String>)> = vec![("ferry", ferry(dir.path(), memory, guest))];
+            if have_qemu {
+                rows.push(("qemu", qemu(dir.path(), &guest_elf, memory, guest)));
+            }
+            for (vmm, r) in rows {
+                match r {
+                    Ok(f) => println!(
+                        "| {vmm:<5} | {memory:<4} | {name:<8} | {:>8.1} | {:>11.1} | {:>8.1} |",
+                        f.total_ms,
+                        f.downtime_ms,
+                        f.bytes / 1048576.0
+                    ),
+                    Err(e) => println!("| {vmm:<5} | {memory:<4} | {name:<8} | failed: {e} |"),
+                }
+            }
+        }
+    }
+    if !have_qemu {
+        println!("\nQEMU is not installed (apt-get install qemu-system-x86): ferry's figures only.");
+    }
+}

@@ -1,0 +1,51 @@
+//! A minimal QMP client, for benchmarks that drive QEMU beside ferry.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    os::unix::net::UnixStream,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+/// A minimal QMP client.
+pub struct Qmp {
+    stream: BufReader<UnixStream>,
+}
+
+impl Qmp {
+    pub fn connect(path: &Path) -> Result<Self, String> {
+        let start = Instant::now();
+        let stream = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(_) if start.elapsed() < Duration::from_secs(30) => {
+                    std::thread::sleep(Duration::from_millis(1))
+                }
+                Err(e) => return Err(format!("QMP: {e}")),
+            }
+        };
+        let mut q = Qmp { stream: BufReader::new(stream) };
+        q.line()?; // greeting
+        q.cmd(r#"{"execute":"qmp_capabilities"}"#)?;
+        Ok(q)
+    }
+
+    fn line(&mut self) -> Result<String, String> {
+        let mut l = String::new();
+        self.stream.read_line(&mut l).map_err(|e| e.to_string())?;
+        Ok(l)
+    }
+
+    /// Send a command, return its "return" line (events are skipped).
+    pub fn cmd(&mut self, json: &str) -> Result<String, String> {
+        self.stream.get_mut().write_all(json.as_bytes()).map_err(|e| e.to_string())?;
+        self.stream.get_mut().write_all(b"\n").map_err(|e| e.to_string())?;
+        loop {
+            let l = self.line()?;
+            if l.contains("\"return\"") || l.contains("\"error\"") || l.is_empty() {
+                return Ok(l);
+            }
+        }
+    }
+}
+
