@@ -116,18 +116,43 @@ fn idle_guest_over_tcp_with_four_vcpus() {
 }
 
 #[test]
-fn guest_dirtying_memory_over_a_unix_socket() {
-    if !kvm_or_skip("guest_dirtying_memory_over_a_unix_socket") {
+fn guest_dirtying_memory_over_tcp() {
+    if !kvm_or_skip("guest_dirtying_memory_over_tcp") {
         return;
     }
-    let dir = TempDir::new("migunix");
-    let uri = format!("unix:{}", dir.path().join("mig.sock").display());
+    let uri = format!("tcp:127.0.0.1:{}", free_port());
     migrate_and_check(
         &["--cmdline", "pattern=16 dirty=64 hz=100 ticks=40 verify exit=9"],
         &uri,
         9,
         &["PATTERN OK pages=4096", "TICK 40"],
     );
+}
+
+#[test]
+fn same_host_over_a_unix_socket_hands_the_memfd_over() {
+    if !kvm_or_skip("same_host_over_a_unix_socket_hands_the_memfd_over") {
+        return;
+    }
+    let dir = TempDir::new("migunix");
+    let uri = format!("unix:{}", dir.path().join("mig.sock").display());
+    let mut dst = destination(&uri, None);
+    let mut src = source(&dir, "src", &["--cmdline", "pattern=32 dirty=16 ticks=40 verify exit=9"]);
+    while wait_tick(&mut src.vm) < 3 {}
+    let (ok, text) = migrate(&src.socket, &uri, &[]);
+    assert!(ok, "{text}");
+    let bytes: u64 = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("\"bytes_sent\": "))
+        .and_then(|v| v.trim_end_matches(',').parse().ok())
+        .expect("bytes_sent in the report");
+    assert!(bytes < 1 << 20, "32 MiB of pattern, yet only state crossed the socket: {bytes} bytes");
+    let src_out = src.vm.finish(DEADLINE);
+    let last = src_out.stdout.lines().filter_map(tick_number).max().expect("ticks");
+    assert_eq!(wait_tick(&mut dst), last + 1);
+    let out = dst.finish(DEADLINE);
+    assert_eq!(out.code(), 9, "{}", out.stderr);
+    assert!(out.stdout.contains("PATTERN OK pages=8192"), "{}", out.stdout);
 }
 
 #[test]

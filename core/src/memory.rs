@@ -163,6 +163,16 @@ impl Drop for GuestRam {
 }
 
 impl GuestRam {
+    /// Guest RAM of `size` bytes on an existing memfd (handed over by a
+    /// same-host migration source): the same pages, no copy.
+    pub fn from_memfd(size: u64, memfd: File) -> Result<Self, MemoryError> {
+        let have = memfd.metadata().map(|m| m.len()).map_err(|e| MemoryError::Map(e.to_string()))?;
+        if have != size {
+            return Err(MemoryError::Map(format!("the memfd holds {have} bytes, the guest has {size}")));
+        }
+        Self::map_memfd(size, memfd)
+    }
+
     /// Allocate `size` bytes of guest RAM (rounded up to 4 KiB).
     pub fn new(size: u64) -> Result<Self, MemoryError> {
         let size = size.div_ceil(4096) * 4096;
@@ -180,6 +190,10 @@ impl GuestRam {
         let memfd =
             create_memfd().map_err(|source| MemoryError::Allocate { size: human_size(size), source })?;
         memfd.set_len(size).map_err(|source| MemoryError::Allocate { size: human_size(size), source })?;
+        Self::map_memfd(size, memfd)
+    }
+
+    fn map_memfd(size: u64, memfd: File) -> Result<Self, MemoryError> {
         let ranges = layout(size);
         let mut regions = Vec::with_capacity(ranges.len());
         for r in &ranges {

@@ -128,6 +128,7 @@ pub enum VmError {
 /// Where guest RAM comes from.
 enum RamSource<'a> {
     Fresh(u64),
+    Memfd(u64, File),
     Snapshot { size: u64, file: &'a File, runs: Vec<(u64, u64, u64)> },
 }
 
@@ -185,6 +186,7 @@ fn build(machine: MachineType, plugins: &Path, cpus: Option<u8>, ram: RamSource<
     }
     let ram = match ram {
         RamSource::Fresh(size) => GuestRam::new(size)?,
+        RamSource::Memfd(size, file) => GuestRam::from_memfd(size, file)?,
         RamSource::Snapshot { size, file, runs } => GuestRam::from_snapshot(size, file, &runs)?,
     };
     let kvm = Machine::new(usize::from(cpus))?;
@@ -532,7 +534,11 @@ pub fn incoming(
     let Some(mut incoming) = accepted else { return Ok(None) };
     let m = incoming.manifest.clone();
     let machine = m.machine.to_machine_type(m.cpus, m.memory);
-    let vm = match build(machine, plugins, Some(m.cpus), RamSource::Fresh(m.memory)) {
+    let ram = match incoming.memfd.take() {
+        Some(file) => RamSource::Memfd(m.memory, file),
+        None => RamSource::Fresh(m.memory),
+    };
+    let vm = match build(machine, plugins, Some(m.cpus), ram) {
         Ok(vm) => vm,
         Err(e) => {
             incoming.link.failed(&e.to_string());

@@ -30,7 +30,11 @@ struct Figures {
 }
 
 fn field(json: &str, key: &str) -> f64 {
-    json.split(&format!("\"{key}\": ")).nth(1).and_then(|v| v.split([',', '\n', '}']).next()).and_then(|v| v.trim().parse().ok()).unwrap_or(f64::NAN)
+    json.split(&format!("\"{key}\": "))
+        .nth(1)
+        .and_then(|v| v.split([',', '\n', '}']).next())
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(f64::NAN)
 }
 
 fn spawn(cmd: &mut Command) -> Result<Running, String> {
@@ -45,33 +49,63 @@ fn ferry(dir: &Path, memory: &str, guest: &str) -> Result<Figures, String> {
     let dst = spawn(Command::new(&ferry).args(["run", "--incoming", &uri]))?;
     std::thread::sleep(Duration::from_millis(300));
     let socket = dir.join(format!("src-{memory}.sock"));
-    let mut src = spawn(Command::new(&ferry).args(["run", "--memory", memory, "--api-socket"]).arg(&socket).args(["--cmdline", guest]))?;
-    if !wait_for_path(&socket, Duration::from_secs(30)) || src.wait_line("TICK 2", Duration::from_secs(60)).is_none() {
+    let mut src = spawn(
+        Command::new(&ferry)
+            .args(["run", "--memory", memory, "--api-socket"])
+            .arg(&socket)
+            .args(["--cmdline", guest]),
+    )?;
+    if !wait_for_path(&socket, Duration::from_secs(30))
+        || src.wait_line("TICK 2", Duration::from_secs(60)).is_none()
+    {
         return Err("ferry guest did not start".into());
     }
-    let out = Command::new(&ferry).arg("ctl").arg("--api-socket").arg(&socket).args(["migrate", &uri]).output().map_err(|e| e.to_string())?;
+    let out = Command::new(&ferry)
+        .arg("ctl")
+        .arg("--api-socket")
+        .arg(&socket)
+        .args(["migrate", &uri])
+        .output()
+        .map_err(|e| e.to_string())?;
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     if !out.status.success() {
         return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
     }
     drop(src);
     drop(dst);
-    Ok(Figures { total_ms: field(&text, "total_ms"), downtime_ms: field(&text, "downtime_ms"), bytes: field(&text, "bytes_sent") })
+    Ok(Figures {
+        total_ms: field(&text, "total_ms"),
+        downtime_ms: field(&text, "downtime_ms"),
+        bytes: field(&text, "bytes_sent"),
+    })
 }
 
 fn qemu_cmd(guest_elf: &Path, memory: &str, guest: &str, qmp: &Path) -> Command {
     let mut c = Command::new("qemu-system-x86_64");
-    c.args(["-accel", "kvm", "-M", "pc", "-m", memory, "-nographic", "-no-reboot", "-net", "none", "-kernel"])
-        .arg(guest_elf)
-        .args(["-append", guest, "-device", "isa-debug-exit,iobase=0xf4,iosize=0x01", "-qmp"])
-        .arg(format!("unix:{},server=on,wait=off", qmp.display()));
+    c.args([
+        "-accel",
+        "kvm",
+        "-M",
+        "pc",
+        "-m",
+        memory,
+        "-nographic",
+        "-no-reboot",
+        "-net",
+        "none",
+        "-kernel",
+    ])
+    .arg(guest_elf)
+    .args(["-append", guest, "-device", "isa-debug-exit,iobase=0xf4,iosize=0x01", "-qmp"])
+    .arg(format!("unix:{},server=on,wait=off", qmp.display()));
     c
 }
 
 fn qemu(dir: &Path, guest_elf: &Path, memory: &str, guest: &str) -> Result<Figures, String> {
     let port = free_port();
     let (qs, qd) = (dir.join(format!("qs-{memory}.qmp")), dir.join(format!("qd-{memory}.qmp")));
-    let _dst = spawn(qemu_cmd(guest_elf, memory, guest, &qd).arg("-incoming").arg(format!("tcp:127.0.0.1:{port}")))?;
+    let _dst =
+        spawn(qemu_cmd(guest_elf, memory, guest, &qd).arg("-incoming").arg(format!("tcp:127.0.0.1:{port}")))?;
     let mut src = spawn(&mut qemu_cmd(guest_elf, memory, guest, &qs))?;
     if src.wait_line("TICK 2", Duration::from_secs(120)).is_none() {
         return Err("QEMU guest did not tick".into());
@@ -83,7 +117,12 @@ fn qemu(dir: &Path, guest_elf: &Path, memory: &str, guest: &str) -> Result<Figur
         if l.contains("\"status\": \"completed\"") {
             let total = field(&l, "total-time");
             let down = field(&l, "downtime");
-            let bytes = l.split("\"transferred\": ").nth(1).and_then(|v| v.split([',', '}']).next()).and_then(|v| v.trim().parse().ok()).unwrap_or(f64::NAN);
+            let bytes = l
+                .split("\"transferred\": ")
+                .nth(1)
+                .and_then(|v| v.split([',', '}']).next())
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(f64::NAN);
             let _ = q.cmd(r#"{"execute":"quit"}"#);
             return Ok(Figures { total_ms: total, downtime_ms: down, bytes });
         }
@@ -99,13 +138,15 @@ fn main() {
     let guest_elf = dir.path().join("guest.elf");
     let ok = Command::new(bin_dir().join("ferry")).args(["test-guest", "--output"]).arg(&guest_elf).status();
     assert!(ok.is_ok_and(|s| s.success()), "build the workspace first (cargo build --release --workspace)");
-    let have_qemu = Command::new("qemu-system-x86_64").arg("--version").output().is_ok_and(|o| o.status.success());
+    let have_qemu =
+        Command::new("qemu-system-x86_64").arg("--version").output().is_ok_and(|o| o.status.success());
     println!("Live migration over loopback TCP, test guest with 64 MiB of pattern\n");
     println!("| VMM   | RAM  | guest    | total ms | downtime ms | MiB sent |");
     println!("|-------|------|----------|---------:|------------:|---------:|");
     for memory in ["512M", "2G"] {
         for (name, guest) in [("idle", IDLE), ("dirtying", DIRTY)] {
-            let mut rows: Vec<(&str, Result<Figures, String>)> = vec![("ferry", ferry(dir.path(), memory, guest))];
+            let mut rows: Vec<(&str, Result<Figures, String>)> =
+                vec![("ferry", ferry(dir.path(), memory, guest))];
             if have_qemu {
                 rows.push(("qemu", qemu(dir.path(), &guest_elf, memory, guest)));
             }

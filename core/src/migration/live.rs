@@ -365,6 +365,24 @@ pub fn migrate(
         s.total_ms = start.elapsed().as_secs_f64() * 1e3;
         return Ok(s);
     }
+    // Same host over a unix socket: hand the RAM memfd over, copy nothing.
+    if let (Endpoint::Unix(_), Some(memfd)) = (&endpoint, core.ram.memfd()) {
+        link.send(Kind::Decision, "", 1, b"go-memfd").map_err(io("handshake"))?;
+        link.flush().map_err(io("handshake"))?;
+        let (h, payload) = link.receive().map_err(st("memfd hand-over"))?;
+        if h.kind != Kind::Decision || payload != b"ready-memfd" {
+            return Err(MigrateError::Protocol(format!(
+                "memfd hand-over: the destination answered {}",
+                h.kind.name()
+            )));
+        }
+        send_memfd(&link, memfd)?;
+        let result = switch_over(core, &plan, &mut link, start, Vec::new(), 0, false);
+        if result.is_err() && core.control.is_paused() {
+            let _ = core.resume();
+        }
+        return result;
+    }
     link.send(Kind::Decision, "", 1, b"go").map_err(io("handshake"))?;
 
     // Pre-copy.
@@ -381,6 +399,19 @@ pub fn migrate(
         let _ = link.flush();
     }
     result
+}
+
+/// Send the MEMFD message with the guest RAM memfd attached (SCM_RIGHTS).
+fn send_memfd(link: &Link, memfd: &std::fs::File) -> Result<(), MigrateError> {
+    use std::os::fd::AsRawFd;
+    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+    let Conn::Unix(sock) = link.writer.get_ref() else {
+        return Err(MigrateError::Protocol("a memfd can only go over a unix socket".into()));
+    };
+    let header = stream::header_bytes(Kind::Memfd, "", 1, 0, crc32fast::hash(&[]));
+    sock.send_with_fd(&header[..], memfd.as_raw_fd())
+        .map_err(|e| io("memfd hand-over")(std::io::Error::from_raw_os_error(e.errno())))?;
+    Ok(())
 }
 
 fn precopy_and_switch(
@@ -438,11 +469,11 @@ fn precopy_and_switch(
         });
         if expected <= max_downtime {
             // Switch over: what is dirty now goes in the final pass.
-            return switch_over(core, plan, link, start, dirty, round);
+            return switch_over(core, plan, link, start, dirty, round, true);
         }
         if round >= MAX_ROUNDS {
             if expected <= 2.0 * max_downtime {
-                return switch_over(core, plan, link, start, dirty, round);
+                return switch_over(core, plan, link, start, dirty, round, true);
             }
             return Err(MigrateError::NoConvergence {
                 rounds: round,
@@ -473,15 +504,18 @@ fn switch_over(
     start: Instant,
     mut dirty: Vec<u64>,
     rounds: u32,
+    copy_memory: bool,
 ) -> Result<Status, MigrateError> {
     update(core, |s| s.phase = "stop-and-copy".into());
     let paused_at = Instant::now();
     core.pause().map_err(MigrateError::State)?;
-    dirty.extend(core.kvm.dirty_pages(&core.ram).map_err(|e| MigrateError::State(e.to_string()))?);
-    dirty.extend(core.ram.dirty().take());
-    dirty.sort_unstable();
-    dirty.dedup();
-    send_pages(core, link, &dirty)?;
+    if copy_memory {
+        dirty.extend(core.kvm.dirty_pages(&core.ram).map_err(|e| MigrateError::State(e.to_string()))?);
+        dirty.extend(core.ram.dirty().take());
+        dirty.sort_unstable();
+        dirty.dedup();
+        send_pages(core, link, &dirty)?;
+    }
 
     let machine = state::save_machine(&core.kvm.vm).map_err(|e| MigrateError::State(e.to_string()))?;
     let enc = |v: Result<Vec<u8>, state::StateError>| v.map_err(|e| MigrateError::State(e.to_string()));
@@ -531,6 +565,8 @@ fn switch_over(
 pub struct Incoming {
     /// The source's manifest.
     pub manifest: Manifest,
+    /// The guest RAM memfd, when the source handed it over (same host).
+    pub memfd: Option<std::fs::File>,
     /// The plan it agreed to.
     pub plan: Plan,
     /// The connection, to send RESUMED on.
@@ -608,8 +644,16 @@ pub fn accept(uri: &str, plan_for: impl FnOnce(&Manifest) -> Plan) -> Result<Opt
         return Err(MigrateError::Refused(plan.lines()));
     }
     let (h, payload) = link.receive().map_err(st("handshake"))?;
+    let mut memfd = None;
     match (h.kind, payload.as_slice()) {
         (Kind::Decision, b"go") => {}
+        (Kind::Decision, b"go-memfd") => {
+            // The source waits for this before it sends the memfd, so
+            // nothing is buffered on our side: receive it on the socket.
+            link.send(Kind::Decision, "", 1, b"ready-memfd").map_err(io("memfd hand-over"))?;
+            link.flush().map_err(io("memfd hand-over"))?;
+            memfd = Some(receive_memfd(&link)?);
+        }
         (Kind::Decision, b"dry-run") => return Ok(None),
         (Kind::Decision, other) => {
             return Err(MigrateError::Protocol(format!("source: {}", String::from_utf8_lossy(other))))
@@ -624,7 +668,32 @@ pub fn accept(uri: &str, plan_for: impl FnOnce(&Manifest) -> Plan) -> Result<Opt
     // The source may take long over pre-copy rounds: no read timeout from here
     // (a dead source closes the connection).
     link.reader.get_ref().set_read_timeout(None).map_err(io("pre-copy"))?;
-    Ok(Some(Incoming { manifest, plan, link: IncomingLink(link) }))
+    Ok(Some(Incoming { manifest, plan, memfd, link: IncomingLink(link) }))
+}
+
+/// Receive the MEMFD message and its descriptor (SCM_RIGHTS).
+fn receive_memfd(link: &Link) -> Result<std::fs::File, MigrateError> {
+    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+    let Conn::Unix(sock) = link.reader.get_ref() else {
+        return Err(MigrateError::Protocol("a memfd can only come over a unix socket".into()));
+    };
+    let mut header = vec![0u8; stream::SECTION_HEADER_LEN as usize];
+    let (n, file) = sock
+        .recv_with_fd(&mut header)
+        .map_err(|e| io("memfd hand-over")(std::io::Error::from_raw_os_error(e.errno())))?;
+    let mut have = n;
+    while have < header.len() {
+        let k = (&*sock).read(&mut header[have..]).map_err(io("memfd hand-over"))?;
+        if k == 0 {
+            return Err(MigrateError::Protocol("the source closed during the memfd hand-over".into()));
+        }
+        have += k;
+    }
+    let (h, _) = stream::receive(&mut std::io::Cursor::new(header), 0).map_err(st("memfd hand-over"))?;
+    if h.kind != Kind::Memfd {
+        return Err(MigrateError::Protocol(format!("expected MEMFD, got {}", h.kind.name())));
+    }
+    file.ok_or_else(|| MigrateError::Protocol("the MEMFD message carried no descriptor".into()))
 }
 
 #[cfg(test)]

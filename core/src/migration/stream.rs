@@ -272,7 +272,8 @@ impl SectionHeader {
     }
 }
 
-fn header_bytes(kind: Kind, id: &str, version: u32, payload_len: u64, payload_crc: u32) -> Vec<u8> {
+/// The bytes of a section header (with its id) for a payload.
+pub fn header_bytes(kind: Kind, id: &str, version: u32, payload_len: u64, payload_crc: u32) -> Vec<u8> {
     let mut h = Vec::with_capacity(SECTION_HEADER_LEN as usize + id.len());
     h.extend_from_slice(&kind.code().to_le_bytes());
     h.extend_from_slice(&(id.len() as u16).to_le_bytes());
