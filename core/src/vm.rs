@@ -447,6 +447,7 @@ fn apply_states(
     vcpus: &[(u32, Vec<u8>)],
     devices: &[(String, u32, Vec<u8>)],
 ) -> Result<(), String> {
+    let t0 = std::time::Instant::now();
     let (mv, machine_bytes) = machine;
     if *mv != MACHINE_STATE_VERSION {
         return Err(format!("machine state v{mv}, this ferry loads v{MACHINE_STATE_VERSION}"));
@@ -457,6 +458,7 @@ fn apply_states(
     if vcpus.len() != vm.vcpus.len() {
         return Err(format!("{} vCPU sections for {} vCPUs", vcpus.len(), vm.vcpus.len()));
     }
+    crate::log::debug(&format!("machine state loaded at {:.2} ms", t0.elapsed().as_secs_f64() * 1e3));
     for (i, (fd, (version, bytes))) in vm.vcpus.iter().zip(vcpus).enumerate() {
         if *version != VCPU_STATE_VERSION {
             return Err(format!("vcpu cpu{i}: state v{version}, this ferry loads v{VCPU_STATE_VERSION}"));
@@ -464,6 +466,7 @@ fn apply_states(
         let st: state::VcpuStateV1 = state::decode(bytes).map_err(|e| format!("vcpu cpu{i}: {e}"))?;
         state::restore_vcpu(fd, &st).map_err(|e| format!("vcpu cpu{i}: {e}"))?;
     }
+    crate::log::debug(&format!("vCPU state loaded at {:.2} ms", t0.elapsed().as_secs_f64() * 1e3));
     for slot in vm.bus.devices() {
         let Some((_, version, bytes)) = devices.iter().find(|(id, _, _)| id == &slot.id) else {
             return Err(format!("device {}: no state section", slot.id));
@@ -608,6 +611,9 @@ fn receive_state(vm: &Vm, link: &mut crate::migration::live::IncomingLink) -> Re
                 devices.push((h.id, h.version, payload));
             }
             Kind::End => break,
+            Kind::Decision if payload == b"sync" => {
+                link.synced().map_err(|e| format!("answering a sync: {e}"))?
+            }
             Kind::Failed => return Err(format!("the source gave up: {}", String::from_utf8_lossy(&payload))),
             other => return Err(format!("message {}: unexpected {}", h.index, other.name())),
         }
@@ -618,7 +624,10 @@ fn receive_state(vm: &Vm, link: &mut crate::migration::live::IncomingLink) -> Re
         .enumerate()
         .map(|(i, v)| v.ok_or_else(|| format!("no state for vCPU {i}")))
         .collect::<Result<_, _>>()?;
-    apply_states(vm, &machine, &vcpus, &devices)
+    let t = std::time::Instant::now();
+    let r = apply_states(vm, &machine, &vcpus, &devices);
+    crate::log::info(&format!("incoming: state loaded in {:.2} ms", t.elapsed().as_secs_f64() * 1e3));
+    r
 }
 
 impl VmCore {

@@ -42,10 +42,13 @@ fn spawn(cmd: &mut Command) -> Result<Running, String> {
     cmd.spawn().map(Running::new).map_err(|e| e.to_string())
 }
 
-fn ferry(dir: &Path, memory: &str, guest: &str) -> Result<Figures, String> {
+fn ferry(dir: &Path, memory: &str, guest: &str, unix: bool) -> Result<Figures, String> {
     let ferry = bin_dir().join("ferry");
-    let port = free_port();
-    let uri = format!("tcp:127.0.0.1:{port}");
+    let uri = if unix {
+        format!("unix:{}", dir.join(format!("mig-{memory}.sock")).display())
+    } else {
+        format!("tcp:127.0.0.1:{}", free_port())
+    };
     let dst = spawn(Command::new(&ferry).args(["run", "--incoming", &uri]))?;
     std::thread::sleep(Duration::from_millis(300));
     let socket = dir.join(format!("src-{memory}.sock"));
@@ -146,7 +149,7 @@ fn main() {
     for memory in ["512M", "2G"] {
         for (name, guest) in [("idle", IDLE), ("dirtying", DIRTY)] {
             let mut rows: Vec<(&str, Result<Figures, String>)> =
-                vec![("ferry", ferry(dir.path(), memory, guest))];
+                vec![("ferry", ferry(dir.path(), memory, guest, false))];
             if have_qemu {
                 rows.push(("qemu", qemu(dir.path(), &guest_elf, memory, guest)));
             }
@@ -161,6 +164,20 @@ fn main() {
                     Err(e) => println!("| {vmm:<5} | {memory:<4} | {name:<8} | failed: {e} |"),
                 }
             }
+        }
+    }
+    println!("\nSame host, unix socket, RAM memfd handed over (no copy):\n");
+    println!("| VMM   | RAM  | guest    | total ms | downtime ms | MiB sent |");
+    println!("|-------|------|----------|---------:|------------:|---------:|");
+    for memory in ["512M", "2G"] {
+        match ferry(dir.path(), memory, DIRTY, true) {
+            Ok(f) => println!(
+                "| ferry | {memory:<4} | dirtying | {:>8.1} | {:>11.1} | {:>8.2} |",
+                f.total_ms,
+                f.downtime_ms,
+                f.bytes / 1048576.0
+            ),
+            Err(e) => println!("| ferry | {memory:<4} | dirtying | failed: {e} |"),
         }
     }
     if !have_qemu {

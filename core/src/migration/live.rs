@@ -318,6 +318,21 @@ fn send_pages(core: &VmCore, link: &mut Link, pages: &[u64]) -> Result<u64, Migr
     Ok(sent)
 }
 
+/// Wait until the destination has applied everything sent so far, so a
+/// round's time is end to end and no backlog is left for the downtime.
+fn sync(link: &mut Link, phase: &'static str) -> Result<(), MigrateError> {
+    link.send(Kind::Decision, "", 1, b"sync").map_err(io(phase))?;
+    link.flush().map_err(io(phase))?;
+    let (h, payload) = link.receive().map_err(st(phase))?;
+    match (h.kind, payload.as_slice()) {
+        (Kind::Decision, b"synced") => Ok(()),
+        (Kind::Failed, reason) => {
+            Err(MigrateError::Protocol(format!("destination failed: {}", String::from_utf8_lossy(reason))))
+        }
+        (kind, _) => Err(MigrateError::Protocol(format!("{phase}: expected SYNCED, got {}", kind.name()))),
+    }
+}
+
 fn update(core: &VmCore, f: impl FnOnce(&mut Status)) {
     let mut guard = core.migration.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(s) = guard.as_mut() {
@@ -377,6 +392,9 @@ pub fn migrate(
             )));
         }
         send_memfd(&link, memfd)?;
+        // The destination answers once its VM is built on the memfd: only
+        // then does the guest pause here.
+        sync(&mut link, "memfd hand-over")?;
         let result = switch_over(core, &plan, &mut link, start, Vec::new(), 0, false);
         if result.is_err() && core.control.is_paused() {
             let _ = core.resume();
@@ -443,7 +461,7 @@ fn precopy_and_switch(
         .collect();
     let t = Instant::now();
     let bytes = send_pages(core, link, &round0)?;
-    link.flush().map_err(io("first pass"))?;
+    sync(link, "first pass")?;
     let mut bandwidth = (bytes.max(4096) as f64) / t.elapsed().as_secs_f64().max(1e-6);
     update(core, |s| {
         s.bytes_sent = link.sent;
@@ -484,7 +502,7 @@ fn precopy_and_switch(
         last_round = Instant::now();
         let t = Instant::now();
         let bytes = send_pages(core, link, &dirty)?;
-        link.flush().map_err(io("pre-copy"))?;
+        sync(link, "pre-copy")?;
         if bytes > 0 {
             bandwidth = 0.5 * bandwidth + 0.5 * (bytes as f64 / t.elapsed().as_secs_f64().max(1e-6));
         }
@@ -509,6 +527,7 @@ fn switch_over(
     update(core, |s| s.phase = "stop-and-copy".into());
     let paused_at = Instant::now();
     core.pause().map_err(MigrateError::State)?;
+    let t_paused = paused_at.elapsed();
     if copy_memory {
         dirty.extend(core.kvm.dirty_pages(&core.ram).map_err(|e| MigrateError::State(e.to_string()))?);
         dirty.extend(core.ram.dirty().take());
@@ -538,6 +557,7 @@ fn switch_over(
     }
     link.send(Kind::End, "", 1, &[]).map_err(io("stop-and-copy"))?;
     link.flush().map_err(io("stop-and-copy"))?;
+    let t_sent = paused_at.elapsed();
 
     let (h, payload) = link.receive().map_err(st("waiting for the destination to resume"))?;
     match h.kind {
@@ -551,6 +571,11 @@ fn switch_over(
         other => return Err(MigrateError::Protocol(format!("expected RESUMED, got {}", other.name()))),
     }
     let downtime = paused_at.elapsed().as_secs_f64() * 1e3;
+    crate::log::info(&format!(
+        "stop-and-copy: paused in {:.2} ms, state sent at {:.2} ms, resumed on the destination at {downtime:.2} ms",
+        t_paused.as_secs_f64() * 1e3,
+        t_sent.as_secs_f64() * 1e3
+    ));
     let mut status = core.migration.lock().unwrap_or_else(|e| e.into_inner()).clone().unwrap_or_default();
     status.phase = "completed".into();
     status.round = rounds;
@@ -580,6 +605,12 @@ impl IncomingLink {
     /// Tell the source the guest is about to run here.
     pub fn resumed(&mut self) -> std::io::Result<()> {
         self.0.send(Kind::Resumed, "", 1, &[])?;
+        self.0.flush()
+    }
+
+    /// Answer a SYNC: everything before it has been applied.
+    pub fn synced(&mut self) -> std::io::Result<()> {
+        self.0.send(Kind::Decision, "", 1, b"synced")?;
         self.0.flush()
     }
 
