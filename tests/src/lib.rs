@@ -96,7 +96,13 @@ pub fn ferry(args: &[&str], deadline: Duration) -> Finished {
 
 /// Start ferry with `args` and piped stdin/stdout/stderr.
 pub fn spawn_ferry(args: &[&str]) -> std::process::Child {
+    spawn_ferry_env(args, &[])
+}
+
+/// Start ferry with `args` and extra environment variables.
+pub fn spawn_ferry_env(args: &[&str], env: &[(&str, &str)]) -> std::process::Child {
     Command::new(ferry_bin())
+        .envs(env.iter().copied())
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

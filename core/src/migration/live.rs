@@ -52,6 +52,29 @@ use crate::{
     vm::VmCore,
 };
 
+/// Test knobs, read from the environment of the source ferry (tests use
+/// them to make pre-copy long and to show what the device dirty bitmap is
+/// for; they are not for production use):
+/// `FERRY_MIGRATION_ROUND_DELAY_MS` (pause between rounds),
+/// `FERRY_MIGRATION_MIN_ROUNDS` (rounds before a switch-over is allowed),
+/// `FERRY_MIGRATION_IGNORE_DEVICE_DIRTY=1` (leave device writes out).
+struct Knobs {
+    round_delay: Duration,
+    min_rounds: u32,
+    ignore_device_dirty: bool,
+}
+
+impl Knobs {
+    fn from_env() -> Self {
+        let num = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        Knobs {
+            round_delay: Duration::from_millis(num("FERRY_MIGRATION_ROUND_DELAY_MS")),
+            min_rounds: num("FERRY_MIGRATION_MIN_ROUNDS") as u32,
+            ignore_device_dirty: std::env::var("FERRY_MIGRATION_IGNORE_DEVICE_DIRTY").is_ok_and(|v| v == "1"),
+        }
+    }
+}
+
 /// Rounds of pre-copy before the convergence policy applies.
 pub const MAX_ROUNDS: u32 = 30;
 /// Default downtime limit.
@@ -470,11 +493,17 @@ fn precopy_and_switch(
     cancelled()?;
 
     let max_downtime = opts.max_downtime_ms as f64 / 1e3;
+    let knobs = Knobs::from_env();
+    let max_rounds = MAX_ROUNDS.max(knobs.min_rounds + 1);
     let mut round = 1u32;
     let mut last_round = Instant::now();
     loop {
+        std::thread::sleep(knobs.round_delay);
         let mut dirty = core.kvm.dirty_pages(&core.ram).map_err(|e| MigrateError::State(e.to_string()))?;
-        dirty.extend(core.ram.dirty().take());
+        let device_dirty = core.ram.dirty().take();
+        if !knobs.ignore_device_dirty {
+            dirty.extend(device_dirty);
+        }
         dirty.sort_unstable();
         dirty.dedup();
         let dirty_bytes = dirty.len() as u64 * 4096;
@@ -485,11 +514,11 @@ fn precopy_and_switch(
             s.dirty_rate_bytes_per_s = dirty_rate;
             s.expected_downtime_ms = expected * 1e3;
         });
-        if expected <= max_downtime {
+        if expected <= max_downtime && round > knobs.min_rounds {
             // Switch over: what is dirty now goes in the final pass.
             return switch_over(core, plan, link, start, dirty, round, true);
         }
-        if round >= MAX_ROUNDS {
+        if round >= max_rounds {
             if expected <= 2.0 * max_downtime {
                 return switch_over(core, plan, link, start, dirty, round, true);
             }
@@ -530,7 +559,10 @@ fn switch_over(
     let t_paused = paused_at.elapsed();
     if copy_memory {
         dirty.extend(core.kvm.dirty_pages(&core.ram).map_err(|e| MigrateError::State(e.to_string()))?);
-        dirty.extend(core.ram.dirty().take());
+        let device_dirty = core.ram.dirty().take();
+        if !Knobs::from_env().ignore_device_dirty {
+            dirty.extend(device_dirty);
+        }
         dirty.sort_unstable();
         dirty.dedup();
         send_pages(core, link, &dirty)?;
