@@ -444,3 +444,61 @@ fn without_the_device_dirty_mark_the_check_fails() {
     assert_eq!(out.code(), 2, "stdout:\n{}\nstderr:\n{}", out.stdout, out.stderr);
     assert!(out.stdout.contains("BLK DMA BAD sector=300"), "{}", out.stdout);
 }
+
+/// The plan's device lines, each once (a refusal is printed as the plan
+/// and again in the error).
+fn device_lines(text: &str) -> Vec<String> {
+    let mut lines: Vec<String> = Vec::new();
+    for l in text.lines().filter(|l| l.starts_with("device ")) {
+        if !lines.iter().any(|x| x == l) {
+            lines.push(l.to_string());
+        }
+    }
+    lines
+}
+
+fn host_manifest(plugins: &Path, out: &Path) {
+    let o = Command::new(ferry_bin())
+        .args(["plugins", "--manifest", "--plugins"])
+        .arg(plugins)
+        .output()
+        .expect("ferry plugins");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    std::fs::write(out, o.stdout).expect("write manifest");
+}
+
+#[test]
+fn compat_prints_the_plan_the_live_handshake_gives() {
+    if !kvm_or_skip("compat_prints_the_plan_the_live_handshake_gives") {
+        return;
+    }
+    let dir = TempDir::new("compat");
+    let full = plugin_dir_copy("compat-full");
+    let partial = plugin_dir_copy("compat-partial");
+    std::fs::remove_file(partial.path().join("libcmos_rtc.so")).expect("remove");
+    let (a, b) = (dir.path().join("a.json"), dir.path().join("b.json"));
+    host_manifest(full.path(), &a);
+    host_manifest(partial.path(), &b);
+    for (to_dir, to_json) in [(full.path(), &a), (partial.path(), &b)] {
+        let offline = Command::new(ferry_bin())
+            .arg("compat")
+            .arg("--from")
+            .arg(&a)
+            .arg("--to")
+            .arg(to_json)
+            .output()
+            .expect("ferry compat");
+        let offline_lines = device_lines(&String::from_utf8_lossy(&offline.stdout));
+        assert_eq!(offline_lines.len(), 4, "{offline:?}");
+        let uri = format!("tcp:127.0.0.1:{}", free_port());
+        let dst = destination(&uri, Some(to_dir));
+        let full_arg = full.path().display().to_string();
+        let mut src = source(&dir, "compat-src", &["--plugins", &full_arg, "--cmdline", "ticks=0"]);
+        wait_tick(&mut src.vm);
+        let (_, live) = migrate(&src.socket, &uri, &["--dry-run"]);
+        assert_eq!(device_lines(&live), offline_lines, "offline and live plans agree");
+        assert_eq!(offline.status.success(), !live.contains("REFUSED"));
+        drop(dst);
+        drop(src);
+    }
+}

@@ -30,6 +30,29 @@ enum Command {
         /// Plugin directory (default: beside the ferry binary).
         #[arg(long, value_name = "DIR")]
         plugins: Option<PathBuf>,
+        /// Write this host's plugin set (versions, state versions,
+        /// properties) and CPU as JSON, for `ferry compat`.
+        #[arg(long)]
+        manifest: bool,
+    },
+    /// Plan a migration between two hosts offline, from their
+    /// `ferry plugins --manifest` files: the plan the live handshake gives.
+    Compat {
+        /// The source host's manifest.
+        #[arg(long, value_name = "FILE")]
+        from: PathBuf,
+        /// The destination host's manifest.
+        #[arg(long, value_name = "FILE")]
+        to: PathBuf,
+        /// Machine type of the VM: a built-in name or a path.
+        #[arg(long, value_name = "NAME|PATH", default_value = DEFAULT_MACHINE)]
+        machine: String,
+        /// vCPUs (default: the machine type's, or 1).
+        #[arg(long)]
+        cpus: Option<u8>,
+        /// Memory (default: the machine type's, or 256M).
+        #[arg(long)]
+        memory: Option<String>,
     },
     /// List the built-in machine types.
     Machines,
@@ -274,12 +297,48 @@ fn migrate(socket: &std::path::Path, uri: &str, max_downtime: u64, dry_run: bool
     Ok(ExitCode::SUCCESS)
 }
 
-fn plugins(dir: Option<PathBuf>) -> Result<ExitCode> {
+fn compat(
+    from: &std::path::Path,
+    to: &std::path::Path,
+    machine: &str,
+    cpus: Option<u8>,
+    memory: Option<&str>,
+) -> Result<ExitCode> {
+    let read = |p: &std::path::Path| -> Result<ferry::migration::plan::HostManifest> {
+        let text = std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
+        serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a `ferry plugins --manifest` file", p.display()))
+    };
+    let (from_host, to_host) = (read(from)?, read(to)?);
+    let m = machine::load(machine)?;
+    let memory = match memory {
+        Some(s) => parse_size(s).ok_or_else(|| anyhow!("--memory '{s}' is not a size such as 256M or 2G"))?,
+        None => m.memory.unwrap_or(vm::DEFAULT_MEMORY),
+    };
+    let cpus = cpus.or(m.cpus).unwrap_or(1);
+    let manifest =
+        ferry::migration::plan::vm_manifest_on(&m, &from_host, cpus, memory).map_err(|e| anyhow!(e))?;
+    let cpuid = (!to_host.cpuid.is_empty()).then_some(to_host.cpuid.as_slice());
+    let plan = ferry::migration::plan::make_plan(&manifest, &to_host.plugins, cpuid);
+    for line in plan.lines() {
+        println!("{line}");
+    }
+    if plan.refused() {
+        return Err(anyhow!("the destination would refuse this migration"));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn plugins(dir: Option<PathBuf>, manifest: bool) -> Result<ExitCode> {
     let dir = match dir {
         Some(d) => d,
         None => default_plugin_dir()?,
     };
     let registry = Registry::load_dir(&dir)?;
+    if manifest {
+        println!("{}", serde_json::to_string_pretty(&vm::host_manifest(&registry))?);
+        return Ok(ExitCode::SUCCESS);
+    }
     println!("{:<16} {:<10} {:<14} FILE", "PLUGIN", "VERSION", "STATE");
     for p in registry.plugins() {
         let s = p.descriptor.state;
@@ -316,7 +375,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(args),
-        Command::Plugins { plugins: dir } => plugins(dir),
+        Command::Plugins { plugins: dir, manifest } => plugins(dir, manifest),
+        Command::Compat { from, to, machine, cpus, memory } => {
+            compat(&from, &to, &machine, cpus, memory.as_deref())
+        }
         Command::Machines => machines(),
         Command::Ctl { api_socket, action } => ctl(&api_socket, action),
         Command::Inspect { file, json } => {

@@ -494,8 +494,46 @@ pub fn host_plugins(registry: &Registry) -> Vec<crate::migration::plan::HostPlug
             oldest_load: p.descriptor.state.oldest_load,
             oldest_save: p.descriptor.state.oldest_save,
             properties: p.descriptor.properties.iter().map(|q| q.name.to_string()).collect(),
+            defaults: p
+                .descriptor
+                .properties
+                .iter()
+                .filter_map(|q| q.default.clone().into_option().map(|d| (q.name.to_string(), d.to_string())))
+                .collect(),
         })
         .collect()
+}
+
+/// The CPUID KVM on this host gives vCPU 0 of a VM with `cpus` vCPUs.
+pub fn host_cpuid(cpus: u8) -> Option<Vec<CpuidRecord>> {
+    let kvm = kvm_ioctls::Kvm::new().ok()?;
+    let base = kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES).ok()?;
+    Some(
+        cpu::cpuid_for(&base, 0, cpus)
+            .as_slice()
+            .iter()
+            .map(|e| CpuidRecord {
+                function: e.function,
+                index: e.index,
+                flags: e.flags,
+                eax: e.eax,
+                ebx: e.ebx,
+                ecx: e.ecx,
+                edx: e.edx,
+            })
+            .collect(),
+    )
+}
+
+/// This host's plugin set and CPU, for `ferry plugins --manifest`.
+pub fn host_manifest(registry: &Registry) -> crate::migration::plan::HostManifest {
+    crate::migration::plan::HostManifest {
+        ferry_version: env!("CARGO_PKG_VERSION").to_string(),
+        plugin_api: ferry_plugin_api::PLUGIN_API_VERSION.to_string(),
+        plugins: host_plugins(registry),
+        // As for a multi-vCPU guest, so topology bits never read as missing.
+        cpuid: host_cpuid(2).unwrap_or_default(),
+    }
 }
 
 /// Wait for a live migration on `uri`, plan it against the plugins in
@@ -509,27 +547,9 @@ pub fn incoming(
     let fail = |m: String| VmError::Failed(format!("incoming migration: {m}"));
     let registry = Registry::load_dir(plugins)?;
     let host = host_plugins(&registry);
-    let host_cpuid = |cpus: u8| -> Option<Vec<CpuidRecord>> {
-        let kvm = kvm_ioctls::Kvm::new().ok()?;
-        let base = kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES).ok()?;
-        Some(
-            cpu::cpuid_for(&base, 0, cpus)
-                .as_slice()
-                .iter()
-                .map(|e| CpuidRecord {
-                    function: e.function,
-                    index: e.index,
-                    flags: e.flags,
-                    eax: e.eax,
-                    ebx: e.ebx,
-                    ecx: e.ecx,
-                    edx: e.edx,
-                })
-                .collect(),
-        )
-    };
     let accepted = live::accept(uri, |m| {
-        let cpuid = host_cpuid(m.cpus);
+        // The same computation `ferry compat` uses (host_manifest).
+        let cpuid = host_cpuid(2);
         plan::make_plan(m, &host, cpuid.as_deref())
     })
     .map_err(|e| fail(e.to_string()))?;

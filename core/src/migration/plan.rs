@@ -30,6 +30,72 @@ pub struct HostPlugin {
     pub oldest_save: u32,
     /// Property names it accepts.
     pub properties: Vec<String>,
+    /// Default values of the properties that have one.
+    #[serde(default)]
+    pub defaults: std::collections::BTreeMap<String, String>,
+}
+
+/// A host's plugin set, as `ferry plugins --manifest` writes it: what an
+/// orchestrator needs to plan a migration between two hosts offline.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostManifest {
+    /// The ferry of that host.
+    pub ferry_version: String,
+    /// Its plugin-api.
+    pub plugin_api: String,
+    /// Its plugins.
+    pub plugins: Vec<HostPlugin>,
+    /// The CPUID its KVM gives a vCPU (empty if unknown).
+    pub cpuid: Vec<CpuidRecord>,
+}
+
+/// The manifest a VM of machine type `machine` would carry on host `from`:
+/// every device at its plugin's current state version, properties with
+/// defaults filled in, as the live handshake would send it.
+pub fn vm_manifest_on(
+    machine: &crate::machine::MachineType,
+    from: &HostManifest,
+    cpus: u8,
+    memory: u64,
+) -> Result<Manifest, String> {
+    use super::manifest::{DeviceRecord, MachineDevice, MachineRecord};
+    let mut devices = Vec::new();
+    let mut records = Vec::new();
+    for d in &machine.devices {
+        let p = from.plugins.iter().find(|p| p.name == d.plugin).ok_or_else(|| {
+            format!("device {}: plugin {} is not installed on the source host", d.id, d.plugin)
+        })?;
+        let mut properties = p.defaults.clone();
+        for (k, v) in &d.properties {
+            let value = match v {
+                crate::machine::PropValue::Int(i) => i.to_string(),
+                crate::machine::PropValue::Bool(b) => b.to_string(),
+                crate::machine::PropValue::Str(s) => s.clone(),
+            };
+            properties.insert(k.clone(), value);
+        }
+        devices.push(MachineDevice { id: d.id.clone(), plugin: d.plugin.clone(), properties });
+        records.push(DeviceRecord {
+            id: d.id.clone(),
+            plugin: p.name.clone(),
+            plugin_version: p.version.clone(),
+            state_version: p.current,
+            oldest_save: p.oldest_save,
+        });
+    }
+    Ok(Manifest {
+        ferry_version: from.ferry_version.clone(),
+        machine: MachineRecord {
+            name: machine.name.clone(),
+            description: machine.description.clone(),
+            devices,
+        },
+        devices: records,
+        cpus,
+        memory,
+        ram: crate::memory::layout(memory).iter().map(|r| (r.gpa, r.len)).collect(),
+        cpuid: from.cpuid.clone(),
+    })
 }
 
 /// The verdict for one device.
@@ -266,6 +332,7 @@ mod tests {
             oldest_load,
             oldest_save: current,
             properties: vec!["port".into()],
+            defaults: Default::default(),
         }]
     }
 
