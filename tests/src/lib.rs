@@ -209,25 +209,43 @@ pub fn host_year() -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
-/// Build a fixture plugin under tests/fixtures (once per test process) and
-/// return the path of its library.
+/// Build a fixture plugin under tests/fixtures and return the path of its
+/// library.
 pub fn fixture_plugin(name: &str) -> PathBuf {
+    fixture_plugin_with(name, &[])
+}
+
+/// Build a fixture plugin with cargo `features` into target/fixtures and
+/// return its library, copied to a path of its own (cargo's JSON messages
+/// name the artifact, fresh or rebuilt).
+pub fn fixture_plugin_with(name: &str, features: &[&str]) -> PathBuf {
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let root = repo_root();
     let target = root.join("target").join("fixtures");
-    let out = target.join(format!("{name}.so"));
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
-    let status = Command::new(cargo)
-        .args(["build", "-j2", "--quiet", "--manifest-path"])
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "-j2", "--quiet", "--message-format=json", "--manifest-path"])
         .arg(root.join("tests").join("fixtures").join(name).join("Cargo.toml"))
         .arg("--target-dir")
-        .arg(&target)
-        .status()
-        .expect("run cargo for a fixture");
-    assert!(status.success(), "building fixture {name} failed");
-    let lib = format!("lib{}.so", name.replace('-', "_"));
-    std::fs::copy(target.join("debug").join(lib), &out).expect("copy fixture");
+        .arg(&target);
+    if !features.is_empty() {
+        cmd.arg("--features").arg(features.join(","));
+    }
+    let out = cmd.stderr(Stdio::inherit()).output().expect("run cargo for a fixture");
+    assert!(out.status.success(), "building fixture {name} {features:?} failed");
+    let artifact = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["reason"] == "compiler-artifact")
+        .filter(|v| v["target"]["kind"].as_array().is_some_and(|k| k.iter().any(|x| x == "cdylib")))
+        .flat_map(|v| v["filenames"].as_array().cloned().unwrap_or_default())
+        .filter_map(|f| f.as_str().map(PathBuf::from))
+        .find(|p| p.extension().is_some_and(|x| x == "so"))
+        .expect("the fixture's shared library");
+    let tag = if features.is_empty() { String::new() } else { format!("-{}", features.join("-")) };
+    let out = target.join(format!("{name}{tag}.so"));
+    std::fs::copy(&artifact, &out).expect("copy fixture");
     out
 }
 

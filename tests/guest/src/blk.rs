@@ -50,9 +50,9 @@ fn init() -> Result<Blk, InitError> {
 }
 
 /// A finished request: status byte and MSI-X interrupts taken meanwhile.
-struct Done {
-    status: u8,
-    irqs: u64,
+pub struct Done {
+    pub status: u8,
+    pub irqs: u64,
 }
 
 impl Blk {
@@ -86,23 +86,36 @@ impl Blk {
     }
 
     /// Runs one request over the first `data_len` bytes of the data buffer
-    /// (written by the device if `device_writes`). `None` on timeout.
+    /// (written by the device if `device_writes`, zeroed before then).
+    /// `None` on timeout.
     fn request(&mut self, kind: u32, sector: u64, data_len: usize, device_writes: bool) -> Option<Done> {
-        self.prepare(kind, sector);
-        // SAFETY: the data buffer belongs to the driver: no request is
-        // outstanding (they are issued one at a time).
-        unsafe {
-            if device_writes {
-                // Zeroed, so a short or failed transfer reads as zeros.
-                dma::bytes(dma::BLK_DATA, data_len).fill(0);
-            }
+        if device_writes {
+            // Zeroed, so a short or failed transfer reads as zeros.
+            // SAFETY: the data buffer belongs to the driver: no request is
+            // outstanding (they are issued one at a time).
+            unsafe { dma::bytes(dma::BLK_DATA, data_len) }.fill(0);
         }
+        self.submit(kind, sector, dma::BLK_DATA, data_len, device_writes)
+    }
+
+    /// Runs one request over `data_len` bytes at `.dma` offset `data`
+    /// (written by the device if `device_writes`) and waits for it. The
+    /// CPU does not touch the data bytes. `None` on timeout.
+    pub fn submit(
+        &mut self,
+        kind: u32,
+        sector: u64,
+        data: usize,
+        data_len: usize,
+        device_writes: bool,
+    ) -> Option<Done> {
+        self.prepare(kind, sector);
         let q = &mut self.q;
         q.set_desc(0, dma::addr(dma::BLK_HEADER), 16, DESC_NEXT);
         let mut last = 1;
         if data_len > 0 {
             let flags = DESC_NEXT | if device_writes { DESC_WRITE } else { 0 };
-            q.set_desc(1, dma::addr(dma::BLK_DATA), data_len as u32, flags);
+            q.set_desc(1, dma::addr(data), data_len as u32, flags);
             last = 2;
         }
         q.set_desc(last, dma::addr(dma::BLK_STATUS), 1, DESC_WRITE);
@@ -162,7 +175,9 @@ fn execute(blk: &mut Blk, op: BlkOp) -> Option<()> {
                 crate::println!("BLK VERIFY BAD sector={} count={} status={}", sector, count, d.status);
                 fail();
             }
-            match compare_pattern(sector, count, seed) {
+            // SAFETY: the device has returned the buffer.
+            let words = unsafe { dma::words(dma::BLK_DATA, bytes(count) / 8) };
+            match compare_pattern(words, sector, seed) {
                 Ok(()) => crate::println!("BLK VERIFY OK sector={} count={}", sector, count),
                 Err(m) => {
                     crate::println!(
@@ -188,17 +203,20 @@ fn execute(blk: &mut Blk, op: BlkOp) -> Option<()> {
             crate::println!("BLK ID {} status={}", serial::printable(id, &mut text), d.status);
         }
         BlkOp::Bench { write, count } => crate::blk_bench::run(blk, write, count)?,
+        BlkOp::DmaCheck { sector, count, seed, before, after } => {
+            crate::blk_dma_check::run(blk, sector, count, seed, before, after)?
+        }
     }
     Some(())
 }
 
 /// `PATTERN BAD`-style failure: exit status 2.
-fn fail() -> ! {
+pub fn fail() -> ! {
     io::debug_exit(2);
     io::halt_forever()
 }
 
-fn bytes(count: u64) -> usize {
+pub fn bytes(count: u64) -> usize {
     count as usize * SECTOR
 }
 
@@ -218,23 +236,33 @@ fn fill_pattern(sector: u64, count: u64, seed: u64) {
     }
 }
 
-struct Mismatch {
-    sector: u64,
-    offset: u64,
-    want: u64,
-    got: u64,
+/// The first qword that differs from the `blk-write` pattern.
+pub struct Mismatch {
+    /// Absolute sector number.
+    pub sector: u64,
+    /// Byte offset within that sector.
+    pub offset: u64,
+    /// Byte offset within the compared buffer.
+    pub buf_offset: u64,
+    pub want: u64,
+    pub got: u64,
 }
 
-fn compare_pattern(sector: u64, count: u64, seed: u64) -> Result<(), Mismatch> {
-    // SAFETY: the device has returned the buffer.
-    let words = unsafe { dma::words(dma::BLK_DATA, bytes(count) / 8) };
+/// Compares `words` (whole sectors from `sector`) with the pattern.
+pub fn compare_pattern(words: &[u64], sector: u64, seed: u64) -> Result<(), Mismatch> {
     for (s, chunk) in words.chunks_exact(WORDS_PER_SECTOR).enumerate() {
-        let sector = sector.wrapping_add(s as u64);
-        let base = pattern_word(sector, 0, seed);
+        let abs = sector.wrapping_add(s as u64);
+        let base = pattern_word(abs, 0, seed);
         for (i, &got) in chunk.iter().enumerate() {
             let want = base ^ (i as u64 * 8);
             if got != want {
-                return Err(Mismatch { sector, offset: i as u64 * 8, want, got });
+                return Err(Mismatch {
+                    sector: abs,
+                    offset: i as u64 * 8,
+                    buf_offset: (s * SECTOR + i * 8) as u64,
+                    want,
+                    got,
+                });
             }
         }
     }

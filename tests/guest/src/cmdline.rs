@@ -1,6 +1,6 @@
 //! Command-line tokens (whitespace-separated, executed in order).
 
-use crate::{blk, blk_bench, net, rng};
+use crate::{blk, blk_bench, blk_dma_check, net, rng};
 
 /// Used when the loader passes no command line or an empty one.
 pub const DEFAULT_CMDLINE: &str = "ready ticks=5 exit=0";
@@ -29,7 +29,8 @@ pub enum Token<'a> {
 }
 
 /// A `blk-*` token (sector counts are 1..=64, `blk-bench` request counts
-/// 1..=100000, checked when parsing).
+/// 1..=100000, `blk-dma-check` waits 0..=100000 ticks, checked when
+/// parsing).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum BlkOp {
     Write { sector: u64, count: u64, seed: u64 },
@@ -38,6 +39,7 @@ pub enum BlkOp {
     Flush,
     Id,
     Bench { write: bool, count: u64 },
+    DmaCheck { sector: u64, count: u64, seed: u64, before: u64, after: u64 },
 }
 
 impl BlkOp {
@@ -50,6 +52,7 @@ impl BlkOp {
             BlkOp::Flush => "flush",
             BlkOp::Id => "id",
             BlkOp::Bench { .. } => "bench",
+            BlkOp::DmaCheck { .. } => "dma-check",
         }
     }
 }
@@ -94,6 +97,12 @@ fn blk_op(key: &str, value: &str) -> Option<BlkOp> {
             let [sector, count_, seed] = numbers(value)?;
             let count = count(count_)?;
             Some(BlkOp::Verify { sector, count, seed })
+        }
+        "blk-dma-check" => {
+            let [sector, count_, seed, before, after] = numbers(value)?;
+            let count = count(count_)?;
+            let wait = |t: u64| (t <= blk_dma_check::MAX_WAIT_TICKS).then_some(t);
+            Some(BlkOp::DmaCheck { sector, count, seed, before: wait(before)?, after: wait(after)? })
         }
         "blk-bench" => {
             let (kind, count) = value.split_once(':')?;

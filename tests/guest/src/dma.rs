@@ -31,12 +31,18 @@ pub const BLK_DATA_LEN: usize = 8 * PAGE;
 pub const NET_RX_BUF: usize = 13 * PAGE;
 pub const NET_RX_SLOT: usize = 2048;
 pub const NET_RX_SLOTS: usize = 8;
-const SIZE: usize = 17 * PAGE;
+/// Data buffer of `blk-dma-check` only (up to 64 sectors): no other token
+/// reads or writes it, so it holds what the device last wrote there.
+pub const BLK_CHECK_DATA: usize = 17 * PAGE;
+pub const BLK_CHECK_DATA_LEN: usize = 8 * PAGE;
+const SIZE: usize = 25 * PAGE;
 
 const _: () = assert!(RNG_BUF + RNG_BUF_LEN <= NET_TX_BUF);
 const _: () = assert!(NET_TX_BUF + NET_TX_SLOT * NET_TX_SLOTS <= BLK_DATA);
 const _: () = assert!(BLK_DATA + BLK_DATA_LEN <= NET_RX_BUF);
-const _: () = assert!(NET_RX_BUF + NET_RX_SLOT * NET_RX_SLOTS <= SIZE);
+const _: () = assert!(NET_RX_BUF + NET_RX_SLOT * NET_RX_SLOTS <= BLK_CHECK_DATA);
+const _: () = assert!(BLK_CHECK_DATA % PAGE == 0 && BLK_CHECK_DATA + BLK_CHECK_DATA_LEN <= SIZE);
+const _: () = assert!(BLK_CHECK_DATA_LEN == BLK_DATA_LEN);
 
 global_asm!(
     r#"

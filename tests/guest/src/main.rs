@@ -8,6 +8,7 @@
 
 mod blk;
 mod blk_bench;
+mod blk_dma_check;
 mod boot;
 mod bootinfo;
 mod calibrate;

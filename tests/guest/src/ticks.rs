@@ -93,3 +93,22 @@ pub fn run(hz: u64, lines_wanted: u64, dirty: u64) {
         }
     }
 }
+
+/// PIT rate of [`sleep`].
+pub const SLEEP_HZ: u64 = 100;
+
+/// Halts (`sti; hlt`) until `n` PIT interrupts at [`SLEEP_HZ`] arrived
+/// (IRQ0 through the PIC, as for `ticks`), printing nothing and touching
+/// no memory but the stack and `TICK_IRQS`. `n = 0` returns at once.
+pub fn sleep(n: u64) {
+    if n == 0 {
+        return;
+    }
+    pic_pit::pit_set_periodic(SLEEP_HZ);
+    let start = TICK_IRQS.load(Ordering::SeqCst);
+    pic_pit::pic_unmask_irq0_only();
+    while TICK_IRQS.load(Ordering::SeqCst).wrapping_sub(start) < n {
+        io::wait_for_interrupt();
+    }
+    pic_pit::pic_mask_all();
+}
