@@ -34,8 +34,10 @@ pub enum ApiRequest {
     Pause,
     /// Resume.
     Resume,
-    /// Snapshot to a file.
-    Snapshot(PathBuf),
+    /// Snapshot to a file, optionally written for another host's plugins
+    /// (a `ferry plugins --manifest` document): older state versions where
+    /// the plan says so.
+    Snapshot(PathBuf, Option<Box<crate::migration::plan::HostManifest>>),
     /// End the VM.
     Shutdown,
     /// Start a live migration.
@@ -81,7 +83,14 @@ pub fn route(method: &str, path: &str, body: &str) -> Result<ApiRequest, (u16, S
                 .get("path")
                 .and_then(Value::as_str)
                 .ok_or((400, "body needs {\"path\": FILE}".to_string()))?;
-            Ok(ApiRequest::Snapshot(PathBuf::from(path)))
+            let target = match v.get("target") {
+                None | Some(Value::Null) => None,
+                Some(t) => Some(Box::new(
+                    serde_json::from_value(t.clone())
+                        .map_err(|e| (400, format!("target is not a host manifest: {e}")))?,
+                )),
+            };
+            Ok(ApiRequest::Snapshot(PathBuf::from(path), target))
         }
         (
             _,
@@ -190,7 +199,7 @@ mod tests {
         assert_eq!(route("PUT", "/vm/pause/", ""), Ok(ApiRequest::Pause));
         assert_eq!(
             route("PUT", "/vm/snapshot", r#"{"path":"/tmp/s"}"#),
-            Ok(ApiRequest::Snapshot("/tmp/s".into()))
+            Ok(ApiRequest::Snapshot("/tmp/s".into(), None))
         );
         assert_eq!(route("PUT", "/vm/snapshot", "{}").unwrap_err().0, 400);
         assert_eq!(route("GET", "/vm/pause", "").unwrap_err().0, 405);

@@ -98,6 +98,17 @@ pub enum PropValue {
     Str(String),
 }
 
+impl PropValue {
+    /// The value as the string a plugin would get.
+    pub fn as_string(&self) -> String {
+        match self {
+            PropValue::Int(i) => i.to_string(),
+            PropValue::Bool(b) => b.to_string(),
+            PropValue::Str(s) => s.clone(),
+        }
+    }
+}
+
 /// One device of a machine type.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeviceSpec {

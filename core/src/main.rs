@@ -93,6 +93,10 @@ enum CtlAction {
     Snapshot {
         /// Where.
         file: PathBuf,
+        /// Write it for another host (its `ferry plugins --manifest` file):
+        /// older device state versions where that host needs them.
+        #[arg(long, value_name = "HOST.json")]
+        target: Option<PathBuf>,
     },
     /// End the VM.
     Shutdown,
@@ -240,10 +244,16 @@ fn ctl(socket: &std::path::Path, action: CtlAction) -> Result<ExitCode> {
         CtlAction::Pause => ("PUT", "/vm/pause", None),
         CtlAction::Resume => ("PUT", "/vm/resume", None),
         CtlAction::Shutdown => ("PUT", "/vm/shutdown", None),
-        CtlAction::Snapshot { file } => {
+        CtlAction::Snapshot { file, target } => {
             // The server resolves relative paths against its own directory.
             let abs = std::path::absolute(file).with_context(|| format!("bad path {}", file.display()))?;
-            ("PUT", "/vm/snapshot", Some(serde_json::json!({ "path": abs })))
+            let target: Option<serde_json::Value> = match target {
+                Some(t) => Some(serde_json::from_str(
+                    &std::fs::read_to_string(t).with_context(|| format!("cannot read {}", t.display()))?,
+                )?),
+                None => None,
+            };
+            ("PUT", "/vm/snapshot", Some(serde_json::json!({ "path": abs, "target": target })))
         }
     };
     let (status, value) = ferry::api::call(socket, method, path, body.as_ref()).map_err(|e| anyhow!(e))?;

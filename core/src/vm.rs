@@ -26,7 +26,7 @@ use crate::{
     host::{DeviceHost, VmServices},
     interrupts::IrqRouter,
     kvm::{KvmError, Machine},
-    machine::{self, DevicePlan, MachineError, MachineType},
+    machine::{self, MachineError, MachineType},
     memory::{GuestRam, MemoryError},
     migration::{
         manifest::{CpuidRecord, DeviceRecord, MachineRecord, Manifest, MANIFEST_VERSION},
@@ -136,7 +136,6 @@ enum RamSource<'a> {
 /// migration thread.
 pub struct VmCore {
     pub(crate) machine: MachineType,
-    pub(crate) plans: Vec<DevicePlan>,
     pub(crate) registry: Registry,
     pub(crate) ram: GuestRam,
     pub(crate) kvm: Machine,
@@ -246,7 +245,6 @@ fn build(machine: MachineType, plugins: &Path, cpus: Option<u8>, ram: RamSource<
     }
     let core = VmCore {
         machine,
-        plans,
         registry,
         ram,
         kvm,
@@ -556,7 +554,17 @@ pub fn incoming(
     drop(registry);
     let Some(mut incoming) = accepted else { return Ok(None) };
     let m = incoming.manifest.clone();
-    let machine = m.machine.to_machine_type(m.cpus, m.memory);
+    let mut machine = m.machine.to_machine_type(m.cpus, m.memory);
+    // Properties this host's (older) plugins do not know switch on features
+    // they lack; the plan allowed them only for downgrades, whose functions
+    // refused if the guest used the feature. Leave them out here.
+    let registry = Registry::load_dir(plugins)?;
+    for d in &mut machine.devices {
+        if let Some(lib) = registry.get(&d.plugin) {
+            d.properties.retain(|k, _| lib.descriptor.properties.iter().any(|p| p.name.as_str() == k));
+        }
+    }
+    drop(registry);
     let ram = match incoming.memfd.take() {
         Some(file) => RamSource::Memfd(m.memory, file),
         None => RamSource::Fresh(m.memory),
@@ -677,10 +685,22 @@ impl VmCore {
     /// complete). The guest is paused while it is written and resumed after
     /// if it was running.
     pub fn snapshot(&self, path: &Path) -> Result<SnapshotReport, VmError> {
+        self.snapshot_for(path, None)
+    }
+
+    /// Write a snapshot that the host described by `target` can restore:
+    /// each device at the state version the plan gives (downgrades run now,
+    /// and refuse if the guest uses what the older version lacks), and the
+    /// machine type without the properties the target's plugins do not know.
+    pub fn snapshot_for(
+        &self,
+        path: &Path,
+        target: Option<&crate::migration::plan::HostManifest>,
+    ) -> Result<SnapshotReport, VmError> {
         let start = Instant::now();
         let was_running = !self.control.is_paused();
         self.pause().map_err(VmError::Runtime)?;
-        let result = self.write_snapshot(path);
+        let result = self.write_snapshot(path, target);
         let paused_ms = start.elapsed().as_secs_f64() * 1e3;
         if was_running {
             self.resume().map_err(VmError::Runtime)?;
@@ -709,7 +729,7 @@ impl VmCore {
             .collect();
         Manifest {
             ferry_version: env!("CARGO_PKG_VERSION").to_string(),
-            machine: MachineRecord::new(&self.machine, &self.plans),
+            machine: MachineRecord::new(&self.machine),
             devices: records,
             cpus: self.cpus,
             memory: self.ram.size(),
@@ -718,14 +738,26 @@ impl VmCore {
         }
     }
 
-    fn write_snapshot(&self, path: &Path) -> Result<(u64, u64), VmError> {
+    fn write_snapshot(
+        &self,
+        path: &Path,
+        target: Option<&crate::migration::plan::HostManifest>,
+    ) -> Result<(u64, u64), VmError> {
         let shown = path.display().to_string();
         let fail = |m: String| VmError::Snapshot { path: shown.clone(), message: m };
+        let mut manifest = self.manifest();
+        let plan = target.map(|t| crate::migration::plan::make_plan(&manifest, &t.plugins, None));
+        if let Some(p) = plan.as_ref().filter(|p| p.refused()) {
+            return Err(fail(format!("the target host cannot restore it: {}", p.lines().join("; "))));
+        }
         let mut devices = Vec::new();
         for d in self.bus.devices() {
             let lib =
                 self.registry.get(&d.plugin).ok_or_else(|| fail(format!("plugin {} vanished", d.plugin)))?;
-            let version = lib.descriptor.state.current;
+            let version = match &plan {
+                Some(p) => p.write_version(&d.id).unwrap_or(lib.descriptor.state.current),
+                None => lib.descriptor.state.current,
+            };
             let blob = d
                 .device
                 .lock()
@@ -733,9 +765,18 @@ impl VmCore {
                 .save_state(version)
                 .into_result()
                 .map_err(|e| fail(format!("device {} ({}): {e}", d.id, d.plugin)))?;
+            if let Some(r) = manifest.devices.iter_mut().find(|r| r.id == d.id) {
+                r.state_version = blob.version;
+            }
             devices.push((d.id.clone(), blob));
         }
-        let manifest = self.manifest();
+        if let Some(t) = target {
+            for m in &mut manifest.machine.devices {
+                if let Some(p) = t.plugins.iter().find(|p| p.name == m.plugin) {
+                    m.properties.retain(|k, _| p.properties.iter().any(|q| q == k));
+                }
+            }
+        }
         let vcpus = self.control.take_vcpu_states();
         let machine = state::save_machine(&self.kvm.vm)?;
 
@@ -854,14 +895,14 @@ impl Vm {
                     let Ok((req, reply)) = req else { continue };
                     let req_kind = if req == ApiRequest::MigrationStatus { ReqKind::Status } else { ReqKind::Other };
                     let answer = match req {
-                        ApiRequest::Pause | ApiRequest::Resume | ApiRequest::Snapshot(_) if migrating => {
+                        ApiRequest::Pause | ApiRequest::Resume | ApiRequest::Snapshot(..) if migrating => {
                             Err("a migration is running".to_string())
                         }
                         ApiRequest::Info => Ok(self.info()),
                         ApiRequest::Pause => self.pause().map(|()| self.info()),
                         ApiRequest::Resume => self.resume().map(|()| self.info()),
-                        ApiRequest::Snapshot(path) => self
-                            .snapshot(&path)
+                        ApiRequest::Snapshot(path, target) => self
+                            .snapshot_for(&path, target.as_deref())
                             .map(|r| serde_json::to_value(r).unwrap_or_default())
                             .map_err(|e| e.to_string()),
                         ApiRequest::MigrationStatus => Ok(serde_json::to_value(

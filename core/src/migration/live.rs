@@ -389,7 +389,8 @@ pub fn migrate(
     if h.kind != Kind::Plan {
         return Err(MigrateError::Protocol(format!("handshake: expected a plan, got {}", h.kind.name())));
     }
-    let plan: Plan = state::decode(&payload).map_err(|e| MigrateError::Protocol(format!("plan: {e}")))?;
+    let mut plan: Plan = state::decode(&payload).map_err(|e| MigrateError::Protocol(format!("plan: {e}")))?;
+    trial_downgrades(core, &mut plan);
     update(core, |s| s.plan = plan.lines());
     if plan.refused() {
         let _ = link.send(Kind::Decision, "", 1, b"abort: refused");
@@ -440,6 +441,23 @@ pub fn migrate(
         let _ = link.flush();
     }
     result
+}
+
+/// Try every planned downgrade now, while the guest runs: a device whose
+/// guest state the older version cannot express turns its line into a
+/// refusal, so the migration stops before anything is paused. (The real
+/// downgrade at stop-and-copy checks again.)
+fn trial_downgrades(core: &VmCore, plan: &mut Plan) {
+    for line in &mut plan.devices {
+        let super::plan::Verdict::Downgrade { from, to } = line.verdict else { continue };
+        let Some(slot) = core.bus.devices().iter().find(|d| d.id == line.id) else { continue };
+        let result = slot.device.lock().unwrap_or_else(|e| e.into_inner()).save_state(to).into_result();
+        if let Err(reason) = result {
+            line.verdict = super::plan::Verdict::Refused {
+                reason: format!("the source cannot downgrade state v{from}->v{to} now: {reason}"),
+            };
+        }
+    }
 }
 
 /// Send the MEMFD message with the guest RAM memfd attached (SCM_RIGHTS).

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::machine::{DevicePlan, DeviceSpec, MachineType, PropValue};
+use crate::machine::{DeviceSpec, MachineType, PropValue};
 
 /// Version of [`Manifest`]'s encoding.
 pub const MANIFEST_VERSION: u32 = 1;
@@ -74,7 +74,7 @@ pub struct CpuidRecord {
 pub struct Manifest {
     /// The ferry that wrote it.
     pub ferry_version: String,
-    /// The machine type.
+    /// The machine type (the properties it sets).
     pub machine: MachineRecord,
     /// Device sections, in order.
     pub devices: Vec<DeviceRecord>,
@@ -89,21 +89,21 @@ pub struct Manifest {
 }
 
 impl MachineRecord {
-    /// From a machine type and its resolved devices.
-    pub fn new(machine: &MachineType, plans: &[DevicePlan]) -> Self {
+    /// From a machine type: the properties it sets, not the plugins'
+    /// defaults. The machine type is the compatibility contract: a plugin
+    /// never changes a default, so what the machine type leaves unset means
+    /// the same on every host.
+    pub fn new(machine: &MachineType) -> Self {
         MachineRecord {
             name: machine.name.clone(),
             description: machine.description.clone(),
-            devices: plans
+            devices: machine
+                .devices
                 .iter()
-                .map(|p| MachineDevice {
-                    id: p.id.clone(),
-                    plugin: p.plugin.clone(),
-                    properties: p
-                        .properties
-                        .iter()
-                        .map(|q| (q.name.to_string(), q.value.to_string()))
-                        .collect(),
+                .map(|d| MachineDevice {
+                    id: d.id.clone(),
+                    plugin: d.plugin.clone(),
+                    properties: d.properties.iter().map(|(k, v)| (k.clone(), v.as_string())).collect(),
                 })
                 .collect(),
         }

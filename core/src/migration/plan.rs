@@ -50,8 +50,8 @@ pub struct HostManifest {
 }
 
 /// The manifest a VM of machine type `machine` would carry on host `from`:
-/// every device at its plugin's current state version, properties with
-/// defaults filled in, as the live handshake would send it.
+/// every device at its plugin's current state version, with the properties
+/// the machine type sets, as the live handshake would send it.
 pub fn vm_manifest_on(
     machine: &crate::machine::MachineType,
     from: &HostManifest,
@@ -65,15 +65,7 @@ pub fn vm_manifest_on(
         let p = from.plugins.iter().find(|p| p.name == d.plugin).ok_or_else(|| {
             format!("device {}: plugin {} is not installed on the source host", d.id, d.plugin)
         })?;
-        let mut properties = p.defaults.clone();
-        for (k, v) in &d.properties {
-            let value = match v {
-                crate::machine::PropValue::Int(i) => i.to_string(),
-                crate::machine::PropValue::Bool(b) => b.to_string(),
-                crate::machine::PropValue::Str(s) => s.clone(),
-            };
-            properties.insert(k.clone(), value);
-        }
+        let properties = d.properties.iter().map(|(k, v)| (k.clone(), v.as_string())).collect();
         devices.push(MachineDevice { id: d.id.clone(), plugin: d.plugin.clone(), properties });
         records.push(DeviceRecord {
             id: d.id.clone(),
@@ -249,7 +241,12 @@ pub fn make_plan(manifest: &Manifest, plugins: &[HostPlugin], host_cpuid: Option
                     .filter(|k| !p.properties.iter().any(|q| q == *k))
                     .collect();
                 let (s_cur, s_min) = (d.state_version, d.oldest_save.min(d.state_version));
-                if let Some(k) = unknown.first() {
+                let downgrade = s_cur > p.current;
+                // A property an older plugin does not know switches on a
+                // feature it does not have: acceptable for a downgrade (the
+                // downgrade functions refuse if the guest uses the feature),
+                // a refusal otherwise.
+                if let Some(k) = unknown.first().filter(|_| !downgrade) {
                     Verdict::Refused {
                         reason: format!("property '{k}' is unknown to {} {}", p.name, p.version),
                     }

@@ -25,6 +25,10 @@ pub enum Token<'a> {
     Rng(u64),
     NetSend(u64),
     NetRecv(u64),
+    /// `dev-write=<reg>:<value>` on the test device.
+    DevWrite(u8, u8),
+    /// `dev-check=<reg>:<value>` on the test device.
+    DevCheck(u8, u8),
     Unknown(&'a str),
 }
 
@@ -58,6 +62,12 @@ impl BlkOp {
 }
 
 /// Parses a decimal or `0x`-prefixed hexadecimal number.
+/// `<reg>:<value>`, both bytes.
+fn reg_value(s: &str) -> Option<(u8, u8)> {
+    let [r, v] = numbers::<2>(s)?;
+    Some((u8::try_from(r).ok()?, u8::try_from(v).ok()?))
+}
+
 fn number(s: &str) -> Option<u64> {
     match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
         Some(hex) => u64::from_str_radix(hex, 16).ok(),
@@ -145,6 +155,8 @@ pub fn parse_token(tok: &str) -> Token<'_> {
         ("rng", _, Some(n)) => in_range(n, rng::MAX_BYTES).map_or(Token::Unknown(tok), Token::Rng),
         ("net-send", _, Some(n)) => in_range(n, net::MAX_FRAMES).map_or(Token::Unknown(tok), Token::NetSend),
         ("net-recv", _, Some(n)) => in_range(n, net::MAX_FRAMES).map_or(Token::Unknown(tok), Token::NetRecv),
+        ("dev-write", Some(v), _) => reg_value(v).map_or(Token::Unknown(tok), |(r, x)| Token::DevWrite(r, x)),
+        ("dev-check", Some(v), _) => reg_value(v).map_or(Token::Unknown(tok), |(r, x)| Token::DevCheck(r, x)),
         (_, Some(v), _) => blk_op(key, v).map_or(Token::Unknown(tok), Token::Blk),
         _ => Token::Unknown(tok),
     }

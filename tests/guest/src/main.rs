@@ -29,6 +29,7 @@ mod rtc;
 mod serial;
 mod smp;
 mod sync;
+mod testdev;
 mod ticks;
 mod tsc;
 mod virtio;
@@ -99,6 +100,8 @@ fn run_token(token: Token<'_>, settings: &mut Settings) {
         Token::Reset => io::i8042_reset(),
         Token::Echo => serial::echo_line(),
         Token::Initrd => bootinfo::report_initrd(),
+        Token::DevWrite(reg, value) => testdev::write(reg, value),
+        Token::DevCheck(reg, value) => testdev::check(reg, value),
         Token::Pci => pci::report(),
         Token::Calibrate => calibrate::run(),
         Token::Blk(op) => blk::run(&mut settings.devices.blk, op),

@@ -1,0 +1,241 @@
+//! Hosts with different releases of a plugin: the `testdev` fixture at
+//! state v1, v2 and v3 (tests/fixtures/testdev), each host with one of
+//! them. Live migration and snapshot/restore between every pair, both
+//! directions; the guest reads the device's registers back afterwards.
+//! Downgrades succeed while the v2 feature (turbo) is unused, and are
+//! refused before pausing, or aborted with the source resumed, when the
+//! guest uses it.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    sync::OnceLock,
+    time::Duration,
+};
+
+use ferry_tests::{
+    ctl, ferry_bin, fixture_plugin_with, free_port, kvm_or_skip, plugin_dir_copy, spawn_ferry,
+    spawn_ferry_env, tick_number, wait_for_path, Running, TempDir,
+};
+
+const DEADLINE: Duration = Duration::from_secs(120);
+const WRITES: &str = "dev-write=0:0x11 dev-write=1:0x22 dev-write=0x10:0x33 dev-write=0x17:0x44";
+const CHECKS: &str = "dev-check=0:0x11 dev-check=1:0x22 dev-check=0x10:0x33 dev-check=0x17:0x44";
+
+/// Per release: a plugin directory (the workspace's plugins plus testdev vN)
+/// and its `ferry plugins --manifest` file.
+struct Host {
+    plugins: TempDir,
+    manifest: PathBuf,
+}
+
+fn hosts() -> &'static [Host; 3] {
+    static HOSTS: OnceLock<[Host; 3]> = OnceLock::new();
+    HOSTS.get_or_init(|| {
+        let make = |v: u32| {
+            let lib = fixture_plugin_with("testdev", &[&format!("v{v}")]);
+            let dir = plugin_dir_copy(&format!("testdev-v{v}"));
+            std::fs::copy(&lib, dir.path().join("libtestdev.so")).expect("install testdev");
+            let manifest = dir.path().join("host.json");
+            let out = Command::new(ferry_bin())
+                .args(["plugins", "--manifest", "--plugins"])
+                .arg(dir.path())
+                .output()
+                .expect("ferry plugins --manifest");
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            std::fs::write(&manifest, out.stdout).expect("write manifest");
+            // The manifest is not a plugin: keep it out of the plugin dir's *.so.
+            Host { plugins: dir, manifest }
+        };
+        [make(1), make(2), make(3)]
+    })
+}
+
+fn machine(dir: &Path, turbo: bool) -> String {
+    let path = dir.join(if turbo { "new.toml" } else { "old.toml" });
+    let extra = if turbo { ", turbo = true" } else { "" };
+    std::fs::write(
+        &path,
+        format!(
+            "name = \"{}\"\n\
+             [[device]]\nid = \"com1\"\nplugin = \"serial-16550\"\nproperties = {{ input = \"none\" }}\n\
+             [[device]]\nid = \"rtc\"\nplugin = \"cmos-rtc\"\n\
+             [[device]]\nid = \"debug-exit\"\nplugin = \"debug-exit\"\n\
+             [[device]]\nid = \"dev0\"\nplugin = \"testdev\"\nproperties = {{ port = 0x510{extra} }}\n",
+            if turbo { "testdev-2" } else { "testdev-1" }
+        ),
+    )
+    .expect("machine type");
+    path.display().to_string()
+}
+
+fn plugins_arg(v: usize) -> String {
+    hosts()[v - 1].plugins.path().display().to_string()
+}
+
+fn wait_tick(vm: &mut Running) -> u64 {
+    vm.wait_line("TICK", DEADLINE).and_then(|l| tick_number(&l)).expect("the guest ticks")
+}
+
+fn migrate(socket: &Path, uri: &str) -> (bool, String) {
+    let out = Command::new(ferry_bin())
+        .arg("ctl")
+        .arg("--api-socket")
+        .arg(socket)
+        .args(["migrate", uri])
+        .output()
+        .expect("ferry ctl migrate");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+/// Start a source on release `from` with `cmdline`; returns it and its socket.
+fn source(
+    dir: &TempDir,
+    from: usize,
+    turbo: bool,
+    cmdline: &str,
+    env: &[(&str, &str)],
+) -> (Running, PathBuf) {
+    let socket = dir.path().join("src.sock");
+    let (s, m, p) = (socket.display().to_string(), machine(dir.path(), turbo), plugins_arg(from));
+    let vm = Running::new(spawn_ferry_env(
+        &["run", "--plugins", &p, "--api-socket", &s, "--machine", &m, "--cmdline", cmdline],
+        env,
+    ));
+    assert!(wait_for_path(&socket, DEADLINE), "no API socket");
+    (vm, socket)
+}
+
+fn migrate_pair(from: usize, to: usize) {
+    let dir = TempDir::new(&format!("compat-mig-{from}-{to}"));
+    let uri = format!("tcp:127.0.0.1:{}", free_port());
+    let dst = Running::new(spawn_ferry(&["run", "--plugins", &plugins_arg(to), "--incoming", &uri]));
+    std::thread::sleep(Duration::from_millis(300));
+    let (mut src, socket) = source(&dir, from, false, &format!("{WRITES} ticks=25 {CHECKS} exit=0"), &[]);
+    while wait_tick(&mut src) < 3 {}
+    let (ok, text) = migrate(&socket, &uri);
+    assert!(ok, "v{from} -> v{to}:\n{text}");
+    let want = match from.cmp(&to) {
+        std::cmp::Ordering::Equal => format!("same state v{from}"),
+        std::cmp::Ordering::Less => format!("destination upgrades v{from}->v{to}"),
+        std::cmp::Ordering::Greater => format!("source downgrades v{from}->v{to}"),
+    };
+    assert!(text.contains(&format!("device dev0 (testdev {from}.0.0 -> {to}.0.0): {want}")), "{text}");
+    assert_eq!(src.finish(DEADLINE).code(), 0);
+    let out = dst.finish(DEADLINE);
+    assert_eq!(out.code(), 0, "v{from} -> v{to}: the guest's registers:\n{}\n{}", out.stdout, out.stderr);
+    assert_eq!(out.stdout.matches("DEV OK").count(), 4, "{}", out.stdout);
+}
+
+fn snapshot_pair(from: usize, to: usize) {
+    let dir = TempDir::new(&format!("compat-snap-{from}-{to}"));
+    let (mut src, socket) = source(&dir, from, false, &format!("{WRITES} ticks=25 {CHECKS} exit=0"), &[]);
+    while wait_tick(&mut src) < 3 {}
+    let snap = dir.path().join("vm.snap").display().to_string();
+    let target = hosts()[to - 1].manifest.display().to_string();
+    ctl(&socket, &["pause"]);
+    ctl(&socket, &["snapshot", &snap, "--target", &target]);
+    ctl(&socket, &["shutdown"]);
+    assert_eq!(src.finish(DEADLINE).code(), 0);
+    let out = Running::new(spawn_ferry(&["run", "--plugins", &plugins_arg(to), "--restore", &snap]))
+        .finish(DEADLINE);
+    assert_eq!(out.code(), 0, "v{from} snapshot on v{to}:\n{}\n{}", out.stdout, out.stderr);
+    assert_eq!(out.stdout.matches("DEV OK").count(), 4, "{}", out.stdout);
+}
+
+#[test]
+fn live_migration_between_every_pair_of_releases() {
+    if !kvm_or_skip("live_migration_between_every_pair_of_releases") {
+        return;
+    }
+    for from in 1..=3 {
+        for to in 1..=3 {
+            migrate_pair(from, to);
+        }
+    }
+}
+
+#[test]
+fn snapshot_and_restore_between_every_pair_of_releases() {
+    if !kvm_or_skip("snapshot_and_restore_between_every_pair_of_releases") {
+        return;
+    }
+    for from in 1..=3 {
+        for to in 1..=3 {
+            snapshot_pair(from, to);
+        }
+    }
+}
+
+#[test]
+fn downgrades_follow_whether_the_guest_uses_the_new_feature() {
+    if !kvm_or_skip("downgrades_follow_whether_the_guest_uses_the_new_feature") {
+        return;
+    }
+    for from in [2usize, 3] {
+        // Offered by the machine type, unused by the guest: goes back to v1.
+        let dir = TempDir::new("compat-unused");
+        let uri = format!("tcp:127.0.0.1:{}", free_port());
+        let dst = Running::new(spawn_ferry(&["run", "--plugins", &plugins_arg(1), "--incoming", &uri]));
+        std::thread::sleep(Duration::from_millis(300));
+        let (mut src, socket) = source(&dir, from, true, &format!("{WRITES} ticks=25 {CHECKS} exit=0"), &[]);
+        while wait_tick(&mut src) < 3 {}
+        let (ok, text) = migrate(&socket, &uri);
+        assert!(ok, "v{from} -> v1 with turbo unused:\n{text}");
+        assert_eq!(src.finish(DEADLINE).code(), 0);
+        let out = dst.finish(DEADLINE);
+        assert_eq!(out.code(), 0, "{}\n{}", out.stdout, out.stderr);
+
+        // In use: refused before pausing, with the reason; the source goes on.
+        let dir = TempDir::new("compat-used");
+        let uri = format!("tcp:127.0.0.1:{}", free_port());
+        let dst = Running::new(spawn_ferry(&["run", "--plugins", &plugins_arg(1), "--incoming", &uri]));
+        std::thread::sleep(Duration::from_millis(300));
+        let (mut src, socket) = source(&dir, from, true, &format!("{WRITES} dev-write=0x20:1 ticks=0"), &[]);
+        while wait_tick(&mut src) < 3 {}
+        let (ok, text) = migrate(&socket, &uri);
+        assert!(!ok, "{text}");
+        assert!(
+            text.contains(&format!(
+                "device dev0 (testdev {from}.0.0 -> 1.0.0): REFUSED: the source cannot downgrade state v{from}->v1 now: \
+                 guest enabled turbo; v1 cannot express it"
+            )),
+            "{text}"
+        );
+        let t = wait_tick(&mut src);
+        assert!(wait_tick(&mut src) > t, "the source keeps running");
+        assert_ne!(dst.finish(DEADLINE).code(), 0);
+        drop(src);
+    }
+}
+
+#[test]
+fn a_feature_turned_on_during_precopy_aborts_at_stop_and_copy() {
+    if !kvm_or_skip("a_feature_turned_on_during_precopy_aborts_at_stop_and_copy") {
+        return;
+    }
+    let dir = TempDir::new("compat-late");
+    let uri = format!("tcp:127.0.0.1:{}", free_port());
+    let dst = Running::new(spawn_ferry(&["run", "--plugins", &plugins_arg(1), "--incoming", &uri]));
+    std::thread::sleep(Duration::from_millis(300));
+    // Pre-copy lasts about 2.5 s; the guest turns turbo on 1 s in.
+    let (mut src, socket) = source(
+        &dir,
+        2,
+        true,
+        "ticks=3 ticks=10 dev-write=0x20:1 ticks=0",
+        &[("FERRY_MIGRATION_ROUND_DELAY_MS", "100"), ("FERRY_MIGRATION_MIN_ROUNDS", "25")],
+    );
+    wait_tick(&mut src);
+    let (ok, text) = migrate(&socket, &uri);
+    assert!(!ok, "{text}");
+    assert!(text.contains("source downgrades v2->v1"), "planned as a downgrade: {text}");
+    assert!(text.contains("guest enabled turbo; v1 cannot express it"), "{text}");
+    assert!(text.contains("the guest keeps running here"), "{text}");
+    let t = wait_tick(&mut src);
+    assert!(wait_tick(&mut src) > t, "the source resumed");
+    assert_ne!(dst.finish(DEADLINE).code(), 0);
+}
