@@ -239,3 +239,46 @@ fn a_feature_turned_on_during_precopy_aborts_at_stop_and_copy() {
     assert!(wait_tick(&mut src) > t, "the source resumed");
     assert_ne!(dst.finish(DEADLINE).code(), 0);
 }
+
+/// Golden snapshots: one written on each release (tests/golden), checked in;
+/// every later build must keep restoring them, the device registers intact.
+const GOLDEN_CMDLINE: &str = "dev-write=0:0x11 dev-write=1:0x22 dev-write=0x10:0x33 dev-write=0x17:0x44 ticks=12 \
+                              dev-check=0:0x11 dev-check=1:0x22 dev-check=0x10:0x33 dev-check=0x17:0x44 exit=0";
+
+fn golden(v: usize) -> PathBuf {
+    ferry_tests::repo_root().join("tests").join("golden").join(format!("testdev-v{v}.snap"))
+}
+
+/// Regenerate the golden files (run by hand with `--ignored` when a new
+/// release is cut; never in CI).
+#[test]
+#[ignore]
+fn regenerate_golden_snapshots() {
+    for v in 1..=3 {
+        let dir = TempDir::new("golden");
+        let (mut src, socket) = source(&dir, v, false, GOLDEN_CMDLINE, &[]);
+        while wait_tick(&mut src) < 3 {}
+        ctl(&socket, &["pause"]);
+        ctl(&socket, &["snapshot", &golden(v).display().to_string()]);
+        ctl(&socket, &["shutdown"]);
+        src.finish(DEADLINE);
+    }
+}
+
+#[test]
+fn golden_snapshots_of_every_release_still_restore() {
+    if !kvm_or_skip("golden_snapshots_of_every_release_still_restore") {
+        return;
+    }
+    for v in 1..=3 {
+        for host in v..=3 {
+            let snap = golden(v).display().to_string();
+            let out =
+                Running::new(spawn_ferry(&["run", "--plugins", &plugins_arg(host), "--restore", &snap]))
+                    .finish(DEADLINE);
+            assert_eq!(out.code(), 0, "golden v{v} on release v{host}:\n{}\n{}", out.stdout, out.stderr);
+            assert_eq!(out.stdout.matches("DEV OK").count(), 4, "{}", out.stdout);
+            assert!(out.stdout.contains("TICK 12"), "{}", out.stdout);
+        }
+    }
+}
