@@ -221,7 +221,7 @@ fn a_dry_run_prints_the_plan_and_moves_nothing() {
     let mut src = source(&dir, "src", &["--cmdline", "ticks=0"]);
     wait_tick(&mut src.vm);
     let (ok, text) = migrate(&src.socket, &uri, &["--dry-run"]);
-    assert!(ok && text.contains("device com1 (serial-16550 0.1.0 -> 0.1.0): same state v1"), "{text}");
+    assert!(ok && text.contains("device com1 (serial-16550 0.2.0 -> 0.2.0): same state v2"), "{text}");
     assert!(text.contains("\"phase\": \"dry-run\""), "{text}");
     assert_eq!(dst.finish(DEADLINE).code(), 0);
     still_running_then_migrates(src);

@@ -10,15 +10,20 @@ use std::{
     time::Duration,
 };
 
-use ferry_tests::{bin_dir, ferry_bin, fixture_plugin_with, free_port, plugin_dir_copy, tick_number, wait_for_path, Running, TempDir};
+use ferry_tests::{
+    bin_dir, ferry_bin, fixture_plugin_with, free_port, plugin_dir_copy, tick_number, wait_for_path, Running,
+    TempDir,
+};
 
 const LONG: Duration = Duration::from_secs(120);
 
 fn main() {
     let new = plugin_dir_copy("demo-new");
     let old = plugin_dir_copy("demo-old");
-    std::fs::copy(fixture_plugin_with("testdev", &["v3"]), new.path().join("libtestdev.so")).expect("install");
-    std::fs::copy(fixture_plugin_with("testdev", &["v1"]), old.path().join("libtestdev.so")).expect("install");
+    std::fs::copy(fixture_plugin_with("testdev", &["v3"]), new.path().join("libtestdev.so"))
+        .expect("install");
+    std::fs::copy(fixture_plugin_with("testdev", &["v1"]), old.path().join("libtestdev.so"))
+        .expect("install");
     let dir = TempDir::new("demo");
     // A machine type made for older hosts: testdev without the v2 feature.
     let machine = dir.path().join("demo.toml");
@@ -52,9 +57,17 @@ fn main() {
     let dst = spawn(&["run", "--plugins", &old_dir, "--incoming", &uri]);
     std::thread::sleep(Duration::from_millis(300));
     let socket = dir.path().join("src.sock");
-    let (s, m, n) = (socket.display().to_string(), machine.display().to_string(), new.path().display().to_string());
+    let (s, m, n) =
+        (socket.display().to_string(), machine.display().to_string(), new.path().display().to_string());
     let mut src = spawn(&[
-        "run", "--plugins", &n, "--machine", &m, "--api-socket", &s, "--cmdline",
+        "run",
+        "--plugins",
+        &n,
+        "--machine",
+        &m,
+        "--api-socket",
+        &s,
+        "--cmdline",
         "ready dev-write=0:0x2a ticks=8 dev-check=0:0x2a exit=0",
     ]);
     assert!(wait_for_path(&socket, LONG), "the source did not start");
@@ -76,7 +89,9 @@ fn main() {
         .expect("ferry ctl migrate");
     let text = String::from_utf8_lossy(&out.stdout);
     let field = |k: &str| {
-        text.lines().find_map(|l| l.trim().strip_prefix(&format!("\"{k}\": ")).map(|v| v.trim_end_matches(',').to_string()))
+        text.lines().find_map(|l| {
+            l.trim().strip_prefix(&format!("\"{k}\": ")).map(|v| v.trim_end_matches(',').to_string())
+        })
     };
     for line in text.lines().filter(|l| l.starts_with("device ")) {
         println!("  plan: {line}");

@@ -37,7 +37,7 @@ type Uart = Serial<IrqLine, NoEvents, Output>;
 pub fn describe() -> PluginDescriptor {
     DescriptorBuilder::new(
         "serial-16550",
-        env!("CARGO_PKG_VERSION"),
+        RELEASE,
         "16550A UART: guest console to stdout, a file or a unix socket",
     )
     .property("port", PropertyKind::Integer, Some("0x3f8"), "base I/O port (8 ports)")
@@ -45,9 +45,17 @@ pub fn describe() -> PluginDescriptor {
     .property("output", PropertyKind::String, Some("stdout"), "stdout | file | socket | none")
     .property("path", PropertyKind::String, Some(""), "file or socket path for output=file|socket")
     .property("input", PropertyKind::String, Some("stdin"), "stdin | none (socket output reads the socket)")
-    .state(UartStateV1::CURRENT, UartStateV1::OLDEST_LOAD, UartStateV1::OLDEST_SAVE)
+    .state(UartState::CURRENT, UartState::OLDEST_LOAD, UartState::OLDEST_SAVE)
     .build()
 }
+
+/// This build's release: the current one, or the previous (state v1 only)
+/// with the `previous-release` feature, which compatibility tests install
+/// on an "older" host.
+#[cfg(feature = "previous-release")]
+const RELEASE: &str = "0.1.0";
+#[cfg(not(feature = "previous-release"))]
+const RELEASE: &str = env!("CARGO_PKG_VERSION");
 
 /// State v1: every 16550 register and the receive FIFO (what the guest has
 /// not read yet). Where output goes is configuration, not state.
@@ -69,20 +77,70 @@ pub struct UartStateV1 {
 /// The 16550 FIFO depth.
 const FIFO_SIZE: usize = 64;
 
-impl Versioned for UartStateV1 {
-    const CURRENT: u32 = 1;
-    const OLDEST_LOAD: u32 = 1;
+/// State v2 (release 0.2): v1 plus the host input read but not yet in the
+/// receive FIFO (the guest had not drained it). v1 cannot carry it, so
+/// writing v1 is refused while there is any.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(crate = "ferry_plugin_api::serde")]
+pub struct UartStateV2 {
+    uart: UartStateV1,
+    input_backlog: Vec<u8>,
+}
 
-    fn load_version(_version: u32, bytes: &[u8]) -> Result<Self, String> {
-        let s: UartStateV1 = state::decode(bytes)?;
-        if s.rx_fifo.len() > FIFO_SIZE {
-            return Err(format!("receive FIFO of {} bytes, the UART holds {FIFO_SIZE}", s.rx_fifo.len()));
-        }
+/// The state this release works with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UartState {
+    /// Registers and FIFO.
+    pub uart: UartStateV1,
+    /// Host input waiting behind the FIFO.
+    pub input_backlog: Vec<u8>,
+}
+
+/// Longest input backlog saved (what the host typed ahead of the guest).
+const MAX_BACKLOG: usize = 1 << 20;
+
+fn check_fifo(s: &UartStateV1) -> Result<(), String> {
+    if s.rx_fifo.len() > FIFO_SIZE {
+        return Err(format!("receive FIFO of {} bytes, the UART holds {FIFO_SIZE}", s.rx_fifo.len()));
+    }
+    Ok(())
+}
+
+impl Versioned for UartState {
+    #[cfg(feature = "previous-release")]
+    const CURRENT: u32 = 1;
+    #[cfg(not(feature = "previous-release"))]
+    const CURRENT: u32 = 2;
+    const OLDEST_LOAD: u32 = 1;
+    const OLDEST_SAVE: u32 = 1;
+
+    fn load_version(version: u32, bytes: &[u8]) -> Result<Self, String> {
+        let s = match version {
+            1 => UartState { uart: state::decode(bytes)?, input_backlog: Vec::new() },
+            _ => {
+                let v: UartStateV2 = state::decode(bytes)?;
+                if v.input_backlog.len() > MAX_BACKLOG {
+                    return Err(format!("input backlog of {} bytes", v.input_backlog.len()));
+                }
+                UartState { uart: v.uart, input_backlog: v.input_backlog }
+            }
+        };
+        check_fifo(&s.uart)?;
         Ok(s)
     }
 
-    fn save_version(&self, _version: u32) -> Result<Vec<u8>, String> {
-        state::encode(self)
+    fn save_version(&self, version: u32) -> Result<Vec<u8>, String> {
+        match version {
+            1 if !self.input_backlog.is_empty() => Err(format!(
+                "{} bytes of host input wait behind the receive FIFO; v1 cannot carry them",
+                self.input_backlog.len()
+            )),
+            1 => state::encode(&self.uart),
+            _ => state::encode(&UartStateV2 {
+                uart: self.uart.clone(),
+                input_backlog: self.input_backlog.clone(),
+            }),
+        }
     }
 }
 
@@ -140,6 +198,7 @@ pub struct Serial16550 {
     port: u16,
     gsi: u32,
     uart: Arc<Mutex<Uart>>,
+    backlog: Arc<Backlog>,
     paused: Arc<AtomicBool>,
     host: HostBox,
     reported_output_error: bool,
@@ -189,11 +248,13 @@ impl Serial16550 {
         let uart = Arc::new(Mutex::new(Serial::new(IrqLine { host: host.clone(), gsi }, output)));
         let paused = Arc::new(AtomicBool::new(false));
 
+        let backlog = Arc::new(Backlog::default());
+        spawn_drain(uart.clone(), backlog.clone(), paused.clone(), host.clone())?;
         if stdin_input {
-            spawn_input(Box::new(std::io::stdin()), uart.clone(), paused.clone(), host.clone())?;
+            spawn_input(Box::new(std::io::stdin()), backlog.clone())?;
         }
         if let (Some(listener), Some(client)) = (listener, socket_client) {
-            let (uart, paused, host) = (uart.clone(), paused.clone(), host.clone());
+            let backlog = backlog.clone();
             thread::Builder::new()
                 .name("serial-accept".into())
                 .spawn(move || {
@@ -202,12 +263,12 @@ impl Serial16550 {
                             continue;
                         };
                         *client.lock().unwrap_or_else(|e| e.into_inner()) = Some(stream);
-                        let _ = spawn_input(Box::new(reader), uart.clone(), paused.clone(), host.clone());
+                        let _ = spawn_input(Box::new(reader), backlog.clone());
                     }
                 })
                 .map_err(|e| format!("cannot start socket thread: {e}"))?;
         }
-        Ok(Serial16550 { port, gsi, uart, paused, host, reported_output_error: false })
+        Ok(Serial16550 { port, gsi, uart, backlog, paused, host, reported_output_error: false })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Uart> {
@@ -215,39 +276,75 @@ impl Serial16550 {
     }
 }
 
-/// Feed bytes from `input` into the UART's receive FIFO as the guest drains it.
-fn spawn_input(
-    mut input: Input,
-    uart: Arc<Mutex<Uart>>,
-    paused: Arc<AtomicBool>,
-    host: HostBox,
-) -> Result<(), String> {
+/// Host input read but not yet in the receive FIFO.
+#[derive(Default)]
+pub struct Backlog {
+    bytes: Mutex<std::collections::VecDeque<u8>>,
+    arrived: std::sync::Condvar,
+}
+
+impl Backlog {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<u8>> {
+        self.bytes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Read host input into the backlog until the input ends.
+fn spawn_input(mut input: Input, backlog: Arc<Backlog>) -> Result<(), String> {
     thread::Builder::new()
         .name("serial-input".into())
         .spawn(move || {
-            let mut buf = [0u8; 64];
+            let mut buf = [0u8; 256];
             loop {
                 let n = match input.read(&mut buf) {
                     Ok(0) | Err(_) => return,
                     Ok(n) => n,
                 };
-                let mut pending = &buf[..n];
-                while !pending.is_empty() {
-                    if !paused.load(Ordering::Acquire) {
-                        let mut uart = uart.lock().unwrap_or_else(|e| e.into_inner());
-                        match uart.enqueue_raw_bytes(pending) {
-                            Ok(taken) => pending = &pending[taken..],
-                            Err(e) => {
-                                host.log(LogLevel::Warn, format!("input dropped: {e:?}").as_str().into());
-                                pending = &[];
-                            }
-                        }
-                    }
-                    if !pending.is_empty() {
-                        // FIFO full (or paused): the guest has not read it yet.
-                        thread::sleep(Duration::from_millis(5));
-                    }
+                backlog.lock().extend(&buf[..n]);
+                backlog.arrived.notify_all();
+            }
+        })
+        .map(|_| ())
+        .map_err(|e| format!("cannot start input thread: {e}"))
+}
+
+/// Move backlog bytes into the receive FIFO as the guest drains it (not
+/// while the device is paused).
+fn spawn_drain(
+    uart: Arc<Mutex<Uart>>,
+    backlog: Arc<Backlog>,
+    paused: Arc<AtomicBool>,
+    host: HostBox,
+) -> Result<(), String> {
+    thread::Builder::new()
+        .name("serial-drain".into())
+        .spawn(move || loop {
+            let chunk: Vec<u8> = {
+                let mut q = backlog.lock();
+                while q.is_empty() || paused.load(Ordering::Acquire) {
+                    q = backlog
+                        .arrived
+                        .wait_timeout(q, Duration::from_millis(50))
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
                 }
+                q.iter().take(FIFO_SIZE).copied().collect()
+            };
+            let taken = match uart.lock().unwrap_or_else(|e| e.into_inner()).enqueue_raw_bytes(&chunk) {
+                Ok(n) => n,
+                Err(e) => {
+                    host.log(LogLevel::Warn, format!("input dropped: {e:?}").as_str().into());
+                    chunk.len()
+                }
+            };
+            {
+                let mut q = backlog.lock();
+                let n = taken.min(q.len());
+                q.drain(..n);
+            }
+            if taken < chunk.len() {
+                // The FIFO is full: the guest has not read it yet.
+                thread::sleep(Duration::from_millis(5));
             }
         })
         .map(|_| ())
@@ -295,11 +392,13 @@ impl PluginDevice for Serial16550 {
     }
 
     fn save_state(&mut self, version: u32) -> Result<StateBlob, String> {
-        state::save(&UartStateV1::from(self.lock().state()), version)
+        let uart = UartStateV1::from(self.lock().state());
+        let input_backlog = self.backlog.lock().iter().copied().collect();
+        state::save(&UartState { uart, input_backlog }, version)
     }
 
     fn load_state(&mut self, blob: StateBlob) -> Result<(), String> {
-        let s = state::load::<UartStateV1>(&blob)?;
+        let UartState { uart: s, input_backlog } = state::load::<UartState>(&blob)?;
         let mut uart = self.lock();
         // Input the host typed into this (fresh) UART before the state
         // arrived belongs to the guest too: keep it behind the saved FIFO.
@@ -310,9 +409,14 @@ impl PluginDevice for Serial16550 {
         let irq = IrqLine { host: self.host.clone(), gsi: self.gsi };
         *uart = Serial::from_state(&SerialState::from(&s), irq, NoEvents, out)
             .map_err(|e| format!("restoring the UART: {e:?}"))?;
-        if !typed.is_empty() {
-            let _ = uart.enqueue_raw_bytes(&typed);
-        }
+        // Saved backlog first, then what this host typed before the state came.
+        let mut q = self.backlog.lock();
+        let typed_here: Vec<u8> = q.drain(..).collect();
+        q.extend(input_backlog);
+        q.extend(typed);
+        q.extend(typed_here);
+        drop(q);
+        self.backlog.arrived.notify_all();
         Ok(())
     }
 }
@@ -327,10 +431,25 @@ mod state_tests {
         let mut s = UartStateV1::from(SerialState::default());
         s.rx_fifo = b"typed ahead".to_vec();
         s.line_control = 0x03;
-        testing::check_round_trip(&[UartStateV1::from(SerialState::default()), s.clone()]);
+        let plain = UartState { uart: UartStateV1::from(SerialState::default()), input_backlog: vec![] };
+        let with_input = UartState { uart: s.clone(), input_backlog: vec![] };
+        testing::check_round_trip(&[plain.clone(), with_input]);
+        testing::check_upgrades(&[(
+            1,
+            state::encode(&s).unwrap(),
+            UartState { uart: s.clone(), input_backlog: vec![] },
+        )]);
+        if UartState::CURRENT >= 2 {
+            let waiting = UartState { uart: s.clone(), input_backlog: b"more".to_vec() };
+            testing::check_refused_downgrade(
+                &waiting,
+                1,
+                "4 bytes of host input wait behind the receive FIFO",
+            );
+        }
         s.rx_fifo = vec![b'x'; 65];
         let bytes = state::encode(&s).unwrap();
-        let err = state::load::<UartStateV1>(&StateBlob { version: 1, bytes: bytes.into() }).unwrap_err();
+        let err = state::load::<UartState>(&StateBlob { version: 1, bytes: bytes.into() }).unwrap_err();
         assert!(err.contains("65 bytes"), "{err}");
     }
 }
