@@ -282,3 +282,56 @@ fn golden_snapshots_of_every_release_still_restore() {
         }
     }
 }
+
+/// A host whose serial-16550 is the previous release (0.1.0, state v1).
+fn old_serial_host() -> &'static TempDir {
+    static HOST: OnceLock<TempDir> = OnceLock::new();
+    HOST.get_or_init(|| {
+        let lib = ferry_tests::workspace_plugin_release("serial-16550", &["previous-release"]);
+        let dir = plugin_dir_copy("serial-old");
+        std::fs::copy(&lib, dir.path().join("libserial_16550.so")).expect("install the old serial");
+        dir
+    })
+}
+
+#[test]
+fn serial_migrates_between_releases_both_ways_while_in_use() {
+    if !kvm_or_skip("serial_migrates_between_releases_both_ways_while_in_use") {
+        return;
+    }
+    let new_dir = ferry_tests::bin_dir();
+    let old_dir = old_serial_host().path().to_path_buf();
+    for (from, to, want) in [
+        (&old_dir, &new_dir, "device com1 (serial-16550 0.1.0 -> 0.2.0): destination upgrades v1->v2"),
+        (&new_dir, &old_dir, "device com1 (serial-16550 0.2.0 -> 0.1.0): source downgrades v2->v1"),
+    ] {
+        let dir = TempDir::new("serial-rel");
+        let uri = format!("tcp:127.0.0.1:{}", free_port());
+        let to_arg = to.display().to_string();
+        let mut dst = Running::new(spawn_ferry(&["run", "--plugins", &to_arg, "--incoming", &uri]));
+        std::thread::sleep(Duration::from_millis(300));
+        let socket = dir.path().join("src.sock");
+        let (s, f) = (socket.display().to_string(), from.display().to_string());
+        // pc-1, the older machine type: the console prints ticks, then reads a line.
+        let mut src = Running::new(spawn_ferry(&[
+            "run",
+            "--plugins",
+            &f,
+            "--api-socket",
+            &s,
+            "--cmdline",
+            "ticks=20 echo exit=0",
+        ]));
+        assert!(wait_for_path(&socket, DEADLINE));
+        while wait_tick(&mut src) < 3 {}
+        let (ok, text) = migrate(&socket, &uri);
+        assert!(ok, "{text}");
+        assert!(text.contains(want), "{text}");
+        assert_eq!(src.finish(DEADLINE).code(), 0);
+        std::io::Write::write_all(dst.stdin().expect("stdin"), b"typed on the new host\n").expect("type");
+        let out = dst.finish(DEADLINE);
+        assert_eq!(out.code(), 0, "{}\n{}", out.stdout, out.stderr);
+        assert!(out.stdout.contains("TICK 20"), "{}", out.stdout);
+        assert!(out.stdout.contains("ECHO typed on the new host"), "{}", out.stdout);
+    }
+}

@@ -219,16 +219,29 @@ pub fn fixture_plugin(name: &str) -> PathBuf {
 /// return its library, copied to a path of its own (cargo's JSON messages
 /// name the artifact, fresh or rebuilt).
 pub fn fixture_plugin_with(name: &str, features: &[&str]) -> PathBuf {
+    let manifest = repo_root().join("tests").join("fixtures").join(name).join("Cargo.toml");
+    build_plugin(&manifest, None, name, features)
+}
+
+/// Build one of the workspace's plugins with `features` (for example its
+/// previous release) into target/fixtures; returns its library.
+pub fn workspace_plugin_release(package: &str, features: &[&str]) -> PathBuf {
+    build_plugin(&repo_root().join("Cargo.toml"), Some(package), package, features)
+}
+
+fn build_plugin(manifest: &Path, package: Option<&str>, name: &str, features: &[&str]) -> PathBuf {
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let root = repo_root();
-    let target = root.join("target").join("fixtures");
+    let target = repo_root().join("target").join("fixtures");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
     let mut cmd = Command::new(cargo);
     cmd.args(["build", "-j2", "--quiet", "--message-format=json", "--manifest-path"])
-        .arg(root.join("tests").join("fixtures").join(name).join("Cargo.toml"))
+        .arg(manifest)
         .arg("--target-dir")
         .arg(&target);
+    if let Some(p) = package {
+        cmd.arg("-p").arg(p);
+    }
     if !features.is_empty() {
         cmd.arg("--features").arg(features.join(","));
     }
