@@ -283,15 +283,21 @@ fn golden_snapshots_of_every_release_still_restore() {
     }
 }
 
+/// A host with this build's plugins except `plugin`, which is its previous
+/// release (built with the `previous-release` feature) in place of `lib`.
+fn previous_release_host(cell: &'static OnceLock<TempDir>, plugin: &str, lib: &str) -> &'static TempDir {
+    cell.get_or_init(|| {
+        let built = ferry_tests::workspace_plugin_release(plugin, &["previous-release"]);
+        let dir = plugin_dir_copy(&format!("{plugin}-old"));
+        std::fs::copy(&built, dir.path().join(lib)).expect("install the previous release");
+        dir
+    })
+}
+
 /// A host whose serial-16550 is the previous release (0.1.0, state v1).
 fn old_serial_host() -> &'static TempDir {
     static HOST: OnceLock<TempDir> = OnceLock::new();
-    HOST.get_or_init(|| {
-        let lib = ferry_tests::workspace_plugin_release("serial-16550", &["previous-release"]);
-        let dir = plugin_dir_copy("serial-old");
-        std::fs::copy(&lib, dir.path().join("libserial_16550.so")).expect("install the old serial");
-        dir
-    })
+    previous_release_host(&HOST, "serial-16550", "libserial_16550.so")
 }
 
 #[test]
@@ -334,4 +340,100 @@ fn serial_migrates_between_releases_both_ways_while_in_use() {
         assert!(out.stdout.contains("TICK 20"), "{}", out.stdout);
         assert!(out.stdout.contains("ECHO typed on the new host"), "{}", out.stdout);
     }
+}
+
+/// A host whose virtio-blk is the previous release (0.1.0, state v1).
+fn old_blk_host() -> &'static TempDir {
+    static HOST: OnceLock<TempDir> = OnceLock::new();
+    previous_release_host(&HOST, "virtio-blk", "libvirtio_blk.so")
+}
+
+#[test]
+fn virtio_blk_migrates_between_releases_both_ways_while_in_use() {
+    if !kvm_or_skip("virtio_blk_migrates_between_releases_both_ways_while_in_use") {
+        return;
+    }
+    let new_dir = ferry_tests::bin_dir();
+    let old_dir = old_blk_host().path().to_path_buf();
+    for (from, to, want) in [
+        (&old_dir, &new_dir, "device disk0 (virtio-blk 0.1.0 -> 0.2.0): destination upgrades v1->v2"),
+        (&new_dir, &old_dir, "device disk0 (virtio-blk 0.2.0 -> 0.1.0): source downgrades v2->v1"),
+    ] {
+        let dir = TempDir::new("blk-rel");
+        let disk = dir.path().join("disk.img");
+        std::fs::write(&disk, vec![0u8; 4 << 20]).expect("disk");
+        let d = format!("path={}", disk.display());
+        let uri = format!("tcp:127.0.0.1:{}", free_port());
+        let to_arg = to.display().to_string();
+        let dst = Running::new(spawn_ferry(&["run", "--plugins", &to_arg, "--incoming", &uri]));
+        std::thread::sleep(Duration::from_millis(300));
+        let socket = dir.path().join("src.sock");
+        let (s, f) = (socket.display().to_string(), from.display().to_string());
+        // pc-1 (no config-wce): the disk is written before and after the move.
+        let mut src = Running::new(spawn_ferry(&[
+            "run",
+            "--plugins",
+            &f,
+            "--api-socket",
+            &s,
+            "--disk",
+            &d,
+            "--cmdline",
+            "blk-write=10:2:3 ticks=20 blk-verify=10:2:3 blk-write=20:1:4 blk-verify=20:1:4 exit=0",
+        ]));
+        assert!(wait_for_path(&socket, DEADLINE));
+        while wait_tick(&mut src) < 3 {}
+        let (ok, text) = migrate(&socket, &uri);
+        assert!(ok, "{text}");
+        assert!(text.contains(want), "{text}");
+        assert_eq!(src.finish(DEADLINE).code(), 0);
+        let out = dst.finish(DEADLINE);
+        assert_eq!(out.code(), 0, "{}\n{}", out.stdout, out.stderr);
+        for line in ["BLK VERIFY OK sector=10 count=2", "BLK VERIFY OK sector=20 count=1"] {
+            assert!(out.stdout.contains(line), "{}", out.stdout);
+        }
+    }
+}
+
+#[test]
+fn virtio_blk_downgrade_is_refused_once_the_guest_negotiated_the_cache_switch() {
+    if !kvm_or_skip("virtio_blk_downgrade_is_refused_once_the_guest_negotiated_the_cache_switch") {
+        return;
+    }
+    let dir = TempDir::new("blk-wce");
+    let disk = dir.path().join("disk.img");
+    std::fs::write(&disk, vec![0u8; 4 << 20]).expect("disk");
+    let d = format!("path={},config-wce=on", disk.display());
+    let uri = format!("tcp:127.0.0.1:{}", free_port());
+    let old = old_blk_host().path().display().to_string();
+    let dst = Running::new(spawn_ferry(&["run", "--plugins", &old, "--incoming", &uri]));
+    std::thread::sleep(Duration::from_millis(300));
+    let socket = dir.path().join("src.sock");
+    let s = socket.display().to_string();
+    let mut src = Running::new(spawn_ferry(&[
+        "run",
+        "--api-socket",
+        &s,
+        "--disk",
+        &d,
+        "--cmdline",
+        "blk-write=10:2:3 ticks=12 blk-verify=10:2:3 exit=0",
+    ]));
+    assert!(wait_for_path(&socket, DEADLINE));
+    while wait_tick(&mut src) < 3 {}
+    let (ok, text) = migrate(&socket, &uri);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains(
+            "device disk0 (virtio-blk 0.2.0 -> 0.1.0): REFUSED: the source cannot downgrade state v2->v1 now: \
+             guest negotiated VIRTIO_BLK_F_CONFIG_WCE; v1 cannot express it"
+        ),
+        "{text}"
+    );
+    let t = wait_tick(&mut src);
+    assert!(wait_tick(&mut src) > t, "the source keeps running");
+    let out = src.finish(DEADLINE);
+    assert_eq!(out.code(), 0, "{}\n{}", out.stdout, out.stderr);
+    assert!(out.stdout.contains("BLK VERIFY OK sector=10 count=2"), "{}", out.stdout);
+    assert_ne!(dst.finish(DEADLINE).code(), 0);
 }

@@ -36,9 +36,39 @@ const S_UNSUPP: u8 = 2;
 
 const F_RO: u64 = 1 << 5;
 const F_FLUSH: u64 = 1 << 9;
+/// The guest may switch the cache between writeback and writethrough
+/// (`writeback` at offset 32 of the device configuration). Offered only
+/// when the machine type sets `config-wce = true` (release 0.2 and later).
+const F_CONFIG_WCE: u64 = 1 << 11;
+const CONFIG_WRITEBACK: u64 = 32;
+
+/// This build's release, or the previous one (0.1.0, state v1, no
+/// `config-wce`) with the `previous-release` feature.
+#[cfg(feature = "previous-release")]
+const RELEASE: (&str, u32) = ("0.1.0", 1);
+#[cfg(not(feature = "previous-release"))]
+const RELEASE: (&str, u32) = (env!("CARGO_PKG_VERSION"), 2);
+
+/// State v2 (release 0.2): whether the guest negotiated
+/// VIRTIO_BLK_F_CONFIG_WCE and the cache mode it chose. v1 had no device
+/// state beyond the transport's; it cannot express a negotiated WCE.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    ferry_plugin_api::serde::Serialize,
+    ferry_plugin_api::serde::Deserialize,
+)]
+#[serde(crate = "ferry_plugin_api::serde")]
+struct BlkStateV2 {
+    wce_negotiated: bool,
+    writeback: u8,
+}
 
 pub fn describe() -> PluginDescriptor {
-    DescriptorBuilder::new("virtio-blk", env!("CARGO_PKG_VERSION"), "virtio block device on a raw image file")
+    let b = DescriptorBuilder::new("virtio-blk", RELEASE.0, "virtio block device on a raw image file")
         .property("path", PropertyKind::String, None, "raw disk image")
         .property("readonly", PropertyKind::Bool, Some("false"), "refuse guest writes")
         .property(
@@ -47,7 +77,18 @@ pub fn describe() -> PluginDescriptor {
             Some(""),
             "id string the guest reads (default: the device id)",
         )
+        .state(RELEASE.1, 1, 1);
+    if RELEASE.1 >= 2 {
+        b.property(
+            "config-wce",
+            PropertyKind::Bool,
+            Some("false"),
+            "offer VIRTIO_BLK_F_CONFIG_WCE (cache mode switch)",
+        )
         .build()
+    } else {
+        b.build()
+    }
 }
 
 pub fn create(config: &DeviceConfig, host: HostBox) -> Result<VirtioPci<Block>, String> {
@@ -67,7 +108,11 @@ pub fn create(config: &DeviceConfig, host: HostBox) -> Result<VirtioPci<Block>, 
     let mut id = [0u8; ID_BYTES];
     let n = serial.len().min(ID_BYTES);
     id[..n].copy_from_slice(&serial.as_bytes()[..n]);
-    VirtioPci::new(Block { file, sectors: len / SECTOR, readonly, id }, host)
+    let offer_wce = RELEASE.1 >= 2 && props.boolean("config-wce")?;
+    VirtioPci::new(
+        Block { file, sectors: len / SECTOR, readonly, id, offer_wce, wce_negotiated: false, writeback: 1 },
+        host,
+    )
 }
 
 pub struct Block {
@@ -75,6 +120,10 @@ pub struct Block {
     sectors: u64,
     readonly: bool,
     id: [u8; ID_BYTES],
+    offer_wce: bool,
+    wce_negotiated: bool,
+    /// 1 writeback (flush on request), 0 writethrough (every write synced).
+    writeback: u8,
 }
 
 impl Block {
@@ -145,6 +194,9 @@ impl Block {
                         left -= n;
                         offset += n as u64;
                     }
+                    if status == S_OK && self.writeback == 0 && self.file.sync_data().is_err() {
+                        status = S_IOERR;
+                    }
                     status
                 }
             }
@@ -186,13 +238,59 @@ impl VirtioDevice for Block {
     }
 
     fn features(&self) -> u64 {
-        F_FLUSH | if self.readonly { F_RO } else { 0 }
+        F_FLUSH | if self.readonly { F_RO } else { 0 } | if self.offer_wce { F_CONFIG_WCE } else { 0 }
+    }
+
+    fn activate(&mut self, features: u64) -> Result<(), String> {
+        self.wce_negotiated = features & F_CONFIG_WCE != 0;
+        Ok(())
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        if offset == CONFIG_WRITEBACK && self.offer_wce {
+            if let Some(&v) = data.first() {
+                self.writeback = u8::from(v != 0);
+            }
+        }
+    }
+
+    fn state_versions(&self) -> (u32, u32, u32) {
+        (RELEASE.1, 1, 1)
+    }
+
+    fn save(&self, version: u32) -> Result<Vec<u8>, String> {
+        match version {
+            1 if self.wce_negotiated => {
+                Err("guest negotiated VIRTIO_BLK_F_CONFIG_WCE; v1 cannot express it".to_string())
+            }
+            1 => Ok(Vec::new()),
+            _ => ferry_plugin_api::state::encode(&BlkStateV2 {
+                wce_negotiated: self.wce_negotiated,
+                writeback: self.writeback,
+            }),
+        }
+    }
+
+    fn restore(&mut self, version: u32, bytes: &[u8]) -> Result<(), String> {
+        let s = match version {
+            1 => BlkStateV2 { wce_negotiated: false, writeback: 1 },
+            _ => ferry_plugin_api::state::decode(bytes)?,
+        };
+        if s.wce_negotiated && !self.offer_wce {
+            return Err(
+                "the guest negotiated VIRTIO_BLK_F_CONFIG_WCE, which this machine type does not offer".into(),
+            );
+        }
+        self.wce_negotiated = s.wce_negotiated;
+        self.writeback = u8::from(s.writeback != 0);
+        Ok(())
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // struct virtio_blk_config: capacity (u64, in 512-byte sectors) first.
         let mut config = [0u8; 64];
         config[0..8].copy_from_slice(&self.sectors.to_le_bytes());
+        config[CONFIG_WRITEBACK as usize] = self.writeback;
         for (i, b) in data.iter_mut().enumerate() {
             *b = config.get(offset as usize + i).copied().unwrap_or(0);
         }
@@ -242,7 +340,11 @@ mod tests {
         let path = std::env::temp_dir().join(format!("ferry-blk-{tag}-{}.img", std::process::id()));
         std::fs::write(&path, vec![0u8; (sectors * SECTOR) as usize]).unwrap();
         let file = OpenOptions::new().read(true).write(!readonly).open(&path).unwrap();
-        (Block { file, sectors, readonly, id: *b"test-disk\0\0\0\0\0\0\0\0\0\0\0" }, Disk { path })
+        let id = *b"test-disk\0\0\0\0\0\0\0\0\0\0\0";
+        (
+            Block { file, sectors, readonly, id, offer_wce: true, wce_negotiated: false, writeback: 1 },
+            Disk { path },
+        )
     }
 
     fn header(kind: u32, sector: u64) -> Vec<u8> {
@@ -364,5 +466,44 @@ mod tests {
             assert_eq!(t.used(0), vec![(0, 0)], "case {i} ({what}): returned with length 0");
         }
         assert!(std::fs::read(&d.path).unwrap().iter().all(|b| *b == 0), "nothing reached the file");
+    }
+}
+
+#[cfg(test)]
+mod state_tests {
+    use super::*;
+
+    #[test]
+    fn a_negotiated_cache_switch_refuses_the_v1_downgrade() {
+        let path = std::env::temp_dir().join(format!("ferry-blk-wce-{}.img", std::process::id()));
+        std::fs::write(&path, vec![0u8; 4096]).unwrap();
+        let file = OpenOptions::new().read(true).write(true).open(&path).unwrap();
+        let mut blk = Block {
+            file,
+            sectors: 8,
+            readonly: false,
+            id: [0; ID_BYTES],
+            offer_wce: true,
+            wce_negotiated: false,
+            writeback: 1,
+        };
+        assert_eq!(blk.save(1).unwrap(), Vec::<u8>::new(), "unused: v1 is fine");
+        blk.activate(F_CONFIG_WCE | ferry_virtio_pci::VIRTIO_F_VERSION_1).unwrap();
+        blk.write_config(CONFIG_WRITEBACK, &[0]);
+        assert_eq!(
+            blk.save(1).unwrap_err(),
+            "guest negotiated VIRTIO_BLK_F_CONFIG_WCE; v1 cannot express it"
+        );
+        let v2 = blk.save(2).unwrap();
+        let mut other = Block { writeback: 1, wce_negotiated: false, ..blk };
+        other.restore(2, &v2).unwrap();
+        assert_eq!((other.wce_negotiated, other.writeback), (true, 0));
+        other.restore(1, &[]).unwrap();
+        assert_eq!(
+            (other.wce_negotiated, other.writeback),
+            (false, 1),
+            "v1 upgrades to writeback, not negotiated"
+        );
+        let _ = std::fs::remove_file(&path);
     }
 }

@@ -72,14 +72,22 @@ pub trait VirtioDevice: Send + 'static {
     /// The driver reset the device.
     fn reset(&mut self) {}
 
-    /// Device-specific state beyond the transport's (CBOR, version 1), for
-    /// snapshots and migration. Called while the device is paused.
-    fn save(&self) -> Result<Vec<u8>, String> {
+    /// The device's state versions: (current, oldest loadable, oldest
+    /// writable). They are the plugin's state versions; the transport's own
+    /// part of the state does not change between them.
+    fn state_versions(&self) -> (u32, u32, u32) {
+        (1, 1, 1)
+    }
+
+    /// Device-specific state beyond the transport's, written at `version`
+    /// (within `state_versions`), for snapshots and migration. Called while
+    /// the device is paused. May refuse a downgrade with the reason.
+    fn save(&self, _version: u32) -> Result<Vec<u8>, String> {
         Ok(Vec::new())
     }
 
-    /// Load what `save` returned. Called while the device is paused.
-    fn restore(&mut self, _bytes: &[u8]) -> Result<(), String> {
+    /// Load what `save` wrote at `version`. Called while the device is paused.
+    fn restore(&mut self, _version: u32, _bytes: &[u8]) -> Result<(), String> {
         Ok(())
     }
 }

@@ -24,9 +24,6 @@ use crate::{
     worker, QueueSlot, Queues, VirtioDevice, VIRTIO_F_VERSION_1,
 };
 
-/// The state version virtio devices on this transport write and load.
-pub const STATE_VERSION: u32 = 1;
-
 /// Everything the vCPU side and the worker share.
 pub(crate) struct State<D: VirtioDevice> {
     pub(crate) device: D,
@@ -465,7 +462,7 @@ impl<D: VirtioDevice> State<D> {
         Ok(())
     }
 
-    fn save(&self) -> Result<VirtioStateV1, String> {
+    fn save(&self, version: u32) -> Result<VirtioStateV1, String> {
         Ok(VirtioStateV1 {
             command: self.command,
             bar0: self.bar0,
@@ -495,11 +492,11 @@ impl<D: VirtioDevice> State<D> {
                 })
                 .collect(),
             msix: self.msix.snapshot(),
-            device: self.device.save()?,
+            device: self.device.save(version)?,
         })
     }
 
-    fn restore(&mut self, s: &VirtioStateV1) -> Result<(), String> {
+    fn restore(&mut self, version: u32, s: &VirtioStateV1) -> Result<(), String> {
         if s.queues.len() != self.queues.len() {
             return Err(format!(
                 "state has {} queues, this device has {}",
@@ -532,7 +529,7 @@ impl<D: VirtioDevice> State<D> {
             slot.vector = q.vector;
         }
         self.msix.restore(&s.msix)?;
-        self.device.restore(&s.device)?;
+        self.device.restore(version, &s.device)?;
         self.activated = s.activated;
         if self.activated {
             self.register_notifies()?;
@@ -596,23 +593,29 @@ impl<D: VirtioDevice> PluginDevice for VirtioPci<D> {
     }
 
     fn save_state(&mut self, version: u32) -> Result<StateBlob, String> {
-        if version != STATE_VERSION {
-            return Err(format!("cannot write state v{version}: this plugin writes v{STATE_VERSION}"));
+        let st = self.shared.lock();
+        let (current, _, oldest_save) = st.device.state_versions();
+        if version < oldest_save || version > current {
+            return Err(format!(
+                "cannot write state v{version}: this plugin writes v{oldest_save}..v{current}"
+            ));
         }
-        let s = self.shared.lock().save()?;
+        let s = st.save(version)?;
         Ok(StateBlob { version, bytes: state::encode(&s)?.into() })
     }
 
     fn load_state(&mut self, blob: StateBlob) -> Result<(), String> {
-        if blob.version != STATE_VERSION {
+        let mut st = self.shared.lock();
+        let (current, oldest_load, _) = st.device.state_versions();
+        if blob.version < oldest_load || blob.version > current {
             return Err(format!(
-                "state v{} is {} than this plugin loads (v{STATE_VERSION}..v{STATE_VERSION})",
+                "state v{} is {} than this plugin loads (v{oldest_load}..v{current})",
                 blob.version,
-                if blob.version > STATE_VERSION { "newer" } else { "older" }
+                if blob.version > current { "newer" } else { "older" }
             ));
         }
         let s: VirtioStateV1 = state::decode(blob.bytes.as_slice())?;
-        self.shared.lock().restore(&s)
+        st.restore(blob.version, &s)
     }
 
     fn take_pci_function(&mut self) -> Option<Box<dyn PciConfigSpace>> {

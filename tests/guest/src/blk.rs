@@ -6,7 +6,8 @@
 //! 1 IOERR, 2 UNSUPP). Types: 0 IN (read), 1 OUT (write), 4 FLUSH,
 //! 8 GET_ID (20-byte ID string, NUL-padded). Sectors are 512 bytes.
 //! VIRTIO_BLK_F_RO (feature bit 5) is accepted if offered; a read-only
-//! device fails writes with IOERR.
+//! device fails writes with IOERR. VIRTIO_BLK_F_CONFIG_WCE (bit 11) is
+//! accepted if offered and the cache is left in the device's mode.
 
 use crate::cmdline::BlkOp;
 use crate::virtio::{Device, DeviceSpec, InitError, Slot};
@@ -18,6 +19,7 @@ pub const T_OUT: u32 = 1;
 const T_FLUSH: u32 = 4;
 const T_GET_ID: u32 = 8;
 const F_RO: u64 = 1 << 5;
+const F_CONFIG_WCE: u64 = 1 << 11;
 pub const SECTOR: usize = 512;
 const WORDS_PER_SECTOR: usize = SECTOR / 8;
 /// Most sectors per request (the size of the data buffer).
@@ -31,7 +33,7 @@ pub const STATUS_OK: u8 = 0;
 /// Device configuration: le64 capacity in 512-byte sectors at offset 0.
 const CONFIG_CAPACITY: u64 = 0;
 
-const SPEC: DeviceSpec = DeviceSpec { name: "BLK", device_id: 0x1042, optional_features: F_RO };
+const SPEC: DeviceSpec = DeviceSpec { name: "BLK", device_id: 0x1042, optional_features: F_RO | F_CONFIG_WCE };
 
 pub struct Blk {
     pub dev: Device,
