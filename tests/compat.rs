@@ -51,22 +51,11 @@ fn hosts() -> &'static [Host; 3] {
     })
 }
 
-fn machine(dir: &Path, turbo: bool) -> String {
-    let path = dir.join(if turbo { "new.toml" } else { "old.toml" });
-    let extra = if turbo { ", turbo = true" } else { "" };
-    std::fs::write(
-        &path,
-        format!(
-            "name = \"{}\"\n\
-             [[device]]\nid = \"com1\"\nplugin = \"serial-16550\"\nproperties = {{ input = \"none\" }}\n\
-             [[device]]\nid = \"rtc\"\nplugin = \"cmos-rtc\"\n\
-             [[device]]\nid = \"debug-exit\"\nplugin = \"debug-exit\"\n\
-             [[device]]\nid = \"dev0\"\nplugin = \"testdev\"\nproperties = {{ port = 0x510{extra} }}\n",
-            if turbo { "testdev-2" } else { "testdev-1" }
-        ),
-    )
-    .expect("machine type");
-    path.display().to_string()
+/// The machine types in `tests/machines/`: `testdev-1` keeps the test
+/// device at its v1 behaviour, `testdev-2` switches turbo on.
+fn machine(turbo: bool) -> String {
+    let name = if turbo { "testdev-2.toml" } else { "testdev-1.toml" };
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("machines").join(name).display().to_string()
 }
 
 fn plugins_arg(v: usize) -> String {
@@ -100,7 +89,7 @@ fn source(
     env: &[(&str, &str)],
 ) -> (Running, PathBuf) {
     let socket = dir.path().join("src.sock");
-    let (s, m, p) = (socket.display().to_string(), machine(dir.path(), turbo), plugins_arg(from));
+    let (s, m, p) = (socket.display().to_string(), machine(turbo), plugins_arg(from));
     let vm = Running::new(spawn_ferry_env(
         &["run", "--plugins", &p, "--api-socket", &s, "--machine", &m, "--cmdline", cmdline],
         env,
