@@ -502,3 +502,73 @@ fn compat_prints_the_plan_the_live_handshake_gives() {
         drop(src);
     }
 }
+
+/// The guest sends a frame every 100 ms while it moves from host A to
+/// host B, with pre-copy held open for about 1.5 s: every frame leaves
+/// exactly once, through A's tap before the switch-over and B's after.
+#[test]
+fn between_two_hosts_with_frames_flowing_during_the_move() {
+    if !kvm_or_skip("between_two_hosts_with_frames_flowing_during_the_move") {
+        return;
+    }
+    const FRAMES: usize = 30;
+    let Some(hosts) = ferry_tests::netns::TwoHosts::new("ftap1") else { return };
+    let dir = TempDir::new("migflow");
+    let bin = ferry_bin().display().to_string();
+    let plugins = ferry_tests::bin_dir().display().to_string();
+    let uri = "tcp:10.200.0.2:7791";
+    let capture_a = hosts.a.capture("ftap1", FRAMES, Duration::from_secs(15));
+    let capture_b = hosts.b.capture("ftap1", FRAMES, Duration::from_secs(15));
+    let mut dst = Running::new(ferry_tests::spawn_command(
+        "ip",
+        &["netns", "exec", hosts.b.name(), &bin, "run", "--plugins", &plugins, "--incoming", uri],
+    ));
+    std::thread::sleep(Duration::from_millis(300));
+    let socket = dir.path().join("src.sock");
+    let s = socket.display().to_string();
+    let cmdline = "pattern=8 ".to_string() + &"net-send=1 ticks=1 ".repeat(FRAMES) + "verify exit=9";
+    let mut src = Running::new(ferry_tests::spawn_command(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            hosts.a.name(),
+            "env",
+            "FERRY_MIGRATION_ROUND_DELAY_MS=100",
+            "FERRY_MIGRATION_MIN_ROUNDS=15",
+            &bin,
+            "run",
+            "--plugins",
+            &plugins,
+            "--api-socket",
+            &s,
+            "--net",
+            "tap=ftap1,mac=52:54:00:12:34:57",
+            "--cmdline",
+            &cmdline,
+        ],
+    ));
+    assert!(wait_for_path(&socket, DEADLINE));
+    for _ in 0..3 {
+        src.wait_line("NET SENT 1", DEADLINE).expect("the guest sends on host A");
+    }
+    let (ok, text) = migrate(&socket, uri, &[]);
+    assert!(ok, "{text}");
+    let src_out = src.finish(DEADLINE);
+    assert_eq!(src_out.code(), 0, "{}", src_out.stderr);
+    let dst_out = dst.finish(DEADLINE);
+    assert_eq!(dst_out.code(), 9, "{}\n{}", dst_out.stdout, dst_out.stderr);
+    assert!(dst_out.stdout.contains("PATTERN OK pages=2048"));
+    let sent = |out: &str| out.lines().filter(|l| l.starts_with("NET SENT 1 ")).count();
+    let (on_a, on_b) = (sent(&src_out.stdout), sent(&dst_out.stdout));
+    assert!(on_a >= 3 + 5, "the guest kept sending during pre-copy ({on_a} frames on A)");
+    assert!(on_b > 0, "the guest sends on B after the move");
+    assert_eq!(on_a + on_b, FRAMES, "the guest sent each frame once");
+    let a = capture_a.join().expect("capture A");
+    let b = capture_b.join().expect("capture B");
+    assert_eq!(
+        (a.len(), b.len()),
+        (on_a, on_b),
+        "every frame sent left once, through the host it was sent on"
+    );
+}
