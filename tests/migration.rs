@@ -519,7 +519,7 @@ fn between_two_hosts_with_frames_flowing_during_the_move() {
     let uri = "tcp:10.200.0.2:7791";
     let capture_a = hosts.a.capture("ftap1", FRAMES, Duration::from_secs(15));
     let capture_b = hosts.b.capture("ftap1", FRAMES, Duration::from_secs(15));
-    let mut dst = Running::new(ferry_tests::spawn_command(
+    let dst = Running::new(ferry_tests::spawn_command(
         "ip",
         &["netns", "exec", hosts.b.name(), &bin, "run", "--plugins", &plugins, "--incoming", uri],
     ));
