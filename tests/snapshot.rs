@@ -1,6 +1,6 @@
 //! Snapshot and restore with the test guest: the counter carries on from
 //! its last value, the memory pattern holds, virtio-blk, virtio-rng, the
-//! serial console (both ways) and interrupts work after restore, with 1 and
+//! serial console (both ways), virtio-net and interrupts work after restore, with 1 and
 //! 4 vCPUs; ten cycles in a row stay good.
 
 use std::{io::Write, time::Duration};
@@ -121,4 +121,59 @@ fn ten_snapshot_restore_cycles_in_a_row() {
     assert_eq!(end.code(), 5, "stdout:\n{}\nstderr:\n{}", end.stdout, end.stderr);
     assert!(end.stdout.contains("PATTERN OK pages=4096"), "{}", end.stdout);
     assert!(end.stdout.contains("TICK 100"));
+}
+
+/// virtio-net across a snapshot: the guest sends before it, and after a
+/// restore in a new process on the same tap it sends again and receives
+/// what the host injects.
+#[test]
+fn snapshot_and_restore_with_a_network_device() {
+    if !kvm_or_skip("snapshot_and_restore_with_a_network_device") {
+        return;
+    }
+    let Some(ns) = ferry_tests::netns::NetNs::with_tap("ftap2") else { return };
+    let dir = TempDir::new("snapnet");
+    let capture = ns.capture("ftap2", 5, Duration::from_secs(60));
+    let inject = ns.injector("ftap2");
+    let bin = ferry_tests::ferry_bin().display().to_string();
+    let plugins = ferry_tests::bin_dir().display().to_string();
+    let socket = dir.path().join("api.sock");
+    let (s, snap) = (socket.display().to_string(), dir.path().join("vm.snap").display().to_string());
+    let in_ns = |args: &[&str]| {
+        let mut all = vec!["netns", "exec", ns.name(), &bin, "run", "--plugins", &plugins];
+        all.extend_from_slice(args);
+        Running::new(ferry_tests::spawn_command("ip", &all))
+    };
+    let mut first = in_ns(&[
+        "--api-socket",
+        &s,
+        "--net",
+        "tap=ftap2,mac=52:54:00:12:34:58",
+        "--cmdline",
+        "net-send=2 ticks=20 net-send=3 net-recv=2 exit=0",
+    ]);
+    assert!(wait_for_path(&socket, Duration::from_secs(20)), "no API socket");
+    first.wait_line("TICK 3", DEADLINE).expect("the guest ticks");
+    ctl(&socket, &["pause"]);
+    assert!(ctl(&socket, &["snapshot", &snap]).contains("\"paused_ms\""));
+    ctl(&socket, &["shutdown"]);
+    let out = first.finish(DEADLINE);
+    assert_eq!(out.code(), 0, "{}", out.stderr);
+    assert!(out.stdout.contains("NET SENT 2 mac=52:54:00:12:34:58"), "{}", out.stdout);
+
+    let mut second = in_ns(&["--restore", &snap]);
+    assert!(second.wait_line("NET RECV READY", DEADLINE).is_some(), "the restored guest never listened");
+    for i in 0..2 {
+        inject(format!("HOST-FRAME {i}").as_bytes());
+    }
+    let out = second.finish(DEADLINE);
+    assert_eq!(out.code(), 0, "stdout:\n{}\nstderr:\n{}", out.stdout, out.stderr);
+    assert!(out.stdout.contains("NET SENT 3 mac=52:54:00:12:34:58"), "{}", out.stdout);
+    for i in 0..2 {
+        let want = format!("NET RECV len=60 ethertype=88b5 payload=HOST-FRAME {i}");
+        assert!(out.stdout.contains(&want), "{want} missing:\n{}", out.stdout);
+    }
+    let frames = capture.join().expect("capture");
+    assert_eq!(frames.len(), 5, "2 frames before the snapshot and 3 after the restore reached the tap");
+    assert!(frames.iter().all(|f| f[6..12] == [0x52, 0x54, 0x00, 0x12, 0x34, 0x58]));
 }
