@@ -424,34 +424,13 @@ impl<R: Read + Seek> Reader<R> {
         let at = self.at;
         let index = self.index;
         let h = self.read_exact_checked(SECTION_HEADER_LEN, &format!("section {index} header"))?;
-        let code = u16::from_le_bytes([h[0], h[1]]);
-        let id_len = u16::from_le_bytes([h[2], h[3]]) as u64;
-        let version = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
-        let payload_len = u64::from_le_bytes(h[8..16].try_into().expect("8 bytes"));
-        let payload_crc = u32::from_le_bytes([h[16], h[17], h[18], h[19]]);
-        let header_crc = u32::from_le_bytes([h[20], h[21], h[22], h[23]]);
-        if id_len > MAX_ID_LEN as u64 {
+        let raw = RawHeader::parse(&h);
+        if raw.id_len > MAX_ID_LEN {
             return Err(StreamError::SectionHeaderCrc { index, at });
         }
-        let id_bytes = self.read_exact_checked(id_len, &format!("section {index} id"))?;
-        let mut crc = crc32fast::Hasher::new();
-        crc.update(&h[..20]);
-        crc.update(&id_bytes);
-        if crc.finalize() != header_crc {
-            return Err(StreamError::SectionHeaderCrc { index, at });
-        }
-        let kind = Kind::from_code(code).ok_or(StreamError::UnknownKind { index, at, code })?;
-        let id = String::from_utf8_lossy(&id_bytes).to_string();
-        if payload_len > kind.max_payload() {
-            return Err(StreamError::TooLong {
-                index,
-                kind: kind.name(),
-                id,
-                what: "payload",
-                len: payload_len,
-                limit: kind.max_payload(),
-            });
-        }
+        let id_bytes = self.read_exact_checked(raw.id_len as u64, &format!("section {index} id"))?;
+        let (kind, id) = raw.check(&h, &id_bytes, index, at)?;
+        let RawHeader { version, payload_len, payload_crc, .. } = raw;
         if self.at + payload_len > self.len {
             return Err(StreamError::Truncated {
                 what: format!("section {index} ({} {id}) payload", kind.name()),
@@ -582,41 +561,70 @@ pub fn send<W: Write>(
     out.write_all(payload)
 }
 
+/// The fixed 24 bytes of a section header, decoded but not yet trusted.
+struct RawHeader {
+    code: u16,
+    id_len: usize,
+    version: u32,
+    payload_len: u64,
+    payload_crc: u32,
+    header_crc: u32,
+}
+
+impl RawHeader {
+    /// `h` holds exactly `SECTION_HEADER_LEN` bytes.
+    fn parse(h: &[u8]) -> Self {
+        let u32_at = |i: usize| u32::from_le_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]);
+        RawHeader {
+            code: u16::from_le_bytes([h[0], h[1]]),
+            id_len: usize::from(u16::from_le_bytes([h[2], h[3]])),
+            version: u32_at(4),
+            payload_len: u64::from(u32_at(8)) | u64::from(u32_at(12)) << 32,
+            payload_crc: u32_at(16),
+            header_crc: u32_at(20),
+        }
+    }
+
+    /// Checks the header CRC (over `h`'s first 20 bytes and the id), the
+    /// kind and the payload limit; returns the kind and the id.
+    fn check(&self, h: &[u8], id_bytes: &[u8], index: usize, at: u64) -> Result<(Kind, String), StreamError> {
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&h[..20]);
+        crc.update(id_bytes);
+        if crc.finalize() != self.header_crc {
+            return Err(StreamError::SectionHeaderCrc { index, at });
+        }
+        let kind =
+            Kind::from_code(self.code).ok_or(StreamError::UnknownKind { index, at, code: self.code })?;
+        let id = String::from_utf8_lossy(id_bytes).to_string();
+        if self.payload_len > kind.max_payload() {
+            return Err(StreamError::TooLong {
+                index,
+                kind: kind.name(),
+                id,
+                what: "payload",
+                len: self.payload_len,
+                limit: kind.max_payload(),
+            });
+        }
+        Ok((kind, id))
+    }
+}
+
 /// Receive one message from a byte stream: the header is checked (CRC,
 /// kind, length limit) before the payload is read, then the payload's CRC.
 /// `index` numbers messages in errors.
 pub fn receive<R: Read>(input: &mut R, index: usize) -> Result<(SectionHeader, Vec<u8>), StreamError> {
     let mut h = [0u8; SECTION_HEADER_LEN as usize];
     input.read_exact(&mut h)?;
-    let code = u16::from_le_bytes([h[0], h[1]]);
-    let id_len = u16::from_le_bytes([h[2], h[3]]) as usize;
-    let version = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
-    let payload_len = u64::from_le_bytes(h[8..16].try_into().expect("8 bytes"));
-    let payload_crc = u32::from_le_bytes([h[16], h[17], h[18], h[19]]);
-    let header_crc = u32::from_le_bytes([h[20], h[21], h[22], h[23]]);
-    if id_len > MAX_ID_LEN {
+    let raw = RawHeader::parse(&h);
+    if raw.id_len > MAX_ID_LEN {
         return Err(StreamError::SectionHeaderCrc { index, at: 0 });
     }
-    let mut id_bytes = vec![0u8; id_len];
+    let mut id_bytes = vec![0u8; raw.id_len];
     input.read_exact(&mut id_bytes)?;
-    let mut crc = crc32fast::Hasher::new();
-    crc.update(&h[..20]);
-    crc.update(&id_bytes);
-    if crc.finalize() != header_crc {
-        return Err(StreamError::SectionHeaderCrc { index, at: 0 });
-    }
-    let kind = Kind::from_code(code).ok_or(StreamError::UnknownKind { index, at: 0, code })?;
-    let id = String::from_utf8_lossy(&id_bytes).to_string();
-    if payload_len > kind.max_payload() {
-        return Err(StreamError::TooLong {
-            index,
-            kind: kind.name(),
-            id,
-            what: "payload",
-            len: payload_len,
-            limit: kind.max_payload(),
-        });
-    }
+    let (kind, id) = raw.check(&h, &id_bytes, index, 0)?;
+    let RawHeader { version, payload_len, payload_crc, .. } = raw;
     let mut payload = vec![0u8; payload_len as usize];
     input.read_exact(&mut payload)?;
     if crc32fast::hash(&payload) != payload_crc {
