@@ -226,19 +226,7 @@ fn build(machine: MachineType, plugins: &Path, cpus: Option<u8>, ram: RamSource<
         let table = cpu::cpuid_for(base_cpuid, index, cpus);
         fd.set_cpuid2(&table).map_err(|source| BootError::Vcpu { cpu: index, source })?;
         if index == 0 {
-            cpuid = table
-                .as_slice()
-                .iter()
-                .map(|e| CpuidRecord {
-                    function: e.function,
-                    index: e.index,
-                    flags: e.flags,
-                    eax: e.eax,
-                    ebx: e.ebx,
-                    ecx: e.ecx,
-                    edx: e.edx,
-                })
-                .collect();
+            cpuid = cpuid_records(&table);
         }
         cpu::setup_lapic(&fd, index)?;
         vcpus.push(fd);
@@ -506,21 +494,24 @@ pub fn host_plugins(registry: &Registry) -> Vec<crate::migration::plan::HostPlug
 pub fn host_cpuid(cpus: u8) -> Option<Vec<CpuidRecord>> {
     let kvm = kvm_ioctls::Kvm::new().ok()?;
     let base = kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES).ok()?;
-    Some(
-        cpu::cpuid_for(&base, 0, cpus)
-            .as_slice()
-            .iter()
-            .map(|e| CpuidRecord {
-                function: e.function,
-                index: e.index,
-                flags: e.flags,
-                eax: e.eax,
-                ebx: e.ebx,
-                ecx: e.ecx,
-                edx: e.edx,
-            })
-            .collect(),
-    )
+    Some(cpuid_records(&cpu::cpuid_for(&base, 0, cpus)))
+}
+
+/// The entries of a CPUID table as the manifest records them.
+fn cpuid_records(table: &kvm_bindings::CpuId) -> Vec<CpuidRecord> {
+    table
+        .as_slice()
+        .iter()
+        .map(|e| CpuidRecord {
+            function: e.function,
+            index: e.index,
+            flags: e.flags,
+            eax: e.eax,
+            ebx: e.ebx,
+            ecx: e.ecx,
+            edx: e.edx,
+        })
+        .collect()
 }
 
 /// This host's plugin set and CPU, for `ferry plugins --manifest`.
