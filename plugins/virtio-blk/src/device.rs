@@ -110,7 +110,16 @@ pub fn create(config: &DeviceConfig, host: HostBox) -> Result<VirtioPci<Block>, 
     id[..n].copy_from_slice(&serial.as_bytes()[..n]);
     let offer_wce = RELEASE.1 >= 2 && props.boolean("config-wce")?;
     VirtioPci::new(
-        Block { file, sectors: len / SECTOR, readonly, id, offer_wce, wce_negotiated: false, writeback: 1 },
+        Block {
+            file,
+            sectors: len / SECTOR,
+            readonly,
+            id,
+            offer_wce,
+            wce_negotiated: false,
+            writeback: 1,
+            buf: Vec::new(),
+        },
         host,
     )
 }
@@ -124,12 +133,40 @@ pub struct Block {
     wce_negotiated: bool,
     /// 1 writeback (flush on request), 0 writethrough (every write synced).
     writeback: u8,
+    /// Bounce buffer for data moves, grown to `CHUNK` at most and kept.
+    buf: Vec<u8>,
 }
 
 impl Block {
     fn range_ok(&self, sector: u64, bytes: usize) -> bool {
         bytes as u64 % SECTOR == 0
             && sector.checked_add(bytes as u64 / SECTOR).is_some_and(|end| end <= self.sectors)
+    }
+
+    /// Moves `bytes` from `sector` on, at most `CHUNK` at a time through
+    /// the device's reusable buffer: `step(file, chunk, file_offset)` does
+    /// one chunk and says whether it worked. S_IOERR at the first failure.
+    fn chunked(
+        &mut self,
+        sector: u64,
+        bytes: usize,
+        mut step: impl FnMut(&File, &mut [u8], u64) -> bool,
+    ) -> u8 {
+        let chunk_len = CHUNK.min(bytes.max(1));
+        if self.buf.len() < chunk_len {
+            self.buf.resize(chunk_len, 0);
+        }
+        let mut offset = sector * SECTOR;
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(chunk_len);
+            if !step(&self.file, &mut self.buf[..n], offset) {
+                return S_IOERR;
+            }
+            left -= n;
+            offset += n as u64;
+        }
+        S_OK
     }
 
     /// Serve one chain; returns the bytes written into guest memory.
@@ -155,23 +192,11 @@ impl Block {
                 if !self.range_ok(sector, bytes) {
                     S_IOERR
                 } else {
-                    let mut buf = vec![0u8; CHUNK.min(bytes.max(1))];
-                    let mut offset = sector * SECTOR;
-                    let mut left = bytes;
-                    let mut status = S_OK;
-                    while left > 0 {
-                        let n = left.min(buf.len());
-                        if self.file.read_exact_at(&mut buf[..n], offset).is_err()
-                            || writer.write_all(&buf[..n]).is_err()
-                        {
-                            status = S_IOERR;
-                            break;
-                        }
-                        written += n;
-                        left -= n;
-                        offset += n as u64;
-                    }
-                    status
+                    self.chunked(sector, bytes, |file, chunk, offset| {
+                        let ok = file.read_exact_at(chunk, offset).is_ok() && writer.write_all(chunk).is_ok();
+                        written += if ok { chunk.len() } else { 0 };
+                        ok
+                    })
                 }
             }
             T_OUT => {
@@ -179,21 +204,9 @@ impl Block {
                 if self.readonly || !self.range_ok(sector, bytes) {
                     S_IOERR
                 } else {
-                    let mut buf = vec![0u8; CHUNK.min(bytes.max(1))];
-                    let mut offset = sector * SECTOR;
-                    let mut left = bytes;
-                    let mut status = S_OK;
-                    while left > 0 {
-                        let n = left.min(buf.len());
-                        if reader.read_exact(&mut buf[..n]).is_err()
-                            || self.file.write_all_at(&buf[..n], offset).is_err()
-                        {
-                            status = S_IOERR;
-                            break;
-                        }
-                        left -= n;
-                        offset += n as u64;
-                    }
+                    let mut status = self.chunked(sector, bytes, |file, chunk, offset| {
+                        reader.read_exact(chunk).is_ok() && file.write_all_at(chunk, offset).is_ok()
+                    });
                     if status == S_OK && self.writeback == 0 && self.file.sync_data().is_err() {
                         status = S_IOERR;
                     }
@@ -342,7 +355,16 @@ mod tests {
         let file = OpenOptions::new().read(true).write(!readonly).open(&path).unwrap();
         let id = *b"test-disk\0\0\0\0\0\0\0\0\0\0\0";
         (
-            Block { file, sectors, readonly, id, offer_wce: true, wce_negotiated: false, writeback: 1 },
+            Block {
+                file,
+                sectors,
+                readonly,
+                id,
+                offer_wce: true,
+                wce_negotiated: false,
+                writeback: 1,
+                buf: Vec::new(),
+            },
             Disk { path },
         )
     }
@@ -486,6 +508,7 @@ mod state_tests {
             offer_wce: true,
             wce_negotiated: false,
             writeback: 1,
+            buf: Vec::new(),
         };
         assert_eq!(blk.save(1).unwrap(), Vec::<u8>::new(), "unused: v1 is fine");
         blk.activate(F_CONFIG_WCE | ferry_virtio_pci::VIRTIO_F_VERSION_1).unwrap();
