@@ -27,7 +27,7 @@ use ferry::bus::Bus;
 use ferry_plugin_api::{
     testing::FakeHost, AddressSpace, Device, DeviceBox, DeviceConfig, Property, Region, StateBlob,
 };
-use ferry_tests::{bin_dir, wait_for_path, Running, TempDir};
+use ferry_tests::{bin_dir, qmp::qemu_command, wait_for_path, Running, TempDir};
 
 const RUNS: usize = 7;
 const MARKER: &[u8] = b"FERRY-GUEST";
@@ -66,23 +66,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn qemu_cmd(guest: &std::path::Path, cmdline: &str) -> Command {
-    let mut c = Command::new("qemu-system-x86_64");
-    c.args([
-        "-accel",
-        "kvm",
-        "-M",
-        "pc",
-        "-m",
-        "256M",
-        "-nographic",
-        "-no-reboot",
-        "-net",
-        "none",
-        "-kernel",
-    ])
-    .arg(guest)
-    .args(["-append", cmdline, "-device", "isa-debug-exit,iobase=0xf4,iosize=0x01"]);
-    c
+    qemu_command(guest, "256M", cmdline)
 }
 
 fn ferry_cmd(cmdline: &str) -> Command {

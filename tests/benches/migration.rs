@@ -18,7 +18,11 @@ use std::{
     time::Duration,
 };
 
-use ferry_tests::{bin_dir, free_port, qmp::Qmp, wait_for_path, Running, TempDir};
+use ferry_tests::{
+    bin_dir, free_port,
+    qmp::{qemu_command, Qmp},
+    wait_for_path, Running, TempDir,
+};
 
 const IDLE: &str = "pattern=64 ticks=0";
 const DIRTY: &str = "pattern=64 dirty=26 hz=1000 ticks=0";
@@ -84,23 +88,8 @@ fn ferry(dir: &Path, memory: &str, guest: &str, unix: bool) -> Result<Figures, S
 }
 
 fn qemu_cmd(guest_elf: &Path, memory: &str, guest: &str, qmp: &Path) -> Command {
-    let mut c = Command::new("qemu-system-x86_64");
-    c.args([
-        "-accel",
-        "kvm",
-        "-M",
-        "pc",
-        "-m",
-        memory,
-        "-nographic",
-        "-no-reboot",
-        "-net",
-        "none",
-        "-kernel",
-    ])
-    .arg(guest_elf)
-    .args(["-append", guest, "-device", "isa-debug-exit,iobase=0xf4,iosize=0x01", "-qmp"])
-    .arg(format!("unix:{},server=on,wait=off", qmp.display()));
+    let mut c = qemu_command(guest_elf, memory, guest);
+    c.arg("-qmp").arg(format!("unix:{},server=on,wait=off", qmp.display()));
     c
 }
 

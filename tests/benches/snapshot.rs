@@ -20,7 +20,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ferry_tests::{bin_dir, ctl, qmp::Qmp, wait_for_path, Running, TempDir};
+use ferry_tests::{
+    bin_dir, ctl,
+    qmp::{qemu_command, Qmp},
+    wait_for_path, Running, TempDir,
+};
 
 const GUEST: &str = "pattern=64 ticks=0";
 
@@ -81,26 +85,12 @@ fn ferry_snapshot(dir: &Path, memory: &str) -> Result<(f64, u64, f64), String> {
 }
 
 fn qemu_cmd(guest: &Path, memory: &str, qmp: &Path) -> Command {
-    let mut c = Command::new("qemu-system-x86_64");
-    c.args([
-        "-accel",
-        "kvm",
-        "-M",
-        "pc",
-        "-m",
-        memory,
-        "-nographic",
-        "-no-reboot",
-        "-net",
-        "none",
-        "-kernel",
-    ])
-    .arg(guest)
-    .args(["-append", GUEST, "-device", "isa-debug-exit,iobase=0xf4,iosize=0x01", "-qmp"])
-    .arg(format!("unix:{},server=on,wait=off", qmp.display()))
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
+    let mut c = qemu_command(guest, memory, GUEST);
+    c.arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     c
 }
 

@@ -20,7 +20,7 @@ use std::{
     time::Duration,
 };
 
-use ferry_tests::{bin_dir, TempDir};
+use ferry_tests::{bin_dir, qmp::qemu_command, TempDir};
 
 #[derive(Debug, Clone, Copy)]
 struct Sample {
@@ -74,24 +74,10 @@ fn ferry_cmd(image: &Path, tokens: &str) -> Command {
 }
 
 fn qemu_cmd(guest: &Path, image: &Path, tokens: &str) -> Command {
-    let mut c = Command::new("qemu-system-x86_64");
-    c.args([
-        "-accel",
-        "kvm",
-        "-M",
-        "pc",
-        "-m",
-        "256M",
-        "-nographic",
-        "-no-reboot",
-        "-net",
-        "none",
-        "-kernel",
-    ])
-    .arg(guest)
-    .args(["-append", tokens, "-device", "isa-debug-exit,iobase=0xf4,iosize=0x01", "-drive"])
-    .arg(format!("file={},format=raw,if=none,id=d0", image.display()))
-    .args(["-device", "virtio-blk-pci,drive=d0,disable-legacy=on"]);
+    let mut c = qemu_command(guest, "256M", tokens);
+    c.arg("-drive")
+        .arg(format!("file={},format=raw,if=none,id=d0", image.display()))
+        .args(["-device", "virtio-blk-pci,drive=d0,disable-legacy=on"]);
     c
 }
 

@@ -1,11 +1,37 @@
-//! A minimal QMP client, for benchmarks that drive QEMU beside ferry.
+//! QEMU beside ferry, for benchmarks: the common command line and a
+//! minimal QMP client.
 
 use std::{
     io::{BufRead, BufReader, Write},
     os::unix::net::UnixStream,
     path::Path,
+    process::Command,
     time::{Duration, Instant},
 };
+
+/// `qemu-system-x86_64` booting the test guest ELF `guest` the way the
+/// benchmarks compare it with ferry: KVM, `-M pc`, `memory` of RAM, serial
+/// on stdio, no network, the guest's command line `cmdline`, and the
+/// debug-exit port at 0xf4. Callers add what their comparison needs.
+pub fn qemu_command(guest: &Path, memory: &str, cmdline: &str) -> Command {
+    let mut c = Command::new("qemu-system-x86_64");
+    c.args([
+        "-accel",
+        "kvm",
+        "-M",
+        "pc",
+        "-m",
+        memory,
+        "-nographic",
+        "-no-reboot",
+        "-net",
+        "none",
+        "-kernel",
+    ])
+    .arg(guest)
+    .args(["-append", cmdline, "-device", "isa-debug-exit,iobase=0xf4,iosize=0x01"]);
+    c
+}
 
 /// A minimal QMP client.
 pub struct Qmp {
