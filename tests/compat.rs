@@ -289,6 +289,31 @@ fn old_serial_host() -> &'static TempDir {
     previous_release_host(&HOST, "serial-16550", "libserial_16550.so")
 }
 
+/// A destination on plugin set `to` waiting on a fresh TCP port, and a
+/// source on plugin set `from` running `src_args` with an API socket in
+/// `dir`; returns once the source has ticked three times, with the result
+/// of asking it to migrate: (source, destination, ok, what ctl printed).
+fn migrate_between(
+    dir: &TempDir,
+    from: &Path,
+    to: &Path,
+    src_args: &[&str],
+) -> (Running, Running, bool, String) {
+    let uri = format!("tcp:127.0.0.1:{}", free_port());
+    let to_arg = to.display().to_string();
+    let dst = Running::new(spawn_ferry(&["run", "--plugins", &to_arg, "--incoming", &uri]));
+    std::thread::sleep(Duration::from_millis(300));
+    let socket = dir.path().join("src.sock");
+    let (s, f) = (socket.display().to_string(), from.display().to_string());
+    let mut args = vec!["run", "--plugins", &f, "--api-socket", &s];
+    args.extend_from_slice(src_args);
+    let mut src = Running::new(spawn_ferry(&args));
+    assert!(wait_for_path(&socket, DEADLINE));
+    while wait_tick(&mut src) < 3 {}
+    let (ok, text) = migrate(&socket, &uri);
+    (src, dst, ok, text)
+}
+
 #[test]
 fn serial_migrates_between_releases_both_ways_while_in_use() {
     if !kvm_or_skip("serial_migrates_between_releases_both_ways_while_in_use") {
@@ -301,25 +326,9 @@ fn serial_migrates_between_releases_both_ways_while_in_use() {
         (&new_dir, &old_dir, "device com1 (serial-16550 0.2.0 -> 0.1.0): source downgrades v2->v1"),
     ] {
         let dir = TempDir::new("serial-rel");
-        let uri = format!("tcp:127.0.0.1:{}", free_port());
-        let to_arg = to.display().to_string();
-        let mut dst = Running::new(spawn_ferry(&["run", "--plugins", &to_arg, "--incoming", &uri]));
-        std::thread::sleep(Duration::from_millis(300));
-        let socket = dir.path().join("src.sock");
-        let (s, f) = (socket.display().to_string(), from.display().to_string());
         // pc-1, the older machine type: the console prints ticks, then reads a line.
-        let mut src = Running::new(spawn_ferry(&[
-            "run",
-            "--plugins",
-            &f,
-            "--api-socket",
-            &s,
-            "--cmdline",
-            "ticks=20 echo exit=0",
-        ]));
-        assert!(wait_for_path(&socket, DEADLINE));
-        while wait_tick(&mut src) < 3 {}
-        let (ok, text) = migrate(&socket, &uri);
+        let (src, mut dst, ok, text) =
+            migrate_between(&dir, from, to, &["--cmdline", "ticks=20 echo exit=0"]);
         assert!(ok, "{text}");
         assert!(text.contains(want), "{text}");
         assert_eq!(src.finish(DEADLINE).code(), 0);
@@ -352,27 +361,9 @@ fn virtio_blk_migrates_between_releases_both_ways_while_in_use() {
         let disk = dir.path().join("disk.img");
         std::fs::write(&disk, vec![0u8; 4 << 20]).expect("disk");
         let d = format!("path={}", disk.display());
-        let uri = format!("tcp:127.0.0.1:{}", free_port());
-        let to_arg = to.display().to_string();
-        let dst = Running::new(spawn_ferry(&["run", "--plugins", &to_arg, "--incoming", &uri]));
-        std::thread::sleep(Duration::from_millis(300));
-        let socket = dir.path().join("src.sock");
-        let (s, f) = (socket.display().to_string(), from.display().to_string());
         // pc-1 (no config-wce): the disk is written before and after the move.
-        let mut src = Running::new(spawn_ferry(&[
-            "run",
-            "--plugins",
-            &f,
-            "--api-socket",
-            &s,
-            "--disk",
-            &d,
-            "--cmdline",
-            "blk-write=10:2:3 ticks=20 blk-verify=10:2:3 blk-write=20:1:4 blk-verify=20:1:4 exit=0",
-        ]));
-        assert!(wait_for_path(&socket, DEADLINE));
-        while wait_tick(&mut src) < 3 {}
-        let (ok, text) = migrate(&socket, &uri);
+        let cmdline = "blk-write=10:2:3 ticks=20 blk-verify=10:2:3 blk-write=20:1:4 blk-verify=20:1:4 exit=0";
+        let (src, dst, ok, text) = migrate_between(&dir, from, to, &["--disk", &d, "--cmdline", cmdline]);
         assert!(ok, "{text}");
         assert!(text.contains(want), "{text}");
         assert_eq!(src.finish(DEADLINE).code(), 0);
@@ -393,24 +384,13 @@ fn virtio_blk_downgrade_is_refused_once_the_guest_negotiated_the_cache_switch() 
     let disk = dir.path().join("disk.img");
     std::fs::write(&disk, vec![0u8; 4 << 20]).expect("disk");
     let d = format!("path={},config-wce=on", disk.display());
-    let uri = format!("tcp:127.0.0.1:{}", free_port());
-    let old = old_blk_host().path().display().to_string();
-    let dst = Running::new(spawn_ferry(&["run", "--plugins", &old, "--incoming", &uri]));
-    std::thread::sleep(Duration::from_millis(300));
-    let socket = dir.path().join("src.sock");
-    let s = socket.display().to_string();
-    let mut src = Running::new(spawn_ferry(&[
-        "run",
-        "--api-socket",
-        &s,
-        "--disk",
-        &d,
-        "--cmdline",
-        "blk-write=10:2:3 ticks=12 blk-verify=10:2:3 exit=0",
-    ]));
-    assert!(wait_for_path(&socket, DEADLINE));
-    while wait_tick(&mut src) < 3 {}
-    let (ok, text) = migrate(&socket, &uri);
+    let cmdline = "blk-write=10:2:3 ticks=12 blk-verify=10:2:3 exit=0";
+    let (mut src, dst, ok, text) = migrate_between(
+        &dir,
+        &ferry_tests::bin_dir(),
+        old_blk_host().path(),
+        &["--disk", &d, "--cmdline", cmdline],
+    );
     assert!(!ok, "{text}");
     assert!(
         text.contains(

@@ -188,21 +188,12 @@ fn debian_cloud_kernel_boots_to_a_shell_with_a_disk_and_a_network() {
     std::fs::write(&disk, vec![0u8; 8 << 20]).expect("disk");
 
     let Some(ns) = netns::NetNs::with_tap("ftap0") else { return };
-    let bin = ferry_tests::ferry_bin().display().to_string();
-    let plugins = ferry_tests::bin_dir().display().to_string();
     let (k, i, d) = (kernel.display().to_string(), initrd.display().to_string(), disk.display().to_string());
     let disk_arg = format!("path={d}");
     // The same command a user would run, inside the test's namespace.
-    let child = ferry_tests::spawn_command(
-        "ip",
+    let child = ns.spawn_ferry(
+        &[],
         &[
-            "netns",
-            "exec",
-            ns.name(),
-            &bin,
-            "run",
-            "--plugins",
-            &plugins,
             "--kernel",
             &k,
             "--initramfs",

@@ -334,28 +334,16 @@ fn between_two_hosts_over_tcp_with_frames_before_and_after() {
     }
     let Some(hosts) = ferry_tests::netns::TwoHosts::new("ftap0") else { return };
     let dir = TempDir::new("mig2hosts");
-    let bin = ferry_bin().display().to_string();
-    let plugins = ferry_tests::bin_dir().display().to_string();
     let uri = "tcp:10.200.0.2:7790";
     let capture_a = hosts.a.capture("ftap0", 2, Duration::from_secs(60));
     let capture_b = hosts.b.capture("ftap0", 3, Duration::from_secs(90));
-    let mut dst = Running::new(ferry_tests::spawn_command(
-        "ip",
-        &["netns", "exec", hosts.b.name(), &bin, "run", "--plugins", &plugins, "--incoming", uri],
-    ));
+    let mut dst = Running::new(hosts.b.spawn_ferry(&[], &["--incoming", uri]));
     std::thread::sleep(Duration::from_millis(300));
     let socket = dir.path().join("src.sock");
     let s = socket.display().to_string();
-    let mut src = Running::new(ferry_tests::spawn_command(
-        "ip",
+    let mut src = Running::new(hosts.a.spawn_ferry(
+        &[],
         &[
-            "netns",
-            "exec",
-            hosts.a.name(),
-            &bin,
-            "run",
-            "--plugins",
-            &plugins,
             "--api-socket",
             &s,
             "--net",
@@ -514,39 +502,17 @@ fn between_two_hosts_with_frames_flowing_during_the_move() {
     const FRAMES: usize = 30;
     let Some(hosts) = ferry_tests::netns::TwoHosts::new("ftap1") else { return };
     let dir = TempDir::new("migflow");
-    let bin = ferry_bin().display().to_string();
-    let plugins = ferry_tests::bin_dir().display().to_string();
     let uri = "tcp:10.200.0.2:7791";
     let capture_a = hosts.a.capture("ftap1", FRAMES, Duration::from_secs(15));
     let capture_b = hosts.b.capture("ftap1", FRAMES, Duration::from_secs(15));
-    let dst = Running::new(ferry_tests::spawn_command(
-        "ip",
-        &["netns", "exec", hosts.b.name(), &bin, "run", "--plugins", &plugins, "--incoming", uri],
-    ));
+    let dst = Running::new(hosts.b.spawn_ferry(&[], &["--incoming", uri]));
     std::thread::sleep(Duration::from_millis(300));
     let socket = dir.path().join("src.sock");
     let s = socket.display().to_string();
     let cmdline = "pattern=8 ".to_string() + &"net-send=1 ticks=1 ".repeat(FRAMES) + "verify exit=9";
-    let mut src = Running::new(ferry_tests::spawn_command(
-        "ip",
-        &[
-            "netns",
-            "exec",
-            hosts.a.name(),
-            "env",
-            "FERRY_MIGRATION_ROUND_DELAY_MS=100",
-            "FERRY_MIGRATION_MIN_ROUNDS=15",
-            &bin,
-            "run",
-            "--plugins",
-            &plugins,
-            "--api-socket",
-            &s,
-            "--net",
-            "tap=ftap1,mac=52:54:00:12:34:57",
-            "--cmdline",
-            &cmdline,
-        ],
+    let mut src = Running::new(hosts.a.spawn_ferry(
+        &["FERRY_MIGRATION_ROUND_DELAY_MS=100", "FERRY_MIGRATION_MIN_ROUNDS=15"],
+        &["--api-socket", &s, "--net", "tap=ftap1,mac=52:54:00:12:34:57", "--cmdline", &cmdline],
     ));
     assert!(wait_for_path(&socket, DEADLINE));
     for _ in 0..3 {

@@ -135,15 +135,9 @@ fn snapshot_and_restore_with_a_network_device() {
     let dir = TempDir::new("snapnet");
     let capture = ns.capture("ftap2", 5, Duration::from_secs(60));
     let inject = ns.injector("ftap2");
-    let bin = ferry_tests::ferry_bin().display().to_string();
-    let plugins = ferry_tests::bin_dir().display().to_string();
     let socket = dir.path().join("api.sock");
     let (s, snap) = (socket.display().to_string(), dir.path().join("vm.snap").display().to_string());
-    let in_ns = |args: &[&str]| {
-        let mut all = vec!["netns", "exec", ns.name(), &bin, "run", "--plugins", &plugins];
-        all.extend_from_slice(args);
-        Running::new(ferry_tests::spawn_command("ip", &all))
-    };
+    let in_ns = |args: &[&str]| Running::new(ns.spawn_ferry(&[], args));
     let mut first = in_ns(&[
         "--api-socket",
         &s,

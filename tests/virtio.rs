@@ -136,26 +136,11 @@ fn frames_cross_between_the_guest_and_a_tap_in_a_namespace() {
     let Some(ns) = netns::NetNs::with_tap("ftap0") else { return };
     let capture = ns.capture("ftap0", 3, Duration::from_secs(60));
     let inject = ns.injector("ftap0");
-    let ferry_bin = ferry_tests::ferry_bin();
-    let bin = ferry_bin.display().to_string();
-    let plugins = ferry_tests::bin_dir().display().to_string();
     // The guest sends three frames, then waits for two; the host sends two
     // once it has seen the guest's three.
-    let mut guest = ferry_tests::Running::new(ferry_tests::spawn_command(
-        "ip",
-        &[
-            "netns",
-            "exec",
-            ns.name(),
-            &bin,
-            "run",
-            "--plugins",
-            &plugins,
-            "--net",
-            "tap=ftap0,mac=52:54:00:12:34:56",
-            "--cmdline",
-            "net-send=3 net-recv=2 exit=0",
-        ],
+    let mut guest = ferry_tests::Running::new(ns.spawn_ferry(
+        &[],
+        &["--net", "tap=ftap0,mac=52:54:00:12:34:56", "--cmdline", "net-send=3 net-recv=2 exit=0"],
     ));
     let frames = capture.join().expect("capture thread");
     assert_eq!(frames.len(), 3, "three frames reached the tap");

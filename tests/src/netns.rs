@@ -56,6 +56,21 @@ impl NetNs {
         &self.name
     }
 
+    /// `ferry run --plugins <this build's plugins> ARGS` inside the
+    /// namespace, with `env` (`NAME=value` each) set and stdio piped.
+    pub fn spawn_ferry(&self, env: &[&str], args: &[&str]) -> std::process::Child {
+        let (bin, plugins) =
+            (crate::ferry_bin().display().to_string(), crate::bin_dir().display().to_string());
+        let mut all = vec!["netns", "exec", self.name()];
+        if !env.is_empty() {
+            all.push("env");
+            all.extend_from_slice(env);
+        }
+        all.extend_from_slice(&[&bin, "run", "--plugins", &plugins]);
+        all.extend_from_slice(args);
+        crate::spawn_command("ip", &all)
+    }
+
     /// A raw packet socket for [`ETHERTYPE`] bound to `ifname` inside the
     /// namespace (a socket keeps the namespace it was made in).
     fn packet_socket(&self, ifname: &str) -> (OwnedFd, i32) {
