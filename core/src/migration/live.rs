@@ -419,7 +419,7 @@ pub fn migrate(
         // The destination answers once its VM is built on the memfd: only
         // then does the guest pause here.
         sync(&mut link, "memfd hand-over")?;
-        let result = switch_over(core, &plan, &mut link, start, Vec::new(), 0, false);
+        let result = switch_over(core, &plan, &mut link, start, Vec::new(), 0, None);
         if result.is_err() && core.control.is_paused() {
             let _ = core.resume();
         }
@@ -517,13 +517,8 @@ fn precopy_and_switch(
     let mut last_round = Instant::now();
     loop {
         std::thread::sleep(knobs.round_delay);
-        let mut dirty = core.kvm.dirty_pages(&core.ram).map_err(|e| MigrateError::State(e.to_string()))?;
-        let device_dirty = core.ram.dirty().take();
-        if !knobs.ignore_device_dirty {
-            dirty.extend(device_dirty);
-        }
-        dirty.sort_unstable();
-        dirty.dedup();
+        let mut dirty = Vec::new();
+        take_dirty(core, &knobs, &mut dirty)?;
         let dirty_bytes = dirty.len() as u64 * 4096;
         let dirty_rate = dirty_bytes as f64 / last_round.elapsed().as_secs_f64().max(1e-6);
         let expected = dirty_bytes as f64 / bandwidth;
@@ -534,11 +529,11 @@ fn precopy_and_switch(
         });
         if expected <= max_downtime && round > knobs.min_rounds {
             // Switch over: what is dirty now goes in the final pass.
-            return switch_over(core, plan, link, start, dirty, round, true);
+            return switch_over(core, plan, link, start, dirty, round, Some(&knobs));
         }
         if round >= max_rounds {
             if expected <= 2.0 * max_downtime {
-                return switch_over(core, plan, link, start, dirty, round, true);
+                return switch_over(core, plan, link, start, dirty, round, Some(&knobs));
             }
             return Err(MigrateError::NoConvergence {
                 rounds: round,
@@ -562,6 +557,21 @@ fn precopy_and_switch(
     }
 }
 
+/// Adds the pages dirtied since the last call, by the guest (KVM's log)
+/// and by devices (the device dirty bitmap), to `dirty`: sorted, each once.
+fn take_dirty(core: &VmCore, knobs: &Knobs, dirty: &mut Vec<u64>) -> Result<(), MigrateError> {
+    dirty.extend(core.kvm.dirty_pages(&core.ram).map_err(|e| MigrateError::State(e.to_string()))?);
+    let device_dirty = core.ram.dirty().take();
+    if !knobs.ignore_device_dirty {
+        dirty.extend(device_dirty);
+    }
+    dirty.sort_unstable();
+    dirty.dedup();
+    Ok(())
+}
+
+/// Pauses the source and sends the rest: with `memory` (pre-copy's
+/// knobs), the pages still dirty; without (the memfd hand-over), none.
 fn switch_over(
     core: &VmCore,
     plan: &Plan,
@@ -569,20 +579,14 @@ fn switch_over(
     start: Instant,
     mut dirty: Vec<u64>,
     rounds: u32,
-    copy_memory: bool,
+    memory: Option<&Knobs>,
 ) -> Result<Status, MigrateError> {
     update(core, |s| s.phase = "stop-and-copy".into());
     let paused_at = Instant::now();
     core.pause().map_err(MigrateError::State)?;
     let t_paused = paused_at.elapsed();
-    if copy_memory {
-        dirty.extend(core.kvm.dirty_pages(&core.ram).map_err(|e| MigrateError::State(e.to_string()))?);
-        let device_dirty = core.ram.dirty().take();
-        if !Knobs::from_env().ignore_device_dirty {
-            dirty.extend(device_dirty);
-        }
-        dirty.sort_unstable();
-        dirty.dedup();
+    if let Some(knobs) = memory {
+        take_dirty(core, knobs, &mut dirty)?;
         send_pages(core, link, &dirty)?;
     }
 
