@@ -95,15 +95,7 @@ impl Machine {
         for (slot, r) in ram.ranges().iter().enumerate() {
             let bitmap =
                 self.vm.get_dirty_log(slot as u32, r.len as usize).map_err(call("KVM_GET_DIRTY_LOG"))?;
-            let first = r.file_offset / 4096;
-            for (i, word) in bitmap.iter().enumerate() {
-                let mut bits = *word;
-                while bits != 0 {
-                    let b = u64::from(bits.trailing_zeros());
-                    pages.push(first + i as u64 * 64 + b);
-                    bits &= bits - 1;
-                }
-            }
+            crate::memory::push_set_bits(bitmap, r.file_offset / 4096, &mut pages);
         }
         Ok(pages)
     }

@@ -80,6 +80,17 @@ pub fn layout(size: u64) -> Vec<RamRange> {
 /// Guest page size for dirty tracking.
 pub const PAGE_SIZE: u64 = 4096;
 
+/// Appends to `out` the index of every set bit of a bitmap given as 64-bit
+/// words (bit `b` of word `i` is page `first + 64 * i + b`).
+pub fn push_set_bits(words: impl IntoIterator<Item = u64>, first: u64, out: &mut Vec<u64>) {
+    for (i, mut bits) in words.into_iter().enumerate() {
+        while bits != 0 {
+            out.push(first + i as u64 * 64 + u64::from(bits.trailing_zeros()));
+            bits &= bits - 1;
+        }
+    }
+}
+
 /// Pages written by devices, one bit per 4 KiB page of RAM, indexed by the
 /// page's offset in the memfd. Devices set bits with atomic ORs through the
 /// address they get from `Host::guest_memory`; migration reads and clears
@@ -117,14 +128,7 @@ impl DirtyBitmap {
     /// The dirty page indexes, clearing them.
     pub fn take(&self) -> Vec<u64> {
         let mut pages = Vec::new();
-        for (i, w) in self.words.iter().enumerate() {
-            let mut bits = w.swap(0, Ordering::AcqRel);
-            while bits != 0 {
-                let b = bits.trailing_zeros() as u64;
-                pages.push(i as u64 * 64 + b);
-                bits &= bits - 1;
-            }
-        }
+        push_set_bits(self.words.iter().map(|w| w.swap(0, Ordering::AcqRel)), 0, &mut pages);
         pages
     }
 
