@@ -42,8 +42,19 @@ impl NetNs {
             return None;
         }
         let ns = NetNs { name };
-        let setup = ip(&["-n", &ns.name, "tuntap", "add", tap, "mode", "tap"])
-            .and_then(|()| ip(&["-n", &ns.name, "link", "set", tap, "up"]));
+        // No IPv6 on the namespace's links: the kernel would otherwise send
+        // its own neighbour and multicast frames to the guest, which only
+        // the test's frames should reach.
+        let setup = ip(&[
+            "netns",
+            "exec",
+            &ns.name,
+            "sh",
+            "-c",
+            "f=/proc/sys/net/ipv6/conf/default/disable_ipv6; [ ! -e $f ] || echo 1 > $f",
+        ])
+        .and_then(|()| ip(&["-n", &ns.name, "tuntap", "add", tap, "mode", "tap"]))
+        .and_then(|()| ip(&["-n", &ns.name, "link", "set", tap, "up"]));
         if let Err(e) = setup {
             crate::skip("network namespace tests", &e);
             return None;
