@@ -16,3 +16,4 @@ pub mod plugins;
 pub mod state;
 pub mod vcpu;
 pub mod vm;
+pub mod vmcore;

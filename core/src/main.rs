@@ -346,7 +346,7 @@ fn plugins(dir: Option<PathBuf>, manifest: bool) -> Result<ExitCode> {
     };
     let registry = Registry::load_dir(&dir)?;
     if manifest {
-        println!("{}", serde_json::to_string_pretty(&vm::host_manifest(&registry))?);
+        println!("{}", serde_json::to_string_pretty(&ferry::migration::hostinfo::host_manifest(&registry))?);
         return Ok(ExitCode::SUCCESS);
     }
     println!("{:<16} {:<10} {:<14} FILE", "PLUGIN", "VERSION", "STATE");

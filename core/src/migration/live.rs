@@ -40,8 +40,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use serde::Serialize;
-
+pub use super::status::Status;
 use super::{
     manifest::Manifest,
     plan::Plan,
@@ -49,7 +48,7 @@ use super::{
 };
 use crate::{
     state::{self, MACHINE_STATE_VERSION, VCPU_STATE_VERSION},
-    vm::VmCore,
+    vmcore::VmCore,
 };
 
 /// Test knobs, read from the environment of the source ferry (tests use
@@ -93,33 +92,6 @@ pub struct Options {
     pub max_downtime_ms: u64,
     /// Stop after the plan.
     pub dry_run: bool,
-}
-
-/// Progress and outcome, as the API reports them.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct Status {
-    /// handshake | precopy | stop-and-copy | completed | failed | dry-run.
-    pub phase: String,
-    /// The plan, one line per device.
-    pub plan: Vec<String>,
-    /// Current pre-copy round (0 = first pass).
-    pub round: u32,
-    /// Bytes sent so far.
-    pub bytes_sent: u64,
-    /// Guest memory dirtied per second in the last round.
-    pub dirty_rate_bytes_per_s: f64,
-    /// Link throughput in the last round.
-    pub bandwidth_bytes_per_s: f64,
-    /// Expected downtime if stopping now.
-    pub expected_downtime_ms: f64,
-    /// Total time, when finished.
-    pub total_ms: f64,
-    /// Measured downtime: source paused to destination's RESUMED.
-    pub downtime_ms: f64,
-    /// Why it failed.
-    pub error: Option<String>,
-    /// Finished (either way).
-    pub done: bool,
 }
 
 /// Migration errors.

@@ -1,0 +1,32 @@
+//! A live migration's progress and outcome, as the control API reports
+//! them. Kept apart from the protocol (`live.rs`) so the running machine
+//! (`vmcore.rs`) can hold it without depending on the protocol.
+
+use serde::Serialize;
+
+/// Progress and outcome, as the API reports them.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Status {
+    /// handshake | precopy | stop-and-copy | completed | failed | dry-run.
+    pub phase: String,
+    /// The plan, one line per device.
+    pub plan: Vec<String>,
+    /// Current pre-copy round (0 = first pass).
+    pub round: u32,
+    /// Bytes sent so far.
+    pub bytes_sent: u64,
+    /// Guest memory dirtied per second in the last round.
+    pub dirty_rate_bytes_per_s: f64,
+    /// Link throughput in the last round.
+    pub bandwidth_bytes_per_s: f64,
+    /// Expected downtime if stopping now.
+    pub expected_downtime_ms: f64,
+    /// Total time, when finished.
+    pub total_ms: f64,
+    /// Measured downtime: source paused to destination's RESUMED.
+    pub downtime_ms: f64,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// Finished (either way).
+    pub done: bool,
+}

@@ -1,0 +1,223 @@
+//! Building one VM and running it, split by phase of its life:
+//!
+//! ```text
+//!  boot.rs      machine type + kernel  --+
+//!  restore.rs   snapshot file           --+--> build() (here) --> Vm --> run.rs: vCPUs, API, migration
+//!  incoming.rs  live migration stream   --+                              snapshot.rs: write a snapshot
+//! ```
+//!
+//! Everything that can be refused is checked before the first vCPU runs:
+//! the plugin directory, the machine type against the installed plugins,
+//! memory, each device's creation, the address map, and, for a restore or
+//! an incoming migration, every section of the state.
+
+mod boot;
+mod incoming;
+mod restore;
+mod run;
+mod snapshot;
+
+use std::{fs::File, path::Path, path::PathBuf, sync::Arc};
+
+use abi_stable::std_types::RVec;
+use ferry_plugin_api::DeviceConfig;
+use kvm_ioctls::VcpuFd;
+use thiserror::Error;
+
+pub use boot::boot;
+pub use incoming::incoming;
+pub use restore::restore;
+pub use snapshot::SnapshotReport;
+
+use crate::{
+    boot::{cpu, BootError, Kernel},
+    bus::{Bus, BusError},
+    host::{DeviceHost, VmServices},
+    interrupts::IrqRouter,
+    kvm::{KvmError, Machine},
+    machine::{self, MachineError, MachineType},
+    memory::{GuestRam, MemoryError},
+    migration::hostinfo::cpuid_records,
+    plugins::{PluginError, Registry},
+    state::StateError,
+    vcpu::{StopEvent, VmControl},
+    vmcore::VmCore,
+};
+
+/// Memory when neither the command line nor the machine type says.
+pub const DEFAULT_MEMORY: u64 = 256 << 20;
+
+/// How to start the guest.
+#[derive(Debug, Clone)]
+pub struct BootConfig {
+    /// The machine type.
+    pub machine: MachineType,
+    /// The kernel.
+    pub kernel: Kernel,
+    /// An initramfs to pass.
+    pub initramfs: Option<PathBuf>,
+    /// Kernel command line (None: the test guest's default, or empty).
+    pub cmdline: Option<String>,
+    /// vCPU count (None: the machine type's, or 1).
+    pub cpus: Option<u8>,
+    /// Memory in bytes (None: the machine type's, or 256 MiB).
+    pub memory: Option<u64>,
+    /// Plugin directory.
+    pub plugins: PathBuf,
+}
+
+/// How the guest ended.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    /// It reset the machine.
+    Reset,
+    /// It chose an exit status.
+    Exit(i32),
+    /// The control API shut it down.
+    Shutdown,
+    /// It moved to another host; the report says how.
+    Migrated(crate::migration::live::Status),
+}
+
+/// Why a VM could not be built or ended in failure.
+#[derive(Debug, Error)]
+pub enum VmError {
+    /// Plugin loading.
+    #[error(transparent)]
+    Plugin(#[from] PluginError),
+    /// Machine type.
+    #[error(transparent)]
+    Machine(#[from] MachineError),
+    /// Guest RAM.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// KVM.
+    #[error(transparent)]
+    Kvm(#[from] KvmError),
+    /// Kernel and boot structures.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// Address map.
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    /// A device refused to be created.
+    #[error("device {id} ({plugin}): {message}")]
+    Device {
+        /// Device id.
+        id: String,
+        /// Plugin.
+        plugin: String,
+        /// What it said.
+        message: String,
+    },
+    /// The vCPU count is zero.
+    #[error("--cpus must be at least 1")]
+    NoCpus,
+    /// A snapshot cannot be read or used.
+    #[error("snapshot {path}: {message}")]
+    Snapshot {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// KVM state.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// Starting threads, signals, the API socket.
+    #[error("{0}")]
+    Runtime(String),
+    /// The VM stopped because something failed while it ran.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Where guest RAM comes from.
+enum RamSource<'a> {
+    Fresh(u64),
+    Memfd(u64, File),
+    Snapshot { size: u64, file: &'a File, runs: Vec<(u64, u64, u64)> },
+}
+/// A built VM: everything created, vCPUs not started yet.
+pub struct Vm {
+    core: Arc<VmCore>,
+    stop_rx: crossbeam_channel::Receiver<StopEvent>,
+    vcpus: Vec<VcpuFd>,
+}
+
+impl std::ops::Deref for Vm {
+    type Target = VmCore;
+
+    fn deref(&self) -> &VmCore {
+        &self.core
+    }
+}
+fn build(machine: MachineType, plugins: &Path, cpus: Option<u8>, ram: RamSource<'_>) -> Result<Vm, VmError> {
+    let registry = Registry::load_dir(plugins)?;
+    let plans = machine::resolve(&machine, &registry)?;
+    let cpus = cpus.or(machine.cpus).unwrap_or(1);
+    if cpus == 0 {
+        return Err(VmError::NoCpus);
+    }
+    let ram = match ram {
+        RamSource::Fresh(size) => GuestRam::new(size)?,
+        RamSource::Memfd(size, file) => GuestRam::from_memfd(size, file)?,
+        RamSource::Snapshot { size, file, runs } => GuestRam::from_snapshot(size, file, &runs)?,
+    };
+    let kvm = Machine::new(usize::from(cpus))?;
+    kvm.register_ram(&ram)?;
+    let msrs = Arc::new(kvm.msr_indexes()?);
+
+    let (stop_tx, stop_rx) = crossbeam_channel::unbounded();
+    let control = VmControl::new(stop_tx);
+    let services = VmServices {
+        vm: kvm.vm.clone(),
+        control: control.clone(),
+        irq: Arc::new(IrqRouter::new(kvm.vm.clone())),
+        memory: ram.device_map(),
+    };
+    let mut bus = Bus::new();
+    for plan in &plans {
+        let Some(lib) = registry.get(&plan.plugin) else { continue };
+        let index = bus.devices().len();
+        let host = DeviceHost::new_box(&plan.id, index, services.clone());
+        let config = DeviceConfig {
+            id: plan.id.as_str().into(),
+            properties: plan.properties.iter().cloned().collect::<RVec<_>>(),
+        };
+        let parts = lib.create(config, host).map_err(|message| VmError::Device {
+            id: plan.id.clone(),
+            plugin: plan.plugin.clone(),
+            message,
+        })?;
+        bus.add_device(&plan.id, &plan.plugin, parts.device, parts.pci.into_option())?;
+    }
+
+    let base_cpuid = &kvm.supported_cpuid;
+    let mut vcpus = Vec::with_capacity(usize::from(cpus));
+    let mut cpuid = Vec::new();
+    for index in 0..cpus {
+        let fd =
+            kvm.vm.create_vcpu(u64::from(index)).map_err(|source| BootError::Vcpu { cpu: index, source })?;
+        let table = cpu::cpuid_for(base_cpuid, index, cpus);
+        fd.set_cpuid2(&table).map_err(|source| BootError::Vcpu { cpu: index, source })?;
+        if index == 0 {
+            cpuid = cpuid_records(&table);
+        }
+        cpu::setup_lapic(&fd, index)?;
+        vcpus.push(fd);
+    }
+    let core = VmCore {
+        machine,
+        registry,
+        ram,
+        kvm,
+        bus: Arc::new(bus),
+        control,
+        cpus,
+        msrs,
+        cpuid,
+        migration: std::sync::Mutex::new(None),
+    };
+    Ok(Vm { core: Arc::new(core), stop_rx, vcpus })
+}

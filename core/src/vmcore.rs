@@ -1,0 +1,104 @@
+//! The running machine: the resources one VM holds while it runs, shared
+//! by its main loop, the control API and a migration thread. It sits below
+//! both the VM's lifecycle (`vm/`) and the migration protocol
+//! (`migration/live.rs`), which use it.
+
+use std::sync::Arc;
+
+use crate::{
+    bus::Bus,
+    kvm::Machine,
+    machine::MachineType,
+    memory::GuestRam,
+    migration::{
+        manifest::{CpuidRecord, DeviceRecord, MachineRecord, Manifest},
+        status::Status,
+    },
+    plugins::Registry,
+    vcpu::VmControl,
+};
+
+/// What a running VM shares between its main loop, the control API and a
+/// migration thread.
+pub struct VmCore {
+    pub(crate) machine: MachineType,
+    pub(crate) registry: Registry,
+    pub(crate) ram: GuestRam,
+    pub(crate) kvm: Machine,
+    pub(crate) bus: Arc<Bus>,
+    pub(crate) control: Arc<VmControl>,
+    pub(crate) cpus: u8,
+    pub(crate) msrs: Arc<Vec<u32>>,
+    pub(crate) cpuid: Vec<CpuidRecord>,
+    /// The live migration in progress or last finished, if any.
+    pub(crate) migration: std::sync::Mutex<Option<Status>>,
+}
+
+impl VmCore {
+    pub(crate) fn set_devices_paused(&self, paused: bool) -> Result<(), String> {
+        for d in self.bus.devices() {
+            let mut dev = d.device.lock().unwrap_or_else(|e| e.into_inner());
+            let r = if paused { dev.pause() } else { dev.resume() };
+            r.into_result().map_err(|e| format!("device {} ({}): {e}", d.id, d.plugin))?;
+        }
+        Ok(())
+    }
+
+    /// Pause vCPUs, then devices.
+    pub fn pause(&self) -> Result<(), String> {
+        self.control.pause();
+        self.set_devices_paused(true)
+    }
+
+    /// Resume devices, then vCPUs.
+    pub fn resume(&self) -> Result<(), String> {
+        self.set_devices_paused(false)?;
+        self.control.resume();
+        Ok(())
+    }
+
+    /// Write a snapshot to `path` (through a temporary file, renamed when
+    /// The manifest of this VM, with every device at its plugin's current
+    /// state version.
+    pub fn manifest(&self) -> Manifest {
+        let records = self
+            .bus
+            .devices()
+            .iter()
+            .map(|d| {
+                let lib = self.registry.get(&d.plugin);
+                DeviceRecord {
+                    id: d.id.clone(),
+                    plugin: d.plugin.clone(),
+                    plugin_version: lib.map(|l| l.descriptor.version.to_string()).unwrap_or_default(),
+                    state_version: lib.map(|l| l.descriptor.state.current).unwrap_or(0),
+                    oldest_save: lib.map(|l| l.descriptor.state.oldest_save).unwrap_or(0),
+                }
+            })
+            .collect();
+        Manifest {
+            ferry_version: env!("CARGO_PKG_VERSION").to_string(),
+            machine: MachineRecord::new(&self.machine),
+            devices: records,
+            cpus: self.cpus,
+            memory: self.ram.size(),
+            ram: self.ram.ranges().iter().map(|r| (r.gpa, r.len)).collect(),
+            cpuid: self.cpuid.clone(),
+        }
+    }
+    /// What `ferry ctl info` shows.
+    pub fn info(&self) -> serde_json::Value {
+        serde_json::json!({
+            "state": if self.control.is_paused() { "paused" } else { "running" },
+            "machine": self.machine.name,
+            "cpus": self.cpus,
+            "memory_bytes": self.ram.size(),
+            "devices": self.bus.devices().iter().map(|d| serde_json::json!({
+                "id": d.id,
+                "plugin": d.plugin,
+                "plugin_version": self.registry.get(&d.plugin).map(|p| p.descriptor.version.to_string()),
+                "state_version": self.registry.get(&d.plugin).map(|p| p.descriptor.state.current),
+            })).collect::<Vec<_>>(),
+        })
+    }
+}
