@@ -10,8 +10,8 @@ use std::{
 };
 
 use ferry_tests::{
-    ferry_bin, free_port, kind, kvm_or_skip, plugin_dir_copy, spawn_ferry, tick_number, wait_for_path, Fault,
-    Finished, MigrationProxy, Running, TempDir,
+    ferry_bin, free_port, kind, kvm_or_skip, migrate, plugin_dir_copy, spawn_ferry, tick_number,
+    wait_for_path, Fault, Finished, MigrationProxy, Running, TempDir,
 };
 
 const DEADLINE: Duration = Duration::from_secs(120);
@@ -42,21 +42,6 @@ fn destination(uri: &str, plugins: Option<&Path>) -> Running {
     // Give the listener a moment to bind.
     std::thread::sleep(Duration::from_millis(300));
     vm
-}
-
-/// `ferry ctl migrate`; returns (success, stdout + stderr).
-fn migrate(socket: &Path, uri: &str, extra: &[&str]) -> (bool, String) {
-    let out = Command::new(ferry_bin())
-        .arg("ctl")
-        .arg("--api-socket")
-        .arg(socket)
-        .arg("migrate")
-        .arg(uri)
-        .args(extra)
-        .output()
-        .expect("run ferry ctl migrate");
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    (out.status.success(), text)
 }
 
 fn wait_tick(vm: &mut Running) -> u64 {

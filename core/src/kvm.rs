@@ -3,9 +3,7 @@
 
 use std::sync::Arc;
 
-use kvm_bindings::{
-    kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
-};
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
 use thiserror::Error;
 
@@ -49,8 +47,6 @@ pub struct Machine {
     pub kvm: Kvm,
     /// The VM fd, shared with device host handles (interrupt lines).
     pub vm: Arc<VmFd>,
-    /// CPUID entries KVM supports on this host.
-    pub supported_cpuid: CpuId,
 }
 
 impl Machine {
@@ -67,15 +63,7 @@ impl Machine {
         vm.create_irq_chip().map_err(call("CREATE_IRQCHIP"))?;
         let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
         vm.create_pit2(pit).map_err(call("CREATE_PIT2"))?;
-        let supported_cpuid =
-            kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(call("GET_SUPPORTED_CPUID"))?;
-        Ok(Machine { kvm, vm: Arc::new(vm), supported_cpuid })
-    }
-
-    /// The MSRs KVM can save and restore on this host.
-    pub fn msr_indexes(&self) -> Result<Vec<u32>, KvmError> {
-        let list = self.kvm.get_msr_index_list().map_err(call("KVM_GET_MSR_INDEX_LIST"))?;
-        Ok(list.as_slice().to_vec())
+        Ok(Machine { kvm, vm: Arc::new(vm) })
     }
 
     /// Register guest RAM, one slot per range.

@@ -4,6 +4,7 @@
 pub mod api;
 pub mod boot;
 pub mod bus;
+pub mod cpu;
 pub mod host;
 pub mod interrupts;
 pub mod kvm;

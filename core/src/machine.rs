@@ -7,6 +7,7 @@
 //! description = "..."
 //! cpus = 1            # default, --cpus overrides
 //! memory = "256M"     # default, --memory overrides
+//! cpu = "x86-64-v1@1" # the guest's CPU model; "host" when left out
 //!
 //! [[device]]
 //! id = "com1"
@@ -20,12 +21,12 @@ use ferry_plugin_api::{sdk::parse_integer, Property, PropertyKind};
 use serde::Deserialize;
 use thiserror::Error;
 
-use crate::plugins::Registry;
+use crate::{cpu::CpuModel, plugins::Registry};
 
 include!(concat!(env!("OUT_DIR"), "/machines.rs"));
 
 /// The machine type used when `--machine` is not given.
-pub const DEFAULT_MACHINE: &str = "pc-1";
+pub const DEFAULT_MACHINE: &str = "pc-2";
 
 /// Machine-type errors. Each names the file or the device.
 #[derive(Debug, Error)]
@@ -74,6 +75,7 @@ struct MachineFile {
     description: String,
     cpus: Option<u8>,
     memory: Option<String>,
+    cpu: Option<String>,
     #[serde(default, rename = "device")]
     devices: Vec<DeviceFile>,
 }
@@ -131,6 +133,9 @@ pub struct MachineType {
     pub cpus: Option<u8>,
     /// Default memory size in bytes.
     pub memory: Option<u64>,
+    /// The guest's CPU model (`host` when the file does not say: what
+    /// every machine type meant before models existed).
+    pub cpu: CpuModel,
     /// Devices in order.
     pub devices: Vec<DeviceSpec>,
     /// Where it came from ("built-in" or a path).
@@ -214,6 +219,10 @@ pub fn parse(text: &str, source_name: &str) -> Result<MachineType, MachineError>
         ),
         None => None,
     };
+    let cpu = match &file.cpu {
+        Some(name) => CpuModel::parse(name).map_err(|e| invalid(format!("field cpu: {e}")))?,
+        None => CpuModel::Host,
+    };
     let mut devices = Vec::with_capacity(file.devices.len());
     for d in &file.devices {
         if d.id.is_empty() {
@@ -245,6 +254,7 @@ pub fn parse(text: &str, source_name: &str) -> Result<MachineType, MachineError>
         description: file.description,
         cpus: file.cpus,
         memory,
+        cpu,
         devices,
         origin: "built-in".to_string(),
     })
@@ -402,6 +412,19 @@ mod tests {
         assert!(m.add_device(d).is_err());
         let err = device_from_option("--disk", "d".into(), "virtio-blk", "path").unwrap_err().to_string();
         assert_eq!(err, "machine type command line: --disk path: 'path' is not key=value");
+    }
+
+    #[test]
+    fn the_cpu_model_is_named_and_defaults_to_host() {
+        assert_eq!(parse("name = \"x\"\n", "m.toml").unwrap().cpu, CpuModel::Host);
+        let m = parse("name = \"x\"\ncpu = \"x86-64-v1@1\"\n", "m.toml").unwrap();
+        assert_eq!(m.cpu.id(), "x86-64-v1@1");
+        let err = parse("name = \"x\"\ncpu = \"x86-64-v1\"\n", "m.toml").unwrap_err().to_string();
+        assert!(err.starts_with("machine type x: field cpu: cpu model 'x86-64-v1' needs a version"), "{err}");
+        let pc2 = builtins().unwrap().into_iter().find(|m| m.name == "pc-2").unwrap();
+        assert!(matches!(pc2.cpu, CpuModel::Named(_)), "the default machine type has a portable CPU");
+        let pc1 = builtins().unwrap().into_iter().find(|m| m.name == "pc-1").unwrap();
+        assert_eq!(pc1.cpu, CpuModel::Host, "pc-1 keeps its meaning");
     }
 
     #[test]

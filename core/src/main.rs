@@ -37,13 +37,19 @@ enum Command {
     },
     /// Plan a migration between two hosts offline, from their
     /// `ferry plugins --manifest` files: the plan the live handshake gives.
+    /// With --cpu-models, name the CPU models every one of a set of hosts
+    /// can run instead.
     Compat {
         /// The source host's manifest.
-        #[arg(long, value_name = "FILE")]
-        from: PathBuf,
+        #[arg(long, value_name = "FILE", required_unless_present = "cpu_models")]
+        from: Option<PathBuf>,
         /// The destination host's manifest.
-        #[arg(long, value_name = "FILE")]
-        to: PathBuf,
+        #[arg(long, value_name = "FILE", required_unless_present = "cpu_models")]
+        to: Option<PathBuf>,
+        /// Host manifests: which CPU models can a guest that moves among
+        /// all of them be given?
+        #[arg(long, value_name = "HOST.json", num_args = 1.., conflicts_with_all = ["from", "to"])]
+        cpu_models: Vec<PathBuf>,
         /// Machine type of the VM: a built-in name or a path.
         #[arg(long, value_name = "NAME|PATH", default_value = DEFAULT_MACHINE)]
         machine: String,
@@ -307,6 +313,12 @@ fn migrate(socket: &std::path::Path, uri: &str, max_downtime: u64, dry_run: bool
     Ok(ExitCode::SUCCESS)
 }
 
+fn read_host_manifest(p: &std::path::Path) -> Result<ferry::migration::plan::HostManifest> {
+    let text = std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
+    serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a `ferry plugins --manifest` file", p.display()))
+}
+
 fn compat(
     from: &std::path::Path,
     to: &std::path::Path,
@@ -314,12 +326,13 @@ fn compat(
     cpus: Option<u8>,
     memory: Option<&str>,
 ) -> Result<ExitCode> {
-    let read = |p: &std::path::Path| -> Result<ferry::migration::plan::HostManifest> {
-        let text = std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
-        serde_json::from_str(&text)
-            .with_context(|| format!("{} is not a `ferry plugins --manifest` file", p.display()))
-    };
-    let (from_host, to_host) = (read(from)?, read(to)?);
+    let (from_host, to_host) = (read_host_manifest(from)?, read_host_manifest(to)?);
+    if to_host.cpu.is_none() {
+        return Err(anyhow!(
+            "{} has no CPU description (its host's KVM could not be read when it was written)",
+            to.display()
+        ));
+    }
     let m = machine::load(machine)?;
     let memory = match memory {
         Some(s) => parse_size(s).ok_or_else(|| anyhow!("--memory '{s}' is not a size such as 256M or 2G"))?,
@@ -328,8 +341,7 @@ fn compat(
     let cpus = cpus.or(m.cpus).unwrap_or(1);
     let manifest =
         ferry::migration::plan::vm_manifest_on(&m, &from_host, cpus, memory).map_err(|e| anyhow!(e))?;
-    let cpuid = (!to_host.cpuid.is_empty()).then_some(to_host.cpuid.as_slice());
-    let plan = ferry::migration::plan::make_plan(&manifest, &to_host.plugins, cpuid);
+    let plan = ferry::migration::plan::make_plan(&manifest, &to_host.plugins, to_host.cpu.as_ref());
     for line in plan.lines() {
         println!("{line}");
     }
@@ -346,7 +358,8 @@ fn plugins(dir: Option<PathBuf>, manifest: bool) -> Result<ExitCode> {
     };
     let registry = Registry::load_dir(&dir)?;
     if manifest {
-        println!("{}", serde_json::to_string_pretty(&ferry::migration::hostinfo::host_manifest(&registry))?);
+        let host = ferry::migration::hostinfo::host_manifest(&registry)?;
+        println!("{}", serde_json::to_string_pretty(&host)?);
         return Ok(ExitCode::SUCCESS);
     }
     println!("{:<16} {:<10} {:<14} FILE", "PLUGIN", "VERSION", "STATE");
@@ -362,17 +375,39 @@ fn plugins(dir: Option<PathBuf>, manifest: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `ferry compat --cpu-models`: for hosts that a guest must be able to
+/// move among, which CPU models does every one of them run, and what
+/// stops the others (one line each).
+fn cpu_models(hosts: &[PathBuf]) -> Result<ExitCode> {
+    let mut named = Vec::new();
+    for p in hosts {
+        let m = read_host_manifest(p)?;
+        let cpu = m.cpu.ok_or_else(|| anyhow!("{} has no CPU description", p.display()))?;
+        named.push((p.display().to_string(), cpu));
+    }
+    let report = ferry::cpu::models::common_models(&named);
+    for line in &report.lines {
+        println!("{line}");
+    }
+    if report.portable.is_empty() {
+        return Err(anyhow!("no CPU model lets a guest move among all of these hosts"));
+    }
+    println!("give a guest that moves among these hosts: {}", report.portable.join(" or "));
+    Ok(ExitCode::SUCCESS)
+}
+
 fn machines() -> Result<ExitCode> {
-    println!("{:<12} {:<8} {:<8} DEVICES", "MACHINE", "CPUS", "MEMORY");
+    println!("{:<12} {:<8} {:<8} {:<14} DEVICES", "MACHINE", "CPUS", "MEMORY", "CPU");
     for m in machine::builtins()? {
         let devices: Vec<String> = m.devices.iter().map(|d| format!("{}:{}", d.id, d.plugin)).collect();
         let memory = m.memory.map(ferry::memory::human_size).unwrap_or_else(|| "-".into());
         let default = if m.name == DEFAULT_MACHINE { " (default)" } else { "" };
         println!(
-            "{:<12} {:<8} {:<8} {}\n             {}{default}",
+            "{:<12} {:<8} {:<8} {:<14} {}\n             {}{default}",
             m.name,
             m.cpus.map(|c| c.to_string()).unwrap_or_else(|| "-".into()),
             memory.replace(' ', ""),
+            m.cpu.id(),
             devices.join(", "),
             m.description
         );
@@ -386,9 +421,11 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Plugins { plugins: dir, manifest } => plugins(dir, manifest),
-        Command::Compat { from, to, machine, cpus, memory } => {
+        Command::Compat { cpu_models: hosts, .. } if !hosts.is_empty() => cpu_models(&hosts),
+        Command::Compat { from: Some(from), to: Some(to), machine, cpus, memory, .. } => {
             compat(&from, &to, &machine, cpus, memory.as_deref())
         }
+        Command::Compat { .. } => Err(anyhow!("give --from and --to, or --cpu-models")),
         Command::Machines => machines(),
         Command::Ctl { api_socket, action } => ctl(&api_socket, action),
         Command::Inspect { file, json } => {

@@ -3,6 +3,17 @@
 //! pending events, MP state, debug registers) and the machine (8259 pair,
 //! I/O APIC, PIT, kvmclock). Encoded as CBOR; the KVM structures keep
 //! their kernel layout (kvm-bindings' serde support).
+//!
+//! vCPU state versions:
+//!
+//! | version | MSRs |
+//! |---|---|
+//! | v1 | every MSR in the *source host's* KVM_GET_MSR_INDEX_LIST, as bare `kvm_msr_entry`s |
+//! | v2 | the catalogue entries the guest's CPUID enables (`cpu::msrs`), each with its name |
+//!
+//! v1 sections (every snapshot written before CPU models) load through an
+//! upgrade that keeps every MSR they hold and names those it knows; ferry
+//! writes v2.
 
 use kvm_bindings::{
     kvm_clock_data, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_pit_state2,
@@ -13,8 +24,10 @@ use kvm_ioctls::{VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-/// Version of [`VcpuStateV1`].
-pub const VCPU_STATE_VERSION: u32 = 1;
+/// Version of [`VcpuStateV2`], the vCPU state ferry writes.
+pub const VCPU_STATE_VERSION: u32 = 2;
+/// The oldest vCPU state version ferry loads.
+pub const VCPU_STATE_OLDEST: u32 = 1;
 /// Version of [`MachineStateV1`].
 pub const MACHINE_STATE_VERSION: u32 = 1;
 
@@ -38,7 +51,7 @@ fn kvm(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> StateError {
     move |source| StateError::Kvm { what, source }
 }
 
-/// One vCPU.
+/// One vCPU, as sections written before CPU models hold it.
 #[derive(Serialize, Deserialize)]
 pub struct VcpuStateV1 {
     regs: kvm_regs,
@@ -52,41 +65,130 @@ pub struct VcpuStateV1 {
     debugregs: kvm_debugregs,
 }
 
-impl VcpuStateV1 {
+/// One MSR's value, by index and name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MsrValue {
+    /// Index.
+    pub index: u32,
+    /// Name (from the catalogue; empty for one ferry does not know).
+    pub name: String,
+    /// Value.
+    pub value: u64,
+}
+
+/// One vCPU.
+#[derive(Serialize, Deserialize)]
+pub struct VcpuStateV2 {
+    regs: kvm_regs,
+    sregs: kvm_sregs,
+    xsave: kvm_xsave,
+    xcrs: kvm_xcrs,
+    lapic: kvm_lapic_state,
+    msrs: Vec<MsrValue>,
+    events: kvm_vcpu_events,
+    mp_state: kvm_mp_state,
+    debugregs: kvm_debugregs,
+}
+
+impl VcpuStateV2 {
     /// Instruction pointer (for messages and tests).
     pub fn rip(&self) -> u64 {
         self.regs.rip
     }
+
+    /// The MSRs it holds.
+    pub fn msrs(&self) -> &[MsrValue] {
+        &self.msrs
+    }
 }
 
-/// Save a vCPU that is not running.
-pub fn save_vcpu(vcpu: &VcpuFd, msr_indexes: &[u32]) -> Result<VcpuStateV1, StateError> {
+impl From<VcpuStateV1> for VcpuStateV2 {
+    /// Every MSR is kept (the source saved it, the guest may rely on it),
+    /// named where the catalogue knows it, in restore order.
+    fn from(v1: VcpuStateV1) -> Self {
+        let mut msrs: Vec<MsrValue> = v1
+            .msrs
+            .iter()
+            .map(|m| MsrValue {
+                index: m.index,
+                name: crate::cpu::msrs::name(m.index).unwrap_or_default().to_string(),
+                value: m.data,
+            })
+            .collect();
+        msrs.sort_by_key(|m| crate::cpu::msrs::restore_rank(m.index));
+        VcpuStateV2 {
+            regs: v1.regs,
+            sregs: v1.sregs,
+            xsave: v1.xsave,
+            xcrs: v1.xcrs,
+            lapic: v1.lapic,
+            msrs,
+            events: v1.events,
+            mp_state: v1.mp_state,
+            debugregs: v1.debugregs,
+        }
+    }
+}
+
+/// Decode a vCPU section of state version `version` (upgrading v1).
+pub fn load_vcpu(version: u32, bytes: &[u8]) -> Result<VcpuStateV2, StateError> {
+    match version {
+        1 => decode::<VcpuStateV1>(bytes).map(VcpuStateV2::from),
+        2 => decode(bytes),
+        v => Err(StateError::Codec(format!(
+            "vCPU state v{v}, this ferry loads v{VCPU_STATE_OLDEST}..v{VCPU_STATE_VERSION}"
+        ))),
+    }
+}
+
+/// Save a vCPU that is not running, with the MSRs `msrs` (index, name).
+pub fn save_vcpu(vcpu: &VcpuFd, msrs: &[(u32, &'static str)]) -> Result<VcpuStateV2, StateError> {
     let entries: Vec<kvm_msr_entry> =
-        msr_indexes.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
-    let mut msrs = Msrs::from_entries(&entries).map_err(|e| StateError::Codec(format!("MSR list: {e:?}")))?;
-    let n = vcpu.get_msrs(&mut msrs).map_err(kvm("KVM_GET_MSRS"))?;
-    Ok(VcpuStateV1 {
+        msrs.iter().map(|&(index, _)| kvm_msr_entry { index, ..Default::default() }).collect();
+    let mut list = Msrs::from_entries(&entries).map_err(|e| StateError::Codec(format!("MSR list: {e:?}")))?;
+    let n = vcpu.get_msrs(&mut list).map_err(kvm("KVM_GET_MSRS"))?;
+    if let Some(&(index, _)) = msrs.get(n) {
+        return Err(StateError::Codec(format!(
+            "KVM_GET_MSRS could not read {}",
+            crate::cpu::msrs::label(index)
+        )));
+    }
+    let values = list.as_slice()[..n]
+        .iter()
+        .zip(msrs)
+        .map(|(e, &(index, name))| MsrValue { index, name: name.to_string(), value: e.data })
+        .collect();
+    Ok(VcpuStateV2 {
         regs: vcpu.get_regs().map_err(kvm("KVM_GET_REGS"))?,
         sregs: vcpu.get_sregs().map_err(kvm("KVM_GET_SREGS"))?,
         xsave: vcpu.get_xsave().map_err(kvm("KVM_GET_XSAVE"))?,
         xcrs: vcpu.get_xcrs().map_err(kvm("KVM_GET_XCRS"))?,
         lapic: vcpu.get_lapic().map_err(kvm("KVM_GET_LAPIC"))?,
-        msrs: msrs.as_slice()[..n].to_vec(),
+        msrs: values,
         events: vcpu.get_vcpu_events().map_err(kvm("KVM_GET_VCPU_EVENTS"))?,
         mp_state: vcpu.get_mp_state().map_err(kvm("KVM_GET_MP_STATE"))?,
         debugregs: vcpu.get_debug_regs().map_err(kvm("KVM_GET_DEBUGREGS"))?,
     })
 }
 
-/// Load a vCPU's state (before it first runs), in the order KVM needs:
-/// MSRs, registers, special registers, XSAVE, XCRs, debug registers, local
-/// APIC, MP state, then pending events.
-pub fn restore_vcpu(vcpu: &VcpuFd, s: &VcpuStateV1) -> Result<(), StateError> {
-    let msrs = Msrs::from_entries(&s.msrs).map_err(|e| StateError::Codec(format!("MSR list: {e:?}")))?;
+/// Load a vCPU's state (before it first runs, its CPUID installed), in
+/// the order KVM needs: MSRs (in catalogue order: the TSC before the TSC
+/// deadline), registers, special registers, XSAVE, XCRs, debug registers,
+/// local APIC, MP state, then pending events.
+pub fn restore_vcpu(vcpu: &VcpuFd, s: &VcpuStateV2) -> Result<(), StateError> {
+    let entries: Vec<kvm_msr_entry> = s
+        .msrs
+        .iter()
+        .map(|m| kvm_msr_entry { index: m.index, data: m.value, ..Default::default() })
+        .collect();
+    let msrs = Msrs::from_entries(&entries).map_err(|e| StateError::Codec(format!("MSR list: {e:?}")))?;
     let n = vcpu.set_msrs(&msrs).map_err(kvm("KVM_SET_MSRS"))?;
-    if n != s.msrs.len() {
-        let index = s.msrs.get(n).map(|m| m.index).unwrap_or(0);
-        return Err(StateError::Codec(format!("this host's KVM refused MSR {index:#x}")));
+    if let Some(m) = s.msrs.get(n) {
+        return Err(StateError::Codec(format!(
+            "this host's KVM refused {} = {:#x}",
+            crate::cpu::msrs::label(m.index),
+            m.value
+        )));
     }
     vcpu.set_regs(&s.regs).map_err(kvm("KVM_SET_REGS"))?;
     vcpu.set_sregs(&s.sregs).map_err(kvm("KVM_SET_SREGS"))?;

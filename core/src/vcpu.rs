@@ -25,7 +25,7 @@ use crossbeam_channel::Sender;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
-use crate::{bus::Bus, state::VcpuStateV1};
+use crate::{bus::Bus, state::VcpuStateV2};
 
 /// How a VM ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,7 +47,7 @@ struct Parking {
     threads: Vec<libc::pthread_t>,
     stop: Option<StopEvent>,
     /// Each vCPU's state, saved by its own thread when it parked last.
-    states: Vec<Option<Result<VcpuStateV1, String>>>,
+    states: Vec<Option<Result<VcpuStateV2, String>>>,
 }
 
 /// Run state shared by the vCPU threads, devices and the main thread.
@@ -123,7 +123,7 @@ impl VmControl {
     }
 
     /// The state each vCPU saved when it parked (call after `pause`).
-    pub fn take_vcpu_states(&self) -> Vec<Result<VcpuStateV1, String>> {
+    pub fn take_vcpu_states(&self) -> Vec<Result<VcpuStateV2, String>> {
         let mut p = self.lock();
         p.states
             .iter_mut()
@@ -143,7 +143,7 @@ impl VmControl {
 
     /// Park vCPU `index` with the state it just saved, until resumed.
     /// Returns false when it must exit instead.
-    fn park(&self, index: usize, state: Result<VcpuStateV1, String>) -> bool {
+    fn park(&self, index: usize, state: Result<VcpuStateV2, String>) -> bool {
         let mut p = self.lock();
         if p.states.len() <= index {
             p.states.resize_with(index + 1, || None);
@@ -200,7 +200,7 @@ pub fn spawn(
     vcpus: Vec<VcpuFd>,
     bus: Arc<Bus>,
     control: Arc<VmControl>,
-    msrs: Arc<Vec<u32>>,
+    msrs: Arc<Vec<(u32, &'static str)>>,
 ) -> Result<Vec<JoinHandle<()>>, String> {
     let mut handles = Vec::with_capacity(vcpus.len());
     for (index, vcpu) in vcpus.into_iter().enumerate() {
@@ -224,7 +224,7 @@ pub fn join(handles: Vec<JoinHandle<()>>, control: &VmControl) {
     }
 }
 
-fn run_vcpu(index: usize, mut vcpu: VcpuFd, bus: &Bus, control: &VmControl, msrs: &[u32]) {
+fn run_vcpu(index: usize, mut vcpu: VcpuFd, bus: &Bus, control: &VmControl, msrs: &[(u32, &'static str)]) {
     let flag: *mut u8 = &mut vcpu.get_kvm_run().immediate_exit;
     IMMEDIATE_EXIT.with(|f| f.set(flag));
     // Registered from the thread itself, under the control's lock: a stop
@@ -254,7 +254,7 @@ fn run_vcpu(index: usize, mut vcpu: VcpuFd, bus: &Bus, control: &VmControl, msrs
 /// loop just answered is only completed by the next KVM_RUN, so run once
 /// with `immediate_exit` set (KVM finishes the instruction and returns
 /// EINTR without entering the guest) before reading the registers.
-fn save_parked(vcpu: &mut VcpuFd, msrs: &[u32]) -> Result<VcpuStateV1, String> {
+fn save_parked(vcpu: &mut VcpuFd, msrs: &[(u32, &'static str)]) -> Result<VcpuStateV2, String> {
     vcpu.set_kvm_immediate_exit(1);
     let _ = vcpu.run();
     vcpu.set_kvm_immediate_exit(0);

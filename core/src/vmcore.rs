@@ -7,11 +7,13 @@ use std::sync::Arc;
 
 use crate::{
     bus::Bus,
+    cpu::VmCpu,
     kvm::Machine,
     machine::MachineType,
     memory::GuestRam,
     migration::{
-        manifest::{CpuidRecord, DeviceRecord, MachineRecord, Manifest},
+        manifest::{DeviceRecord, MachineRecord, Manifest},
+        plan::cpu_record,
         status::Status,
     },
     plugins::Registry,
@@ -28,8 +30,8 @@ pub struct VmCore {
     pub(crate) bus: Arc<Bus>,
     pub(crate) control: Arc<VmControl>,
     pub(crate) cpus: u8,
-    pub(crate) msrs: Arc<Vec<u32>>,
-    pub(crate) cpuid: Vec<CpuidRecord>,
+    /// The guest's CPU (vCPU 0's CPUID as KVM holds it).
+    pub(crate) cpu: VmCpu,
     /// The live migration in progress or last finished, if any.
     pub(crate) migration: std::sync::Mutex<Option<Status>>,
 }
@@ -83,7 +85,8 @@ impl VmCore {
             cpus: self.cpus,
             memory: self.ram.size(),
             ram: self.ram.ranges().iter().map(|r| (r.gpa, r.len)).collect(),
-            cpuid: self.cpuid.clone(),
+            cpuid: self.cpu.cpuid.clone(),
+            cpu: Some(cpu_record(&self.cpu)),
         }
     }
     /// What `ferry ctl info` shows.
@@ -92,6 +95,13 @@ impl VmCore {
             "state": if self.control.is_paused() { "paused" } else { "running" },
             "machine": self.machine.name,
             "cpus": self.cpus,
+            "cpu": {
+                "model": self.cpu.model,
+                "vendor": self.cpu.vendor,
+                "tsc_khz": self.cpu.tsc_khz,
+                "msrs": self.cpu.msrs.len(),
+                "kvm_rewrote": self.cpu.kvm_rewrote,
+            },
             "memory_bytes": self.ram.size(),
             "devices": self.bus.devices().iter().map(|d| serde_json::json!({
                 "id": d.id,

@@ -25,11 +25,12 @@ fn main() {
     std::fs::copy(fixture_plugin_with("testdev", &["v1"]), old.path().join("libtestdev.so"))
         .expect("install");
     let dir = TempDir::new("demo");
-    // A machine type made for older hosts: testdev without the v2 feature.
+    // A machine type made for older hosts: testdev without the v2 feature,
+    // on the portable CPU model.
     let machine = dir.path().join("demo.toml");
     std::fs::write(
         &machine,
-        "name = \"demo-1\"\ndescription = \"pc-1 plus the testdev device\"\n\
+        "name = \"demo-2\"\ndescription = \"pc-2 plus the testdev device\"\ncpu = \"x86-64-v1@1\"\n\
          [[device]]\nid = \"com1\"\nplugin = \"serial-16550\"\nproperties = { input = \"none\" }\n\
          [[device]]\nid = \"rtc\"\nplugin = \"cmos-rtc\"\n\
          [[device]]\nid = \"debug-exit\"\nplugin = \"debug-exit\"\n\
@@ -79,6 +80,17 @@ fn main() {
         }
     }
 
+    let info = Command::new(ferry_bin()).arg("ctl").arg("--api-socket").arg(&socket).arg("info").output();
+    let info: serde_json::Value =
+        info.ok().and_then(|o| serde_json::from_slice(&o.stdout).ok()).unwrap_or_default();
+    let cpu = &info["cpu"];
+    println!(
+        "source      | (cpu {} on {}, TSC {} kHz)",
+        cpu["model"].as_str().unwrap_or("?"),
+        cpu["vendor"].as_str().unwrap_or("?"),
+        cpu["tsc_khz"]
+    );
+
     println!("\nferry ctl migrate {uri}");
     let out = Command::new(ferry_bin())
         .arg("ctl")
@@ -93,7 +105,7 @@ fn main() {
             l.trim().strip_prefix(&format!("\"{k}\": ")).map(|v| v.trim_end_matches(',').to_string())
         })
     };
-    for line in text.lines().filter(|l| l.starts_with("device ")) {
+    for line in text.lines().filter(|l| l.starts_with("device ") || l.starts_with("cpu: ")) {
         println!("  plan: {line}");
     }
     if !out.status.success() {

@@ -371,6 +371,22 @@ pub fn ctl(socket: &Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).to_string()
 }
 
+/// `ferry ctl --api-socket SOCKET migrate URI EXTRA...`; returns whether
+/// it succeeded and everything it printed (stdout, then stderr).
+pub fn migrate(socket: &Path, uri: &str, extra: &[&str]) -> (bool, String) {
+    let out = Command::new(ferry_bin())
+        .arg("ctl")
+        .arg("--api-socket")
+        .arg(socket)
+        .arg("migrate")
+        .arg(uri)
+        .args(extra)
+        .output()
+        .expect("run ferry ctl migrate");
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
 /// Wait until `path` exists (a socket ferry creates).
 pub fn wait_for_path(path: &Path, timeout: Duration) -> bool {
     let start = Instant::now();

@@ -1,8 +1,9 @@
-//! vCPU entry state: CPUID, local APIC interrupt pins, and the boot CPU's
+//! vCPU entry state: local APIC interrupt pins, and the boot CPU's
 //! registers: PVH (32-bit protected mode, flat segments, paging off) or the
-//! Linux 64-bit entry (long mode, identity-mapped, flat segments).
+//! Linux 64-bit entry (long mode, identity-mapped, flat segments). The
+//! CPUID a vCPU gets is the CPU model's (`crate::cpu`).
 
-use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, CpuId};
+use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment};
 use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -48,26 +49,6 @@ fn segment(entry: u64, selector: u16) -> kvm_segment {
         unusable: 0,
         padding: 0,
     }
-}
-
-/// CPUID for vCPU `index`: KVM's supported set with this vCPU's APIC id,
-/// the CPU count, and the hypervisor bit.
-pub fn cpuid_for(base: &CpuId, index: u8, cpus: u8) -> CpuId {
-    let mut cpuid = base.clone();
-    for e in cpuid.as_mut_slice() {
-        match e.function {
-            1 => {
-                e.ebx = (e.ebx & 0x0000_ffff) | (u32::from(index) << 24) | (u32::from(cpus) << 16);
-                e.ecx |= 1 << 31; // running under a hypervisor
-                if cpus > 1 {
-                    e.edx |= 1 << 28; // HTT: the logical count in ebx is valid
-                }
-            }
-            0xb | 0x1f => e.edx = u32::from(index),
-            _ => {}
-        }
-    }
-    cpuid
 }
 
 const APIC_LVT0: usize = 0x350;

@@ -1,8 +1,11 @@
 //! This host as another host's plan sees it: its plugin set and its CPU,
 //! written by `ferry plugins --manifest` and used by the live handshake.
 
-use super::{manifest::CpuidRecord, plan::{HostManifest, HostPlugin}};
-use crate::{boot::cpu, plugins::Registry};
+use super::plan::{HostManifest, HostPlugin};
+use crate::{
+    cpu::{CpuError, HostCpu},
+    plugins::Registry,
+};
 
 /// This host's plugins, as a migration plan sees them.
 pub fn host_plugins(registry: &Registry) -> Vec<HostPlugin> {
@@ -26,37 +29,23 @@ pub fn host_plugins(registry: &Registry) -> Vec<HostPlugin> {
         .collect()
 }
 
-/// The CPUID KVM on this host gives vCPU 0 of a VM with `cpus` vCPUs.
-pub fn host_cpuid(cpus: u8) -> Option<Vec<CpuidRecord>> {
-    let kvm = kvm_ioctls::Kvm::new().ok()?;
-    let base = kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES).ok()?;
-    Some(cpuid_records(&cpu::cpuid_for(&base, 0, cpus)))
-}
-
-/// The entries of a CPUID table as the manifest records them.
-pub fn cpuid_records(table: &kvm_bindings::CpuId) -> Vec<CpuidRecord> {
-    table
-        .as_slice()
-        .iter()
-        .map(|e| CpuidRecord {
-            function: e.function,
-            index: e.index,
-            flags: e.flags,
-            eax: e.eax,
-            ebx: e.ebx,
-            ecx: e.ecx,
-            edx: e.edx,
-        })
-        .collect()
-}
-
-/// This host's plugin set and CPU, for `ferry plugins --manifest`.
-pub fn host_manifest(registry: &Registry) -> HostManifest {
-    HostManifest {
+/// This host's plugin set and CPU, for `ferry plugins --manifest`. A
+/// host whose KVM cannot be read is described without its CPU (plans
+/// against it then leave the CPU unchecked); a malformed test disguise is
+/// an error.
+pub fn host_manifest(registry: &Registry) -> Result<HostManifest, CpuError> {
+    let cpu = match HostCpu::probe() {
+        Ok(cpu) => Some(cpu),
+        Err(e @ CpuError::Disguise(_)) => return Err(e),
+        Err(e) => {
+            crate::log::warn(&format!("this host's CPU is left out of its manifest: {e}"));
+            None
+        }
+    };
+    Ok(HostManifest {
         ferry_version: env!("CARGO_PKG_VERSION").to_string(),
         plugin_api: ferry_plugin_api::PLUGIN_API_VERSION.to_string(),
         plugins: host_plugins(registry),
-        // As for a multi-vCPU guest, so topology bits never read as missing.
-        cpuid: host_cpuid(2).unwrap_or_default(),
-    }
+        cpu,
+    })
 }

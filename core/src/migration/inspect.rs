@@ -45,6 +45,34 @@ pub struct MemoryInfo {
     pub crc_ok: bool,
 }
 
+/// One MSR the vCPU sections hold.
+#[derive(Debug, Clone, Serialize)]
+pub struct MsrInfo {
+    /// Index.
+    pub index: u32,
+    /// Name ("" if ferry does not know it).
+    pub name: String,
+    /// In ferry's catalogue (what ferry saves today)?
+    pub catalogued: bool,
+}
+
+/// The guest's CPU, by name.
+#[derive(Debug, Clone, Serialize)]
+pub struct CpuInfo {
+    /// Model.
+    pub model: String,
+    /// Vendor.
+    pub vendor: String,
+    /// Brand string of its CPUID.
+    pub brand: String,
+    /// TSC frequency, if recorded.
+    pub tsc_khz: Option<u32>,
+    /// Written before ferry recorded CPU models.
+    pub legacy: bool,
+    /// The MSRs each vCPU saved.
+    pub msrs: Vec<MsrInfo>,
+}
+
 /// The whole report.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
@@ -54,6 +82,9 @@ pub struct Report {
     pub length: u64,
     /// The manifest, if it decoded.
     pub manifest: Option<Manifest>,
+    /// The guest's CPU, once the manifest (and, for old files, vCPU 0's
+    /// section) decoded.
+    pub cpu: Option<CpuInfo>,
     /// Sections read.
     pub sections: Vec<SectionInfo>,
     /// Memory.
@@ -86,6 +117,28 @@ impl Report {
                 m.ram.len(),
                 m.cpuid.len()
             );
+            if let Some(c) = &self.cpu {
+                let tsc =
+                    c.tsc_khz.map(|k| format!("TSC {k} kHz")).unwrap_or_else(|| "TSC not recorded".into());
+                let brand = if c.brand.is_empty() { String::new() } else { format!(", \"{}\"", c.brand) };
+                t += &format!("cpu: {} on {}, {tsc}{brand}\n", c.model, c.vendor);
+                if c.legacy {
+                    t += "  written before CPU models: restored with the restoring host's CPUID\n";
+                }
+                let names: Vec<String> = c
+                    .msrs
+                    .iter()
+                    .map(|m| {
+                        let label = crate::cpu::msrs::label(m.index);
+                        if m.catalogued {
+                            label
+                        } else {
+                            format!("{label} (not in the catalogue)")
+                        }
+                    })
+                    .collect();
+                t += &format!("msrs ({}): {}\n", c.msrs.len(), names.join(", "));
+            }
             t += "devices:\n";
             for d in &m.devices {
                 t += &format!(
@@ -123,6 +176,14 @@ impl Report {
     }
 }
 
+fn msr_info(index: u32) -> MsrInfo {
+    MsrInfo {
+        index,
+        name: crate::cpu::msrs::name(index).unwrap_or_default().to_string(),
+        catalogued: crate::cpu::msrs::is_catalogued(index),
+    }
+}
+
 /// Read and check a snapshot file.
 pub fn inspect(path: &Path) -> Result<Report, String> {
     let file = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
@@ -138,6 +199,7 @@ pub fn inspect_reader<R: Read + Seek>(name: &str, mut input: R) -> Report {
         file: name.to_string(),
         length,
         manifest: None,
+        cpu: None,
         sections: Vec::new(),
         memory: None,
         error: None,
@@ -183,12 +245,42 @@ pub fn inspect_reader<R: Read + Seek>(name: &str, mut input: R) -> Report {
         report.sections.push(info);
         match h.kind {
             Kind::Manifest => match crate::state::decode::<Manifest>(&payload) {
-                Ok(m) => report.manifest = Some(m),
+                Ok(m) => {
+                    report.cpu = m.cpu.as_ref().map(|c| CpuInfo {
+                        model: c.model.clone(),
+                        vendor: c.vendor.clone(),
+                        brand: crate::cpu::cpuid::brand(&m.cpuid),
+                        tsc_khz: c.tsc_khz,
+                        legacy: false,
+                        msrs: c.msrs.iter().map(|x| msr_info(x.index)).collect(),
+                    });
+                    report.manifest = Some(m);
+                }
                 Err(e) => {
                     report.error = Some(format!("section {} (manifest): {e}", h.index));
                     break;
                 }
             },
+            Kind::Vcpu if h.id == "cpu0" && report.cpu.is_none() => {
+                // A manifest from before CPU models: vCPU 0 lists the MSRs.
+                let Some(m) = &report.manifest else { continue };
+                match crate::state::load_vcpu(h.version, &payload) {
+                    Ok(v) => {
+                        report.cpu = Some(CpuInfo {
+                            model: "host".into(),
+                            vendor: crate::cpu::cpuid::vendor(&m.cpuid),
+                            brand: crate::cpu::cpuid::brand(&m.cpuid),
+                            tsc_khz: None,
+                            legacy: true,
+                            msrs: v.msrs().iter().map(|x| msr_info(x.index)).collect(),
+                        })
+                    }
+                    Err(e) => {
+                        report.error = Some(format!("section {} (vcpu cpu0): {e}", h.index));
+                        break;
+                    }
+                }
+            }
             Kind::Memory => {
                 let ram = report.manifest.as_ref().map(|m| m.ram.clone()).unwrap_or_default();
                 let runs = match r.runs(&h, &payload, &ram) {

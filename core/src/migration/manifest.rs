@@ -1,16 +1,27 @@
 //! The manifest: what a stream holds, readable before any state is. It
 //! carries the machine type with every device's resolved properties (the
 //! guest keeps its machine type for life), the device list with plugin and
-//! state versions, the vCPU count, the memory layout and the CPUID.
+//! state versions, the vCPU count, the memory layout, and the guest's CPU:
+//! its model, vendor, exact CPUID, the MSRs its vCPUs save and its TSC
+//! frequency.
+//!
+//! | version | CPU |
+//! |---|---|
+//! | 1 | the CPUID only (it was the host's; no model, vendor field, MSR list or TSC) |
+//! | 2 | `cpu`: model, vendor, TSC kHz, MSRs by index and name, beside the CPUID |
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::machine::{DeviceSpec, MachineType, PropValue};
+pub use crate::cpu::cpuid::CpuidEntry;
+use crate::{
+    cpu::{cpuid, verdict::GuestCpu, CpuModel},
+    machine::{DeviceSpec, MachineType, PropValue},
+};
 
 /// Version of [`Manifest`]'s encoding.
-pub const MANIFEST_VERSION: u32 = 1;
+pub const MANIFEST_VERSION: u32 = 2;
 
 /// One device of the machine type, properties resolved.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -50,23 +61,26 @@ pub struct DeviceRecord {
     pub oldest_save: u32,
 }
 
-/// One CPUID entry given to the vCPUs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CpuidRecord {
-    /// Leaf.
-    pub function: u32,
-    /// Subleaf.
+/// One MSR the guest's vCPUs save.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MsrName {
+    /// Index.
     pub index: u32,
-    /// KVM flags.
-    pub flags: u32,
-    /// Registers.
-    pub eax: u32,
-    /// Registers.
-    pub ebx: u32,
-    /// Registers.
-    pub ecx: u32,
-    /// Registers.
-    pub edx: u32,
+    /// Name.
+    pub name: String,
+}
+
+/// The guest's CPU.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CpuRecord {
+    /// Model (`host`, `x86-64-v1@1`).
+    pub model: String,
+    /// Vendor of the host it was started on (and so of its CPUID).
+    pub vendor: String,
+    /// Its TSC frequency.
+    pub tsc_khz: Option<u32>,
+    /// The MSRs each vCPU section holds, in restore order.
+    pub msrs: Vec<MsrName>,
 }
 
 /// Everything a reader needs before the state sections.
@@ -84,8 +98,43 @@ pub struct Manifest {
     pub memory: u64,
     /// RAM ranges (gpa, length).
     pub ram: Vec<(u64, u64)>,
-    /// CPUID of vCPU 0 (others differ only in APIC ids).
-    pub cpuid: Vec<CpuidRecord>,
+    /// CPUID of vCPU 0 as KVM holds it (others differ only in APIC ids).
+    pub cpuid: Vec<CpuidEntry>,
+    /// The guest's CPU (absent in v1 manifests).
+    #[serde(default)]
+    pub cpu: Option<CpuRecord>,
+}
+
+impl Manifest {
+    /// The guest's CPU for a verdict. `msrs` are the MSRs its vCPUs saved
+    /// (a v1 manifest does not list them; its vCPU sections do).
+    pub fn guest_cpu<'a>(&'a self, msrs: &'a [u32], origin: &'a str) -> GuestCpu<'a> {
+        match &self.cpu {
+            Some(c) => GuestCpu {
+                model: c.model.clone(),
+                vendor: c.vendor.clone(),
+                cpuid: &self.cpuid,
+                msrs,
+                tsc_khz: c.tsc_khz,
+                legacy: false,
+                origin,
+            },
+            None => GuestCpu {
+                model: "host".into(),
+                vendor: cpuid::vendor(&self.cpuid),
+                cpuid: &self.cpuid,
+                msrs,
+                tsc_khz: None,
+                legacy: true,
+                origin,
+            },
+        }
+    }
+
+    /// The MSRs a v2 manifest lists.
+    pub fn msr_indexes(&self) -> Vec<u32> {
+        self.cpu.iter().flat_map(|c| c.msrs.iter().map(|m| m.index)).collect()
+    }
 }
 
 impl MachineRecord {
@@ -117,6 +166,9 @@ impl MachineRecord {
             description: self.description.clone(),
             cpus: Some(cpus),
             memory: Some(memory),
+            // The CPU a restored guest runs comes from the stream's CPU
+            // record, not from a model: the model only starts new guests.
+            cpu: CpuModel::Host,
             devices: self
                 .devices
                 .iter()

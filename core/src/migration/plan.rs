@@ -8,12 +8,17 @@
 //! | downgrade vB->vA | the source writes the older vA the destination loads (its downgrade functions run at stop-and-copy, and may still refuse then if the guest's state needs vB) |
 //! | refused | no plugin, an unknown property, or no version path |
 //!
-//! CPU features the source's vCPUs were given and the destination's KVM
-//! does not offer refuse the whole plan.
+//! The guest's CPU gets its own verdict (`cpu::verdict`): another vendor,
+//! a CPUID feature or MSR the destination's KVM lacks, or a TSC frequency
+//! it cannot match refuse the whole plan, one line each.
 
 use serde::{Deserialize, Serialize};
 
-use super::manifest::{CpuidRecord, Manifest};
+use super::manifest::{CpuRecord, Manifest, MsrName};
+use crate::cpu::{verdict, HostCpu, VmCpu};
+
+/// How the plan introduces the guest's CPU in its lines.
+pub const LIVE_ORIGIN: &str = "the source runs it";
 
 /// What one plugin on a host can do: enough to plan without loading it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -45,8 +50,9 @@ pub struct HostManifest {
     pub plugin_api: String,
     /// Its plugins.
     pub plugins: Vec<HostPlugin>,
-    /// The CPUID its KVM gives a vCPU (empty if unknown).
-    pub cpuid: Vec<CpuidRecord>,
+    /// Its CPU as KVM offers it (absent if /dev/kvm could not be read).
+    #[serde(default)]
+    pub cpu: Option<HostCpu>,
 }
 
 /// The manifest a VM of machine type `machine` would carry on host `from`:
@@ -59,6 +65,9 @@ pub fn vm_manifest_on(
     memory: u64,
 ) -> Result<Manifest, String> {
     use super::manifest::{DeviceRecord, MachineDevice, MachineRecord};
+    let host_cpu = from.cpu.as_ref().ok_or("the source host's manifest has no CPU description")?;
+    let cpu =
+        VmCpu::for_model(machine.cpu, host_cpu, cpus).map_err(|e| format!("on the source host: {e}"))?;
     let mut devices = Vec::new();
     let mut records = Vec::new();
     for d in &machine.devices {
@@ -86,8 +95,19 @@ pub fn vm_manifest_on(
         cpus,
         memory,
         ram: crate::memory::layout(memory).iter().map(|r| (r.gpa, r.len)).collect(),
-        cpuid: from.cpuid.clone(),
+        cpu: Some(cpu_record(&cpu)),
+        cpuid: cpu.cpuid,
     })
+}
+
+/// The manifest's record of a VM's CPU.
+pub fn cpu_record(cpu: &VmCpu) -> CpuRecord {
+    CpuRecord {
+        model: cpu.model.clone(),
+        vendor: cpu.vendor.clone(),
+        tsc_khz: cpu.tsc_khz,
+        msrs: cpu.msrs.iter().map(|&(index, name)| MsrName { index, name: name.to_string() }).collect(),
+    }
 }
 
 /// The verdict for one device.
@@ -139,17 +159,17 @@ pub struct DeviceLine {
 pub struct Plan {
     /// Per device, in machine-type order.
     pub devices: Vec<DeviceLine>,
-    /// Refusals that concern the whole machine (CPU features).
-    pub machine: Vec<String>,
+    /// The CPU verdict's problems: each refuses the whole plan.
+    pub cpu: Vec<String>,
 }
 
 impl Plan {
     /// Anything refused?
     pub fn refused(&self) -> bool {
-        !self.machine.is_empty() || self.devices.iter().any(|d| matches!(d.verdict, Verdict::Refused { .. }))
+        !self.cpu.is_empty() || self.devices.iter().any(|d| matches!(d.verdict, Verdict::Refused { .. }))
     }
 
-    /// One line per device (and per machine-level refusal).
+    /// One line per device, and per CPU problem.
     pub fn lines(&self) -> Vec<String> {
         let mut out = Vec::new();
         for d in &self.devices {
@@ -167,8 +187,8 @@ impl Plan {
             };
             out.push(format!("device {} ({versions}): {what}", d.id));
         }
-        for m in &self.machine {
-            out.push(format!("machine: REFUSED: {m}"));
+        for m in &self.cpu {
+            out.push(format!("cpu: REFUSED: {m}"));
         }
         out
     }
@@ -184,48 +204,9 @@ impl Plan {
     }
 }
 
-/// Feature registers compared between hosts: (leaf, subleaf, register
-/// index 0=eax 1=ebx 2=ecx 3=edx, name).
-const FEATURE_REGS: &[(u32, u32, usize, &str)] = &[
-    (1, 0, 2, "ecx"),
-    (1, 0, 3, "edx"),
-    (7, 0, 1, "ebx"),
-    (7, 0, 2, "ecx"),
-    (7, 0, 3, "edx"),
-    (0x8000_0001, 0, 2, "ecx"),
-    (0x8000_0001, 0, 3, "edx"),
-];
-
-fn reg(entries: &[CpuidRecord], leaf: u32, sub: u32, r: usize) -> Option<u32> {
-    entries.iter().find(|e| e.function == leaf && (e.index == sub || leaf == 1 || leaf == 0x8000_0001)).map(
-        |e| match r {
-            0 => e.eax,
-            1 => e.ebx,
-            2 => e.ecx,
-            _ => e.edx,
-        },
-    )
-}
-
-/// Features the source's vCPUs have that `host` (the destination's CPUID
-/// for the same vCPU) lacks.
-pub fn missing_cpu_features(source: &[CpuidRecord], host: &[CpuidRecord]) -> Vec<String> {
-    let mut missing = Vec::new();
-    for &(leaf, sub, r, name) in FEATURE_REGS {
-        let (Some(have), Some(offer)) = (reg(source, leaf, sub, r), reg(host, leaf, sub, r)) else {
-            continue;
-        };
-        let lacking = have & !offer;
-        if lacking != 0 {
-            missing.push(format!("CPUID leaf {leaf:#x}.{sub} {name} bits {lacking:#010x}"));
-        }
-    }
-    missing
-}
-
-/// Plan the move of `manifest`'s VM to a host with `plugins` (and, if
-/// known, the CPUID the destination would give vCPU 0).
-pub fn make_plan(manifest: &Manifest, plugins: &[HostPlugin], host_cpuid: Option<&[CpuidRecord]>) -> Plan {
+/// Plan the move of `manifest`'s VM to a host with `plugins` and, if
+/// known, CPU `host_cpu`.
+pub fn make_plan(manifest: &Manifest, plugins: &[HostPlugin], host_cpu: Option<&HostCpu>) -> Plan {
     let mut devices = Vec::new();
     for d in &manifest.devices {
         let dest = plugins.iter().find(|p| p.name == d.plugin);
@@ -276,24 +257,23 @@ pub fn make_plan(manifest: &Manifest, plugins: &[HostPlugin], host_cpuid: Option
             verdict,
         });
     }
-    let machine = match host_cpuid {
+    let cpu = match host_cpu {
         Some(host) => {
-            let missing = missing_cpu_features(&manifest.cpuid, host);
-            if missing.is_empty() {
-                Vec::new()
-            } else {
-                vec![format!("CPU features missing on the destination: {}", missing.join(", "))]
-            }
+            let msrs = manifest.msr_indexes();
+            verdict::check(&manifest.guest_cpu(&msrs, LIVE_ORIGIN), host).problems
         }
         None => Vec::new(),
     };
-    Plan { devices, machine }
+    Plan { devices, cpu }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::migration::manifest::{DeviceRecord, MachineDevice, MachineRecord};
+    use crate::{
+        cpu::cpuid::{self, CpuidEntry, INTEL},
+        migration::manifest::{DeviceRecord, MachineDevice, MachineRecord},
+    };
 
     fn manifest(state_version: u32, oldest_save: u32) -> Manifest {
         Manifest {
@@ -317,8 +297,21 @@ mod tests {
             cpus: 1,
             memory: 1 << 28,
             ram: vec![(0, 1 << 28)],
-            cpuid: vec![CpuidRecord { function: 1, index: 0, flags: 0, eax: 0, ebx: 0, ecx: 0b1011, edx: 1 }],
+            cpuid: table(0b1011),
+            cpu: Some(CpuRecord {
+                model: "x86-64-v1@1".into(),
+                vendor: INTEL.into(),
+                tsc_khz: Some(2_000_000),
+                msrs: vec![MsrName { index: 0x10, name: "IA32_TSC".into() }],
+            }),
         }
+    }
+
+    fn table(leaf1_ecx: u32) -> Vec<CpuidEntry> {
+        let mut t =
+            vec![CpuidEntry { function: 1, index: 0, flags: 0, eax: 0, ebx: 0, ecx: leaf1_ecx, edx: 1 }];
+        cpuid::set_vendor(&mut t, INTEL);
+        t
     }
 
     fn host(current: u32, oldest_load: u32) -> Vec<HostPlugin> {
@@ -362,13 +355,15 @@ mod tests {
         h[0].properties.clear();
         assert!(make_plan(&manifest(1, 1), &h, None).lines()[0]
             .contains("property 'port' is unknown to serial-16550 0.1.0"));
-        let dest_cpuid =
-            [CpuidRecord { function: 1, index: 0, flags: 0, eax: 0, ebx: 0, ecx: 0b0011, edx: 1 }];
-        let p = make_plan(&manifest(1, 1), &host(1, 1), Some(&dest_cpuid));
+        let dest = HostCpu::fake(INTEL, table(0b0011));
+        let p = make_plan(&manifest(1, 1), &host(1, 1), Some(&dest));
         assert!(p.refused());
         assert_eq!(
-            p.machine[0],
-            "CPU features missing on the destination: CPUID leaf 0x1.0 ecx bits 0x00000008"
+            p.lines()[1],
+            "cpu: REFUSED: CPUID.01H:ECX.monitor [bit 3]: the guest's CPU has it; this host's KVM does not offer it"
+        );
+        assert!(
+            !make_plan(&manifest(1, 1), &host(1, 1), Some(&HostCpu::fake(INTEL, table(0b1011)))).refused()
         );
     }
 }

@@ -1,13 +1,24 @@
-//! Booting: a fresh VM with the machine type's devices, the kernel and
-//! its boot structures loaded, the boot CPU at the kernel's entry.
+//! Booting: a fresh VM with the machine type's devices and CPU model, the
+//! kernel and its boot structures loaded, the boot CPU at the kernel's
+//! entry.
 
 use super::{build, BootConfig, RamSource, Vm, VmError, DEFAULT_MEMORY};
-use crate::boot::{self, cpu, Entry, Kernel};
+use crate::{
+    boot::{self, cpu, Entry, Kernel},
+    cpu::{HostCpu, VmCpu},
+};
 
-/// Build a VM and load its kernel.
+/// Build a VM and load its kernel. A CPU model this host cannot give is
+/// refused first, naming what is missing, before anything is created.
 pub fn boot(config: BootConfig) -> Result<Vm, VmError> {
     let memory = config.memory.or(config.machine.memory).unwrap_or(DEFAULT_MEMORY);
-    let vm = build(config.machine, &config.plugins, config.cpus, RamSource::Fresh(memory))?;
+    let cpus = config.cpus.or(config.machine.cpus).unwrap_or(1);
+    if cpus == 0 {
+        return Err(VmError::NoCpus);
+    }
+    let host = HostCpu::probe()?;
+    let guest_cpu = VmCpu::for_model(config.machine.cpu, &host, cpus)?;
+    let vm = build(config.machine, &config.plugins, cpus, guest_cpu, RamSource::Fresh(memory))?;
     let cmdline = match (&config.cmdline, &config.kernel) {
         (Some(c), _) => c.clone(),
         (None, Kernel::TestGuest) => boot::TEST_GUEST_CMDLINE.to_string(),
@@ -20,10 +31,12 @@ pub fn boot(config: BootConfig) -> Result<Vm, VmError> {
         Entry::Linux(e) => cpu::setup_linux_bsp(&vm.vcpus[0], e)?,
     }
     crate::log::info(&format!(
-        "booting {} on machine type {} with {} vCPU(s), {} of RAM, {} device(s)",
+        "booting {} on machine type {} with {} vCPU(s) of cpu {} ({}), {} of RAM, {} device(s)",
         config.kernel.describe(),
         vm.machine.name,
         vm.cpus,
+        vm.cpu.model,
+        vm.cpu.vendor,
         crate::memory::human_size(vm.ram.size()),
         vm.bus.devices().len()
     ));

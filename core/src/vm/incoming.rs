@@ -3,10 +3,16 @@
 
 use std::path::Path;
 
-use super::{build, restore::apply_states, RamSource, Vm, VmError};
+use super::{
+    build,
+    restore::{apply_states, cpu_here},
+    RamSource, Vm, VmError,
+};
 use crate::{
-    migration::{hostinfo::{host_cpuid, host_plugins}, stream::Kind},
+    cpu::HostCpu,
+    migration::{hostinfo::host_plugins, plan::LIVE_ORIGIN, stream::Kind},
     plugins::Registry,
+    state::{self, VcpuStateV2},
 };
 
 /// Wait for a live migration on `uri`, plan it against the plugins in
@@ -20,15 +26,23 @@ pub fn incoming(
     let fail = |m: String| VmError::Failed(format!("incoming migration: {m}"));
     let registry = Registry::load_dir(plugins)?;
     let host = host_plugins(&registry);
-    let accepted = live::accept(uri, |m| {
-        // The same computation `ferry compat` uses (host_manifest).
-        let cpuid = host_cpuid(2);
-        plan::make_plan(m, &host, cpuid.as_deref())
-    })
-    .map_err(|e| fail(e.to_string()))?;
+    let host_cpu = HostCpu::probe()?;
+    // The same computation `ferry compat` makes from this host's manifest.
+    let accepted =
+        live::accept(uri, |m| plan::make_plan(m, &host, Some(&host_cpu))).map_err(|e| fail(e.to_string()))?;
     drop(registry);
     let Some(mut incoming) = accepted else { return Ok(None) };
     let m = incoming.manifest.clone();
+    let cpu = match cpu_here(&m, &m.msr_indexes(), LIVE_ORIGIN, &host_cpu) {
+        Ok(cpu) => cpu,
+        // The plan refused these already; a source that went on anyway
+        // is told again.
+        Err(problems) => {
+            let reason = problems.join("; ");
+            incoming.link.failed(&reason);
+            return Err(fail(reason));
+        }
+    };
     let mut machine = m.machine.to_machine_type(m.cpus, m.memory);
     // Properties this host's (older) plugins do not know switch on features
     // they lack; the plan allowed them only for downgrades, whose functions
@@ -44,7 +58,7 @@ pub fn incoming(
         Some(file) => RamSource::Memfd(m.memory, file),
         None => RamSource::Fresh(m.memory),
     };
-    let vm = match build(machine, plugins, Some(m.cpus), ram) {
+    let vm = match build(machine, plugins, m.cpus, cpu, ram) {
         Ok(vm) => vm,
         Err(e) => {
             incoming.link.failed(&e.to_string());
@@ -122,10 +136,13 @@ fn receive_state(vm: &Vm, link: &mut crate::migration::live::IncomingLink) -> Re
         }
     }
     let machine = machine.ok_or("no machine state")?;
-    let vcpus: Vec<(u32, Vec<u8>)> = vcpus
+    let vcpus: Vec<VcpuStateV2> = vcpus
         .into_iter()
         .enumerate()
-        .map(|(i, v)| v.ok_or_else(|| format!("no state for vCPU {i}")))
+        .map(|(i, v)| {
+            let (version, bytes) = v.ok_or_else(|| format!("no state for vCPU {i}"))?;
+            state::load_vcpu(version, &bytes).map_err(|e| format!("vcpu cpu{i}: {e}"))
+        })
         .collect::<Result<_, _>>()?;
     let t = std::time::Instant::now();
     let r = apply_states(vm, &machine, &vcpus, &devices);

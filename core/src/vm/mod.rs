@@ -30,14 +30,14 @@ pub use restore::restore;
 pub use snapshot::SnapshotReport;
 
 use crate::{
-    boot::{cpu, BootError, Kernel},
+    boot::{cpu as boot_cpu, BootError, Kernel},
     bus::{Bus, BusError},
+    cpu::{CpuError, VmCpu},
     host::{DeviceHost, VmServices},
     interrupts::IrqRouter,
     kvm::{KvmError, Machine},
     machine::{self, MachineError, MachineType},
     memory::{GuestRam, MemoryError},
-    migration::hostinfo::cpuid_records,
     plugins::{PluginError, Registry},
     state::StateError,
     vcpu::{StopEvent, VmControl},
@@ -124,6 +124,9 @@ pub enum VmError {
     /// KVM state.
     #[error(transparent)]
     State(#[from] StateError),
+    /// The guest's CPU.
+    #[error(transparent)]
+    Cpu(#[from] CpuError),
     /// Starting threads, signals, the API socket.
     #[error("{0}")]
     Runtime(String),
@@ -152,10 +155,18 @@ impl std::ops::Deref for Vm {
         &self.core
     }
 }
-fn build(machine: MachineType, plugins: &Path, cpus: Option<u8>, ram: RamSource<'_>) -> Result<Vm, VmError> {
+/// Build a VM of machine type `machine` with `cpus` vCPUs, each given
+/// `cpu`, and guest RAM from `ram`. Devices are created from the plugins
+/// in `plugins`; nothing runs yet.
+fn build(
+    machine: MachineType,
+    plugins: &Path,
+    cpus: u8,
+    mut cpu: VmCpu,
+    ram: RamSource<'_>,
+) -> Result<Vm, VmError> {
     let registry = Registry::load_dir(plugins)?;
     let plans = machine::resolve(&machine, &registry)?;
-    let cpus = cpus.or(machine.cpus).unwrap_or(1);
     if cpus == 0 {
         return Err(VmError::NoCpus);
     }
@@ -166,7 +177,6 @@ fn build(machine: MachineType, plugins: &Path, cpus: Option<u8>, ram: RamSource<
     };
     let kvm = Machine::new(usize::from(cpus))?;
     kvm.register_ram(&ram)?;
-    let msrs = Arc::new(kvm.msr_indexes()?);
 
     let (stop_tx, stop_rx) = crossbeam_channel::unbounded();
     let control = VmControl::new(stop_tx);
@@ -193,18 +203,16 @@ fn build(machine: MachineType, plugins: &Path, cpus: Option<u8>, ram: RamSource<
         bus.add_device(&plan.id, &plan.plugin, parts.device, parts.pci.into_option())?;
     }
 
-    let base_cpuid = &kvm.supported_cpuid;
     let mut vcpus = Vec::with_capacity(usize::from(cpus));
-    let mut cpuid = Vec::new();
     for index in 0..cpus {
         let fd =
             kvm.vm.create_vcpu(u64::from(index)).map_err(|source| BootError::Vcpu { cpu: index, source })?;
-        let table = cpu::cpuid_for(base_cpuid, index, cpus);
-        fd.set_cpuid2(&table).map_err(|source| BootError::Vcpu { cpu: index, source })?;
+        let held = cpu.install(&fd, index)?;
         if index == 0 {
-            cpuid = cpuid_records(&table);
+            // What travels is the CPU ferry gave; say where KVM holds more.
+            cpu.kvm_rewrote = crate::cpu::rewritten(&crate::cpu::cpuid::for_vcpu(&cpu.cpuid, 0), &held);
         }
-        cpu::setup_lapic(&fd, index)?;
+        boot_cpu::setup_lapic(&fd, index)?;
         vcpus.push(fd);
     }
     let core = VmCore {
@@ -215,8 +223,7 @@ fn build(machine: MachineType, plugins: &Path, cpus: Option<u8>, ram: RamSource<
         bus: Arc::new(bus),
         control,
         cpus,
-        msrs,
-        cpuid,
+        cpu,
         migration: std::sync::Mutex::new(None),
     };
     Ok(Vm { core: Arc::new(core), stop_rx, vcpus })

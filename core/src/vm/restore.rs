@@ -1,4 +1,5 @@
 //! Restoring a snapshot: every section read and checked first, then the
+//! verdict on the guest's CPU and the plugins' state versions, then the
 //! VM built from the file's machine type with memory mapped from it
 //! lazily, then the state loaded.
 
@@ -9,17 +10,26 @@ use ferry_plugin_api::StateBlob;
 use super::{build, RamSource, Vm, VmError};
 use crate::{
     boot,
+    cpu::{models::CpuModel, verdict, HostCpu, VmCpu},
     migration::{
         manifest::{Manifest, MANIFEST_VERSION},
         stream::{self, Kind, StreamError},
     },
     plugins::Registry,
-    state::{self, MACHINE_STATE_VERSION, VCPU_STATE_VERSION},
+    state::{self, VcpuStateV2, MACHINE_STATE_VERSION},
 };
 
 /// Everything read from a snapshot before the VM is built.
 struct SnapshotContents {
     manifest: Manifest,
+    machine: (u32, Vec<u8>),
+    vcpus: Vec<VcpuStateV2>,
+    devices: Vec<(String, u32, Vec<u8>)>,
+    runs: Vec<(u64, u64, u64)>,
+}
+
+/// Sections as they are found, before the file is known to be whole.
+struct Sections {
     machine: Option<(u32, Vec<u8>)>,
     vcpus: Vec<Option<(u32, Vec<u8>)>>,
     devices: Vec<(String, u32, Vec<u8>)>,
@@ -45,9 +55,8 @@ fn read_snapshot(file: &File, path: &str, verify_memory: bool) -> Result<Snapsho
     if manifest.cpus == 0 || usize::from(manifest.cpus) > boot::mptable::MAX_CPUS as usize {
         return Err(bad(format!("manifest: {} vCPUs", manifest.cpus)));
     }
-    let mut contents = SnapshotContents {
+    let mut contents = Sections {
         vcpus: vec![None; usize::from(manifest.cpus)],
-        manifest,
         machine: None,
         devices: Vec::new(),
         runs: Vec::new(),
@@ -80,7 +89,7 @@ fn read_snapshot(file: &File, path: &str, verify_memory: bool) -> Result<Snapsho
                 *slot = Some((h.version, r.payload(&h).map_err(err)?));
             }
             Kind::Device => {
-                if !contents.manifest.devices.iter().any(|d| d.id == h.id) {
+                if !manifest.devices.iter().any(|d| d.id == h.id) {
                     return Err(bad(format!("section {} (device {}): unknown device id", h.index, h.id)));
                 }
                 let payload = r.payload(&h).map_err(err)?;
@@ -88,7 +97,7 @@ fn read_snapshot(file: &File, path: &str, verify_memory: bool) -> Result<Snapsho
             }
             Kind::Memory => {
                 let table = r.payload(&h).map_err(err)?;
-                let runs = r.runs(&h, &table, &contents.manifest.ram).map_err(err)?;
+                let runs = r.runs(&h, &table, &manifest.ram).map_err(err)?;
                 if verify_memory {
                     for (i, run) in runs.iter().enumerate() {
                         r.verify_run(&h, i, run).map_err(err)?;
@@ -102,18 +111,60 @@ fn read_snapshot(file: &File, path: &str, verify_memory: bool) -> Result<Snapsho
             }
         }
     }
-    if contents.machine.is_none() {
-        return Err(bad("no machine section".into()));
+    let machine = contents.machine.ok_or_else(|| bad("no machine section".into()))?;
+    let mut vcpus = Vec::with_capacity(contents.vcpus.len());
+    for (i, v) in contents.vcpus.into_iter().enumerate() {
+        let (version, bytes) = v.ok_or_else(|| bad(format!("no state for vCPU {i}")))?;
+        vcpus.push(state::load_vcpu(version, &bytes).map_err(|e| bad(format!("vcpu cpu{i}: {e}")))?);
     }
-    if let Some(i) = contents.vcpus.iter().position(Option::is_none) {
-        return Err(bad(format!("no state for vCPU {i}")));
-    }
-    for d in &contents.manifest.devices {
+    for d in &manifest.devices {
         if !contents.devices.iter().any(|(id, _, _)| id == &d.id) {
             return Err(bad(format!("device {}: no state section", d.id)));
         }
     }
-    Ok(contents)
+    Ok(SnapshotContents { manifest, machine, vcpus, devices: contents.devices, runs: contents.runs })
+}
+
+/// How restore verdicts introduce the guest's CPU.
+const ORIGIN: &str = "the snapshot was written";
+
+/// The CPU an existing guest (manifest `m`, its vCPUs saving `msrs`) gets
+/// on `host`, or the verdict's problems.
+pub(super) fn cpu_here(
+    m: &Manifest,
+    msrs: &[u32],
+    origin: &str,
+    host: &HostCpu,
+) -> Result<VmCpu, Vec<String>> {
+    let guest = m.guest_cpu(msrs, origin);
+    let v = verdict::check(&guest, host);
+    if !v.ok() {
+        return Err(v.problems);
+    }
+    for note in &v.notes {
+        crate::log::info(&format!("cpu: {note}"));
+    }
+    if guest.legacy {
+        // As ferry did before CPU models: this host's CPU.
+        let cpuid = CpuModel::Host.guest_cpuid(host, m.cpus).map_err(|p| {
+            p.iter().map(|p| format!("this host cannot give its own CPU: {p}")).collect::<Vec<_>>()
+        })?;
+        return Ok(VmCpu::recorded("host", &host.vendor, cpuid, host.tsc_khz, false, host));
+    }
+    let scale = v.scale_tsc_khz.is_some();
+    Ok(VmCpu::recorded(&guest.model, &guest.vendor, m.cpuid.clone(), guest.tsc_khz, scale, host))
+}
+
+/// The CPU the restored guest gets on `host`, or every reason it cannot
+/// run here (one per line).
+fn restored_cpu(c: &SnapshotContents, host: &HostCpu) -> Result<VmCpu, String> {
+    // Every MSR any vCPU section holds (a v1 manifest does not list them).
+    let mut msrs: Vec<u32> = c.vcpus.iter().flat_map(|v| v.msrs().iter().map(|m| m.index)).collect();
+    msrs.sort_by_key(|&i| crate::cpu::msrs::restore_rank(i));
+    msrs.dedup();
+    cpu_here(&c.manifest, &msrs, ORIGIN, host).map_err(|problems| {
+        format!("this host cannot run the guest's CPU; nothing was created:\n  {}", problems.join("\n  "))
+    })
 }
 
 /// Build a VM from a snapshot: the machine type comes from the file; memory
@@ -125,6 +176,8 @@ pub fn restore(path: &Path, plugins: &Path, verify_memory: bool) -> Result<Vm, V
     let c = read_snapshot(&file, &shown, verify_memory)?;
     let m = &c.manifest;
     let machine = m.machine.to_machine_type(m.cpus, m.memory);
+    let host = HostCpu::probe()?;
+    let cpu = restored_cpu(&c, &host).map_err(bad)?;
 
     // Versions first: a state this host cannot load is named before any
     // device is created.
@@ -152,19 +205,20 @@ pub fn restore(path: &Path, plugins: &Path, verify_memory: bool) -> Result<Vm, V
     let vm = build(
         machine,
         plugins,
-        Some(m.cpus),
+        m.cpus,
+        cpu,
         RamSource::Snapshot { size: m.memory, file: &file, runs: c.runs.clone() },
     )?;
     if vm.ram.ranges().iter().map(|r| (r.gpa, r.len)).collect::<Vec<_>>() != m.ram {
         return Err(bad("the memory layout differs from this ferry's for the same size".into()));
     }
-    let machine_state = c.machine.clone().expect("checked");
-    let vcpus: Vec<(u32, Vec<u8>)> = c.vcpus.iter().map(|v| v.clone().expect("checked")).collect();
-    apply_states(&vm, &machine_state, &vcpus, &c.devices).map_err(bad)?;
+    apply_states(&vm, &c.machine, &c.vcpus, &c.devices).map_err(bad)?;
     crate::log::info(&format!(
-        "restored {shown}: machine type {}, {} vCPU(s), {} of RAM",
+        "restored {shown}: machine type {}, {} vCPU(s) of cpu {} ({}), {} of RAM",
         vm.machine.name,
         vm.cpus,
+        vm.cpu.model,
+        vm.cpu.vendor,
         crate::memory::human_size(vm.ram.size())
     ));
     Ok(vm)
@@ -175,7 +229,7 @@ pub fn restore(path: &Path, plugins: &Path, verify_memory: bool) -> Result<Vm, V
 pub(super) fn apply_states(
     vm: &Vm,
     machine: &(u32, Vec<u8>),
-    vcpus: &[(u32, Vec<u8>)],
+    vcpus: &[VcpuStateV2],
     devices: &[(String, u32, Vec<u8>)],
 ) -> Result<(), String> {
     let t0 = std::time::Instant::now();
@@ -190,12 +244,8 @@ pub(super) fn apply_states(
         return Err(format!("{} vCPU sections for {} vCPUs", vcpus.len(), vm.vcpus.len()));
     }
     crate::log::debug(&format!("machine state loaded at {:.2} ms", t0.elapsed().as_secs_f64() * 1e3));
-    for (i, (fd, (version, bytes))) in vm.vcpus.iter().zip(vcpus).enumerate() {
-        if *version != VCPU_STATE_VERSION {
-            return Err(format!("vcpu cpu{i}: state v{version}, this ferry loads v{VCPU_STATE_VERSION}"));
-        }
-        let st: state::VcpuStateV1 = state::decode(bytes).map_err(|e| format!("vcpu cpu{i}: {e}"))?;
-        state::restore_vcpu(fd, &st).map_err(|e| format!("vcpu cpu{i}: {e}"))?;
+    for (i, (fd, st)) in vm.vcpus.iter().zip(vcpus).enumerate() {
+        state::restore_vcpu(fd, st).map_err(|e| format!("vcpu cpu{i}: {e}"))?;
     }
     crate::log::debug(&format!("vCPU state loaded at {:.2} ms", t0.elapsed().as_secs_f64() * 1e3));
     for slot in vm.bus.devices() {

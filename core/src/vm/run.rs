@@ -30,9 +30,22 @@ impl Vm {
                 ))
             })?;
         }
+        if !self.cpu.kvm_rewrote.is_empty() {
+            crate::log::warn(&format!(
+                "cpu {}: this host's KVM changed the CPUID ferry set ({} register(s), listed by `ferry ctl info`): \
+                 the guest may see features beyond its model, which moves are not checked against",
+                self.cpu.model,
+                self.cpu.kvm_rewrote.len()
+            ));
+        }
         let vcpus = std::mem::take(&mut self.vcpus);
-        let handles = vcpu::spawn(vcpus, self.bus.clone(), self.control.clone(), self.msrs.clone())
-            .map_err(VmError::Runtime)?;
+        let handles = vcpu::spawn(
+            vcpus,
+            self.bus.clone(),
+            self.control.clone(),
+            std::sync::Arc::new(self.cpu.msrs.clone()),
+        )
+        .map_err(VmError::Runtime)?;
         crate::log::info(&format!(
             "vCPUs started {:.1} ms after ferry started",
             crate::log::since_start_ms()

@@ -54,7 +54,6 @@ impl VmCore {
         Ok(SnapshotReport { path: path.display().to_string(), bytes, memory_bytes, paused_ms })
     }
 
-
     fn write_snapshot(
         &self,
         path: &Path,

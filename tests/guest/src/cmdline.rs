@@ -29,6 +29,8 @@ pub enum Token<'a> {
     DevWrite(u8, u8),
     /// `dev-check=<reg>:<value>` on the test device.
     DevCheck(u8, u8),
+    /// `cpuid=<leaf>`: print what CPUID answers for it.
+    Cpuid(u32),
     Unknown(&'a str),
 }
 
@@ -152,6 +154,7 @@ pub fn parse_token(tok: &str) -> Token<'_> {
         ("dirty", _, Some(n)) => Token::Dirty(n),
         ("ticks", _, Some(n)) => Token::Ticks(n),
         ("exit", _, Some(n)) => Token::Exit(n),
+        ("cpuid", _, Some(n)) => u32::try_from(n).map_or(Token::Unknown(tok), Token::Cpuid),
         ("rng", _, Some(n)) => in_range(n, rng::MAX_BYTES).map_or(Token::Unknown(tok), Token::Rng),
         ("net-send", _, Some(n)) => in_range(n, net::MAX_FRAMES).map_or(Token::Unknown(tok), Token::NetSend),
         ("net-recv", _, Some(n)) => in_range(n, net::MAX_FRAMES).map_or(Token::Unknown(tok), Token::NetRecv),

@@ -13,6 +13,7 @@ mod boot;
 mod bootinfo;
 mod calibrate;
 mod cmdline;
+mod cpuid;
 mod dma;
 mod interrupts;
 mod io;
@@ -102,6 +103,7 @@ fn run_token(token: Token<'_>, settings: &mut Settings) {
         Token::Initrd => bootinfo::report_initrd(),
         Token::DevWrite(reg, value) => testdev::write(reg, value),
         Token::DevCheck(reg, value) => testdev::check(reg, value),
+        Token::Cpuid(leaf) => cpuid::report(leaf),
         Token::Pci => pci::report(),
         Token::Calibrate => calibrate::run(),
         Token::Blk(op) => blk::run(&mut settings.devices.blk, op),
