@@ -413,3 +413,31 @@ fn compat_names_the_models_every_host_runs() {
     assert!(!ok, "{text}");
     assert!(text.contains("CPU vendor: the hosts mix vendors"), "{text}");
 }
+
+#[test]
+fn a_snapshot_for_a_host_that_cannot_run_the_cpu_is_refused() {
+    if !kvm_or_skip("a_snapshot_for_a_host_that_cannot_run_the_cpu_is_refused") {
+        return;
+    }
+    let dir = TempDir::new("cpu-target");
+    let target = dir.path().join("amd.json");
+    manifest(&target, Some(&format!("vendor={}", other_vendor())));
+    let (mut src, socket) = source(&dir);
+    let before = wait_tick(&mut src);
+    let snap = dir.path().join("for-other.snap");
+    let out = Command::new(ferry_bin())
+        .arg("ctl")
+        .arg("--api-socket")
+        .arg(&socket)
+        .arg("snapshot")
+        .arg(&snap)
+        .arg("--target")
+        .arg(&target)
+        .output()
+        .expect("ferry ctl snapshot");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("the target host cannot restore it: cpu: REFUSED: CPU vendor"), "{err}");
+    assert!(!snap.exists() && !snap.with_extension("partial").exists(), "no file written");
+    assert!(wait_tick(&mut src) > before, "the guest keeps running");
+}

@@ -62,9 +62,10 @@ impl VmCore {
         let shown = path.display().to_string();
         let fail = |m: String| VmError::Snapshot { path: shown.clone(), message: m };
         let mut manifest = self.manifest();
-        let plan = target.map(|t| crate::migration::plan::make_plan(&manifest, &t.plugins, None));
+        let plan = target.map(|t| crate::migration::plan::make_plan(&manifest, &t.plugins, t.cpu.as_ref()));
         if let Some(p) = plan.as_ref().filter(|p| p.refused()) {
-            return Err(fail(format!("the target host cannot restore it: {}", p.lines().join("; "))));
+            let refused: Vec<String> = p.lines().into_iter().filter(|l| l.contains("REFUSED")).collect();
+            return Err(fail(format!("the target host cannot restore it: {}", refused.join("; "))));
         }
         let mut devices = Vec::new();
         for d in self.bus.devices() {
