@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use ferry_tests::{ferry, host_year, kvm_or_skip};
+use ferry_tests::{ferry, host_year, kvm_or_skip, test_guest_as, ElfClass, TempDir};
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
@@ -157,4 +157,24 @@ fn initramfs_reaches_the_guest_as_a_pvh_module() {
 
     let none = ferry(&["run", "--cmdline", "initrd exit=0"], DEADLINE);
     assert!(none.stdout.contains("INITRD none"), "{}", none.stdout);
+}
+
+#[test]
+fn elf32_and_elf64_pvh_kernels_both_boot() {
+    if !kvm_or_skip("elf32_and_elf64_pvh_kernels_both_boot") {
+        return;
+    }
+    let dir = TempDir::new("elfclass");
+    for (class, name) in [(ElfClass::Elf32, "guest32.elf"), (ElfClass::Elf64, "guest64.elf")] {
+        let path = dir.path().join(name);
+        std::fs::write(&path, test_guest_as(class)).expect("write kernel");
+        let k = path.display().to_string();
+        let run = ferry(&["run", "--kernel", &k, "--cmdline", "ready ticks=2 exit=5"], DEADLINE);
+        assert_eq!(run.code(), 5, "{class:?}: {}", run.stderr);
+        assert!(run.stdout.contains("TICK 2"), "{class:?}: {}", run.stdout);
+        assert!(marker_line(&run.stdout).contains(" cpus=1 "));
+    }
+    // The ELF32 file really is one: class byte 1, machine EM_386.
+    let k32 = std::fs::read(dir.path().join("guest32.elf")).expect("read");
+    assert_eq!((k32[4], u16::from_le_bytes([k32[18], k32[19]])), (1, 3));
 }

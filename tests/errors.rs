@@ -44,7 +44,10 @@ fn kernel_that_is_not_an_elf() {
 fn elf_without_a_pvh_note() {
     // A host program: a real ELF, but no PVH entry note.
     let run = ferry(&["run", "--kernel", "/bin/true"], DEADLINE);
-    assert_refused(&run, &["/bin/true", "is not an ELF file with a PVH entry note"]);
+    assert_refused(
+        &run,
+        &["/bin/true", "an ELF without a PVH entry note (Xen note XEN_ELFNOTE_PHYS32_ENTRY)"],
+    );
 }
 
 #[test]
@@ -148,4 +151,73 @@ fn more_memory_than_the_host_has() {
 fn unknown_machine_type() {
     let run = ferry(&["run", "--machine", "pc-99"], DEADLINE);
     assert_refused(&run, &["unknown machine type 'pc-99'", "pc-1"]);
+}
+
+#[test]
+fn a_second_ferry_does_not_take_over_a_live_api_socket() {
+    if !ferry_tests::kvm_or_skip("a_second_ferry_does_not_take_over_a_live_api_socket") {
+        return;
+    }
+    let dir = TempDir::new("apisock");
+    let socket = dir.path().join("vm.sock");
+    let s = socket.display().to_string();
+    let mut first = ferry_tests::Running::new(ferry_tests::spawn_ferry(&[
+        "run",
+        "--api-socket",
+        &s,
+        "--cmdline",
+        "ticks=0",
+    ]));
+    assert!(ferry_tests::wait_for_path(&socket, DEADLINE));
+    first.wait_line("TICK", DEADLINE).expect("the first guest ticks");
+    let second = ferry(&["run", "--api-socket", &s, "--cmdline", "ready exit=0"], DEADLINE);
+    assert_refused(&second, &[&format!("--api-socket {s}: another process is listening on it")]);
+    let info = ferry_tests::ctl(&socket, &["info"]);
+    assert!(info.contains("\"state\": \"running\""), "the first VM still answers: {info}");
+    ferry_tests::ctl(&socket, &["shutdown"]);
+    assert_eq!(first.finish(DEADLINE).code(), 0);
+    assert!(!socket.exists(), "the first ferry removed its socket on the way out");
+
+    // A socket nothing answers on (its ferry died) is replaced.
+    drop(std::os::unix::net::UnixListener::bind(&socket).expect("bind"));
+    assert!(socket.exists());
+    let mut third = ferry_tests::Running::new(ferry_tests::spawn_ferry(&[
+        "run",
+        "--api-socket",
+        &s,
+        "--cmdline",
+        "ticks=0",
+    ]));
+    third.wait_line("TICK", DEADLINE).expect("starts over a stale socket");
+    assert!(ferry_tests::ctl(&socket, &["info"]).contains("running"));
+}
+
+#[test]
+fn a_second_incoming_ferry_does_not_take_over_a_waiting_one() {
+    if !ferry_tests::kvm_or_skip("a_second_incoming_ferry_does_not_take_over_a_waiting_one") {
+        return;
+    }
+    let dir = TempDir::new("insock");
+    let path = dir.path().join("in.sock");
+    let uri = format!("unix:{}", path.display());
+    let waiting = ferry_tests::Running::new(ferry_tests::spawn_ferry(&["run", "--incoming", &uri]));
+    assert!(ferry_tests::wait_for_path(&path, DEADLINE));
+    let second = ferry(&["run", "--incoming", &uri], DEADLINE);
+    assert_refused(&second, &[&format!("--incoming {}: another process is listening on it", path.display())]);
+    // The first one still gets the migration.
+    let socket = dir.path().join("src.sock");
+    let s = socket.display().to_string();
+    let mut src = ferry_tests::Running::new(ferry_tests::spawn_ferry(&[
+        "run",
+        "--api-socket",
+        &s,
+        "--cmdline",
+        "ticks=0",
+    ]));
+    assert!(ferry_tests::wait_for_path(&socket, DEADLINE));
+    src.wait_line("TICK", DEADLINE).expect("ticks");
+    let (ok, text) = ferry_tests::migrate(&socket, &uri, &[]);
+    assert!(ok, "the waiting ferry takes the guest: {text}");
+    let mut waiting = waiting;
+    waiting.wait_line("TICK", DEADLINE).expect("the guest runs on the first incoming ferry");
 }

@@ -18,7 +18,7 @@
 
 use std::{
     io::{Read, Write},
-    os::unix::{fs::FileTypeExt, net::UnixStream},
+    os::unix::net::UnixStream,
     path::{Path, PathBuf},
 };
 
@@ -102,24 +102,27 @@ pub fn route(method: &str, path: &str, body: &str) -> Result<ApiRequest, (u16, S
 }
 
 /// The server side: requests to answer, and a signal after each answer
-/// has been written (so ferry does not exit under a response).
+/// has been written (so ferry does not exit under a response). Dropping it
+/// removes the socket.
 pub struct Served {
     /// Requests.
     pub calls: Receiver<Call>,
     /// One message per response written.
     pub answered: Receiver<()>,
+    path: PathBuf,
 }
 
-/// Serve the API on `path` (replacing a stale socket); requests arrive on
-/// the returned channel.
-pub fn serve(path: &Path) -> Result<Served, String> {
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if meta.file_type().is_socket() {
-            let _ = std::fs::remove_file(path);
-        } else {
-            return Err(format!("API socket {} exists and is not a socket", path.display()));
-        }
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
     }
+}
+
+/// Serve the API on `path`; requests arrive on the returned channel and
+/// wait there until the VM's main loop runs. A socket another process
+/// answers on is refused, a stale one replaced (`unix_socket::claim`).
+pub fn serve(path: &Path) -> Result<Served, String> {
+    crate::unix_socket::claim(path, "--api-socket")?;
     let server = tiny_http::Server::http_unix(path)
         .map_err(|e| format!("cannot serve the API on {}: {e}", path.display()))?;
     let (tx, rx) = crossbeam_channel::unbounded::<Call>();
@@ -159,7 +162,7 @@ pub fn serve(path: &Path) -> Result<Served, String> {
             }
         })
         .map_err(|e| format!("cannot start the API thread: {e}"))?;
-    Ok(Served { calls: rx, answered })
+    Ok(Served { calls: rx, answered, path: path.to_path_buf() })
 }
 
 /// One request to the API at `socket`; returns the status and the body.

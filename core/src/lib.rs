@@ -15,6 +15,7 @@ pub mod migration;
 pub mod pci;
 pub mod plugins;
 pub mod state;
+pub mod unix_socket;
 pub mod vcpu;
 pub mod vm;
 pub mod vmcore;

@@ -179,6 +179,12 @@ fn run(args: RunArgs) -> Result<ExitCode> {
         Some(dir) => dir.clone(),
         None => default_plugin_dir()?,
     };
+    // The API socket first: one another process serves is refused before
+    // anything is built.
+    let served = match &args.api_socket {
+        Some(path) => Some(ferry::api::serve(path).map_err(|e| anyhow!(e))?),
+        None => None,
+    };
     let (vm, confirm) = match (&args.restore, &args.incoming) {
         (Some(file), _) => (vm::restore(file, &plugins, args.verify_memory)?, None),
         (None, Some(uri)) => match vm::incoming(uri, &plugins)? {
@@ -190,7 +196,7 @@ fn run(args: RunArgs) -> Result<ExitCode> {
         },
         (None, None) => (vm::boot(boot_config(&args, plugins)?)?, None),
     };
-    let outcome = vm.run(args.api_socket.as_deref(), confirm)?;
+    let outcome = vm.run(served, confirm)?;
     Ok(match outcome {
         Outcome::Reset | Outcome::Shutdown => ExitCode::SUCCESS,
         Outcome::Exit(status) => ExitCode::from((status & 0xff) as u8),

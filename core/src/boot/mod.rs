@@ -11,6 +11,7 @@
 //! table describes every vCPU.
 
 pub mod cpu;
+pub mod elf;
 pub mod linux;
 pub mod mptable;
 pub mod pvh;
@@ -59,8 +60,8 @@ pub enum BootError {
         /// Why.
         source: std::io::Error,
     },
-    /// An ELF ferry cannot boot.
-    #[error("kernel {path} is not an ELF file with a PVH entry note: {reason}")]
+    /// An ELF ferry cannot boot (not a PVH kernel, or malformed).
+    #[error("kernel {path}: {reason}")]
     NotPvh {
         /// The path given.
         path: String,

@@ -1,6 +1,7 @@
-//! PVH boot: load an ELF kernel that carries a `XEN_ELFNOTE_PHYS32_ENTRY`
-//! note (linux-loader finds it), and write `hvm_start_info`, the memory map,
-//! the module list (initramfs) and the command line.
+//! PVH boot: load an ELF kernel (ELF32 or ELF64) that carries a
+//! `XEN_ELFNOTE_PHYS32_ENTRY` note (`elf.rs` reads it), and write
+//! `hvm_start_info`, the memory map, the module list (initramfs) and the
+//! command line.
 //!
 //! ```text
 //!  0x0500  GDT for the 32-bit entry state (see cpu.rs)
@@ -13,18 +14,12 @@
 //!  top of RAM below 3 GiB: initramfs
 //! ```
 
-use std::{fs::File, io::Cursor, io::Read, io::Seek, path::Path};
+use std::path::Path;
 
-use linux_loader::loader::{
-    elf::{
-        start_info::{hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info},
-        Elf, PvhBootCapability,
-    },
-    KernelLoader,
-};
+use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info};
 use vm_memory::{Bytes, GuestAddress};
 
-use super::{mptable, BootError, Kernel};
+use super::{elf, mptable, BootError, Kernel};
 use crate::memory::GuestRam;
 
 /// `hvm_start_info` address.
@@ -66,12 +61,12 @@ pub fn load(
     cpus: u8,
 ) -> Result<PvhEntry, BootError> {
     let kernel_end = match kernel {
-        Kernel::TestGuest => load_elf(ram, &mut Cursor::new(super::TEST_GUEST), "test guest")?,
+        Kernel::TestGuest => load_elf(ram, super::TEST_GUEST, "test guest")?,
         Kernel::File(path) => {
             let shown = path.display().to_string();
-            let mut f = File::open(path)
+            let bytes = std::fs::read(path)
                 .map_err(|source| BootError::KernelUnreadable { path: shown.clone(), source })?;
-            load_elf(ram, &mut f, &shown)?
+            load_elf(ram, &bytes, &shown)?
         }
     };
     let entry = kernel_end.0;
@@ -101,18 +96,29 @@ pub fn load(
     Ok(PvhEntry { entry, start_info: START_INFO })
 }
 
-/// Load the ELF; returns (PVH entry, end of the kernel image).
-fn load_elf<F: Read + Seek + vm_memory::ReadVolatile>(
-    ram: &GuestRam,
-    image: &mut F,
-    shown: &str,
-) -> Result<(u64, u64), BootError> {
-    let result = Elf::load(ram.mem(), None, image, Some(GuestAddress(KERNEL_MIN)))
-        .map_err(|e| BootError::NotPvh { path: shown.to_string(), reason: e.to_string() })?;
-    match result.pvh_boot_cap {
-        PvhBootCapability::PvhEntryPresent(addr) => Ok((addr.0, result.kernel_end)),
-        other => Err(BootError::NotPvh { path: shown.to_string(), reason: other.to_string() }),
+/// Load the ELF in `file`; returns (PVH entry, end of the kernel image).
+fn load_elf(ram: &GuestRam, file: &[u8], shown: &str) -> Result<(u64, u64), BootError> {
+    let not_pvh = |reason: String| BootError::NotPvh { path: shown.to_string(), reason };
+    let image = elf::parse(file).map_err(|e| not_pvh(e.to_string()))?;
+    let entry = image.pvh_entry.ok_or_else(|| not_pvh(elf::ElfError::NoPvhNote.to_string()))?;
+    for s in &image.segments {
+        if s.paddr < KERNEL_MIN || ram.bytes(s.paddr, s.memsz).is_none() {
+            return Err(not_pvh(format!(
+                "a segment at {:#x}..{:#x} is outside guest RAM from 1 MiB",
+                s.paddr,
+                s.paddr.saturating_add(s.memsz)
+            )));
+        }
+        let start = s.offset as usize; // checked against the file by elf::parse
+        let data = &file[start..start + s.filesz as usize];
+        ram.mem().write_slice(data, GuestAddress(s.paddr)).map_err(mem_err("kernel"))?;
+        let zeros = vec![0u8; (s.memsz - s.filesz) as usize];
+        ram.mem().write_slice(&zeros, GuestAddress(s.paddr + s.filesz)).map_err(mem_err("kernel"))?;
     }
+    if ram.bytes(entry, 1).is_none() {
+        return Err(not_pvh(format!("the PVH entry {entry:#x} is outside guest RAM")));
+    }
+    Ok((entry, image.end()))
 }
 
 /// Put the initramfs at the top of RAM below 3 GiB (and at or below
@@ -179,6 +185,31 @@ mod tests {
         let mut mp = [0u8; 4];
         ram.mem().read_slice(&mut mp, GuestAddress(mptable::MPTABLE_START)).unwrap();
         assert_eq!(&mp, b"_MP_");
+    }
+
+    #[test]
+    fn elf32_and_elf64_kernels_load_at_their_addresses() {
+        use super::elf::{tests::kernel, Class};
+        for class in [Class::Elf32, Class::Elf64] {
+            let path = std::env::temp_dir().join(format!("ferry-pvh-{class:?}-{}", std::process::id()));
+            std::fs::write(&path, kernel(class, 0x20_0000, b"\xf4\xeb\xfd")).unwrap();
+            let ram = GuestRam::new(16 << 20).unwrap();
+            let entry = load(&ram, &Kernel::File(path.clone()), None, "", 1);
+            let _ = std::fs::remove_file(&path);
+            assert_eq!(entry.unwrap().entry, 0x20_0000, "{class:?}");
+            let mut code = [0u8; 3];
+            ram.mem().read_slice(&mut code, GuestAddress(0x20_0000)).unwrap();
+            assert_eq!(&code, b"\xf4\xeb\xfd");
+        }
+        let path = std::env::temp_dir().join(format!("ferry-pvh-low-{}", std::process::id()));
+        std::fs::write(&path, kernel(Class::Elf32, 0x1000, b"\xf4")).unwrap();
+        let err =
+            load(&GuestRam::new(16 << 20).unwrap(), &Kernel::File(path.clone()), None, "", 1).unwrap_err();
+        let _ = std::fs::remove_file(&path);
+        assert!(
+            err.to_string().contains("a segment at 0x1000..0x1001 is outside guest RAM from 1 MiB"),
+            "{err}"
+        );
     }
 
     #[test]

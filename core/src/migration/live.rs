@@ -652,35 +652,51 @@ impl IncomingLink {
     }
 }
 
+/// Where an incoming migration is awaited.
+enum Listener {
+    Tcp(std::net::TcpListener),
+    Unix(std::os::unix::net::UnixListener, std::path::PathBuf),
+}
+
+impl Listener {
+    fn accept(&self) -> std::io::Result<Conn> {
+        Ok(match self {
+            Listener::Tcp(l) => {
+                let (s, _) = l.accept()?;
+                let _ = s.set_nodelay(true);
+                Conn::Tcp(s)
+            }
+            Listener::Unix(l, _) => Conn::Unix(l.accept()?.0),
+        })
+    }
+}
+
 /// Accept one migration on `uri` and run the handshake: returns the
 /// manifest and the plan once the source said "go" (None for a dry run).
 pub fn accept(uri: &str, plan_for: impl FnOnce(&Manifest) -> Plan) -> Result<Option<Incoming>, MigrateError> {
-    let conn = match Endpoint::parse(uri)? {
-        Endpoint::Tcp(addr) => {
-            let listener = std::net::TcpListener::bind(&addr)
-                .map_err(|source| MigrateError::Connect { uri: uri.into(), source })?;
-            crate::log::info(&format!("waiting for a migration on {uri}"));
-            let (s, _) =
-                listener.accept().map_err(|source| MigrateError::Connect { uri: uri.into(), source })?;
-            let _ = s.set_nodelay(true);
-            Conn::Tcp(s)
-        }
+    let connect_err = |source| MigrateError::Connect { uri: uri.into(), source };
+    let listener = match Endpoint::parse(uri)? {
+        Endpoint::Tcp(addr) => Listener::Tcp(std::net::TcpListener::bind(&addr).map_err(connect_err)?),
         Endpoint::Unix(path) => {
-            use std::os::unix::fs::FileTypeExt;
-            if std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_socket()) {
-                let _ = std::fs::remove_file(&path);
-            }
-            let listener = std::os::unix::net::UnixListener::bind(&path)
-                .map_err(|source| MigrateError::Connect { uri: uri.into(), source })?;
-            crate::log::info(&format!("waiting for a migration on {uri}"));
-            let (s, _) =
-                listener.accept().map_err(|source| MigrateError::Connect { uri: uri.into(), source })?;
-            let _ = std::fs::remove_file(&path);
-            Conn::Unix(s)
+            crate::unix_socket::claim(&path, "--incoming").map_err(MigrateError::Protocol)?;
+            Listener::Unix(std::os::unix::net::UnixListener::bind(&path).map_err(connect_err)?, path)
         }
     };
-    conn.set_read_timeout(Some(ANSWER_TIMEOUT)).map_err(io("handshake"))?;
-    let mut link = Link::new(conn).map_err(io("handshake"))?;
+    crate::log::info(&format!("waiting for a migration on {uri}"));
+    let mut link = loop {
+        let conn = listener.accept().map_err(connect_err)?;
+        conn.set_read_timeout(Some(ANSWER_TIMEOUT)).map_err(io("handshake"))?;
+        let mut link = Link::new(conn).map_err(io("handshake"))?;
+        match std::io::BufRead::fill_buf(&mut link.reader) {
+            Ok(bytes) if !bytes.is_empty() => break link,
+            // Closed (or silent) without a byte: something checking whether
+            // the socket is live, or a port scan. Keep waiting.
+            _ => crate::log::debug("a connection ended before sending anything; still waiting"),
+        }
+    };
+    if let Listener::Unix(_, path) = &listener {
+        let _ = std::fs::remove_file(path);
+    }
     let (h, payload) = link.receive().map_err(st("handshake"))?;
     if h.kind != Kind::Hello {
         return Err(MigrateError::Protocol(format!("expected HELLO, got {}", h.kind.name())));

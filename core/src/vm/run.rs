@@ -1,7 +1,7 @@
 //! Running a built VM: the vCPU threads, the control API, migrations
 //! started through it, and the wait for the guest to end.
 
-use std::{path::Path, sync::Arc};
+use std::sync::Arc;
 
 use super::{Outcome, Vm, VmError};
 use crate::{
@@ -10,19 +10,17 @@ use crate::{
 };
 
 impl Vm {
-    /// Start the vCPUs and run until the guest ends; serve the control API
-    /// on `api_socket` meanwhile. For an incoming migration, `confirm`
-    /// tells the source the guest runs here now, before the vCPUs start.
+    /// Start the vCPUs and run until the guest ends, answering the control
+    /// API's requests from `served` (bound before the VM was built, so a
+    /// socket in use is refused before anything starts). For an incoming
+    /// migration, `confirm` tells the source the guest runs here now,
+    /// before the vCPUs start.
     pub fn run(
         mut self,
-        api_socket: Option<&Path>,
+        served: Option<api::Served>,
         confirm: Option<crate::migration::live::IncomingLink>,
     ) -> Result<Outcome, VmError> {
         vcpu::install_kick_handler().map_err(VmError::Runtime)?;
-        let served = match api_socket {
-            Some(path) => Some(api::serve(path).map_err(VmError::Runtime)?),
-            None => None,
-        };
         if let Some(mut link) = confirm {
             link.resumed().map_err(|e| {
                 VmError::Failed(format!(
@@ -163,9 +161,7 @@ impl Vm {
         }
         vcpu::join(handles, &self.control);
         let _ = self.set_devices_paused(true);
-        if let Some(path) = api_socket {
-            let _ = std::fs::remove_file(path);
-        }
+        drop(served); // removes the socket
         if let Some(status) = migrated {
             return Ok(Outcome::Migrated(status));
         }

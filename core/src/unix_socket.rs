@@ -1,0 +1,63 @@
+//! Claiming a unix socket path for a listener: a socket something still
+//! answers on belongs to another process (another ferry's API, a waiting
+//! incoming migration) and is never taken over; a socket nothing answers
+//! on is stale (its process died) and is removed; anything else at the
+//! path is left alone and refused.
+
+use std::{io::ErrorKind, os::unix::fs::FileTypeExt, os::unix::net::UnixStream, path::Path};
+
+/// Make `path` free for a new listener, or say why it is not. `what` names
+/// the option in messages (`--api-socket`).
+pub fn claim(path: &Path, what: &str) -> Result<(), String> {
+    let shown = path.display();
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(format!("{what} {shown}: {e}")),
+    };
+    if !meta.file_type().is_socket() {
+        return Err(format!("{what} {shown} exists and is not a socket"));
+    }
+    match UnixStream::connect(path) {
+        Ok(_) => Err(format!(
+            "{what} {shown}: another process is listening on it (a running ferry?); not taking it over"
+        )),
+        Err(e) if e.kind() == ErrorKind::ConnectionRefused => std::fs::remove_file(path)
+            .map_err(|e| format!("{what} {shown}: cannot remove the stale socket: {e}")),
+        Err(e) => Err(format!("{what} {shown}: cannot tell whether it is in use: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_live_socket_is_refused_and_a_stale_one_replaced() {
+        let dir = std::env::temp_dir().join(format!("ferry-claim-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let live = dir.join("live.sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&live).unwrap();
+        let err = claim(&live, "--api-socket").unwrap_err();
+        assert!(
+            err.ends_with("another process is listening on it (a running ferry?); not taking it over"),
+            "{err}"
+        );
+        assert!(live.exists());
+
+        let stale = dir.join("stale.sock");
+        drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+        assert!(stale.exists(), "a dropped listener leaves its file");
+        claim(&stale, "--api-socket").unwrap();
+        assert!(!stale.exists());
+
+        let file = dir.join("file");
+        std::fs::write(&file, b"x").unwrap();
+        assert_eq!(
+            claim(&file, "--api-socket").unwrap_err(),
+            format!("--api-socket {} exists and is not a socket", file.display())
+        );
+        claim(&dir.join("absent"), "--api-socket").unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
