@@ -83,3 +83,19 @@ fn console_on_a_unix_socket_both_ways() {
     let run = wait_ferry(child, DEADLINE);
     assert_eq!(run.code(), 0, "stderr: {}", run.stderr);
 }
+
+#[test]
+fn a_long_pasted_line_arrives_whole() {
+    if !kvm_or_skip("a_long_pasted_line_arrives_whole") {
+        return;
+    }
+    // 4 KiB in one write, far more than the UART's 64-byte FIFO.
+    let line: String = (0..4096).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
+    let input = format!("{line}\n");
+    let run = ferry_with_stdin(&["run", "--cmdline", "echo exit=0"], Some(input.as_bytes()), DEADLINE);
+    assert_eq!(run.code(), 0, "stderr: {}", run.stderr);
+    let echo = run.stdout.lines().find(|l| l.starts_with("ECHO ")).expect("an ECHO line");
+    assert_eq!(echo.len(), 5 + 4096, "every byte arrived: {} of 4096", echo.len().saturating_sub(5));
+    assert_eq!(&echo[5..], line);
+    assert!(!run.stderr.contains("dropped"), "{}", run.stderr);
+}

@@ -276,11 +276,17 @@ impl Serial16550 {
     }
 }
 
-/// Host input read but not yet in the receive FIFO.
+/// Host input read but not yet in the receive FIFO. The input thread
+/// stops reading its source while [`MAX_BACKLOG`] bytes wait, and the
+/// drain thread moves bytes only as the guest empties the FIFO, so input
+/// is taken as fast as the guest reads it and nothing is dropped.
 #[derive(Default)]
 pub struct Backlog {
     bytes: Mutex<std::collections::VecDeque<u8>>,
+    /// Bytes arrived, or the device resumed.
     arrived: std::sync::Condvar,
+    /// The guest read from the FIFO, or the drain took bytes: room.
+    room: std::sync::Condvar,
 }
 
 impl Backlog {
@@ -296,6 +302,13 @@ fn spawn_input(mut input: Input, backlog: Arc<Backlog>) -> Result<(), String> {
         .spawn(move || {
             let mut buf = [0u8; 256];
             loop {
+                // Backpressure: read more only while there is room.
+                {
+                    let mut q = backlog.lock();
+                    while q.len() + buf.len() > MAX_BACKLOG {
+                        q = backlog.room.wait(q).unwrap_or_else(|e| e.into_inner());
+                    }
+                }
                 let n = match input.read(&mut buf) {
                     Ok(0) | Err(_) => return,
                     Ok(n) => n,
@@ -330,21 +343,27 @@ fn spawn_drain(
                 }
                 q.iter().take(FIFO_SIZE).copied().collect()
             };
-            let taken = match uart.lock().unwrap_or_else(|e| e.into_inner()).enqueue_raw_bytes(&chunk) {
-                Ok(n) => n,
-                Err(e) => {
-                    host.log(LogLevel::Warn, format!("input dropped: {e:?}").as_str().into());
-                    chunk.len()
+            // Only what fits: a full FIFO waits for the guest to read it.
+            let taken = {
+                let mut u = uart.lock().unwrap_or_else(|e| e.into_inner());
+                let fits = u.fifo_capacity().min(chunk.len());
+                match u.enqueue_raw_bytes(&chunk[..fits]) {
+                    Ok(n) => n,
+                    Err(vm_superio::serial::Error::FullFifo) => 0,
+                    Err(e) => {
+                        // The bytes are in the FIFO; the interrupt failed.
+                        host.log(LogLevel::Warn, format!("input interrupt: {e:?}").as_str().into());
+                        fits
+                    }
                 }
             };
-            {
-                let mut q = backlog.lock();
-                let n = taken.min(q.len());
-                q.drain(..n);
-            }
+            let mut q = backlog.lock();
+            let n = taken.min(q.len());
+            q.drain(..n);
+            backlog.room.notify_all();
             if taken < chunk.len() {
-                // The FIFO is full: the guest has not read it yet.
-                thread::sleep(Duration::from_millis(5));
+                // The FIFO is full until the guest reads from it.
+                let _ = backlog.room.wait_timeout(q, Duration::from_millis(5)).unwrap_or_else(|e| e.into_inner());
             }
         })
         .map(|_| ())
@@ -359,6 +378,10 @@ impl PluginDevice for Serial16550 {
     fn read(&mut self, _region: u32, offset: u64, data: &mut [u8]) -> Result<(), String> {
         let value = self.lock().read(offset as u8);
         data.fill(value);
+        if offset == 0 {
+            // Receiving (or the divisor latch): room for waiting input.
+            self.backlog.room.notify_all();
+        }
         Ok(())
     }
 

@@ -70,7 +70,7 @@ macro_rules! println {
 }
 
 /// Longest line `echo` reads.
-const ECHO_MAX: usize = 64;
+const ECHO_MAX: usize = 8192;
 /// LSR polls before `echo` gives up (each is a VM exit, ~14 µs here).
 const ECHO_POLLS: u32 = 400_000;
 
