@@ -17,6 +17,7 @@ fn assert_refused(run: &Finished, fragments: &[&str]) {
     for f in fragments {
         assert!(lines[0].contains(f), "'{f}' missing from: {}", lines[0]);
     }
+    assert!(lines[0].matches("(os error").count() <= 1, "the cause is named once: {}", lines[0]);
     assert!(!run.stdout.contains("FERRY-GUEST"), "the guest ran:\n{}", run.stdout);
 }
 
@@ -29,7 +30,27 @@ fn write(dir: &Path, name: &str, text: &str) -> String {
 #[test]
 fn missing_kernel_file() {
     let run = ferry(&["run", "--kernel", "/nonexistent/vmlinux"], DEADLINE);
-    assert_refused(&run, &["cannot read kernel /nonexistent/vmlinux", "No such file"]);
+    assert_refused(
+        &run,
+        &["cannot read kernel /nonexistent/vmlinux: No such file or directory (os error 2)"],
+    );
+}
+
+#[test]
+fn missing_files_are_named_once_with_their_cause_once() {
+    for (args, what) in [
+        (vec!["run", "--machine", "/nonexistent/m.toml"], "cannot read machine type /nonexistent/m.toml"),
+        (vec!["run", "--initramfs", "/nonexistent/initrd"], "cannot read initramfs /nonexistent/initrd"),
+        (
+            vec!["run", "--plugins", "/nonexistent/plugins"],
+            "cannot read plugin directory /nonexistent/plugins",
+        ),
+        (vec!["run", "--restore", "/nonexistent/vm.snap"], "snapshot /nonexistent/vm.snap: cannot open"),
+        (vec!["inspect", "/nonexistent/vm.snap"], "cannot open /nonexistent/vm.snap"),
+    ] {
+        let run = ferry(&args, DEADLINE);
+        assert_refused(&run, &[&format!("{what}: No such file or directory (os error 2)")]);
+    }
 }
 
 #[test]
@@ -220,4 +241,33 @@ fn a_second_incoming_ferry_does_not_take_over_a_waiting_one() {
     assert!(ok, "the waiting ferry takes the guest: {text}");
     let mut waiting = waiting;
     waiting.wait_line("TICK", DEADLINE).expect("the guest runs on the first incoming ferry");
+}
+
+#[test]
+fn the_vcpu_range_is_stated_and_enforced_by_the_parser() {
+    let max = ferry::boot::mptable::MAX_CPUS;
+    let help = ferry(&["run", "--help"], DEADLINE);
+    assert!(help.stdout.contains(&format!("Number of vCPUs, 1 to {max}")), "{}", help.stdout);
+    for bad in ["0".to_string(), (max + 1).to_string()] {
+        let run = ferry(&["run", "--cpus", &bad], DEADLINE);
+        assert_eq!(run.code(), 2, "a usage error");
+        assert!(run.stderr.contains(&format!("{bad} is not in 1..={max}")), "{}", run.stderr);
+        assert!(!run.stdout.contains("FERRY-GUEST"));
+    }
+}
+
+#[test]
+fn the_plugin_table_stays_aligned() {
+    let run = ferry(&["plugins"], DEADLINE);
+    assert_eq!(run.code(), 0, "{}", run.stderr);
+    let lines: Vec<&str> = run.stdout.lines().collect();
+    let file_at = lines[0].find("FILE").expect("a FILE column");
+    assert!(
+        lines.len() > 2 && lines.iter().any(|l| l.contains("load v1+")),
+        "a plugin with several versions: {}",
+        run.stdout
+    );
+    for l in &lines[1..] {
+        assert_eq!(l.find('/'), Some(file_at), "FILE lines up:\n{}", run.stdout);
+    }
 }

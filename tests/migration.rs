@@ -546,3 +546,58 @@ fn between_two_hosts_with_frames_flowing_during_the_move() {
         "every frame sent left once, through the host it was sent on"
     );
 }
+
+/// The API's statuses: 409 for what the VM's state does not allow now,
+/// 400 for a bad request, 404 for no such endpoint.
+#[test]
+fn the_api_says_conflict_when_the_vm_is_busy() {
+    if !kvm_or_skip("the_api_says_conflict_when_the_vm_is_busy") {
+        return;
+    }
+    use ferry::api::call;
+    let dir = TempDir::new("api409");
+    let uri = format!("tcp:127.0.0.1:{}", free_port());
+    let dst = destination(&uri, None);
+    let socket = dir.path().join("src.sock");
+    let s = socket.display().to_string();
+    let slow = [("FERRY_MIGRATION_ROUND_DELAY_MS", "100"), ("FERRY_MIGRATION_MIN_ROUNDS", "50")];
+    let mut src = Running::new(ferry_tests::spawn_ferry_env(
+        &["run", "--api-socket", &s, "--cmdline", "ticks=0"],
+        &slow,
+    ));
+    assert!(wait_for_path(&socket, DEADLINE));
+    wait_tick(&mut src);
+    let status = |method: &str, path: &str, body: Option<serde_json::Value>| {
+        let (code, v) = call(&socket, method, path, body.as_ref()).expect("an answer");
+        (code, v["error"].as_str().unwrap_or("").to_string())
+    };
+    assert_eq!(status("PUT", "/vm/migrate-cancel", None), (409, "no migration is running".into()));
+    let (code, _) = status("PUT", "/vm/migrate", Some(serde_json::json!({ "uri": uri })));
+    assert_eq!(code, 200, "started");
+    assert_eq!(status("PUT", "/vm/pause", None), (409, "a migration is running".into()));
+    assert_eq!(
+        status("PUT", "/vm/migrate", Some(serde_json::json!({ "uri": uri }))),
+        (409, "a migration is already running".into())
+    );
+    let snap = dir.path().join("x.snap").display().to_string();
+    assert_eq!(status("PUT", "/vm/snapshot", Some(serde_json::json!({ "path": snap }))).0, 409);
+    assert_eq!(status("PUT", "/vm/migrate-cancel", None).0, 200);
+    let deadline = std::time::Instant::now() + DEADLINE;
+    loop {
+        let (_, v) = call(&socket, "GET", "/vm/migration", None).expect("status");
+        if v["done"] == true {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the cancel ends the migration");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (code, e) =
+        status("PUT", "/vm/snapshot", Some(serde_json::json!({ "path": "/nonexistent/dir/x.snap" })));
+    assert_eq!(code, 400, "{e}");
+    assert!(e.contains("cannot create /nonexistent/dir/x.partial"), "{e}");
+    assert_eq!(status("PUT", "/vm/migrate", Some(serde_json::json!({ "uri": "udp:1:2" }))).0, 400);
+    assert_eq!(status("GET", "/nope", None).0, 404);
+    assert_eq!(status("GET", "/vm/pause", None).0, 405);
+    assert!(wait_tick(&mut src) > 0, "the guest still runs");
+    drop(dst);
+}

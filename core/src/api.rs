@@ -13,8 +13,12 @@
 //!  GET /vm/migration                the migration's progress, plan and report
 //!  PUT /vm/migrate-cancel           give up the migration; the guest keeps running here
 //! ```
-//! Answers are JSON; errors are `{"error": "..."}` with status 400 (bad
-//! request), 404 (no such endpoint) or 500 (the operation failed).
+//! Answers are JSON; errors are `{"error": "..."}` with status 400 (a bad
+//! request: malformed body, bad URI, a snapshot path that cannot be
+//! created), 404 (no such endpoint), 405 (wrong method), 409 (the VM's
+//! state does not allow it now: a migration is running, none is, the
+//! guest's state or the target host refuses a snapshot), 500 (the
+//! operation failed in ferry or KVM) or 503 (the VM has ended).
 
 use std::{
     io::{Read, Write},
@@ -55,8 +59,34 @@ pub enum ApiRequest {
     MigrateCancel,
 }
 
+/// Why a request failed, with the HTTP status that says so.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// 400, 409, 500, ...
+    pub status: u16,
+    /// The error, one line.
+    pub message: String,
+}
+
+impl Failure {
+    /// 400: the request itself is wrong.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Failure { status: 400, message: message.into() }
+    }
+
+    /// 409: the VM's state does not allow it now.
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Failure { status: 409, message: message.into() }
+    }
+
+    /// 500: it failed in ferry or KVM.
+    pub fn failed(message: impl Into<String>) -> Self {
+        Failure { status: 500, message: message.into() }
+    }
+}
+
 /// A request and where its answer goes.
-pub type Call = (ApiRequest, Sender<Result<Value, String>>);
+pub type Call = (ApiRequest, Sender<Result<Value, Failure>>);
 
 /// Decode method, path and body into a request.
 pub fn route(method: &str, path: &str, body: &str) -> Result<ApiRequest, (u16, String)> {
@@ -71,6 +101,7 @@ pub fn route(method: &str, path: &str, body: &str) -> Result<ApiRequest, (u16, S
             let v: Value = serde_json::from_str(body).map_err(|e| (400, format!("body is not JSON: {e}")))?;
             let uri =
                 v.get("uri").and_then(Value::as_str).ok_or((400, "body needs {\"uri\": ...}".to_string()))?;
+            crate::migration::live::Endpoint::parse(uri).map_err(|e| (400, e.to_string()))?;
             Ok(ApiRequest::Migrate {
                 uri: uri.to_string(),
                 max_downtime_ms: v.get("max_downtime_ms").and_then(Value::as_u64).unwrap_or(300),
@@ -146,7 +177,7 @@ pub fn serve(path: &Path) -> Result<Served, String> {
                         } else {
                             match reply_rx.recv() {
                                 Ok(Ok(v)) => (200, v),
-                                Ok(Err(e)) => (500, serde_json::json!({ "error": e })),
+                                Ok(Err(f)) => (f.status, serde_json::json!({ "error": f.message })),
                                 Err(_) => (503, serde_json::json!({ "error": "the VM has ended" })),
                             }
                         }
@@ -207,5 +238,7 @@ mod tests {
         assert_eq!(route("PUT", "/vm/snapshot", "{}").unwrap_err().0, 400);
         assert_eq!(route("GET", "/vm/pause", "").unwrap_err().0, 405);
         assert_eq!(route("GET", "/nope", "").unwrap_err().0, 404);
+        let bad_uri = route("PUT", "/vm/migrate", r#"{"uri":"udp:1:2"}"#).unwrap_err();
+        assert_eq!(bad_uri, (400, "'udp:1:2' is not tcp:HOST:PORT or unix:PATH".to_string()));
     }
 }

@@ -53,8 +53,8 @@ enum Command {
         /// Machine type of the VM: a built-in name or a path.
         #[arg(long, value_name = "NAME|PATH", default_value = DEFAULT_MACHINE)]
         machine: String,
-        /// vCPUs (default: the machine type's, or 1).
-        #[arg(long)]
+        /// vCPUs, 1 to 40 (default: the machine type's, or 1).
+        #[arg(long, value_name = "N", value_parser = cpus_parser())]
         cpus: Option<u8>,
         /// Memory (default: the machine type's, or 256M).
         #[arg(long)]
@@ -135,8 +135,8 @@ struct RunArgs {
     /// Kernel command line (the test guest's default: "ready ticks=5 exit=0").
     #[arg(long, value_name = "STR")]
     cmdline: Option<String>,
-    /// Number of vCPUs (default: the machine type's).
-    #[arg(long, value_name = "N")]
+    /// Number of vCPUs, 1 to 40 (default: the machine type's).
+    #[arg(long, value_name = "N", value_parser = cpus_parser())]
     cpus: Option<u8>,
     /// Guest RAM, e.g. 256M or 2G (default: the machine type's).
     #[arg(long, value_name = "SIZE")]
@@ -167,6 +167,11 @@ struct RunArgs {
     /// booting (the machine type and devices come from the source).
     #[arg(long, value_name = "URI", conflicts_with_all = ["machine", "kernel", "initramfs", "cmdline", "cpus", "memory", "disk", "net", "rng", "restore"])]
     incoming: Option<String>,
+}
+
+/// `--cpus`: what the MP table can describe.
+fn cpus_parser() -> clap::builder::RangedI64ValueParser<u8> {
+    clap::value_parser!(u8).range(1..=i64::from(ferry::boot::mptable::MAX_CPUS))
 }
 
 fn default_plugin_dir() -> Result<PathBuf> {
@@ -368,15 +373,25 @@ fn plugins(dir: Option<PathBuf>, manifest: bool) -> Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&host)?);
         return Ok(ExitCode::SUCCESS);
     }
-    println!("{:<16} {:<10} {:<14} FILE", "PLUGIN", "VERSION", "STATE");
-    for p in registry.plugins() {
-        let s = p.descriptor.state;
-        let state = if s.oldest_load == s.current && s.oldest_save == s.current {
-            format!("v{}", s.current)
-        } else {
-            format!("v{} (load v{}+, save v{}+)", s.current, s.oldest_load, s.oldest_save)
-        };
-        println!("{:<16} {:<10} {:<14} {}", p.name(), p.descriptor.version, state, p.path.display());
+    let rows: Vec<[String; 4]> = registry
+        .plugins()
+        .iter()
+        .map(|p| {
+            let s = p.descriptor.state;
+            let state = if s.oldest_load == s.current && s.oldest_save == s.current {
+                format!("v{}", s.current)
+            } else {
+                format!("v{} (load v{}+, save v{}+)", s.current, s.oldest_load, s.oldest_save)
+            };
+            [p.name().to_string(), p.descriptor.version.to_string(), state, p.path.display().to_string()]
+        })
+        .collect();
+    let header = ["PLUGIN", "VERSION", "STATE", "FILE"].map(String::from);
+    // Each column as wide as its widest cell, so FILE lines up.
+    let width = |c: usize| rows.iter().chain([&header]).map(|r| r[c].len()).max().unwrap_or(0);
+    let (w0, w1, w2) = (width(0), width(1), width(2));
+    for r in std::iter::once(&header).chain(&rows) {
+        println!("{:<w0$}  {:<w1$}  {:<w2$}  {}", r[0], r[1], r[2], r[3]);
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -455,8 +470,25 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("ferry: error: {e:#}");
+            eprintln!("ferry: error: {}", one_line(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// An error and its causes on one line, each named once: a cause whose
+/// text the message already carries (ferry's errors name their cause
+/// themselves) is not repeated.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.is_empty() {
+            out = text;
+        } else if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+    }
+    out
 }

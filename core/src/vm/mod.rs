@@ -121,6 +121,22 @@ pub enum VmError {
         /// What is wrong.
         message: String,
     },
+    /// A snapshot the guest's state or its target host does not allow now.
+    #[error("snapshot {path}: {message}")]
+    SnapshotRefused {
+        /// The file.
+        path: String,
+        /// Why.
+        message: String,
+    },
+    /// A snapshot file that cannot be created where asked.
+    #[error("snapshot {path}: {message}")]
+    SnapshotPath {
+        /// The file.
+        path: String,
+        /// Why.
+        message: String,
+    },
     /// KVM state.
     #[error(transparent)]
     State(#[from] StateError),

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use super::{Outcome, Vm, VmError};
 use crate::{
-    api::{self, ApiRequest},
+    api::{self, ApiRequest, Failure},
     vcpu::{self, StopEvent},
 };
 
@@ -89,15 +89,15 @@ impl Vm {
                     let req_kind = if req == ApiRequest::MigrationStatus { ReqKind::Status } else { ReqKind::Other };
                     let answer = match req {
                         ApiRequest::Pause | ApiRequest::Resume | ApiRequest::Snapshot(..) if migrating => {
-                            Err("a migration is running".to_string())
+                            Err(Failure::conflict("a migration is running"))
                         }
                         ApiRequest::Info => Ok(self.info()),
-                        ApiRequest::Pause => self.pause().map(|()| self.info()),
-                        ApiRequest::Resume => self.resume().map(|()| self.info()),
+                        ApiRequest::Pause => self.pause().map(|()| self.info()).map_err(Failure::failed),
+                        ApiRequest::Resume => self.resume().map(|()| self.info()).map_err(Failure::failed),
                         ApiRequest::Snapshot(path, target) => self
                             .snapshot_for(&path, target.as_deref())
                             .map(|r| serde_json::to_value(r).unwrap_or_default())
-                            .map_err(|e| e.to_string()),
+                            .map_err(|e| snapshot_failure(&e)),
                         ApiRequest::MigrationStatus => Ok(serde_json::to_value(
                             self.migration.lock().unwrap_or_else(|e| e.into_inner()).clone(),
                         )
@@ -106,8 +106,8 @@ impl Vm {
                             cancel.store(true, std::sync::atomic::Ordering::SeqCst);
                             Ok(serde_json::json!({"state": "cancelling"}))
                         }
-                        ApiRequest::MigrateCancel => Err("no migration is running".to_string()),
-                        ApiRequest::Migrate { .. } if migrating => Err("a migration is already running".to_string()),
+                        ApiRequest::MigrateCancel => Err(Failure::conflict("no migration is running")),
+                        ApiRequest::Migrate { .. } if migrating => Err(Failure::conflict("a migration is already running")),
                         ApiRequest::Migrate { uri, max_downtime_ms, dry_run } => {
                             migrating = true;
                             cancel.store(false, std::sync::atomic::Ordering::SeqCst);
@@ -125,7 +125,7 @@ impl Vm {
                                     let _ = tx.send(r);
                                 })
                                 .map(|_| serde_json::json!({"state": "started"}))
-                                .map_err(|e| e.to_string())
+                                .map_err(|e| Failure::failed(e.to_string()))
                         }
                         ApiRequest::Shutdown => {
                             shutdown = true;
@@ -172,6 +172,18 @@ impl Vm {
             StopEvent::Error(msg) => Err(VmError::Failed(msg)),
         }
     }
+}
+
+/// The API's answer to a failed snapshot: 409 when the guest's state or
+/// the target host refuses it, 400 when the path cannot be created, 500
+/// otherwise.
+fn snapshot_failure(e: &VmError) -> Failure {
+    let status = match e {
+        VmError::SnapshotRefused { .. } => 409,
+        VmError::SnapshotPath { .. } => 400,
+        _ => 500,
+    };
+    Failure { status, message: e.to_string() }
 }
 
 /// Which kind of API request was just answered (for the post-migration linger).

@@ -61,11 +61,12 @@ impl VmCore {
     ) -> Result<(u64, u64), VmError> {
         let shown = path.display().to_string();
         let fail = |m: String| VmError::Snapshot { path: shown.clone(), message: m };
+        let refused = |m: String| VmError::SnapshotRefused { path: shown.clone(), message: m };
         let mut manifest = self.manifest();
         let plan = target.map(|t| crate::migration::plan::make_plan(&manifest, &t.plugins, t.cpu.as_ref()));
         if let Some(p) = plan.as_ref().filter(|p| p.refused()) {
-            let refused: Vec<String> = p.lines().into_iter().filter(|l| l.contains("REFUSED")).collect();
-            return Err(fail(format!("the target host cannot restore it: {}", refused.join("; "))));
+            let lines: Vec<String> = p.lines().into_iter().filter(|l| l.contains("REFUSED")).collect();
+            return Err(refused(format!("the target host cannot restore it: {}", lines.join("; "))));
         }
         let mut devices = Vec::new();
         for d in self.bus.devices() {
@@ -81,7 +82,7 @@ impl VmCore {
                 .unwrap_or_else(|e| e.into_inner())
                 .save_state(version)
                 .into_result()
-                .map_err(|e| fail(format!("device {} ({}): {e}", d.id, d.plugin)))?;
+                .map_err(|e| refused(format!("device {} ({}): {e}", d.id, d.plugin)))?;
             if let Some(r) = manifest.devices.iter_mut().find(|r| r.id == d.id) {
                 r.state_version = blob.version;
             }
@@ -98,7 +99,10 @@ impl VmCore {
         let machine = state::save_machine(&self.kvm.vm)?;
 
         let tmp = path.with_extension("partial");
-        let file = File::create(&tmp).map_err(|e| fail(format!("cannot create {}: {e}", tmp.display())))?;
+        let file = File::create(&tmp).map_err(|e| VmError::SnapshotPath {
+            path: shown.clone(),
+            message: format!("cannot create {}: {e}", tmp.display()),
+        })?;
         let write = || -> Result<u64, StreamError> {
             let mut w = stream::Writer::new(BufWriter::new(&file))?;
             let enc = |v: Result<Vec<u8>, StateError>| v.map_err(|e| std::io::Error::other(e.to_string()));

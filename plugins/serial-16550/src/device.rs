@@ -363,7 +363,8 @@ fn spawn_drain(
             backlog.room.notify_all();
             if taken < chunk.len() {
                 // The FIFO is full until the guest reads from it.
-                let _ = backlog.room.wait_timeout(q, Duration::from_millis(5)).unwrap_or_else(|e| e.into_inner());
+                let _ =
+                    backlog.room.wait_timeout(q, Duration::from_millis(5)).unwrap_or_else(|e| e.into_inner());
             }
         })
         .map(|_| ())
