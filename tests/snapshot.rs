@@ -171,3 +171,42 @@ fn snapshot_and_restore_with_a_network_device() {
     assert_eq!(frames.len(), 5, "2 frames before the snapshot and 3 after the restore reached the tap");
     assert!(frames.iter().all(|f| f[6..12] == [0x52, 0x54, 0x00, 0x12, 0x34, 0x58]));
 }
+
+/// The guest's receive ring fills with unsolicited frames (the test's and,
+/// IPv6 on, the kernel's), the guest transmits while one more frame waits
+/// in the device, and a snapshot is taken with the ring full again: every
+/// frame the guest reports, before the snapshot and after the restore, is
+/// one that was sent to it, once, never one of its own.
+#[test]
+fn unsolicited_frames_across_a_snapshot_arrive_once_and_intact() {
+    if !kvm_or_skip("unsolicited_frames_across_a_snapshot_arrive_once_and_intact") {
+        return;
+    }
+    let Some(ns) = ferry_tests::netns::NetNs::with_tap_and_ipv6("ftap3") else { return };
+    let dir = TempDir::new("snapflood");
+    let stream = ns.inject_stream("ftap3", "s", Duration::from_millis(25));
+    let socket = dir.path().join("api.sock");
+    let (s, snap) = (socket.display().to_string(), dir.path().join("vm.snap").display().to_string());
+    let in_ns = |args: &[&str]| Running::new(ns.spawn_ferry(&[], args));
+    let cmdline = "net-send=1 ticks=10 net-send=3 net-recv=5 ticks=10 net-send=2 net-recv=20 exit=0";
+    let mut first =
+        in_ns(&["--api-socket", &s, "--net", "tap=ftap3,mac=52:54:00:12:34:59", "--cmdline", cmdline]);
+    assert!(wait_for_path(&socket, Duration::from_secs(20)), "no API socket");
+    if first.wait_line("NET RECV DONE", DEADLINE).is_none() {
+        panic!("the first receive did not complete:\n{}", first.finish(DEADLINE).stdout);
+    }
+    for _ in 0..5 {
+        first.wait_line("TICK", DEADLINE).expect("ticks while the ring fills again");
+    }
+    ctl(&socket, &["pause"]);
+    ctl(&socket, &["snapshot", &snap]);
+    ctl(&socket, &["shutdown"]);
+    let before = first.finish(DEADLINE);
+    let after = Running::new(ns.spawn_ferry(&[], &["--restore", &snap])).finish(DEADLINE);
+    let sent = stream.stop();
+    assert_eq!(after.code(), 0, "stdout:\n{}\nstderr:\n{}", after.stdout, after.stderr);
+    match ferry_tests::netns::check_received(&[&before.stdout, &after.stdout], &sent) {
+        Ok(n) => assert!(n >= 25, "the guest reported {n} test frames"),
+        Err(e) => panic!("{e}\nbefore:\n{}\nafter:\n{}", before.stdout, after.stdout),
+    }
+}

@@ -27,9 +27,20 @@ fn ip(args: &[&str]) -> Result<(), String> {
 }
 
 impl NetNs {
-    /// A new namespace holding tap `tap`, up. None (after a loud SKIPPED
-    /// line) where namespaces cannot be made here.
+    /// A new namespace holding tap `tap`, up, IPv6 off (the guest then
+    /// receives only the test's frames). None (after a loud SKIPPED line)
+    /// where namespaces cannot be made here.
     pub fn with_tap(tap: &str) -> Option<Self> {
+        Self::make(tap, false)
+    }
+
+    /// The same with IPv6 left on: the kernel sends the guest its own
+    /// unsolicited frames (neighbour discovery, multicast listener reports).
+    pub fn with_tap_and_ipv6(tap: &str) -> Option<Self> {
+        Self::make(tap, true)
+    }
+
+    fn make(tap: &str, ipv6: bool) -> Option<Self> {
         static N: AtomicUsize = AtomicUsize::new(0);
         let name = format!("ferry-t{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst));
         // SAFETY: geteuid has no preconditions.
@@ -42,16 +53,16 @@ impl NetNs {
             return None;
         }
         let ns = NetNs { name };
-        // No IPv6 on the namespace's links: the kernel would otherwise send
-        // its own neighbour and multicast frames to the guest, which only
-        // the test's frames should reach.
+        // Without IPv6 on the namespace's links the kernel sends no frames
+        // of its own to the guest; with it, it does.
+        let v6 = if ipv6 { "0" } else { "1" };
         let setup = ip(&[
             "netns",
             "exec",
             &ns.name,
             "sh",
             "-c",
-            "f=/proc/sys/net/ipv6/conf/default/disable_ipv6; [ ! -e $f ] || echo 1 > $f",
+            &format!("f=/proc/sys/net/ipv6/conf/default/disable_ipv6; [ ! -e $f ] || echo {v6} > $f"),
         ])
         .and_then(|()| ip(&["-n", &ns.name, "tuntap", "add", tap, "mode", "tap"]))
         .and_then(|()| ip(&["-n", &ns.name, "link", "set", tap, "up"]));
@@ -154,7 +165,7 @@ impl NetNs {
 
     /// A function that sends a broadcast [`ETHERTYPE`] frame carrying
     /// `payload` out of `ifname` (towards the guest).
-    pub fn injector(&self, ifname: &str) -> impl Fn(&[u8]) {
+    pub fn injector(&self, ifname: &str) -> impl Fn(&[u8]) + Send + 'static {
         let (fd, index) = self.packet_socket(ifname);
         move |payload: &[u8]| {
             let mut frame = vec![0xffu8; 6];
@@ -185,6 +196,67 @@ impl NetNs {
     }
 }
 
+/// Frames sent towards a guest until stopped: see [`NetNs::inject_stream`].
+pub struct Stream {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: JoinHandle<Vec<String>>,
+}
+
+impl Stream {
+    /// Stop sending; the payloads sent, in order.
+    pub fn stop(self) -> Vec<String> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.handle.join().expect("injector thread")
+    }
+}
+
+impl NetNs {
+    /// Send a broadcast [`ETHERTYPE`] frame with payload `HOST-FRAME
+    /// <tag><n>` (n = 0, 1, ...) out of `ifname` every `every`, until the
+    /// stream is stopped: unsolicited frames the guest did not ask for.
+    pub fn inject_stream(&self, ifname: &str, tag: &str, every: Duration) -> Stream {
+        let inject = self.injector(ifname);
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (flag, tag) = (stop.clone(), tag.to_string());
+        let handle = std::thread::spawn(move || {
+            let mut sent = Vec::new();
+            while !flag.load(Ordering::SeqCst) {
+                let payload = format!("HOST-FRAME {tag}{}", sent.len());
+                inject(payload.as_bytes());
+                sent.push(payload);
+                std::thread::sleep(every);
+            }
+            sent
+        });
+        Stream { stop, handle }
+    }
+}
+
+/// Check what a guest reported receiving (`NET RECV ...` lines of
+/// `outputs`, in order) against the frames `sent` to it: every test frame
+/// it reports is one that was sent, once; no frame it reports is one of
+/// its own (`FERRY-FRAME ...`). Returns how many test frames it reported.
+pub fn check_received(outputs: &[&str], sent: &[String]) -> Result<usize, String> {
+    let mut seen: Vec<&str> = Vec::new();
+    for line in outputs.iter().flat_map(|o| o.lines()).filter(|l| l.starts_with("NET RECV len=")) {
+        let payload = line.split_once("payload=").map(|x| x.1).unwrap_or("");
+        if payload.starts_with("FERRY-FRAME") {
+            return Err(format!("the guest received one of its own frames: {line}"));
+        }
+        if !line.contains(" ethertype=88b5 ") {
+            continue; // the kernel's own (IPv6) frames
+        }
+        if !sent.iter().any(|s| s == payload) {
+            return Err(format!("the guest received a frame nobody sent it: {line}"));
+        }
+        if seen.contains(&payload) {
+            return Err(format!("the guest received a frame twice: {line}"));
+        }
+        seen.push(payload);
+    }
+    Ok(seen.len())
+}
+
 impl Drop for NetNs {
     fn drop(&mut self) {
         let _ = ip(&["netns", "del", &self.name]);
@@ -201,10 +273,20 @@ pub struct TwoHosts {
 }
 
 impl TwoHosts {
-    /// Make them; None (after a loud SKIPPED line) where that is not possible.
+    /// Make them, IPv6 off; None (after a loud SKIPPED line) where that is
+    /// not possible.
     pub fn new(tap: &str) -> Option<Self> {
-        let a = NetNs::with_tap(tap)?;
-        let b = NetNs::with_tap(tap)?;
+        Self::make(tap, false)
+    }
+
+    /// The same with IPv6 left on.
+    pub fn with_ipv6(tap: &str) -> Option<Self> {
+        Self::make(tap, true)
+    }
+
+    fn make(tap: &str, ipv6: bool) -> Option<Self> {
+        let a = NetNs::make(tap, ipv6)?;
+        let b = NetNs::make(tap, ipv6)?;
         static N: AtomicUsize = AtomicUsize::new(0);
         let n = N.fetch_add(1, Ordering::SeqCst);
         let (va, vb) = (

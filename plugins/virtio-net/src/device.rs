@@ -56,25 +56,33 @@ pub fn create(config: &DeviceConfig, host: HostBox) -> Result<VirtioPci<Net>, St
         s => parse_mac(s).ok_or_else(|| format!("mac '{s}' is not six hex bytes separated by ':'"))?,
     };
     let tap = Tap::open(props.string("tap")?)?;
-    VirtioPci::new(Net { tap, mac, pending: None, buf: vec![0; MAX_PACKET] }, host)
+    VirtioPci::new(Net::new(tap, mac), host)
 }
 
+/// The device. Receive and transmit have a buffer each: a received packet
+/// may wait in `rx_buf` (the guest's ring is full) while the guest
+/// transmits, and must come out as it went in.
 pub struct Net {
     tap: Tap,
     mac: [u8; 6],
-    /// A received packet waiting for a guest buffer (length in `buf`).
+    /// A received packet waiting for a guest buffer (its length in `rx_buf`).
     pending: Option<usize>,
-    buf: Vec<u8>,
+    rx_buf: Vec<u8>,
+    tx_buf: Vec<u8>,
 }
 
 impl Net {
+    fn new(tap: Tap, mac: [u8; 6]) -> Self {
+        Net { tap, mac, pending: None, rx_buf: vec![0; MAX_PACKET], tx_buf: vec![0; MAX_PACKET] }
+    }
+
     /// Move packets from the tap into the guest while it has buffers.
     fn receive(&mut self, queues: &mut Queues<'_>) -> Result<(), String> {
         let mem = queues.mem();
         loop {
             let len = match self.pending.take() {
                 Some(len) => len,
-                None => match self.tap.recv(&mut self.buf)? {
+                None => match self.tap.recv(&mut self.rx_buf)? {
                     Some(len) if len >= VNET_HDR_LEN => len,
                     Some(_) => continue,
                     None => return Ok(()),
@@ -86,11 +94,11 @@ impl Net {
             };
             let head = chain.head_index();
             // num_buffers: every packet fits one buffer chain.
-            self.buf[10..12].copy_from_slice(&1u16.to_le_bytes());
+            self.rx_buf[10..12].copy_from_slice(&1u16.to_le_bytes());
             let written = match chain.writer(mem) {
                 Ok(mut w) => {
                     let n = w.available_bytes().min(len);
-                    w.write_all(&self.buf[..n]).map_err(|e| format!("rx: {e}"))?;
+                    w.write_all(&self.rx_buf[..n]).map_err(|e| format!("rx: {e}"))?;
                     n
                 }
                 Err(e) => {
@@ -110,8 +118,8 @@ impl Net {
             match chain.reader(mem) {
                 Ok(mut r) => {
                     let n = r.available_bytes().min(MAX_PACKET);
-                    if r.read_exact(&mut self.buf[..n]).is_ok() && n > VNET_HDR_LEN {
-                        if let Err(e) = self.tap.send(&self.buf[..n]) {
+                    if r.read_exact(&mut self.tx_buf[..n]).is_ok() && n > VNET_HDR_LEN {
+                        if let Err(e) = self.tap.send(&self.tx_buf[..n]) {
                             error.get_or_insert(e);
                         }
                     }
@@ -197,9 +205,7 @@ mod queue_tests {
     fn net(tag: &str) -> Option<Net> {
         let name = format!("fnt{tag}{}", std::process::id() % 100_000);
         match Tap::open(&name) {
-            Ok(tap) => {
-                Some(Net { tap, mac: [0x52, 0x54, 0, 1, 2, 3], pending: None, buf: vec![0; MAX_PACKET] })
-            }
+            Ok(tap) => Some(Net::new(tap, [0x52, 0x54, 0, 1, 2, 3])),
             Err(e) => {
                 let _ = writeln!(std::io::stderr(), "SKIPPED virtio-net queue tests: no tap ({e})");
                 None
@@ -212,7 +218,7 @@ mod queue_tests {
         let Some(mut net) = net("r") else { return };
         let mut t = TestQueues::new(4 << 20, &[16, 16]);
         let frame: Vec<u8> = (0..(VNET_HDR_LEN + 60)).map(|i| i as u8).collect();
-        net.buf[..frame.len()].copy_from_slice(&frame);
+        net.rx_buf[..frame.len()].copy_from_slice(&frame);
         net.pending = Some(frame.len());
         t.post_chain(RX, 0, &[(0x10_0000, 2048, true)]);
         net.process_queue(RX, &mut t.queues()).unwrap();
@@ -221,6 +227,26 @@ mod queue_tests {
         assert_eq!(&got[10..12], &1u16.to_le_bytes(), "num_buffers");
         assert_eq!(&got[12..], &frame[12..]);
         assert!(t.ram.dirty_pages().contains(&0x100));
+    }
+
+    #[test]
+    fn a_packet_waiting_for_a_buffer_survives_a_transmit() {
+        let Some(mut net) = net("w") else { return };
+        let mut t = TestQueues::new(4 << 20, &[16, 16]);
+        let frame: Vec<u8> = (0..(VNET_HDR_LEN + 60)).map(|i| (i * 7) as u8).collect();
+        net.rx_buf[..frame.len()].copy_from_slice(&frame);
+        net.pending = Some(frame.len()); // the guest's receive ring is full
+        let own = vec![0xeeu8; VNET_HDR_LEN + 60];
+        t.write(0x20_0000, &own);
+        t.post_chain(TX, 0, &[(0x20_0000, own.len() as u32, false)]);
+        let _ = net.process_queue(TX, &mut t.queues()); // the tap may refuse: not the point
+        t.post_chain(RX, 0, &[(0x10_0000, 2048, true)]);
+        net.process_queue(RX, &mut t.queues()).unwrap();
+        assert_eq!(
+            &t.read(0x10_0000, frame.len())[12..],
+            &frame[12..],
+            "the packet that waited, not the guest's own"
+        );
     }
 
     #[test]
