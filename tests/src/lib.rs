@@ -312,6 +312,11 @@ impl Running {
         }
     }
 
+    /// Every stdout line read so far, joined.
+    pub fn seen(&self) -> String {
+        self.seen.join("\n")
+    }
+
     /// Its stdin.
     pub fn stdin(&mut self) -> Option<&mut std::process::ChildStdin> {
         self.child.stdin.as_mut()
@@ -402,6 +407,27 @@ pub fn wait_for_path(path: &Path, timeout: Duration) -> bool {
 /// The number in a `TICK <n>` line.
 pub fn tick_number(line: &str) -> Option<u64> {
     line.strip_prefix("TICK ").and_then(|n| n.trim().parse().ok())
+}
+
+/// The guest's tick counter carries on from console `before` (the process
+/// that paused, snapshotted or moved it) to console `after` (the one that
+/// resumed it): `after`'s first TICK follows `before`'s last, or the line
+/// between them was split where the guest was paused, mid-line (its start
+/// printed before, the rest after). Returns `after`'s first tick.
+pub fn ticks_carry_on(before: &str, after: &str) -> Result<u64, String> {
+    let last = before.lines().filter_map(tick_number).max().ok_or("no TICK before")?;
+    let first = after.lines().find_map(tick_number).ok_or("no TICK after")?;
+    if first == last + 1 {
+        return Ok(first);
+    }
+    let tail = before.lines().rev().find(|l| !l.is_empty()).unwrap_or("");
+    let head = after.lines().next().unwrap_or("");
+    if first == last + 2 && format!("{tail}{head}") == format!("TICK {}", last + 1) {
+        return Ok(first);
+    }
+    Err(format!(
+        "the counter goes from {last} to {first} (last line before: `{tail}`, first after: `{head}`)"
+    ))
 }
 
 /// A free TCP port on loopback (bound and released).
@@ -634,4 +660,18 @@ pub fn test_guest_as(class: ElfClass) -> Vec<u8> {
         .map(|s| (s.paddr, &file[s.offset as usize..(s.offset + s.filesz) as usize], s.memsz))
         .collect();
     pvh_elf(class, &segments, entry)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ticks_carry_on;
+
+    #[test]
+    fn ticks_carry_on_across_a_line_split_at_the_pause() {
+        assert_eq!(ticks_carry_on("TICK 2\nTICK 3\n", "TICK 4\n"), Ok(4));
+        assert_eq!(ticks_carry_on("TICK 3\nTIC\n", "K 4\nTICK 5\n"), Ok(5));
+        assert!(ticks_carry_on("TICK 3\n", "TICK 5\n").is_err(), "a lost tick");
+        assert!(ticks_carry_on("TICK 3\nTIC\n", "TICK 5\n").is_err(), "a lost tick after a partial line");
+        assert!(ticks_carry_on("TICK 3\n", "TICK 3\n").is_err(), "a repeated tick");
+    }
 }
