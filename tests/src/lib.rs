@@ -295,6 +295,13 @@ impl Running {
         Running { child, lines, seen: Vec::new(), stderr: Some(stderr), start: Instant::now() }
     }
 
+    /// The next stdout line (a trailing `\r` removed), if one comes in time.
+    pub fn next_line(&mut self, timeout: Duration) -> Option<String> {
+        let line = self.lines.recv_timeout(timeout).ok()?;
+        self.seen.push(line.clone());
+        Some(line.trim_end_matches('\r').to_string())
+    }
+
     /// Wait for a stdout line starting with `prefix`; returns it.
     pub fn wait_line(&mut self, prefix: &str, timeout: Duration) -> Option<String> {
         let deadline = Instant::now() + timeout;

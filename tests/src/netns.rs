@@ -96,6 +96,11 @@ impl NetNs {
     /// A raw packet socket for [`ETHERTYPE`] bound to `ifname` inside the
     /// namespace (a socket keeps the namespace it was made in).
     fn packet_socket(&self, ifname: &str) -> (OwnedFd, i32) {
+        self.packet_socket_for(ifname, ETHERTYPE)
+    }
+
+    /// The same for frames of `ethertype`.
+    fn packet_socket_for(&self, ifname: &str, ethertype: u16) -> (OwnedFd, i32) {
         let path = format!("/var/run/netns/{}", self.name);
         let ifname = ifname.to_string();
         std::thread::spawn(move || {
@@ -107,7 +112,7 @@ impl NetNs {
             // SAFETY: a NUL-terminated interface name.
             let index = unsafe { libc::if_nametoindex(cname.as_ptr()) } as i32;
             assert!(index > 0, "interface not found in the namespace");
-            let proto = ETHERTYPE.to_be();
+            let proto = ethertype.to_be();
             // SAFETY: plain socket creation; the fd is checked and owned below.
             let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
             assert!(fd >= 0, "packet socket: {}", std::io::Error::last_os_error());
@@ -136,7 +141,18 @@ impl NetNs {
     /// Start collecting up to `count` [`ETHERTYPE`] frames arriving on
     /// `ifname` (sent by the guest); the socket is bound before this returns.
     pub fn capture(&self, ifname: &str, count: usize, timeout: Duration) -> JoinHandle<Vec<Vec<u8>>> {
-        let (fd, _) = self.packet_socket(ifname);
+        self.capture_ethertype(ifname, ETHERTYPE, count, timeout)
+    }
+
+    /// The same for frames of `ethertype` (0x0806: ARP).
+    pub fn capture_ethertype(
+        &self,
+        ifname: &str,
+        ethertype: u16,
+        count: usize,
+        timeout: Duration,
+    ) -> JoinHandle<Vec<Vec<u8>>> {
+        let (fd, _) = self.packet_socket_for(ifname, ethertype);
         std::thread::spawn(move || {
             let start = Instant::now();
             let mut frames = Vec::new();
