@@ -147,6 +147,11 @@ impl Linux {
 
     /// Type `cmd` into the guest's shell; its output lines and exit status.
     fn sh(&mut self, cmd: &str) -> (Vec<String>, i32) {
+        self.sh_within(cmd, STEP)
+    }
+
+    /// [`Linux::sh`] for a command that may take up to `limit`.
+    fn sh_within(&mut self, cmd: &str, limit: Duration) -> (Vec<String>, i32) {
         // A background job (`... &`) is already separated from the marker.
         let sep = if cmd.trim_end().ends_with('&') { " " } else { "; " };
         let line = format!("{cmd}{sep}echo ==DONE\"\"== $?\n");
@@ -154,9 +159,9 @@ impl Linux {
         let mut out = Vec::new();
         let start = std::time::Instant::now();
         loop {
-            let left = STEP.checked_sub(start.elapsed()).unwrap_or_default();
+            let left = limit.checked_sub(start.elapsed()).unwrap_or_default();
             let Some(l) = self.vm.next_line(left) else {
-                panic!("`{cmd}` did not finish; the guest printed:\n{}", self.vm.seen())
+                panic!("`{cmd}` did not finish in {} s; the guest printed:\n{}", limit.as_secs(), self.vm.seen())
             };
             if let Some(code) = l.strip_prefix("# ").unwrap_or(&l).strip_prefix("==DONE== ") {
                 return (out, code.trim().parse().unwrap_or(-1));
@@ -233,7 +238,12 @@ fn host_sha256(bytes: &[u8]) -> String {
 /// The guest's disk writes during a move all landed, in the file the host
 /// holds, and the guest's own checksum of them says the same.
 fn check_blocks(linux: &mut Linux, disk: &Path) {
-    linux.ok("wait");
+    // The writer forks two processes per block; with another Linux guest
+    // beside it on two cores that can take minutes here.
+    let start = std::time::Instant::now();
+    let (out, code) = linux.sh_within("wait", BOOT);
+    assert_eq!(code, 0, "the writer: {out:?}");
+    eprintln!("the guest's writer finished {:.1} s after the move", start.elapsed().as_secs_f64());
     let guest_sum = linux
         .ok(&format!("busybox dd if=/dev/vda bs=4096 skip=1024 count={BLOCKS} 2>/dev/null | sha256sum"))
         .join(" ");

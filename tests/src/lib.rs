@@ -334,13 +334,15 @@ impl Running {
         self.child.id()
     }
 
-    /// Wait for the end (killing it after `deadline`) and collect everything.
+    /// Wait for the end (killing it if it has not ended `deadline` after
+    /// this call) and collect everything. `elapsed` counts from the start.
     pub fn finish(mut self, deadline: Duration) -> Finished {
+        let called = Instant::now();
         let status = loop {
             if let Some(st) = self.child.try_wait().expect("wait") {
                 break st.code();
             }
-            if self.start.elapsed() > deadline {
+            if called.elapsed() > deadline {
                 let _ = self.child.kill();
                 let _ = self.child.wait();
                 break None;
