@@ -91,7 +91,33 @@ fn plugin_built_against_an_older_plugin_api() {
     std::fs::copy(&lib, dir.path().join("old-api-plugin.so")).expect("copy");
     let plugins = dir.path().display().to_string();
     let run = ferry(&["run", "--plugins", &plugins], DEADLINE);
-    assert_refused(&run, &["old-api-plugin.so", "plugin-api 0.0.9", "plugin-api 0.1.0"]);
+    let ours = format!("plugin-api {}", ferry_plugin_api::PLUGIN_API_VERSION);
+    assert_refused(&run, &["old-api-plugin.so", "plugin-api 0.0.9", &ours]);
+}
+
+#[test]
+fn plugin_built_against_another_major_plugin_api() {
+    let lib = fixture_plugin("future-api-plugin");
+    let dir = plugin_dir_copy("futureapi");
+    std::fs::copy(&lib, dir.path().join("future-api-plugin.so")).expect("copy");
+    let plugins = dir.path().display().to_string();
+    let run = ferry(&["run", "--plugins", &plugins], DEADLINE);
+    let ours = format!("plugin-api {}", ferry_plugin_api::PLUGIN_API_VERSION);
+    assert_refused(&run, &["future-api-plugin.so", "built against plugin-api 2.0.0", &ours]);
+}
+
+#[test]
+fn plugin_built_against_a_newer_minor_that_needs_what_this_core_lacks() {
+    let lib = fixture_plugin("newer-api-plugin");
+    let dir = plugin_dir_copy("newerapi");
+    std::fs::copy(&lib, dir.path().join("newer-api-plugin.so")).expect("copy");
+    let plugins = dir.path().display().to_string();
+    let run = ferry(&["run", "--plugins", &plugins], DEADLINE);
+    let ours = format!("plugin-api {}", ferry_plugin_api::PLUGIN_API_VERSION);
+    assert_refused(
+        &run,
+        &["newer-api-plugin.so", "built against plugin-api 1.99.0", "needs Host::teleport", &ours],
+    );
 }
 
 #[test]

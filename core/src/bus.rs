@@ -123,20 +123,21 @@ impl fmt::Display for DeviceFault {
 
 fn space_name(space: AddressSpace) -> &'static str {
     match space {
-        AddressSpace::Pio => "I/O ports",
-        AddressSpace::Mmio => "MMIO",
+        AddressSpace::PIO => "I/O ports",
+        AddressSpace::MMIO => "MMIO",
+        _ => "an unknown address space",
     }
 }
 
 /// In-kernel devices' ranges (KVM irqchip and PIT).
 const IN_KERNEL: &[(AddressSpace, u64, u64, &str)] = &[
-    (AddressSpace::Pio, 0x20, 2, "the in-kernel 8259 PIC"),
-    (AddressSpace::Pio, 0xa0, 2, "the in-kernel 8259 PIC"),
-    (AddressSpace::Pio, 0x40, 4, "the in-kernel 8254 PIT"),
-    (AddressSpace::Pio, 0x61, 1, "the in-kernel PIT speaker port"),
-    (AddressSpace::Pio, 0x4d0, 2, "the in-kernel ELCR"),
-    (AddressSpace::Mmio, 0xfec0_0000, 0x1000, "the in-kernel I/O APIC"),
-    (AddressSpace::Mmio, 0xfee0_0000, 0x1000, "the in-kernel local APIC"),
+    (AddressSpace::PIO, 0x20, 2, "the in-kernel 8259 PIC"),
+    (AddressSpace::PIO, 0xa0, 2, "the in-kernel 8259 PIC"),
+    (AddressSpace::PIO, 0x40, 4, "the in-kernel 8254 PIT"),
+    (AddressSpace::PIO, 0x61, 1, "the in-kernel PIT speaker port"),
+    (AddressSpace::PIO, 0x4d0, 2, "the in-kernel ELCR"),
+    (AddressSpace::MMIO, 0xfec0_0000, 0x1000, "the in-kernel I/O APIC"),
+    (AddressSpace::MMIO, 0xfee0_0000, 0x1000, "the in-kernel local APIC"),
 ];
 
 /// The address map and the devices.
@@ -167,7 +168,7 @@ impl Bus {
         for (space, base, len, name) in IN_KERNEL {
             bus.claim(*space, *base, *len, Owner::InKernel(name)).expect("in-kernel ranges are disjoint");
         }
-        bus.claim(AddressSpace::Pio, pci::CONFIG_ADDRESS_PORT.into(), pci::CONFIG_PORTS, Owner::PciConfig)
+        bus.claim(AddressSpace::PIO, pci::CONFIG_ADDRESS_PORT.into(), pci::CONFIG_PORTS, Owner::PciConfig)
             .expect("PCI ports are free");
         bus
     }
@@ -183,10 +184,12 @@ impl Bus {
         }
     }
 
+    /// Port or MMIO map; a space from a later plugin-api (refused when
+    /// claimed, see `claim_regions`) reads as MMIO.
     fn map(&self, space: AddressSpace) -> &RwLock<RangeMap> {
         match space {
-            AddressSpace::Pio => &self.pio,
-            AddressSpace::Mmio => &self.mmio,
+            AddressSpace::PIO => &self.pio,
+            _ => &self.mmio,
         }
     }
 
@@ -222,7 +225,7 @@ impl Bus {
     }
 
     fn release_device(&self, index: usize, bars_only: bool) {
-        for space in [AddressSpace::Pio, AddressSpace::Mmio] {
+        for space in [AddressSpace::PIO, AddressSpace::MMIO] {
             let mut map = self.map(space).write().unwrap_or_else(|e| e.into_inner());
             map.retain(|_, m| match m.owner {
                 Owner::Device { index: d, region } => d != index || (bars_only && region < PCI_BAR_REGION),
@@ -271,6 +274,12 @@ impl Bus {
 
     fn claim_regions(&self, index: usize, regions: &[ferry_plugin_api::Region]) -> Result<(), BusError> {
         for (i, r) in regions.iter().enumerate() {
+            if r.space != AddressSpace::PIO && r.space != AddressSpace::MMIO {
+                return Err(BusError::Pci {
+                    device: self.devices[index].id.clone(),
+                    reason: format!("region {i} is in address space {}, which this ferry does not know", r.space.0),
+                });
+            }
             self.claim(r.space, r.base, r.len, Owner::Device { index, region: i as u32 })?;
         }
         Ok(())
@@ -316,7 +325,7 @@ impl Bus {
         mapped.clear();
         for bar in now {
             let owner = Owner::Device { index, region: PCI_BAR_REGION + bar.index };
-            match self.claim(AddressSpace::Mmio, bar.address, bar.size, owner) {
+            match self.claim(AddressSpace::MMIO, bar.address, bar.size, owner) {
                 Ok(()) => mapped.push(bar),
                 Err(e) => crate::log::warn(&format!("BAR {} of device {} not mapped: {e}", bar.index, d.id)),
             }
@@ -432,22 +441,22 @@ impl Bus {
 
     /// A guest port read.
     pub fn pio_read(&self, port: u16, data: &mut [u8]) -> Result<(), DeviceFault> {
-        self.read(AddressSpace::Pio, port.into(), data)
+        self.read(AddressSpace::PIO, port.into(), data)
     }
 
     /// A guest port write.
     pub fn pio_write(&self, port: u16, data: &[u8]) -> Result<(), DeviceFault> {
-        self.write(AddressSpace::Pio, port.into(), data)
+        self.write(AddressSpace::PIO, port.into(), data)
     }
 
     /// A guest MMIO read.
     pub fn mmio_read(&self, addr: u64, data: &mut [u8]) -> Result<(), DeviceFault> {
-        self.read(AddressSpace::Mmio, addr, data)
+        self.read(AddressSpace::MMIO, addr, data)
     }
 
     /// A guest MMIO write.
     pub fn mmio_write(&self, addr: u64, data: &[u8]) -> Result<(), DeviceFault> {
-        self.write(AddressSpace::Mmio, addr, data)
+        self.write(AddressSpace::MMIO, addr, data)
     }
 }
 
@@ -456,9 +465,9 @@ mod tests {
     use super::*;
     use abi_stable::{
         sabi_trait::TD_Opaque,
-        std_types::{RResult, RString, RVec},
+        std_types::{RResult, RVec},
     };
-    use ferry_plugin_api::{Device, PciFunction, Region, StateBlob};
+    use ferry_plugin_api::{Device, PciFunction, PluginError, Region, StateBlob};
 
     /// Remembers the last write; reads return the region index.
     struct Fake {
@@ -470,33 +479,33 @@ mod tests {
         fn regions(&self) -> RVec<Region> {
             self.regions.iter().copied().collect()
         }
-        fn read(&mut self, region: u32, offset: u64, mut data: RSliceMut<'_, u8>) -> RResult<(), RString> {
+        fn read(&mut self, region: u32, offset: u64, mut data: RSliceMut<'_, u8>) -> RResult<(), PluginError> {
             data.as_mut_slice().fill((region as u8) << 4 | offset as u8);
             RResult::ROk(())
         }
-        fn write(&mut self, _: u32, _: u64, _: RSlice<'_, u8>) -> RResult<(), RString> {
+        fn write(&mut self, _: u32, _: u64, _: RSlice<'_, u8>) -> RResult<(), PluginError> {
             if self.fail {
-                RResult::RErr("register jammed".into())
+                RResult::RErr(PluginError::other("register jammed"))
             } else {
                 RResult::ROk(())
             }
         }
-        fn pause(&mut self) -> RResult<(), RString> {
+        fn pause(&mut self) -> RResult<(), PluginError> {
             RResult::ROk(())
         }
-        fn resume(&mut self) -> RResult<(), RString> {
+        fn resume(&mut self) -> RResult<(), PluginError> {
             RResult::ROk(())
         }
-        fn save_state(&mut self, _: u32) -> RResult<StateBlob, RString> {
-            RResult::RErr("no".into())
+        fn save_state(&mut self, _: u32) -> RResult<StateBlob, PluginError> {
+            RResult::RErr(PluginError::other("no"))
         }
-        fn load_state(&mut self, _: StateBlob) -> RResult<(), RString> {
-            RResult::RErr("no".into())
+        fn load_state(&mut self, _: StateBlob) -> RResult<(), PluginError> {
+            RResult::RErr(PluginError::other("no"))
         }
     }
 
     fn pio(base: u64, len: u64) -> Region {
-        Region { space: AddressSpace::Pio, base, len }
+        Region { space: AddressSpace::PIO, base, len }
     }
 
     fn fake(regions: Vec<Region>) -> DeviceBox {
@@ -563,7 +572,7 @@ mod tests {
                 *b = space.get(offset as usize + i).copied().unwrap_or(0);
             }
         }
-        fn config_write(&mut self, offset: u32, data: RSlice<'_, u8>) -> RResult<(), RString> {
+        fn config_write(&mut self, offset: u32, data: RSlice<'_, u8>) -> RResult<(), PluginError> {
             let d = data.as_slice();
             match (offset, d.len()) {
                 (4, 2) => self.command = u16::from_le_bytes([d[0], d[1]]),

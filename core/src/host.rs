@@ -6,9 +6,9 @@ use std::sync::Arc;
 
 use abi_stable::{
     sabi_trait::TD_Opaque,
-    std_types::{RArc, RResult, RStr, RString},
+    std_types::{RArc, RResult, RStr},
 };
-use ferry_plugin_api::{GuestMemoryMap, Host, HostBox, LogLevel, MsiMessage, StopKind};
+use ferry_plugin_api::{ErrorKind, GuestMemoryMap, Host, HostBox, LogLevel, MsiMessage, PluginError, StopKind};
 use kvm_ioctls::VmFd;
 
 use crate::{
@@ -44,30 +44,35 @@ impl DeviceHost {
         HostBox::from_ptr(RArc::new(DeviceHost { id: id.into(), index, vm }), TD_Opaque)
     }
 
-    fn err(&self, e: impl std::fmt::Display) -> RString {
-        RString::from(e.to_string())
+    fn err(&self, e: impl std::fmt::Display) -> PluginError {
+        PluginError::new(ErrorKind::IO, e.to_string())
     }
 }
 
 impl Host for DeviceHost {
-    fn set_irq_level(&self, gsi: u32, level: bool) -> RResult<(), RString> {
+    fn set_irq_level(&self, gsi: u32, level: bool) -> RResult<(), PluginError> {
         self.vm
             .vm
             .set_irq_line(gsi, level)
-            .map_err(|e| RString::from(format!("setting IRQ line {gsi}: {e}")))
+            .map_err(|e| PluginError::new(ErrorKind::IO, format!("setting IRQ line {gsi}: {e}")))
             .into()
     }
 
     fn stop_vm(&self, kind: StopKind, status: i32) {
         let event = match kind {
-            StopKind::Reset => {
+            StopKind::RESET => {
                 crate::log::info(&format!("{}: guest reset the machine", self.id));
                 StopEvent::Reset
             }
-            StopKind::Exit => StopEvent::Exit(status),
-            StopKind::Error => {
+            StopKind::EXIT => StopEvent::Exit(status),
+            StopKind::ERROR => {
                 StopEvent::Error(format!("device {} stopped the VM (status {status})", self.id))
             }
+            // A kind from a later plugin-api minor this core does not know.
+            StopKind(other) => StopEvent::Error(format!(
+                "device {} stopped the VM for a reason this core does not know (kind {other}, status {status})",
+                self.id
+            )),
         };
         self.vm.control.stop(event);
     }
@@ -80,19 +85,19 @@ impl Host for DeviceHost {
         self.vm.memory.clone()
     }
 
-    fn msi_route(&self, fd: i32, message: MsiMessage) -> RResult<(), RString> {
+    fn msi_route(&self, fd: i32, message: MsiMessage) -> RResult<(), PluginError> {
         self.vm.irq.msi_route(self.index, fd, message.address, message.data).map_err(|e| self.err(e)).into()
     }
 
-    fn msi_unroute(&self, fd: i32) -> RResult<(), RString> {
+    fn msi_unroute(&self, fd: i32) -> RResult<(), PluginError> {
         self.vm.irq.msi_unroute(self.index, fd).map_err(|e| self.err(e)).into()
     }
 
-    fn ioeventfd(&self, fd: i32, address: u64) -> RResult<(), RString> {
+    fn ioeventfd(&self, fd: i32, address: u64) -> RResult<(), PluginError> {
         self.vm.irq.ioeventfd(self.index, fd, address).map_err(|e| self.err(e)).into()
     }
 
-    fn remove_ioeventfd(&self, fd: i32, address: u64) -> RResult<(), RString> {
+    fn remove_ioeventfd(&self, fd: i32, address: u64) -> RResult<(), PluginError> {
         self.vm.irq.remove_ioeventfd(self.index, fd, address).map_err(|e| self.err(e)).into()
     }
 }

@@ -20,10 +20,10 @@ use ferry_plugin_api::LogLevel;
 fn level() -> LogLevel {
     static LEVEL: OnceLock<LogLevel> = OnceLock::new();
     *LEVEL.get_or_init(|| match std::env::var("FERRY_LOG").as_deref() {
-        Ok("error") => LogLevel::Error,
-        Ok("info") => LogLevel::Info,
-        Ok("debug") => LogLevel::Debug,
-        _ => LogLevel::Warn,
+        Ok("error") => LogLevel::ERROR,
+        Ok("info") => LogLevel::INFO,
+        Ok("debug") => LogLevel::DEBUG,
+        _ => LogLevel::WARN,
     })
 }
 
@@ -31,10 +31,10 @@ fn level() -> LogLevel {
 pub fn log(lvl: LogLevel, msg: &str) {
     if lvl <= level() {
         let tag = match lvl {
-            LogLevel::Error => "error",
-            LogLevel::Warn => "warning",
-            LogLevel::Info => "info",
-            LogLevel::Debug => "debug",
+            LogLevel::ERROR => "error",
+            LogLevel::WARN => "warning",
+            LogLevel::INFO => "info",
+            _ => "debug",
         };
         eprintln!("ferry: {tag}: {msg}");
     }
@@ -42,15 +42,15 @@ pub fn log(lvl: LogLevel, msg: &str) {
 
 /// Log an informational message.
 pub fn info(msg: &str) {
-    log(LogLevel::Info, msg);
+    log(LogLevel::INFO, msg);
 }
 
 /// Log a warning.
 pub fn warn(msg: &str) {
-    log(LogLevel::Warn, msg);
+    log(LogLevel::WARN, msg);
 }
 
 /// Log a debug message.
 pub fn debug(msg: &str) {
-    log(LogLevel::Debug, msg);
+    log(LogLevel::DEBUG, msg);
 }

@@ -305,19 +305,21 @@ pub fn device_from_option(
 /// Check a value against a property kind; returns the canonical string.
 fn check_value(kind: PropertyKind, value: &PropValue) -> Result<String, String> {
     match (kind, value) {
-        (PropertyKind::Integer, PropValue::Int(i)) if *i >= 0 => Ok(i.to_string()),
-        (PropertyKind::Integer, PropValue::Str(s)) => parse_integer(s)
+        (PropertyKind::INTEGER, PropValue::Int(i)) if *i >= 0 => Ok(i.to_string()),
+        (PropertyKind::INTEGER, PropValue::Str(s)) => parse_integer(s)
             .map(|n| n.to_string())
             .ok_or_else(|| format!("'{s}' is not a non-negative integer")),
-        (PropertyKind::Integer, other) => Err(format!("expected a non-negative integer, found {other:?}")),
-        (PropertyKind::Bool, PropValue::Bool(b)) => Ok(b.to_string()),
-        (PropertyKind::Bool, PropValue::Str(s)) if s == "true" || s == "false" || s == "on" || s == "off" => {
+        (PropertyKind::INTEGER, other) => Err(format!("expected a non-negative integer, found {other:?}")),
+        (PropertyKind::BOOL, PropValue::Bool(b)) => Ok(b.to_string()),
+        (PropertyKind::BOOL, PropValue::Str(s)) if s == "true" || s == "false" || s == "on" || s == "off" => {
             Ok((s == "true" || s == "on").to_string())
         }
-        (PropertyKind::Bool, other) => Err(format!("expected true or false, found {other:?}")),
-        (PropertyKind::String, PropValue::Str(s)) => Ok(s.clone()),
-        (PropertyKind::String, PropValue::Int(i)) => Ok(i.to_string()),
-        (PropertyKind::String, PropValue::Bool(b)) => Ok(b.to_string()),
+        (PropertyKind::BOOL, other) => Err(format!("expected true or false, found {other:?}")),
+        (PropertyKind::STRING, PropValue::Str(s)) => Ok(s.clone()),
+        (PropertyKind::STRING, PropValue::Int(i)) => Ok(i.to_string()),
+        (PropertyKind::STRING, PropValue::Bool(b)) => Ok(b.to_string()),
+        // Plugins with kinds this core does not know are refused at load.
+        (PropertyKind(other), _) => Err(format!("property kind {other} is not known to this ferry")),
     }
 }
 
@@ -394,11 +396,11 @@ mod tests {
 
     #[test]
     fn values_are_checked_against_kinds() {
-        assert_eq!(check_value(PropertyKind::Integer, &PropValue::Int(0x3f8)).unwrap(), "1016");
-        assert_eq!(check_value(PropertyKind::Integer, &PropValue::Str("0x3f8".into())).unwrap(), "1016");
-        assert!(check_value(PropertyKind::Integer, &PropValue::Int(-1)).is_err());
-        assert!(check_value(PropertyKind::Bool, &PropValue::Int(1)).is_err());
-        assert_eq!(check_value(PropertyKind::Bool, &PropValue::Str("on".into())).unwrap(), "true");
+        assert_eq!(check_value(PropertyKind::INTEGER, &PropValue::Int(0x3f8)).unwrap(), "1016");
+        assert_eq!(check_value(PropertyKind::INTEGER, &PropValue::Str("0x3f8".into())).unwrap(), "1016");
+        assert!(check_value(PropertyKind::INTEGER, &PropValue::Int(-1)).is_err());
+        assert!(check_value(PropertyKind::BOOL, &PropValue::Int(1)).is_err());
+        assert_eq!(check_value(PropertyKind::BOOL, &PropValue::Str("on".into())).unwrap(), "true");
     }
 
     #[test]

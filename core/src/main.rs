@@ -373,7 +373,7 @@ fn plugins(dir: Option<PathBuf>, manifest: bool) -> Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&host)?);
         return Ok(ExitCode::SUCCESS);
     }
-    let rows: Vec<[String; 4]> = registry
+    let rows: Vec<[String; 5]> = registry
         .plugins()
         .iter()
         .map(|p| {
@@ -383,15 +383,21 @@ fn plugins(dir: Option<PathBuf>, manifest: bool) -> Result<ExitCode> {
             } else {
                 format!("v{} (load v{}+, save v{}+)", s.current, s.oldest_load, s.oldest_save)
             };
-            [p.name().to_string(), p.descriptor.version.to_string(), state, p.path.display().to_string()]
+            [
+                p.name().to_string(),
+                p.descriptor.version.to_string(),
+                state,
+                p.api_version.clone(),
+                p.path.display().to_string(),
+            ]
         })
         .collect();
-    let header = ["PLUGIN", "VERSION", "STATE", "FILE"].map(String::from);
+    let header = ["PLUGIN", "VERSION", "STATE", "PLUGIN-API", "FILE"].map(String::from);
     // Each column as wide as its widest cell, so FILE lines up.
     let width = |c: usize| rows.iter().chain([&header]).map(|r| r[c].len()).max().unwrap_or(0);
-    let (w0, w1, w2) = (width(0), width(1), width(2));
+    let (w0, w1, w2, w3) = (width(0), width(1), width(2), width(3));
     for r in std::iter::once(&header).chain(&rows) {
-        println!("{:<w0$}  {:<w1$}  {:<w2$}  {}", r[0], r[1], r[2], r[3]);
+        println!("{:<w0$}  {:<w1$}  {:<w2$}  {:<w3$}  {}", r[0], r[1], r[2], r[3], r[4]);
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -7,12 +7,19 @@
 //! path. Before the layout check, the plugin's plugin-api version is
 //! compared with ours, so a mismatch reads as two version numbers instead of
 //! abi_stable's full layout dump.
+//!
+//! The layout check runs against plugin-api's *baseline* (the 1.0
+//! declarations), which every 1.x plugin satisfies; the module is then
+//! viewed through this build's declarations, where members a plugin lacks
+//! read as absent. A plugin built against a newer 1.y loads unless its
+//! descriptor says it needs a member this core lacks.
 
 use std::path::{Path, PathBuf};
 
 use abi_stable::library::{lib_header_from_path, LibraryError, RootModule};
 use ferry_plugin_api::{
-    DeviceConfig, DeviceParts, HostBox, PluginDescriptor, PluginModRef, PLUGIN_API_VERSION,
+    baseline, DeviceConfig, DeviceParts, HostBox, PluginDescriptor, PluginModRef, PropertyKind,
+    MEMBERS, PLUGIN_API_VERSION,
 };
 use thiserror::Error;
 
@@ -51,6 +58,30 @@ pub enum PluginError {
         /// Ours.
         ours: String,
     },
+    /// Built against a newer 1.y that needs a member this core lacks.
+    #[error("plugin {path} was built against plugin-api {theirs} and needs {member}, which this ferry's plugin-api {ours} lacks")]
+    NeedsMember {
+        /// File.
+        path: String,
+        /// Its plugin-api version.
+        theirs: String,
+        /// Ours.
+        ours: String,
+        /// The member (`Host::pulse_irq`).
+        member: String,
+    },
+    /// A property kind from a newer plugin-api.
+    #[error("plugin {path}: property '{property}' has kind {kind}, which this ferry's plugin-api {ours} does not know")]
+    PropertyKind {
+        /// File.
+        path: String,
+        /// Property name.
+        property: String,
+        /// The kind's number.
+        kind: u32,
+        /// Ours.
+        ours: String,
+    },
     /// Same version number but different types.
     #[error("plugin {path}: its plugin-api types do not match this ferry's: {summary}")]
     Layout {
@@ -85,6 +116,8 @@ pub struct PluginLibrary {
     pub path: PathBuf,
     /// What it says about itself.
     pub descriptor: PluginDescriptor,
+    /// The plugin-api version it was built against.
+    pub api_version: String,
     module: PluginModRef,
 }
 
@@ -155,41 +188,60 @@ pub fn load_one(path: &Path) -> Result<PluginLibrary, PluginError> {
         other => PluginError::Open { path: shown.clone(), reason: one_line(&other.to_string()) },
     })?;
 
-    let theirs = header.version_strings().version.as_str();
+    let theirs = header.version_strings().version.as_str().to_string();
     let ours = <PluginModRef as RootModule>::VERSION_STRINGS.version.as_str();
-    if !api_compatible(ours, theirs) {
-        return Err(PluginError::ApiVersion {
-            path: shown,
-            theirs: theirs.to_string(),
-            ours: PLUGIN_API_VERSION.to_string(),
-        });
+    if !api_compatible(ours, &theirs) {
+        return Err(PluginError::ApiVersion { path: shown, theirs, ours: PLUGIN_API_VERSION.to_string() });
     }
 
-    let module = header.init_root_module::<PluginModRef>().map_err(|e| match e {
-        LibraryError::AbiInstability(ref report) if std::env::var_os("FERRY_DUMP_LAYOUT").is_some() => {
-            eprintln!("{report}");
-            PluginError::Layout { path: shown.clone(), summary: summarize_layout_report(&report.to_string()) }
-        }
-        LibraryError::AbiInstability(report) => {
+    let layout_error = |e: LibraryError| match e {
+        LibraryError::AbiInstability(ref report) => {
+            if std::env::var_os("FERRY_DUMP_LAYOUT").is_some() {
+                eprintln!("{report}");
+            }
             PluginError::Layout { path: shown.clone(), summary: summarize_layout_report(&report.to_string()) }
         }
         other => PluginError::Plugin { path: shown.clone(), reason: one_line(&other.to_string()) },
-    })?;
+    };
+    let checked = header.init_root_module::<baseline::PluginModRef>().map_err(layout_error)?;
+    // SAFETY: the library passed abi_stable's layout check against the
+    // baseline declarations, which a test keeps a prefix of the current
+    // ones (same type names and package, members only appended). Viewed as
+    // the current module, a member the library lacks reads as absent from
+    // its prefix (accessors return `None`, trait methods run their default
+    // bodies); nothing beyond the library's own prefix is read.
+    let module = PluginModRef(unsafe { checked.0.cast() });
     let descriptor = module.describe()()
         .into_result()
         .map_err(|e| PluginError::Plugin { path: shown.clone(), reason: e.into() })?;
-    Ok(PluginLibrary { path: path.to_path_buf(), descriptor, module })
+    if let Some(member) = descriptor.needs.iter().find(|m| !MEMBERS.contains(&m.as_str())) {
+        return Err(PluginError::NeedsMember {
+            path: shown,
+            theirs,
+            ours: PLUGIN_API_VERSION.to_string(),
+            member: member.to_string(),
+        });
+    }
+    let known = [PropertyKind::INTEGER, PropertyKind::BOOL, PropertyKind::STRING];
+    if let Some(p) = descriptor.properties.iter().find(|p| !known.contains(&p.kind)) {
+        return Err(PluginError::PropertyKind {
+            path: shown,
+            property: p.name.to_string(),
+            kind: p.kind.0,
+            ours: PLUGIN_API_VERSION.to_string(),
+        });
+    }
+    Ok(PluginLibrary { path: path.to_path_buf(), descriptor, api_version: theirs, module })
 }
 
-/// abi_stable's rule: same major; for 0.x the plugin's minor must be at
-/// least ours (newer plugins may add fields we do not read).
+/// The same major release, 1 or later: any 1.x plugin loads in any 1.y
+/// core (older plugins through the baseline; newer ones unless they need a
+/// member this core lacks). 0.x releases predate the stable ABI.
 fn api_compatible(ours: &str, theirs: &str) -> bool {
-    let parse = |v: &str| -> Option<(u64, u64)> {
-        let mut it = v.split('.');
-        Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
-    };
-    match (parse(ours), parse(theirs)) {
-        (Some((om, on)), Some((tm, tn))) => om == tm && (om != 0 || tn >= on),
+    let major = |v: &str| -> Option<u64> { v.split('.').next()?.parse().ok() };
+    let valid = |v: &str| v.split('.').count() == 3 && v.split('.').all(|n| n.parse::<u64>().is_ok());
+    match (major(ours), major(theirs)) {
+        (Some(o), Some(t)) => valid(theirs) && o >= 1 && o == t,
         _ => false,
     }
 }
@@ -243,12 +295,12 @@ mod tests {
 
     #[test]
     fn api_versions_follow_abi_stable_rules() {
-        assert!(api_compatible("0.1.0", "0.1.7"));
-        assert!(api_compatible("0.1.0", "0.2.0"), "a newer 0.x plugin loads");
-        assert!(!api_compatible("0.2.0", "0.1.0"), "an older 0.x plugin does not");
-        assert!(!api_compatible("1.0.0", "2.0.0"));
-        assert!(api_compatible("1.3.0", "1.0.0"));
-        assert!(!api_compatible("0.1.0", "garbage"));
+        assert!(api_compatible("1.1.0", "1.0.0"), "an older 1.x plugin loads");
+        assert!(api_compatible("1.1.0", "1.2.3"), "a newer 1.x plugin loads (its needs are checked)");
+        assert!(!api_compatible("1.1.0", "2.0.0"), "another major does not");
+        assert!(!api_compatible("1.1.0", "0.1.0"), "nor a 0.x plugin");
+        assert!(!api_compatible("1.1.0", "garbage"));
+        assert!(!api_compatible("1.1.0", "1.x.0"));
     }
 
     #[test]

@@ -15,8 +15,9 @@ use abi_stable::{
 };
 
 use crate::{
-    Device, DeviceBox, DeviceConfig, DeviceParts, HostBox, PciBar, PciFunction, PciFunctionBox,
-    PluginDescriptor, PropertyKind, PropertySpec, Region, StateBlob, StateVersions,
+    Device, DeviceBox, DeviceConfig, DeviceParts, ErrorKind, HostBox, PciBar, PciFunction,
+    PciFunctionBox, PluginDescriptor, PluginError, PropertyKind, PropertySpec, Region, StateBlob,
+    StateVersions,
 };
 
 /// What a plugin's device implements. Plain Rust: the macro wraps it.
@@ -89,17 +90,17 @@ impl PciFunction for GuardedPci {
         }
     }
 
-    fn config_write(&mut self, offset: u32, data: RSlice<'_, u8>) -> RResult<(), RString> {
+    fn config_write(&mut self, offset: u32, data: RSlice<'_, u8>) -> RResult<(), PluginError> {
         if let Some(reason) = &self.poisoned {
-            return RResult::RErr(format!("device unusable after an earlier failure: {reason}").into());
+            return RResult::RErr(poisoned(reason));
         }
         let inner = &mut self.inner;
         match catch_unwind(AssertUnwindSafe(|| inner.config_write(offset, data.as_slice()))) {
-            Ok(r) => r.map_err(RString::from).into(),
+            Ok(r) => r.map_err(PluginError::other).into(),
             Err(payload) => {
                 let msg = format!("plugin panicked in config_write: {}", panic_message(&*payload));
                 self.poisoned = Some(msg.clone());
-                RResult::RErr(msg.into())
+                RResult::RErr(PluginError::new(ErrorKind::PANIC, msg))
             }
         }
     }
@@ -128,8 +129,17 @@ impl DescriptorBuilder {
                 description: description.into(),
                 state: StateVersions { current: 1, oldest_load: 1, oldest_save: 1 },
                 properties: RVec::new(),
+                needs: RVec::new(),
             },
         }
+    }
+
+    /// Declare a member of a later plugin-api minor release this plugin
+    /// cannot work without (`"Host::pulse_irq"`): a core lacking it refuses
+    /// the plugin at load, naming it.
+    pub fn needs(mut self, member: &str) -> Self {
+        self.descriptor.needs.push(member.into());
+        self
     }
 
     /// Set the state versions.
@@ -213,6 +223,11 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
+/// The error every call of a poisoned device returns.
+fn poisoned(reason: &str) -> PluginError {
+    PluginError::new(ErrorKind::PANIC, format!("device unusable after an earlier failure: {reason}"))
+}
+
 /// Run `f`, turning a panic into an error that says where it happened.
 pub fn catch<T>(what: &str, f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
     match catch_unwind(AssertUnwindSafe(f)) {
@@ -228,18 +243,22 @@ pub struct Guarded<D> {
 }
 
 impl<D: PluginDevice> Guarded<D> {
-    fn call<T>(&mut self, what: &str, f: impl FnOnce(&mut D) -> Result<T, String>) -> RResult<T, RString> {
+    fn call<T>(
+        &mut self,
+        what: &str,
+        f: impl FnOnce(&mut D) -> Result<T, String>,
+    ) -> RResult<T, PluginError> {
         if let Some(reason) = &self.poisoned {
-            return RResult::RErr(format!("device unusable after an earlier failure: {reason}").into());
+            return RResult::RErr(poisoned(reason));
         }
         let inner = &mut self.inner;
         match catch_unwind(AssertUnwindSafe(|| f(inner))) {
             Ok(Ok(v)) => RResult::ROk(v),
-            Ok(Err(e)) => RResult::RErr(e.into()),
+            Ok(Err(e)) => RResult::RErr(PluginError::other(e)),
             Err(payload) => {
                 let msg = format!("plugin panicked in {what}: {}", panic_message(&*payload));
                 self.poisoned = Some(msg.clone());
-                RResult::RErr(msg.into())
+                RResult::RErr(PluginError::new(ErrorKind::PANIC, msg))
             }
         }
     }
@@ -255,34 +274,34 @@ impl<D: PluginDevice> Device for Guarded<D> {
         }
     }
 
-    fn read(&mut self, region: u32, offset: u64, mut data: RSliceMut<'_, u8>) -> RResult<(), RString> {
+    fn read(&mut self, region: u32, offset: u64, mut data: RSliceMut<'_, u8>) -> RResult<(), PluginError> {
         self.call("read", |d| d.read(region, offset, data.as_mut_slice()))
     }
 
-    fn write(&mut self, region: u32, offset: u64, data: RSlice<'_, u8>) -> RResult<(), RString> {
+    fn write(&mut self, region: u32, offset: u64, data: RSlice<'_, u8>) -> RResult<(), PluginError> {
         self.call("write", |d| d.write(region, offset, data.as_slice()))
     }
 
-    fn pause(&mut self) -> RResult<(), RString> {
+    fn pause(&mut self) -> RResult<(), PluginError> {
         self.call("pause", |d| d.pause())
     }
 
-    fn resume(&mut self) -> RResult<(), RString> {
+    fn resume(&mut self) -> RResult<(), PluginError> {
         self.call("resume", |d| d.resume())
     }
 
-    fn save_state(&mut self, version: u32) -> RResult<StateBlob, RString> {
+    fn save_state(&mut self, version: u32) -> RResult<StateBlob, PluginError> {
         self.call("save_state", |d| d.save_state(version))
     }
 
-    fn load_state(&mut self, state: StateBlob) -> RResult<(), RString> {
+    fn load_state(&mut self, state: StateBlob) -> RResult<(), PluginError> {
         self.call("load_state", |d| d.load_state(state))
     }
 }
 
 /// Used by [`export_plugin!`](crate::export_plugin): describe, panics caught.
-pub fn describe_guarded(f: fn() -> PluginDescriptor) -> RResult<PluginDescriptor, RString> {
-    catch("describe", || Ok(f())).map_err(RString::from).into()
+pub fn describe_guarded(f: fn() -> PluginDescriptor) -> RResult<PluginDescriptor, PluginError> {
+    catch("describe", || Ok(f())).map_err(|e| PluginError::new(ErrorKind::PANIC, e)).into()
 }
 
 /// Used by [`export_plugin!`](crate::export_plugin): create, panics caught.
@@ -290,7 +309,7 @@ pub fn create_guarded<D: PluginDevice>(
     config: DeviceConfig,
     host: HostBox,
     f: fn(&DeviceConfig, HostBox) -> Result<D, String>,
-) -> RResult<DeviceParts, RString> {
+) -> RResult<DeviceParts, PluginError> {
     catch("create", || {
         let mut device = f(&config, host)?;
         let pci = device.take_pci_function();
@@ -302,7 +321,7 @@ pub fn create_guarded<D: PluginDevice>(
             .map(|p| PciFunctionBox::from_value(GuardedPci { inner: p, poisoned: None }, TD_Opaque))
             .into(),
     })
-    .map_err(RString::from)
+    .map_err(PluginError::other)
     .into()
 }
 
@@ -324,7 +343,7 @@ macro_rules! export_plugin {
     (describe: $describe:path, create: $create:path $(,)?) => {
         extern "C" fn __ferry_plugin_describe() -> $crate::abi_stable::std_types::RResult<
             $crate::PluginDescriptor,
-            $crate::abi_stable::std_types::RString,
+            $crate::PluginError,
         > {
             $crate::sdk::describe_guarded($describe)
         }
@@ -334,7 +353,7 @@ macro_rules! export_plugin {
             host: $crate::HostBox,
         ) -> $crate::abi_stable::std_types::RResult<
             $crate::DeviceParts,
-            $crate::abi_stable::std_types::RString,
+            $crate::PluginError,
         > {
             $crate::sdk::create_guarded(config, host, $create)
         }
@@ -401,8 +420,10 @@ mod tests {
         let mut dev = Guarded { inner: Boom, poisoned: None };
         let mut buf = [0u8; 1];
         let err = dev.read(0, 0, RSliceMut::from_mut_slice(&mut buf)).unwrap_err();
-        assert!(err.contains("panicked in read: register 7 exploded"), "{err}");
+        assert!(err.message.contains("panicked in read: register 7 exploded"), "{err}");
+        assert_eq!(err.kind, ErrorKind::PANIC);
         let again = dev.write(0, 0, RSlice::from_slice(&[1])).unwrap_err();
-        assert!(again.contains("unusable after an earlier failure"), "{again}");
+        assert!(again.message.contains("unusable after an earlier failure"), "{again}");
+        assert_eq!(again.kind, ErrorKind::PANIC);
     }
 }

@@ -25,13 +25,13 @@ use std::{
 
 use abi_stable::{
     sabi_trait::TD_Opaque,
-    std_types::{RArc, RResult, RStr, RString, RVec},
+    std_types::{RArc, RResult, RStr, RVec},
 };
 
 use crate::{
     state::{self, Versioned},
-    DeviceConfig, GuestMemoryMap, Host, HostBox, LogLevel, MemoryRegion, MsiMessage, PluginModRef, Property,
-    StopKind,
+    DeviceConfig, GuestMemoryMap, Host, HostBox, LogLevel, MemoryRegion, MsiMessage, PluginError, PluginModRef,
+    Property, StopKind,
 };
 
 /// Guest RAM and a dirty bitmap owned by a test (standing in for the core).
@@ -151,7 +151,7 @@ impl FakeHost {
 }
 
 impl Host for FakeHost {
-    fn set_irq_level(&self, gsi: u32, level: bool) -> RResult<(), RString> {
+    fn set_irq_level(&self, gsi: u32, level: bool) -> RResult<(), PluginError> {
         self.record().irqs.push((gsi, level));
         RResult::ROk(())
     }
@@ -164,16 +164,16 @@ impl Host for FakeHost {
     fn guest_memory(&self) -> GuestMemoryMap {
         self.ram.map()
     }
-    fn msi_route(&self, _fd: i32, _message: MsiMessage) -> RResult<(), RString> {
+    fn msi_route(&self, _fd: i32, _message: MsiMessage) -> RResult<(), PluginError> {
         RResult::ROk(())
     }
-    fn msi_unroute(&self, _fd: i32) -> RResult<(), RString> {
+    fn msi_unroute(&self, _fd: i32) -> RResult<(), PluginError> {
         RResult::ROk(())
     }
-    fn ioeventfd(&self, _fd: i32, _address: u64) -> RResult<(), RString> {
+    fn ioeventfd(&self, _fd: i32, _address: u64) -> RResult<(), PluginError> {
         RResult::ROk(())
     }
-    fn remove_ioeventfd(&self, _fd: i32, _address: u64) -> RResult<(), RString> {
+    fn remove_ioeventfd(&self, _fd: i32, _address: u64) -> RResult<(), PluginError> {
         RResult::ROk(())
     }
 }

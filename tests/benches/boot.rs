@@ -80,7 +80,7 @@ struct InCore;
 
 impl Device for InCore {
     fn regions(&self) -> RVec<Region> {
-        RVec::from(vec![Region { space: AddressSpace::Pio, base: 0xf5, len: 1 }])
+        RVec::from(vec![Region { space: AddressSpace::PIO, base: 0xf5, len: 1 }])
     }
     fn read(&mut self, _: u32, _: u64, mut data: RSliceMut<'_, u8>) -> RResult<(), RString> {
         data.as_mut_slice().fill(0xff);

@@ -64,7 +64,7 @@ pub fn describe() -> PluginDescriptor {
         env!("CARGO_PKG_VERSION"),
         "MC146818 CMOS real-time clock with the host's date and time (UTC)",
     )
-    .property("port", PropertyKind::Integer, Some("0x70"), "index port; data is port + 1")
+    .property("port", PropertyKind::INTEGER, Some("0x70"), "index port; data is port + 1")
     .state(RtcStateV1::CURRENT, RtcStateV1::OLDEST_LOAD, RtcStateV1::OLDEST_SAVE)
     .build()
 }
@@ -134,7 +134,7 @@ impl CmosRtc {
 
 impl PluginDevice for CmosRtc {
     fn regions(&self) -> Vec<Region> {
-        vec![Region { space: AddressSpace::Pio, base: self.port.into(), len: 2 }]
+        vec![Region { space: AddressSpace::PIO, base: self.port.into(), len: 2 }]
     }
 
     fn read(&mut self, _region: u32, offset: u64, data: &mut [u8]) -> Result<(), String> {

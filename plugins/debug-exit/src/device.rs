@@ -13,7 +13,7 @@ pub fn describe() -> PluginDescriptor {
         env!("CARGO_PKG_VERSION"),
         "I/O port that ends the VM with the exit status the guest writes",
     )
-    .property("port", PropertyKind::Integer, Some("0xf4"), "I/O port (one byte)")
+    .property("port", PropertyKind::INTEGER, Some("0xf4"), "I/O port (one byte)")
     .build()
 }
 
@@ -33,7 +33,7 @@ impl DebugExit {
 
 impl PluginDevice for DebugExit {
     fn regions(&self) -> Vec<Region> {
-        vec![Region { space: AddressSpace::Pio, base: self.port.into(), len: 1 }]
+        vec![Region { space: AddressSpace::PIO, base: self.port.into(), len: 1 }]
     }
 
     fn read(&mut self, _region: u32, _offset: u64, data: &mut [u8]) -> Result<(), String> {
@@ -43,7 +43,7 @@ impl PluginDevice for DebugExit {
 
     fn write(&mut self, _region: u32, _offset: u64, data: &[u8]) -> Result<(), String> {
         let status = data.first().copied().unwrap_or(0);
-        self.host.stop_vm(StopKind::Exit, i32::from(status));
+        self.host.stop_vm(StopKind::EXIT, i32::from(status));
         Ok(())
     }
 

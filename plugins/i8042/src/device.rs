@@ -29,7 +29,7 @@ impl Trigger for ResetToHost {
     type E = std::convert::Infallible;
 
     fn trigger(&self) -> Result<(), Self::E> {
-        self.0.stop_vm(StopKind::Reset, 0);
+        self.0.stop_vm(StopKind::RESET, 0);
         Ok(())
     }
 }
@@ -55,8 +55,8 @@ fn offset_of(region: u32) -> u8 {
 impl PluginDevice for I8042 {
     fn regions(&self) -> Vec<Region> {
         vec![
-            Region { space: AddressSpace::Pio, base: DATA_PORT.into(), len: 1 },
-            Region { space: AddressSpace::Pio, base: COMMAND_PORT.into(), len: 1 },
+            Region { space: AddressSpace::PIO, base: DATA_PORT.into(), len: 1 },
+            Region { space: AddressSpace::PIO, base: COMMAND_PORT.into(), len: 1 },
         ]
     }
 

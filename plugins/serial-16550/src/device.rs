@@ -40,11 +40,11 @@ pub fn describe() -> PluginDescriptor {
         RELEASE,
         "16550A UART: guest console to stdout, a file or a unix socket",
     )
-    .property("port", PropertyKind::Integer, Some("0x3f8"), "base I/O port (8 ports)")
-    .property("irq", PropertyKind::Integer, Some("4"), "interrupt line (GSI)")
-    .property("output", PropertyKind::String, Some("stdout"), "stdout | file | socket | none")
-    .property("path", PropertyKind::String, Some(""), "file or socket path for output=file|socket")
-    .property("input", PropertyKind::String, Some("stdin"), "stdin | none (socket output reads the socket)")
+    .property("port", PropertyKind::INTEGER, Some("0x3f8"), "base I/O port (8 ports)")
+    .property("irq", PropertyKind::INTEGER, Some("4"), "interrupt line (GSI)")
+    .property("output", PropertyKind::STRING, Some("stdout"), "stdout | file | socket | none")
+    .property("path", PropertyKind::STRING, Some(""), "file or socket path for output=file|socket")
+    .property("input", PropertyKind::STRING, Some("stdin"), "stdin | none (socket output reads the socket)")
     .state(UartState::CURRENT, UartState::OLDEST_LOAD, UartState::OLDEST_SAVE)
     .build()
 }
@@ -352,7 +352,7 @@ fn spawn_drain(
                     Err(vm_superio::serial::Error::FullFifo) => 0,
                     Err(e) => {
                         // The bytes are in the FIFO; the interrupt failed.
-                        host.log(LogLevel::Warn, format!("input interrupt: {e:?}").as_str().into());
+                        host.log(LogLevel::WARN, format!("input interrupt: {e:?}").as_str().into());
                         fits
                     }
                 }
@@ -373,7 +373,7 @@ fn spawn_drain(
 
 impl PluginDevice for Serial16550 {
     fn regions(&self) -> Vec<Region> {
-        vec![Region { space: AddressSpace::Pio, base: self.port.into(), len: 8 }]
+        vec![Region { space: AddressSpace::PIO, base: self.port.into(), len: 8 }]
     }
 
     fn read(&mut self, _region: u32, offset: u64, data: &mut [u8]) -> Result<(), String> {
@@ -398,7 +398,7 @@ impl PluginDevice for Serial16550 {
                 // Losing console output must not stop the guest; say it once.
                 if !self.reported_output_error {
                     self.reported_output_error = true;
-                    self.host.log(LogLevel::Warn, format!("console output failed: {e:?}").as_str().into());
+                    self.host.log(LogLevel::WARN, format!("console output failed: {e:?}").as_str().into());
                 }
                 Ok(())
             }

@@ -69,11 +69,11 @@ struct BlkStateV2 {
 
 pub fn describe() -> PluginDescriptor {
     let b = DescriptorBuilder::new("virtio-blk", RELEASE.0, "virtio block device on a raw image file")
-        .property("path", PropertyKind::String, None, "raw disk image")
-        .property("readonly", PropertyKind::Bool, Some("false"), "refuse guest writes")
+        .property("path", PropertyKind::STRING, None, "raw disk image")
+        .property("readonly", PropertyKind::BOOL, Some("false"), "refuse guest writes")
         .property(
             "serial",
-            PropertyKind::String,
+            PropertyKind::STRING,
             Some(""),
             "id string the guest reads (default: the device id)",
         )
@@ -81,7 +81,7 @@ pub fn describe() -> PluginDescriptor {
     if RELEASE.1 >= 2 {
         b.property(
             "config-wce",
-            PropertyKind::Bool,
+            PropertyKind::BOOL,
             Some("false"),
             "offer VIRTIO_BLK_F_CONFIG_WCE (cache mode switch)",
         )

@@ -23,10 +23,10 @@ pub fn describe() -> PluginDescriptor {
         env!("CARGO_PKG_VERSION"),
         "virtio network device on a tap interface",
     )
-    .property("tap", PropertyKind::String, None, "host tap interface name")
+    .property("tap", PropertyKind::STRING, None, "host tap interface name")
     .property(
         "mac",
-        PropertyKind::String,
+        PropertyKind::STRING,
         Some(""),
         "guest MAC address (default: derived from the device id)",
     )

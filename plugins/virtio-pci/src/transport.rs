@@ -274,7 +274,7 @@ impl<D: VirtioDevice> State<D> {
         for (i, slot) in self.queues.iter_mut().enumerate() {
             if slot.queue.ready() && !slot.queue.is_valid(&self.mem) {
                 self.host.log(
-                    LogLevel::Error,
+                    LogLevel::ERROR,
                     format!("queue {i}: invalid layout (addresses outside RAM or misaligned); disabled")
                         .as_str()
                         .into(),
@@ -557,7 +557,7 @@ impl<D: VirtioDevice> State<D> {
 impl<D: VirtioDevice> PluginDevice for VirtioPci<D> {
     fn regions(&self) -> Vec<Region> {
         // Everything is behind BAR 0; no fixed ranges.
-        let _ = AddressSpace::Mmio;
+        let _ = AddressSpace::MMIO;
         Vec::new()
     }
 
@@ -648,6 +648,6 @@ impl<D: VirtioDevice> PciConfigSpace for PciPart<D> {
 
 impl<D: VirtioDevice> State<D> {
     pub(crate) fn log_error(&self, msg: &str) {
-        self.log(LogLevel::Error, msg);
+        self.log(LogLevel::ERROR, msg);
     }
 }

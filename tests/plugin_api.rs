@@ -1,0 +1,121 @@
+//! plugin-api across releases: a plugin built against plugin-api 1.0 as
+//! released (tests/fixtures/plugin-api-1.0, the `testdev` fixture built
+//! against it) loads in this core, runs, moves live between two ferries of
+//! this build, and survives a snapshot; `ferry plugins` says which
+//! plugin-api each plugin was built against. The refusals (0.x, 2.0, a
+//! newer 1.y needing what this core lacks) are in tests/errors.rs.
+
+use std::{path::PathBuf, process::Command, sync::OnceLock, time::Duration};
+
+use ferry_tests::{
+    ctl, ferry_bin, fixture_plugin_with, free_port, kvm_or_skip, migrate, plugin_dir_copy, repo_root,
+    spawn_ferry, tick_number, wait_for_path, Running, TempDir,
+};
+
+const DEADLINE: Duration = Duration::from_secs(120);
+const WRITES: &str = "dev-write=0:0x11 dev-write=1:0x22 dev-write=0x10:0x33 dev-write=0x17:0x44";
+const CHECKS: &str = "dev-check=0:0x11 dev-check=1:0x22 dev-check=0x10:0x33 dev-check=0x17:0x44";
+
+/// A plugin directory: this build's plugins, and testdev (release 3) built
+/// against plugin-api 1.0.0. `libtestdev.so` sorts between this build's
+/// libraries, so the core checks 1.0 and current plugins in both orders.
+fn host_with_1_0_plugin() -> &'static TempDir {
+    static HOST: OnceLock<TempDir> = OnceLock::new();
+    HOST.get_or_init(|| {
+        let lib = fixture_plugin_with("testdev-api-1.0", &["v3"]);
+        let dir = plugin_dir_copy("api-1.0");
+        std::fs::copy(&lib, dir.path().join("libtestdev.so")).expect("install testdev");
+        dir
+    })
+}
+
+fn plugins() -> String {
+    host_with_1_0_plugin().path().display().to_string()
+}
+
+fn machine() -> String {
+    repo_root().join("tests").join("machines").join("testdev-1.toml").display().to_string()
+}
+
+fn wait_tick(vm: &mut Running) -> u64 {
+    vm.wait_line("TICK", DEADLINE).and_then(|l| tick_number(&l)).expect("the guest ticks")
+}
+
+#[test]
+fn the_released_1_0_declarations_are_the_baseline() {
+    let root = repo_root();
+    let released = root.join("tests/fixtures/plugin-api-1.0/src/abi.rs");
+    let baseline = root.join("plugin-api/src/baseline/abi_1_0.rs");
+    let (a, b) = (std::fs::read(&released).expect("released"), std::fs::read(&baseline).expect("baseline"));
+    assert!(a == b, "{} and {} must stay identical: the baseline is the released 1.0", released.display(), baseline.display());
+}
+
+#[test]
+fn ferry_plugins_names_the_plugin_api_of_each_plugin() {
+    let out = Command::new(ferry_bin()).args(["plugins", "--plugins", &plugins()]).output().expect("ferry plugins");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    // Columns are aligned: the plugin-api of a row starts where its header does.
+    let header = text.lines().next().unwrap_or("");
+    let col = header.find("PLUGIN-API").expect("a PLUGIN-API column");
+    let row = |name: &str| -> String {
+        let line = text
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .unwrap_or_else(|| panic!("no {name} row:\n{text}"));
+        line.get(col..).and_then(|r| r.split_whitespace().next()).unwrap_or("").to_string()
+    };
+    assert_eq!(row("testdev"), "1.0.0", "{text}");
+    assert_eq!(row("serial-16550"), ferry_plugin_api::PLUGIN_API_VERSION, "{text}");
+}
+
+#[test]
+fn a_1_0_plugin_moves_live_between_two_cores_of_this_build() {
+    if !kvm_or_skip("a_1_0_plugin_moves_live_between_two_cores_of_this_build") {
+        return;
+    }
+    let dir = TempDir::new("api-1.0-mig");
+    let uri = format!("tcp:127.0.0.1:{}", free_port());
+    let dst = Running::new(spawn_ferry(&["run", "--plugins", &plugins(), "--incoming", &uri]));
+    std::thread::sleep(Duration::from_millis(300));
+    let socket = dir.path().join("src.sock");
+    let (s, m, p) = (socket.display().to_string(), machine(), plugins());
+    let cmdline = format!("{WRITES} ticks=25 {CHECKS} exit=0");
+    let mut src = Running::new(spawn_ferry(&[
+        "run", "--plugins", &p, "--api-socket", &s, "--machine", &m, "--cmdline", &cmdline,
+    ]));
+    assert!(wait_for_path(&socket, DEADLINE), "no API socket");
+    while wait_tick(&mut src) < 3 {}
+    let (ok, text) = migrate(&socket, &uri, &[]);
+    assert!(ok, "{text}");
+    assert!(text.contains("device dev0 (testdev 3.0.0 -> 3.0.0): same state v3"), "{text}");
+    assert_eq!(src.finish(DEADLINE).code(), 0);
+    let out = dst.finish(DEADLINE);
+    assert_eq!(out.code(), 0, "the guest's registers on the destination:\n{}\n{}", out.stdout, out.stderr);
+    assert_eq!(out.stdout.matches("DEV OK").count(), 4, "{}", out.stdout);
+}
+
+#[test]
+fn a_1_0_plugin_survives_a_snapshot_and_restore() {
+    if !kvm_or_skip("a_1_0_plugin_survives_a_snapshot_and_restore") {
+        return;
+    }
+    let dir = TempDir::new("api-1.0-snap");
+    let socket = dir.path().join("src.sock");
+    let (s, m, p) = (socket.display().to_string(), machine(), plugins());
+    let cmdline = format!("{WRITES} ticks=25 {CHECKS} exit=0");
+    let mut src = Running::new(spawn_ferry(&[
+        "run", "--plugins", &p, "--api-socket", &s, "--machine", &m, "--cmdline", &cmdline,
+    ]));
+    assert!(wait_for_path(&socket, DEADLINE), "no API socket");
+    while wait_tick(&mut src) < 3 {}
+    let snap: PathBuf = dir.path().join("vm.snap");
+    let snap_s = snap.display().to_string();
+    ctl(&socket, &["pause"]);
+    ctl(&socket, &["snapshot", &snap_s]);
+    ctl(&socket, &["shutdown"]);
+    assert_eq!(src.finish(DEADLINE).code(), 0);
+    let out = Running::new(spawn_ferry(&["run", "--plugins", &p, "--restore", &snap_s])).finish(DEADLINE);
+    assert_eq!(out.code(), 0, "restored:\n{}\n{}", out.stdout, out.stderr);
+    assert_eq!(out.stdout.matches("DEV OK").count(), 4, "{}", out.stdout);
+}
