@@ -21,11 +21,12 @@ use std::{
 
 use abi_stable::{
     sabi_trait::TD_Opaque,
-    std_types::{RResult, RSlice, RSliceMut, RString, RVec},
+    std_types::{RResult, RSlice, RSliceMut, RVec},
 };
 use ferry::bus::Bus;
 use ferry_plugin_api::{
-    testing::FakeHost, AddressSpace, Device, DeviceBox, DeviceConfig, Property, Region, StateBlob,
+    testing::FakeHost, AddressSpace, Device, DeviceBox, DeviceConfig, PluginError, Property, Region,
+    StateBlob,
 };
 use ferry_tests::{bin_dir, qmp::qemu_command, wait_for_path, Running, TempDir};
 
@@ -82,24 +83,24 @@ impl Device for InCore {
     fn regions(&self) -> RVec<Region> {
         RVec::from(vec![Region { space: AddressSpace::PIO, base: 0xf5, len: 1 }])
     }
-    fn read(&mut self, _: u32, _: u64, mut data: RSliceMut<'_, u8>) -> RResult<(), RString> {
+    fn read(&mut self, _: u32, _: u64, mut data: RSliceMut<'_, u8>) -> RResult<(), PluginError> {
         data.as_mut_slice().fill(0xff);
         RResult::ROk(())
     }
-    fn write(&mut self, _: u32, _: u64, _: RSlice<'_, u8>) -> RResult<(), RString> {
+    fn write(&mut self, _: u32, _: u64, _: RSlice<'_, u8>) -> RResult<(), PluginError> {
         RResult::ROk(())
     }
-    fn pause(&mut self) -> RResult<(), RString> {
+    fn pause(&mut self) -> RResult<(), PluginError> {
         RResult::ROk(())
     }
-    fn resume(&mut self) -> RResult<(), RString> {
+    fn resume(&mut self) -> RResult<(), PluginError> {
         RResult::ROk(())
     }
-    fn save_state(&mut self, _: u32) -> RResult<StateBlob, RString> {
-        RResult::RErr("stateless".into())
+    fn save_state(&mut self, _: u32) -> RResult<StateBlob, PluginError> {
+        RResult::RErr(PluginError::other("stateless"))
     }
-    fn load_state(&mut self, _: StateBlob) -> RResult<(), RString> {
-        RResult::RErr("stateless".into())
+    fn load_state(&mut self, _: StateBlob) -> RResult<(), PluginError> {
+        RResult::RErr(PluginError::other("stateless"))
     }
 }
 
