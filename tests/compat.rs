@@ -88,7 +88,7 @@ fn migrate_pair(from: usize, to: usize) {
     let dir = TempDir::new(&format!("compat-mig-{from}-{to}"));
     let uri = format!("tcp:127.0.0.1:{}", free_port());
     let dst = Running::new(spawn_ferry(&["run", "--plugins", &plugins_arg(to), "--incoming", &uri]));
-    std::thread::sleep(Duration::from_millis(300));
+    ferry_tests::wait_for_incoming(&uri);
     let (mut src, socket) = source(&dir, from, false, &format!("{WRITES} ticks=25 {CHECKS} exit=0"), &[]);
     while wait_tick(&mut src) < 3 {}
     let (ok, text) = migrate(&socket, &uri, &[]);
@@ -155,7 +155,7 @@ fn downgrades_follow_whether_the_guest_uses_the_new_feature() {
         let dir = TempDir::new("compat-unused");
         let uri = format!("tcp:127.0.0.1:{}", free_port());
         let dst = Running::new(spawn_ferry(&["run", "--plugins", &plugins_arg(1), "--incoming", &uri]));
-        std::thread::sleep(Duration::from_millis(300));
+        ferry_tests::wait_for_incoming(&uri);
         let (mut src, socket) = source(&dir, from, true, &format!("{WRITES} ticks=25 {CHECKS} exit=0"), &[]);
         while wait_tick(&mut src) < 3 {}
         let (ok, text) = migrate(&socket, &uri, &[]);
@@ -168,7 +168,7 @@ fn downgrades_follow_whether_the_guest_uses_the_new_feature() {
         let dir = TempDir::new("compat-used");
         let uri = format!("tcp:127.0.0.1:{}", free_port());
         let dst = Running::new(spawn_ferry(&["run", "--plugins", &plugins_arg(1), "--incoming", &uri]));
-        std::thread::sleep(Duration::from_millis(300));
+        ferry_tests::wait_for_incoming(&uri);
         let (mut src, socket) = source(&dir, from, true, &format!("{WRITES} dev-write=0x20:1 ticks=0"), &[]);
         while wait_tick(&mut src) < 3 {}
         let (ok, text) = migrate(&socket, &uri, &[]);
@@ -195,7 +195,7 @@ fn a_feature_turned_on_during_precopy_aborts_at_stop_and_copy() {
     let dir = TempDir::new("compat-late");
     let uri = format!("tcp:127.0.0.1:{}", free_port());
     let dst = Running::new(spawn_ferry(&["run", "--plugins", &plugins_arg(1), "--incoming", &uri]));
-    std::thread::sleep(Duration::from_millis(300));
+    ferry_tests::wait_for_incoming(&uri);
     // Pre-copy lasts about 2.5 s; the guest turns turbo on 1 s in.
     let (mut src, socket) = source(
         &dir,
@@ -391,7 +391,7 @@ fn migrate_between(
     let uri = format!("tcp:127.0.0.1:{}", free_port());
     let to_arg = to.display().to_string();
     let dst = Running::new(spawn_ferry(&["run", "--plugins", &to_arg, "--incoming", &uri]));
-    std::thread::sleep(Duration::from_millis(300));
+    ferry_tests::wait_for_incoming(&uri);
     let socket = dir.path().join("src.sock");
     let (s, f) = (socket.display().to_string(), from.display().to_string());
     let mut args = vec!["run", "--plugins", &f, "--api-socket", &s];

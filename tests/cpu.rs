@@ -234,7 +234,7 @@ fn migration_is_refused(disguise: &str, line: &str) {
     let uri = format!("tcp:127.0.0.1:{}", free_port());
     let dst =
         Running::new(spawn_ferry_env(&["run", "--incoming", &uri], &[("FERRY_TEST_HOST_CPU", disguise)]));
-    std::thread::sleep(Duration::from_millis(300));
+    ferry_tests::wait_for_incoming(&uri);
     let (mut src, socket) = source(&dir);
     let before = wait_tick(&mut src);
     let (ok, live) = migrate(&socket, &uri, &[]);
@@ -265,7 +265,7 @@ fn migration_is_refused(disguise: &str, line: &str) {
 
     let uri = format!("tcp:127.0.0.1:{}", free_port());
     let fitting = Running::new(spawn_ferry(&["run", "--incoming", &uri]));
-    std::thread::sleep(Duration::from_millis(300));
+    ferry_tests::wait_for_incoming(&uri);
     let (ok, text) = migrate(&socket, &uri, &[]);
     assert!(ok, "a later migration to a fitting host succeeds:\n{text}");
     let src_out = src.finish(DEADLINE);

@@ -1,6 +1,6 @@
 //! Linux guests, with Linux's own drivers as the clients of ferry's
 //! devices: the test kernel of `tests/linux/` (Debian's linux-source-6.1,
-//! the project's config fragment and three patches for the instruction
+//! the project's config fragment and four patches for the instruction
 //! emulator; `.ci/run` builds or reuses it), booted PVH, one ferry process
 //! per VM, a shell on the serial console that each test types into.
 //!
@@ -161,7 +161,11 @@ impl Linux {
         loop {
             let left = limit.checked_sub(start.elapsed()).unwrap_or_default();
             let Some(l) = self.vm.next_line(left) else {
-                panic!("`{cmd}` did not finish in {} s; the guest printed:\n{}", limit.as_secs(), self.vm.seen())
+                panic!(
+                    "`{cmd}` did not finish in {} s; the guest printed:\n{}",
+                    limit.as_secs(),
+                    self.vm.seen()
+                )
             };
             if let Some(code) = l.strip_prefix("# ").unwrap_or(&l).strip_prefix("==DONE== ") {
                 return (out, code.trim().parse().unwrap_or(-1));
@@ -411,7 +415,7 @@ fn move_to(socket: &Path, plugins: &Path, dir: &TempDir) -> (Running, PathBuf, S
     let next = dir.path().join(format!("vm-{}.sock", free_port()));
     let (p, n) = (plugins.display().to_string(), next.display().to_string());
     let dst = Running::new(spawn_ferry(&["run", "--plugins", &p, "--incoming", &uri, "--api-socket", &n]));
-    std::thread::sleep(Duration::from_millis(300));
+    ferry_tests::wait_for_incoming(&uri);
     let (ok, text) = migrate(socket, &uri, &[]);
     assert!(ok, "{text}");
     (dst, next, text)
@@ -469,7 +473,7 @@ fn linux_that_negotiated_the_cache_switch_is_refused_an_older_host_before_the_pa
     let uri = format!("tcp:127.0.0.1:{}", free_port());
     let p = old_host().path().display().to_string();
     let dst = Running::new(spawn_ferry(&["run", "--plugins", &p, "--incoming", &uri]));
-    std::thread::sleep(Duration::from_millis(300));
+    ferry_tests::wait_for_incoming(&uri);
     let (ok, text) = migrate(&socket, &uri, &[]);
     assert!(!ok, "{text}");
     assert!(

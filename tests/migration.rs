@@ -39,8 +39,7 @@ fn destination(uri: &str, plugins: Option<&Path>) -> Running {
     }
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
     let vm = Running::new(spawn_ferry(&argv));
-    // Give the listener a moment to bind.
-    std::thread::sleep(Duration::from_millis(300));
+    ferry_tests::wait_for_incoming(uri);
     vm
 }
 

@@ -366,6 +366,24 @@ impl Drop for Running {
     }
 }
 
+/// Wait until a ferry started with `--incoming tcp:127.0.0.1:PORT` takes
+/// connections (it ignores one that ends before its first byte), up to a
+/// minute: loading plugins can take a while on a loaded machine. Other
+/// URIs get a fixed 300 ms.
+pub fn wait_for_incoming(uri: &str) {
+    let Some(addr) = uri.strip_prefix("tcp:127.0.0.1:").map(|port| format!("127.0.0.1:{port}")) else {
+        std::thread::sleep(Duration::from_millis(300));
+        return;
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(&addr).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Run `ferry ctl --api-socket SOCKET ARGS...`; returns its stdout, failing
 /// the test if it fails.
 pub fn ctl(socket: &Path, args: &[&str]) -> String {
