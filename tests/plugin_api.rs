@@ -9,7 +9,7 @@ use std::{path::PathBuf, process::Command, sync::OnceLock, time::Duration};
 
 use ferry_tests::{
     ctl, ferry_bin, fixture_plugin_with, free_port, kvm_or_skip, migrate, plugin_dir_copy, repo_root,
-    spawn_ferry, tick_number, wait_for_path, Running, TempDir,
+    spawn_ferry, spawn_ferry_env, tick_number, wait_for_path, Running, TempDir,
 };
 
 const DEADLINE: Duration = Duration::from_secs(120);
@@ -37,8 +37,35 @@ fn machine() -> String {
     repo_root().join("tests").join("machines").join("testdev-1.toml").display().to_string()
 }
 
+/// testdev-1 with the i8042 (the reset line).
+fn reboot_machine() -> String {
+    repo_root().join("tests").join("machines").join("testdev-reboot.toml").display().to_string()
+}
+
 fn wait_tick(vm: &mut Running) -> u64 {
     vm.wait_line("TICK", DEADLINE).and_then(|l| tick_number(&l)).expect("the guest ticks")
+}
+
+/// A guest on the 1.0 plugin that wrote testdev's registers and ticks;
+/// returns it and its API socket.
+fn source(dir: &TempDir) -> (Running, PathBuf) {
+    let socket = dir.path().join("src.sock");
+    let (s, m, p) = (socket.display().to_string(), machine(), plugins());
+    let cmdline = format!("{WRITES} ticks=25 {CHECKS} exit=0");
+    let mut src = Running::new(spawn_ferry(&[
+        "run",
+        "--plugins",
+        &p,
+        "--api-socket",
+        &s,
+        "--machine",
+        &m,
+        "--cmdline",
+        &cmdline,
+    ]));
+    assert!(wait_for_path(&socket, DEADLINE), "no API socket");
+    while wait_tick(&mut src) < 3 {}
+    (src, socket)
 }
 
 #[test]
@@ -47,12 +74,18 @@ fn the_released_1_0_declarations_are_the_baseline() {
     let released = root.join("tests/fixtures/plugin-api-1.0/src/abi.rs");
     let baseline = root.join("plugin-api/src/baseline/abi_1_0.rs");
     let (a, b) = (std::fs::read(&released).expect("released"), std::fs::read(&baseline).expect("baseline"));
-    assert!(a == b, "{} and {} must stay identical: the baseline is the released 1.0", released.display(), baseline.display());
+    assert!(
+        a == b,
+        "{} and {} must stay identical: the baseline is the released 1.0",
+        released.display(),
+        baseline.display()
+    );
 }
 
 #[test]
 fn ferry_plugins_names_the_plugin_api_of_each_plugin() {
-    let out = Command::new(ferry_bin()).args(["plugins", "--plugins", &plugins()]).output().expect("ferry plugins");
+    let out =
+        Command::new(ferry_bin()).args(["plugins", "--plugins", &plugins()]).output().expect("ferry plugins");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8_lossy(&out.stdout);
     // Columns are aligned: the plugin-api of a row starts where its header does.
@@ -77,15 +110,8 @@ fn a_1_0_plugin_moves_live_between_two_cores_of_this_build() {
     let dir = TempDir::new("api-1.0-mig");
     let uri = format!("tcp:127.0.0.1:{}", free_port());
     let dst = Running::new(spawn_ferry(&["run", "--plugins", &plugins(), "--incoming", &uri]));
-    std::thread::sleep(Duration::from_millis(300));
-    let socket = dir.path().join("src.sock");
-    let (s, m, p) = (socket.display().to_string(), machine(), plugins());
-    let cmdline = format!("{WRITES} ticks=25 {CHECKS} exit=0");
-    let mut src = Running::new(spawn_ferry(&[
-        "run", "--plugins", &p, "--api-socket", &s, "--machine", &m, "--cmdline", &cmdline,
-    ]));
-    assert!(wait_for_path(&socket, DEADLINE), "no API socket");
-    while wait_tick(&mut src) < 3 {}
+    ferry_tests::wait_for_incoming(&uri);
+    let (src, socket) = source(&dir);
     let (ok, text) = migrate(&socket, &uri, &[]);
     assert!(ok, "{text}");
     assert!(text.contains("device dev0 (testdev 3.0.0 -> 3.0.0): same state v3"), "{text}");
@@ -101,21 +127,52 @@ fn a_1_0_plugin_survives_a_snapshot_and_restore() {
         return;
     }
     let dir = TempDir::new("api-1.0-snap");
-    let socket = dir.path().join("src.sock");
-    let (s, m, p) = (socket.display().to_string(), machine(), plugins());
-    let cmdline = format!("{WRITES} ticks=25 {CHECKS} exit=0");
-    let mut src = Running::new(spawn_ferry(&[
-        "run", "--plugins", &p, "--api-socket", &s, "--machine", &m, "--cmdline", &cmdline,
-    ]));
-    assert!(wait_for_path(&socket, DEADLINE), "no API socket");
-    while wait_tick(&mut src) < 3 {}
-    let snap: PathBuf = dir.path().join("vm.snap");
-    let snap_s = snap.display().to_string();
+    let (src, socket) = source(&dir);
+    let snap_s = dir.path().join("vm.snap").display().to_string();
     ctl(&socket, &["pause"]);
     ctl(&socket, &["snapshot", &snap_s]);
     ctl(&socket, &["shutdown"]);
     assert_eq!(src.finish(DEADLINE).code(), 0);
-    let out = Running::new(spawn_ferry(&["run", "--plugins", &p, "--restore", &snap_s])).finish(DEADLINE);
+    let out =
+        Running::new(spawn_ferry(&["run", "--plugins", &plugins(), "--restore", &snap_s])).finish(DEADLINE);
     assert_eq!(out.code(), 0, "restored:\n{}\n{}", out.stdout, out.stderr);
     assert_eq!(out.stdout.matches("DEV OK").count(), 4, "{}", out.stdout);
+}
+
+/// Boot twice on `plugins` (testdev writes a register on each boot, which
+/// must read fresh after the reboot); returns ferry's stderr.
+fn reboot_with_testdev(plugins: &str) -> String {
+    let cmdline = "boot dev-check=0x10:0 dev-write=0x10:0x33 dev-check=0x10:0x33 reboot-until=2 exit=0";
+    let run = Running::new(spawn_ferry_env(
+        &["run", "--plugins", plugins, "--machine", &reboot_machine(), "--cmdline", cmdline],
+        &[("FERRY_LOG", "info")],
+    ))
+    .finish(DEADLINE);
+    assert_eq!(run.code(), 0, "stdout:\n{}\nstderr:\n{}", run.stdout, run.stderr);
+    assert!(run.stdout.contains("BOOT 2"), "{}", run.stdout);
+    assert_eq!(
+        run.stdout.matches("DEV OK").count(),
+        4,
+        "the register reads fresh after the reboot:\n{}",
+        run.stdout
+    );
+    run.stderr
+}
+
+#[test]
+fn at_a_reboot_a_1_0_plugin_is_recreated_and_a_1_1_plugin_resets_itself() {
+    if !kvm_or_skip("at_a_reboot_a_1_0_plugin_is_recreated_and_a_1_1_plugin_resets_itself") {
+        return;
+    }
+    let old = reboot_with_testdev(&plugins());
+    assert!(
+        old.contains("device dev0 (testdev, plugin-api 1.0.0) cannot reset itself: recreated from its machine-type configuration"),
+        "{old}"
+    );
+    let lib = fixture_plugin_with("testdev", &["v3"]);
+    let dir = plugin_dir_copy("api-current");
+    std::fs::copy(&lib, dir.path().join("libtestdev.so")).expect("install testdev");
+    let new = reboot_with_testdev(&dir.path().display().to_string());
+    assert!(!new.contains("recreated"), "every plugin of this build resets itself:\n{new}");
+    assert!(new.contains("the guest rebooted"), "{new}");
 }

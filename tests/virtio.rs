@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use ferry_tests::{ferry, kvm_or_skip, netns, TempDir};
+use ferry_tests::{ctl, ferry, kvm_or_skip, netns, spawn_ferry, wait_for_path, Running, TempDir};
 
 const DEADLINE: Duration = Duration::from_secs(90);
 
@@ -90,6 +90,32 @@ fn a_readonly_disk_fails_guest_writes_with_the_virtio_error_status() {
     let want = format!("BLK READ sector=0 count=1 status=0 fnv={:08x}", fnv1a(&[0x11u8; 512]));
     assert!(line(&run.stdout, "BLK READ").starts_with(&want), "{}", run.stdout);
     assert!(std::fs::read(&image).expect("image").iter().all(|b| *b == 0x11), "image untouched");
+}
+
+#[test]
+fn ferry_ctl_info_shows_the_disks_request_counts() {
+    if !kvm_or_skip("ferry_ctl_info_shows_the_disks_request_counts") {
+        return;
+    }
+    // Published by virtio-blk through Host::set_status (plugin-api 1.1).
+    let dir = TempDir::new("blkstatus");
+    let image = dir.path().join("ro.img");
+    std::fs::write(&image, vec![0u8; 64 * 1024]).expect("write image");
+    let socket = dir.path().join("api.sock");
+    let (d, s) = (format!("path={},readonly=on", image.display()), socket.display().to_string());
+    let cmdline = "blk-read=0:1 blk-read=1:1 blk-write=0:1:1 ticks=500 exit=0";
+    let mut vm = Running::new(spawn_ferry(&["run", "--disk", &d, "--api-socket", &s, "--cmdline", cmdline]));
+    assert!(wait_for_path(&socket, DEADLINE), "no API socket");
+    assert!(vm.wait_line("TICK", DEADLINE).is_some(), "the guest ticks");
+    let info: serde_json::Value = serde_json::from_str(&ctl(&socket, &["info"])).expect("JSON");
+    let disk =
+        info["devices"].as_array().and_then(|d| d.iter().find(|x| x["plugin"] == "virtio-blk")).cloned();
+    let disk = disk.expect("a virtio-blk device");
+    let want = format!("{}: 2 reads, 0 writes, 0 flushes, 1 failed", image.display());
+    assert_eq!(disk["status"], want, "{info}");
+    assert_eq!(disk["plugin_api"], ferry_plugin_api::PLUGIN_API_VERSION, "{info}");
+    ctl(&socket, &["shutdown"]);
+    assert_eq!(vm.finish(DEADLINE).code(), 0);
 }
 
 #[test]

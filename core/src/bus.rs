@@ -39,6 +39,9 @@ pub struct PciSlot {
     function: Mutex<PciFunctionBox>,
     /// BARs currently mapped on the bus.
     mapped: Mutex<Vec<PciBar>>,
+    /// The configuration writes ferry made as firmware (BAR addresses, the
+    /// command register), replayed when the guest reboots.
+    firmware: Mutex<Vec<(u32, Vec<u8>)>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -252,7 +255,12 @@ impl Bus {
                 let slot = u8::try_from(used + 1).ok().filter(|s| *s < pci::SLOTS).ok_or_else(|| {
                     BusError::Pci { device: id.to_string(), reason: "no free PCI slot on bus 0".to_string() }
                 })?;
-                Some(PciSlot { slot, function: Mutex::new(function), mapped: Mutex::new(Vec::new()) })
+                Some(PciSlot {
+                    slot,
+                    function: Mutex::new(function),
+                    mapped: Mutex::new(Vec::new()),
+                    firmware: Mutex::new(Vec::new()),
+                })
             }
             None => None,
         };
@@ -277,7 +285,10 @@ impl Bus {
             if r.space != AddressSpace::PIO && r.space != AddressSpace::MMIO {
                 return Err(BusError::Pci {
                     device: self.devices[index].id.clone(),
-                    reason: format!("region {i} is in address space {}, which this ferry does not know", r.space.0),
+                    reason: format!(
+                        "region {i} is in address space {}, which this ferry does not know",
+                        r.space.0
+                    ),
                 });
             }
             self.claim(r.space, r.base, r.len, Owner::Device { index, region: i as u32 })?;
@@ -292,21 +303,73 @@ impl Bus {
         let mut function = lock(&pci.function);
         let mut bars: Vec<PciBar> = function.bars().into_iter().collect();
         bars.sort_by_key(|b| std::cmp::Reverse(b.size));
+        let mut writes = Vec::new();
         for bar in &bars {
             let address = self.bars.allocate(bar.size).ok_or_else(|| BusError::Pci {
                 device: self.devices[index].id.clone(),
                 reason: format!("BAR {} ({} bytes) does not fit in the PCI MMIO window", bar.index, bar.size),
             })?;
             for (reg, value) in pci::bar_writes(bar, address) {
-                let _ = function.config_write(reg, RSlice::from_slice(&value.to_le_bytes()));
+                writes.push((reg, value.to_le_bytes().to_vec()));
             }
         }
         let mut command = [0u8; 2];
         function.config_read(4, RSliceMut::from_mut_slice(&mut command));
         let command = u16::from_le_bytes(command) | 0x6; // memory space, bus master
-        let _ = function.config_write(4, RSlice::from_slice(&command.to_le_bytes()));
+        writes.push((4, command.to_le_bytes().to_vec()));
+        for (reg, bytes) in &writes {
+            let _ = function.config_write(*reg, RSlice::from_slice(bytes));
+        }
         drop(function);
+        *lock(&pci.firmware) = writes;
         self.remap_bars(index);
+        Ok(())
+    }
+
+    /// After a reboot reset device `index`: program its PCI function as
+    /// firmware did when it was added (the same BAR addresses, decoding
+    /// and bus mastering on) and map its BARs again.
+    pub fn reprogram_pci(&self, index: usize) {
+        let Some(pci) = &self.devices[index].pci else { return };
+        let writes = lock(&pci.firmware).clone();
+        {
+            let mut function = lock(&pci.function);
+            for (reg, bytes) in &writes {
+                let _ = function.config_write(*reg, RSlice::from_slice(bytes));
+            }
+        }
+        self.remap_bars(index);
+    }
+
+    /// Swap device `index` for a new instance of its plugin (a reboot
+    /// recreating a device that cannot reset itself). `make` runs after the
+    /// old instance is dropped, so host resources it held (a tap, a file
+    /// lock) are free for the new one; in between, the slot answers like an
+    /// absent device. The new instance must claim the regions the old one
+    /// did.
+    pub fn recreate_device(
+        &self,
+        index: usize,
+        make: impl FnOnce() -> Result<(DeviceBox, Option<PciFunctionBox>), String>,
+    ) -> Result<(), String> {
+        let slot = &self.devices[index];
+        let before: Vec<ferry_plugin_api::Region> = slot.lock().regions().into_iter().collect();
+        let old = std::mem::replace(&mut *slot.lock(), vacant::device());
+        let old_pci =
+            slot.pci.as_ref().map(|p| std::mem::replace(&mut *lock(&p.function), vacant::function()));
+        drop(old_pci);
+        drop(old);
+        let (device, pci) = make()?;
+        let after: Vec<ferry_plugin_api::Region> = device.regions().into_iter().collect();
+        if after != before {
+            return Err(format!("came back claiming {after:?}, not {before:?}"));
+        }
+        match (&slot.pci, pci) {
+            (Some(p), Some(function)) => *lock(&p.function) = function,
+            (None, None) => {}
+            _ => return Err("came back with a different PCI function".to_string()),
+        }
+        *slot.lock() = device;
         Ok(())
     }
 
@@ -460,6 +523,65 @@ impl Bus {
     }
 }
 
+/// What a device slot holds while its device is recreated: nothing
+/// answers (reads all-ones, writes ignored), as for an empty slot.
+mod vacant {
+    use abi_stable::{
+        sabi_trait::TD_Opaque,
+        std_types::{RResult, RSlice, RSliceMut, RVec},
+    };
+    use ferry_plugin_api::{
+        Device, DeviceBox, PciBar, PciFunction, PciFunctionBox, PluginError, Region, StateBlob,
+    };
+
+    struct Vacant;
+
+    impl Device for Vacant {
+        fn regions(&self) -> RVec<Region> {
+            RVec::new()
+        }
+        fn read(&mut self, _: u32, _: u64, mut data: RSliceMut<'_, u8>) -> RResult<(), PluginError> {
+            data.as_mut_slice().fill(0xff);
+            RResult::ROk(())
+        }
+        fn write(&mut self, _: u32, _: u64, _: RSlice<'_, u8>) -> RResult<(), PluginError> {
+            RResult::ROk(())
+        }
+        fn pause(&mut self) -> RResult<(), PluginError> {
+            RResult::ROk(())
+        }
+        fn resume(&mut self) -> RResult<(), PluginError> {
+            RResult::ROk(())
+        }
+        fn save_state(&mut self, _: u32) -> RResult<StateBlob, PluginError> {
+            RResult::RErr(PluginError::other("the device is being recreated"))
+        }
+        fn load_state(&mut self, _: StateBlob) -> RResult<(), PluginError> {
+            RResult::RErr(PluginError::other("the device is being recreated"))
+        }
+    }
+
+    impl PciFunction for Vacant {
+        fn config_read(&mut self, _: u32, mut data: RSliceMut<'_, u8>) {
+            data.as_mut_slice().fill(0xff);
+        }
+        fn config_write(&mut self, _: u32, _: RSlice<'_, u8>) -> RResult<(), PluginError> {
+            RResult::ROk(())
+        }
+        fn bars(&self) -> RVec<PciBar> {
+            RVec::new()
+        }
+    }
+
+    pub(super) fn device() -> DeviceBox {
+        DeviceBox::from_value(Vacant, TD_Opaque)
+    }
+
+    pub(super) fn function() -> PciFunctionBox {
+        PciFunctionBox::from_value(Vacant, TD_Opaque)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -479,7 +601,12 @@ mod tests {
         fn regions(&self) -> RVec<Region> {
             self.regions.iter().copied().collect()
         }
-        fn read(&mut self, region: u32, offset: u64, mut data: RSliceMut<'_, u8>) -> RResult<(), PluginError> {
+        fn read(
+            &mut self,
+            region: u32,
+            offset: u64,
+            mut data: RSliceMut<'_, u8>,
+        ) -> RResult<(), PluginError> {
             data.as_mut_slice().fill((region as u8) << 4 | offset as u8);
             RResult::ROk(())
         }

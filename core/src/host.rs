@@ -1,6 +1,7 @@
 //! The host services each device gets: interrupt lines on the in-kernel
 //! irqchip, MSI routes and ioeventfds, guest memory with the device dirty
-//! bitmap, a way to end the VM, and logging tagged with the device id.
+//! bitmap, a way to end the VM, logging tagged with the device id, and a
+//! status line for `ferry ctl info` (plugin-api 1.1).
 
 use std::sync::Arc;
 
@@ -8,7 +9,9 @@ use abi_stable::{
     sabi_trait::TD_Opaque,
     std_types::{RArc, RResult, RStr},
 };
-use ferry_plugin_api::{ErrorKind, GuestMemoryMap, Host, HostBox, LogLevel, MsiMessage, PluginError, StopKind};
+use ferry_plugin_api::{
+    ErrorKind, GuestMemoryMap, Host, HostBox, LogLevel, MsiMessage, PluginError, StopKind,
+};
 use kvm_ioctls::VmFd;
 
 use crate::{
@@ -27,6 +30,8 @@ pub struct VmServices {
     pub irq: Arc<IrqRouter>,
     /// Guest RAM as devices see it.
     pub memory: GuestMemoryMap,
+    /// Each device's status line (`Host::set_status`), by bus index.
+    pub status: Arc<std::sync::Mutex<std::collections::BTreeMap<usize, String>>>,
 }
 
 /// Host services for one device.
@@ -99,5 +104,12 @@ impl Host for DeviceHost {
 
     fn remove_ioeventfd(&self, fd: i32, address: u64) -> RResult<(), PluginError> {
         self.vm.irq.remove_ioeventfd(self.index, fd, address).map_err(|e| self.err(e)).into()
+    }
+
+    fn set_status(&self, status: RStr<'_>) -> RResult<(), PluginError> {
+        // One line, and not a novel: a status is shown in `ferry ctl info`.
+        let line: String = status.as_str().chars().filter(|c| !c.is_control()).take(200).collect();
+        self.vm.status.lock().unwrap_or_else(|e| e.into_inner()).insert(self.index, line);
+        RResult::ROk(())
     }
 }

@@ -170,6 +170,34 @@ impl IrqRouter {
         Ok(())
     }
 
+    /// Undo every MSI route and ioeventfd device `device` still holds (it
+    /// is about to be dropped and recreated: its eventfds are still open,
+    /// and KVM must let go of them before a new instance registers the
+    /// same addresses).
+    pub fn release_device(&self, device: usize) -> Result<(), IrqError> {
+        let mut t = self.lock();
+        let routes: Vec<((usize, i32), MsiRoute)> =
+            t.msi.iter().filter(|((d, _), _)| *d == device).map(|(k, r)| (*k, *r)).collect();
+        for ((_, fd), r) in &routes {
+            let _ = self.vm.unregister_irqfd(&borrow_eventfd(*fd), r.gsi);
+            t.msi.remove(&(device, *fd));
+        }
+        let events: Vec<(usize, i32, u64)> = t.ioeventfds.iter().filter(|e| e.0 == device).copied().collect();
+        for (_, fd, address) in &events {
+            let _ = self.vm.unregister_ioevent(
+                &borrow_eventfd(*fd),
+                &IoEventAddress::Mmio(*address),
+                NoDatamatch,
+            );
+        }
+        t.ioeventfds.retain(|e| e.0 != device);
+        if routes.is_empty() {
+            Ok(())
+        } else {
+            self.apply(&t)
+        }
+    }
+
     /// The GSI an eventfd is routed to (for tests and diagnostics).
     pub fn gsi_of(&self, device: usize, fd: i32) -> Option<u32> {
         self.lock().msi.get(&(device, fd)).map(|r| r.gsi)

@@ -23,7 +23,8 @@ struct Cli {
 #[allow(clippy::large_enum_variant)] // parsed once per process
 enum Command {
     /// Boot a VM and run it until the guest ends; ferry exits with the
-    /// guest's exit status (0 after a guest reset).
+    /// guest's exit status (a guest reset reboots it, or, with
+    /// `--on-reset exit`, ends ferry with status 0).
     Run(RunArgs),
     /// List the installed plugins.
     Plugins {
@@ -160,6 +161,11 @@ struct RunArgs {
     /// With --restore: check every memory page's CRC before running.
     #[arg(long, requires = "restore")]
     verify_memory: bool,
+    /// What a guest reset (i8042, triple fault) does: reboot the guest in
+    /// place, or end ferry with status 0. A guest restored or migrated in
+    /// cannot reboot (ferry does not have its kernel) and ends.
+    #[arg(long, value_enum, value_name = "WHAT", default_value_t = OnResetArg::Reboot)]
+    on_reset: OnResetArg,
     /// Serve the control API (REST/JSON) on this unix socket.
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
@@ -167,6 +173,13 @@ struct RunArgs {
     /// booting (the machine type and devices come from the source).
     #[arg(long, value_name = "URI", conflicts_with_all = ["machine", "kernel", "initramfs", "cmdline", "cpus", "memory", "disk", "net", "rng", "restore"])]
     incoming: Option<String>,
+}
+
+/// `--on-reset`.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum OnResetArg {
+    Reboot,
+    Exit,
 }
 
 /// `--cpus`: what the MP table can describe.
@@ -201,7 +214,11 @@ fn run(args: RunArgs) -> Result<ExitCode> {
         },
         (None, None) => (vm::boot(boot_config(&args, plugins)?)?, None),
     };
-    let outcome = vm.run(served, confirm)?;
+    let policy = match args.on_reset {
+        OnResetArg::Reboot => vm::OnReset::Reboot,
+        OnResetArg::Exit => vm::OnReset::Exit,
+    };
+    let outcome = vm.on_reset(policy).run(served, confirm)?;
     Ok(match outcome {
         Outcome::Reset | Outcome::Shutdown => ExitCode::SUCCESS,
         Outcome::Exit(status) => ExitCode::from((status & 0xff) as u8),

@@ -299,6 +299,53 @@ impl GuestRam {
         self.ranges[0].len
     }
 
+    /// Make every page of guest RAM read zero again, releasing the host
+    /// memory behind it (a guest reboot). memfd-backed RAM punches a hole
+    /// over the whole file; RAM mapped from a snapshot gets fresh anonymous
+    /// pages in place of the file's, at the same addresses, so KVM's memory
+    /// slots stay valid (its MMU notifier drops the old translations). The
+    /// vCPUs must not run.
+    pub fn clear(&self) -> Result<(), MemoryError> {
+        use std::os::fd::AsRawFd;
+        let failed = |what: &str| MemoryError::Map(format!("{what}: {}", std::io::Error::last_os_error()));
+        if let Some(memfd) = &self.memfd {
+            let len = libc::off_t::try_from(self.size()).map_err(|e| MemoryError::Map(e.to_string()))?;
+            // SAFETY: fallocate on our own memfd; punching a hole changes
+            // only its contents (they read zero), never the mapping.
+            let r = unsafe {
+                libc::fallocate(
+                    memfd.as_raw_fd(),
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    0,
+                    len,
+                )
+            };
+            if r != 0 {
+                return Err(failed("clearing guest RAM"));
+            }
+        }
+        for &(addr, len) in &self.own_maps {
+            // SAFETY: `addr..addr + len` is a mapping this value made and
+            // owns (from_snapshot); MAP_FIXED replaces exactly those pages
+            // with zero pages at the same address, which every user of the
+            // mapping (vm-memory, KVM's slot) keeps referring to.
+            let p = unsafe {
+                libc::mmap(
+                    addr as *mut libc::c_void,
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
+                    -1,
+                    0,
+                )
+            };
+            if p == libc::MAP_FAILED {
+                return Err(failed("clearing guest RAM"));
+            }
+        }
+        Ok(())
+    }
+
     /// The backing memfd, if RAM is memfd-backed.
     pub fn memfd(&self) -> Option<&File> {
         self.memfd.as_ref()
@@ -516,6 +563,34 @@ mod tests {
         ram.mem().write_obj(1u8, GuestAddress(0x30_0000)).unwrap();
         ram.mem().write_obj(0u8, GuestAddress(0x40_0000)).unwrap(); // touched, still zero
         assert_eq!(ram.nonzero_runs(), vec![(0x5000, 0x2000), (0x30_0000, 0x1000)]);
+    }
+
+    #[test]
+    fn cleared_ram_reads_zero() {
+        use vm_memory::Bytes;
+        let ram = GuestRam::new(16 << 20).unwrap();
+        ram.mem().write_slice(b"before the reboot", GuestAddress(0x10_0000)).unwrap();
+        ram.clear().unwrap();
+        let mut back = [0xffu8; 17];
+        ram.mem().read_slice(&mut back, GuestAddress(0x10_0000)).unwrap();
+        assert_eq!(back, [0u8; 17]);
+        assert!(ram.nonzero_runs().is_empty(), "no page holds data");
+    }
+
+    #[test]
+    fn cleared_snapshot_ram_reads_zero_not_the_file() {
+        use std::io::Write;
+        use vm_memory::Bytes;
+        let path = std::env::temp_dir().join(format!("ferry-clear-{}", std::process::id()));
+        let mut f = File::create(&path).unwrap();
+        f.write_all(&[0x5a; 4096]).unwrap();
+        drop(f);
+        let file = File::open(&path).unwrap();
+        let ram = GuestRam::from_snapshot(16 << 20, &file, &[(0x10_0000, 4096, 0)]).unwrap();
+        assert_eq!(ram.mem().read_obj::<u8>(GuestAddress(0x10_0000)).unwrap(), 0x5a);
+        ram.clear().unwrap();
+        assert_eq!(ram.mem().read_obj::<u8>(GuestAddress(0x10_0000)).unwrap(), 0, "not the file's byte");
+        let _ = std::fs::remove_file(&path);
     }
 
     #[test]

@@ -18,8 +18,8 @@ use std::path::{Path, PathBuf};
 
 use abi_stable::library::{lib_header_from_path, LibraryError, RootModule};
 use ferry_plugin_api::{
-    baseline, DeviceConfig, DeviceParts, HostBox, PluginDescriptor, PluginModRef, PropertyKind,
-    MEMBERS, PLUGIN_API_VERSION,
+    baseline, DeviceConfig, DeviceParts, HostBox, PluginDescriptor, PluginModRef, PropertyKind, MEMBERS,
+    PLUGIN_API_VERSION,
 };
 use thiserror::Error;
 

@@ -108,6 +108,22 @@ impl VmControl {
         }
     }
 
+    /// Make a stopped control run again (a guest reboot): the vCPU threads
+    /// were joined, and the next `stop` ends the VM or reboots it again.
+    pub fn rearm(&self) {
+        let mut p = self.lock();
+        p.stop = None;
+        p.parked = 0;
+        p.threads.clear();
+        p.states.clear();
+        self.state.store(RUNNING, Ordering::SeqCst);
+    }
+
+    /// Is the VM ending or resetting (its vCPU threads leaving)?
+    pub fn is_stopping(&self) -> bool {
+        self.state.load(Ordering::SeqCst) == STOPPING
+    }
+
     /// Is the VM paused?
     pub fn is_paused(&self) -> bool {
         self.state.load(Ordering::SeqCst) == PAUSED
@@ -195,13 +211,14 @@ pub fn install_kick_handler() -> Result<(), String> {
 }
 
 /// Start one thread per vCPU. The threads run until the control stops;
-/// each saves its own state (with the MSRs in `msrs`) whenever it parks.
+/// each saves its own state (with the MSRs in `msrs`) whenever it parks,
+/// and hands its vCPU back when it ends.
 pub fn spawn(
     vcpus: Vec<VcpuFd>,
     bus: Arc<Bus>,
     control: Arc<VmControl>,
     msrs: Arc<Vec<(u32, &'static str)>>,
-) -> Result<Vec<JoinHandle<()>>, String> {
+) -> Result<Vec<JoinHandle<VcpuFd>>, String> {
     let mut handles = Vec::with_capacity(vcpus.len());
     for (index, vcpu) in vcpus.into_iter().enumerate() {
         let (bus, ctl, msrs) = (bus.clone(), control.clone(), msrs.clone());
@@ -214,17 +231,23 @@ pub fn spawn(
     Ok(handles)
 }
 
-/// Stop the vCPU threads (the control must be stopping) and wait for them.
-pub fn join(handles: Vec<JoinHandle<()>>, control: &VmControl) {
+/// Stop the vCPU threads (the control must be stopping) and wait for them;
+/// the vCPUs, in order (a thread that panicked loses its vCPU: the result
+/// is then shorter than the handles).
+pub fn join(handles: Vec<JoinHandle<VcpuFd>>, control: &VmControl) -> Vec<VcpuFd> {
     // Kicks already went out in stop(); threads see STOPPING at their next
     // checkpoint.
     control.forget_threads();
-    for h in handles {
-        let _ = h.join();
-    }
+    handles.into_iter().filter_map(|h| h.join().ok()).collect()
 }
 
-fn run_vcpu(index: usize, mut vcpu: VcpuFd, bus: &Bus, control: &VmControl, msrs: &[(u32, &'static str)]) {
+fn run_vcpu(
+    index: usize,
+    mut vcpu: VcpuFd,
+    bus: &Bus,
+    control: &VmControl,
+    msrs: &[(u32, &'static str)],
+) -> VcpuFd {
     let flag: *mut u8 = &mut vcpu.get_kvm_run().immediate_exit;
     IMMEDIATE_EXIT.with(|f| f.set(flag));
     // Registered from the thread itself, under the control's lock: a stop
@@ -248,6 +271,7 @@ fn run_vcpu(index: usize, mut vcpu: VcpuFd, bus: &Bus, control: &VmControl, msrs
         }
     }
     IMMEDIATE_EXIT.with(|f| f.set(std::ptr::null_mut()));
+    vcpu
 }
 
 /// Save this vCPU's state on its way to parking. An I/O exit the vCPU

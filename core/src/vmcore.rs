@@ -34,6 +34,10 @@ pub struct VmCore {
     pub(crate) cpu: VmCpu,
     /// The live migration in progress or last finished, if any.
     pub(crate) migration: std::sync::Mutex<Option<Status>>,
+    /// Each device's status line, by bus index (`Host::set_status`).
+    pub(crate) status: Arc<std::sync::Mutex<std::collections::BTreeMap<usize, String>>>,
+    /// How often the guest rebooted in this process.
+    pub(crate) reboots: std::sync::atomic::AtomicU32,
 }
 
 impl VmCore {
@@ -91,8 +95,10 @@ impl VmCore {
     }
     /// What `ferry ctl info` shows.
     pub fn info(&self) -> serde_json::Value {
+        let status = self.status.lock().unwrap_or_else(|e| e.into_inner()).clone();
         serde_json::json!({
             "state": if self.control.is_paused() { "paused" } else { "running" },
+            "reboots": self.reboots.load(std::sync::atomic::Ordering::Relaxed),
             "machine": self.machine.name,
             "cpus": self.cpus,
             "cpu": {
@@ -103,11 +109,13 @@ impl VmCore {
                 "kvm_rewrote": self.cpu.kvm_rewrote,
             },
             "memory_bytes": self.ram.size(),
-            "devices": self.bus.devices().iter().map(|d| serde_json::json!({
+            "devices": self.bus.devices().iter().enumerate().map(|(i, d)| serde_json::json!({
                 "id": d.id,
                 "plugin": d.plugin,
                 "plugin_version": self.registry.get(&d.plugin).map(|p| p.descriptor.version.to_string()),
+                "plugin_api": self.registry.get(&d.plugin).map(|p| p.api_version.clone()),
                 "state_version": self.registry.get(&d.plugin).map(|p| p.descriptor.state.current),
+                "status": status.get(&i),
             })).collect::<Vec<_>>(),
         })
     }

@@ -260,6 +260,18 @@ pub trait Device: Send {
     /// loads). The device is paused.
     #[sabi(last_prefix_field)]
     fn load_state(&mut self, state: StateBlob) -> RResult<(), PluginError>;
+
+    /// Put the device back in its power-on state, as `create` left it with
+    /// the same configuration, keeping its host resources (files, taps,
+    /// the console): the guest rebooted. Undo every MSI route and
+    /// ioeventfd it set up. The device is paused; `resume` follows.
+    ///
+    /// Added in plugin-api 1.1. A plugin built against 1.0 answers
+    /// [`ErrorKind::UNSUPPORTED`] (this body), and the core then drops the
+    /// device and creates a new one from its machine-type configuration.
+    fn reset(&mut self) -> RResult<(), PluginError> {
+        RResult::RErr(PluginError::unsupported("Device::reset (plugin-api 1.1) is not implemented"))
+    }
 }
 
 /// An owned device trait object, as `create` returns it.
@@ -350,6 +362,18 @@ pub trait Host: Send + Sync + Clone {
     /// Undo `ioeventfd`.
     #[sabi(last_prefix_field)]
     fn remove_ioeventfd(&self, fd: i32, address: u64) -> RResult<(), PluginError>;
+
+    /// Publish one line about the device's health for the operator
+    /// (`ferry ctl info` shows it as the device's `status`), replacing the
+    /// previous one; for example a disk's request and error counts.
+    ///
+    /// Added in plugin-api 1.1. A core built with 1.0 answers
+    /// [`ErrorKind::UNSUPPORTED`] (this body): the plugin then logs what it
+    /// would have published, when it matters.
+    fn set_status(&self, status: RStr<'_>) -> RResult<(), PluginError> {
+        let _ = status;
+        RResult::RErr(PluginError::unsupported("Host::set_status (plugin-api 1.1) is not in this core"))
+    }
 }
 
 /// One range of guest RAM, mapped in ferry's address space.

@@ -53,4 +53,8 @@ pub const PLUGIN_API_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// The members added to the ABI after 1.0 that this release has, by name
 /// (`"Device::reset"`): what a plugin built against a later 1.y may list in
 /// its descriptor's `needs` and still load here.
-pub const MEMBERS: &[&str] = &[];
+pub const MEMBERS: &[&str] = &[
+    // 1.1
+    "Device::reset",
+    "Host::set_status",
+];

@@ -15,9 +15,8 @@ use abi_stable::{
 };
 
 use crate::{
-    Device, DeviceBox, DeviceConfig, DeviceParts, ErrorKind, HostBox, PciBar, PciFunction,
-    PciFunctionBox, PluginDescriptor, PluginError, PropertyKind, PropertySpec, Region, StateBlob,
-    StateVersions,
+    Device, DeviceBox, DeviceConfig, DeviceParts, ErrorKind, HostBox, PciBar, PciFunction, PciFunctionBox,
+    PluginDescriptor, PluginError, PropertyKind, PropertySpec, Region, StateBlob, StateVersions,
 };
 
 /// What a plugin's device implements. Plain Rust: the macro wraps it.
@@ -49,6 +48,13 @@ pub trait PluginDevice: Send + 'static {
     /// Load a saved state.
     fn load_state(&mut self, state: StateBlob) -> Result<(), String> {
         Err(format!("loading state v{} is not supported by this plugin", state.version))
+    }
+
+    /// Back to the power-on state for a guest reboot, keeping host
+    /// resources (plugin-api 1.1; see [`Device::reset`]). The default says
+    /// unsupported, and the core recreates the device instead.
+    fn reset(&mut self) -> Result<(), PluginError> {
+        Err(PluginError::unsupported("this plugin does not reset its devices"))
     }
 
     /// For PCI devices: the configuration-space side, taken once right
@@ -297,6 +303,21 @@ impl<D: PluginDevice> Device for Guarded<D> {
     fn load_state(&mut self, state: StateBlob) -> RResult<(), PluginError> {
         self.call("load_state", |d| d.load_state(state))
     }
+
+    fn reset(&mut self) -> RResult<(), PluginError> {
+        if let Some(reason) = &self.poisoned {
+            return RResult::RErr(poisoned(reason));
+        }
+        let inner = &mut self.inner;
+        match catch_unwind(AssertUnwindSafe(|| inner.reset())) {
+            Ok(r) => r.into(),
+            Err(payload) => {
+                let msg = format!("plugin panicked in reset: {}", panic_message(&*payload));
+                self.poisoned = Some(msg.clone());
+                RResult::RErr(PluginError::new(ErrorKind::PANIC, msg))
+            }
+        }
+    }
 }
 
 /// Used by [`export_plugin!`](crate::export_plugin): describe, panics caught.
@@ -341,20 +362,15 @@ pub fn ropt<T>(o: ROption<T>) -> Option<T> {
 #[macro_export]
 macro_rules! export_plugin {
     (describe: $describe:path, create: $create:path $(,)?) => {
-        extern "C" fn __ferry_plugin_describe() -> $crate::abi_stable::std_types::RResult<
-            $crate::PluginDescriptor,
-            $crate::PluginError,
-        > {
+        extern "C" fn __ferry_plugin_describe(
+        ) -> $crate::abi_stable::std_types::RResult<$crate::PluginDescriptor, $crate::PluginError> {
             $crate::sdk::describe_guarded($describe)
         }
 
         extern "C" fn __ferry_plugin_create(
             config: $crate::DeviceConfig,
             host: $crate::HostBox,
-        ) -> $crate::abi_stable::std_types::RResult<
-            $crate::DeviceParts,
-            $crate::PluginError,
-        > {
+        ) -> $crate::abi_stable::std_types::RResult<$crate::DeviceParts, $crate::PluginError> {
             $crate::sdk::create_guarded(config, host, $create)
         }
 

@@ -10,7 +10,7 @@
 //! - [`check_through_abi`]: the plugin's exported root module describes
 //!   itself, creates devices through the stable ABI, and a state saved from
 //!   one device loads into a fresh one; pausing and resuming twice is
-//!   harmless.
+//!   harmless; a device that resets saves what a fresh one saves.
 //!
 //! [`FakeHost`] stands in for the core: it records interrupt lines and stop
 //! requests and hands out real (test-owned) guest RAM with a dirty bitmap.
@@ -30,8 +30,8 @@ use abi_stable::{
 
 use crate::{
     state::{self, Versioned},
-    DeviceConfig, GuestMemoryMap, Host, HostBox, LogLevel, MemoryRegion, MsiMessage, PluginError, PluginModRef,
-    Property, StopKind,
+    DeviceConfig, GuestMemoryMap, Host, HostBox, LogLevel, MemoryRegion, MsiMessage, PluginError,
+    PluginModRef, Property, StopKind,
 };
 
 /// Guest RAM and a dirty bitmap owned by a test (standing in for the core).
@@ -119,6 +119,8 @@ pub struct HostLog {
     pub stops: Vec<(StopKind, i32)>,
     /// `log` calls.
     pub logs: Vec<(LogLevel, String)>,
+    /// The last `set_status`.
+    pub status: Option<String>,
 }
 
 /// A host for plugin tests.
@@ -174,6 +176,10 @@ impl Host for FakeHost {
         RResult::ROk(())
     }
     fn remove_ioeventfd(&self, _fd: i32, _address: u64) -> RResult<(), PluginError> {
+        RResult::ROk(())
+    }
+    fn set_status(&self, status: RStr<'_>) -> RResult<(), PluginError> {
+        self.record().status = Some(status.to_string());
         RResult::ROk(())
     }
 }
@@ -251,6 +257,20 @@ pub fn check_through_abi(root: fn() -> PluginModRef, properties: &[(&str, &str)]
     b.load_state(saved.clone()).into_result().expect("load through the ABI");
     let again = b.save_state(current).into_result().expect("save the loaded device");
     assert_eq!(again, saved, "a loaded device saves the same state");
+    // A device that resets itself comes back as a fresh one saves; one
+    // that cannot says so (the core then recreates it).
+    let mut fresh =
+        module.create()(config(), host.handle()).into_result().expect("create a third device").device;
+    fresh.pause().into_result().expect("pause");
+    let fresh_state = fresh.save_state(current).into_result().expect("save a fresh device");
+    match b.reset().into_result() {
+        Ok(()) => assert_eq!(
+            b.save_state(current).into_result().expect("save after reset"),
+            fresh_state,
+            "a reset device saves the state of a fresh one"
+        ),
+        Err(e) => assert_eq!(e.kind, crate::ErrorKind::UNSUPPORTED, "reset failed: {e}"),
+    }
     for d in [&mut a, &mut b] {
         d.resume().into_result().expect("resume");
         d.resume().into_result().expect("resume twice");

@@ -137,6 +137,63 @@ pub enum MigrateError {
     },
 }
 
+/// How a running migration is given up (`ferry ctl migrate-cancel`, or
+/// the guest resetting): a flag pre-copy checks between rounds, and, until
+/// the switch-over begins, the connection, shut down so that a read
+/// waiting on the destination (the handshake, a pass's acknowledgement)
+/// returns at once. From the switch-over on, cancelling only sets the flag,
+/// which nothing reads any more: the guest may already run on the
+/// destination, and only the destination's answer decides where it runs.
+#[derive(Default)]
+pub struct Cancel {
+    flag: std::sync::atomic::AtomicBool,
+    conn: std::sync::Mutex<Option<Conn>>,
+}
+
+impl Cancel {
+    fn slot(&self) -> std::sync::MutexGuard<'_, Option<Conn>> {
+        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Ready for a new migration.
+    pub fn clear(&self) {
+        *self.slot() = None;
+        self.flag.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Give the migration up.
+    pub fn cancel(&self) {
+        let slot = self.slot();
+        self.flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(conn) = slot.as_ref() {
+            conn.shutdown();
+        }
+    }
+
+    fn is_cancelled(&self) -> bool {
+        self.flag.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Let `cancel` shut this connection down (until `disarm`).
+    fn watch(&self, conn: &Conn) {
+        let mut slot = self.slot();
+        *slot = conn.try_clone().ok();
+        if self.is_cancelled() {
+            conn.shutdown();
+        }
+    }
+
+    /// The switch-over begins: from here `cancel` no longer touches the
+    /// connection. Fails if it was cancelled before.
+    fn disarm(&self) -> Result<(), MigrateError> {
+        *self.slot() = None;
+        if self.is_cancelled() {
+            return Err(MigrateError::Protocol("cancelled".into()));
+        }
+        Ok(())
+    }
+}
+
 /// A connected byte stream to the other side.
 pub enum Conn {
     /// TCP.
@@ -338,14 +395,11 @@ fn update(core: &VmCore, f: impl FnOnce(&mut Status)) {
 /// Migrate `core`'s VM to the destination. On success the caller ends the
 /// source VM; on failure the guest is running again (it may have been
 /// paused for stop-and-copy).
-pub fn migrate(
-    core: &VmCore,
-    opts: &Options,
-    cancel: &std::sync::atomic::AtomicBool,
-) -> Result<Status, MigrateError> {
+pub fn migrate(core: &VmCore, opts: &Options, cancel: &Cancel) -> Result<Status, MigrateError> {
     let start = Instant::now();
     let endpoint = Endpoint::parse(&opts.uri)?;
     let conn = endpoint.connect(&opts.uri)?;
+    cancel.watch(&conn);
     conn.set_read_timeout(Some(ANSWER_TIMEOUT)).map_err(io("connecting"))?;
     let mut link = Link::new(conn).map_err(io("connecting"))?;
 
@@ -354,7 +408,7 @@ pub fn migrate(
     let encoded = state::encode(&manifest).map_err(|e| MigrateError::State(e.to_string()))?;
     link.send(Kind::Hello, "", super::manifest::MANIFEST_VERSION, &encoded).map_err(io("handshake"))?;
     link.flush().map_err(io("handshake"))?;
-    let (h, payload) = link.receive().map_err(st("handshake"))?;
+    let (h, payload) = link.receive().map_err(|e| cancelled_or(cancel, st("handshake")(e)))?;
     if h.kind == Kind::Failed {
         return Err(MigrateError::Protocol(format!("destination: {}", String::from_utf8_lossy(&payload))));
     }
@@ -390,7 +444,8 @@ pub fn migrate(
         send_memfd(&link, memfd)?;
         // The destination answers once its VM is built on the memfd: only
         // then does the guest pause here.
-        sync(&mut link, "memfd hand-over")?;
+        sync(&mut link, "memfd hand-over").map_err(|e| cancelled_or(cancel, e))?;
+        cancel.disarm()?;
         let result = switch_over(core, &plan, &mut link, start, Vec::new(), 0, None);
         if result.is_err() && core.control.is_paused() {
             let _ = core.resume();
@@ -402,7 +457,8 @@ pub fn migrate(
     // Pre-copy.
     update(core, |s| s.phase = "precopy".into());
     core.kvm.set_dirty_log(&core.ram, true).map_err(|e| MigrateError::State(e.to_string()))?;
-    let result = precopy_and_switch(core, opts, &plan, &mut link, start, cancel);
+    let result =
+        precopy_and_switch(core, opts, &plan, &mut link, start, cancel).map_err(|e| cancelled_or(cancel, e));
     if result.is_err() {
         // Give the guest back: running, not logging.
         if core.control.is_paused() {
@@ -445,16 +501,26 @@ fn send_memfd(link: &Link, memfd: &std::fs::File) -> Result<(), MigrateError> {
     Ok(())
 }
 
+/// A failure caused by a cancel (the connection shut down under a read)
+/// reads as the cancel it was.
+fn cancelled_or(cancel: &Cancel, e: MigrateError) -> MigrateError {
+    if cancel.is_cancelled() {
+        MigrateError::Protocol("cancelled".into())
+    } else {
+        e
+    }
+}
+
 fn precopy_and_switch(
     core: &VmCore,
     opts: &Options,
     plan: &Plan,
     link: &mut Link,
     start: Instant,
-    cancel: &std::sync::atomic::AtomicBool,
+    cancel: &Cancel,
 ) -> Result<Status, MigrateError> {
     let cancelled = || {
-        if cancel.load(std::sync::atomic::Ordering::SeqCst) {
+        if cancel.is_cancelled() {
             Err(MigrateError::Protocol("cancelled".into()))
         } else {
             Ok(())
@@ -501,10 +567,12 @@ fn precopy_and_switch(
         });
         if expected <= max_downtime && round > knobs.min_rounds {
             // Switch over: what is dirty now goes in the final pass.
+            cancel.disarm()?;
             return switch_over(core, plan, link, start, dirty, round, Some(&knobs));
         }
         if round >= max_rounds {
             if expected <= 2.0 * max_downtime {
+                cancel.disarm()?;
                 return switch_over(core, plan, link, start, dirty, round, Some(&knobs));
             }
             return Err(MigrateError::NoConvergence {

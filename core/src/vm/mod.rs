@@ -4,6 +4,7 @@
 //!  boot.rs      machine type + kernel  --+
 //!  restore.rs   snapshot file           --+--> build() (here) --> Vm --> run.rs: vCPUs, API, migration
 //!  incoming.rs  live migration stream   --+                              snapshot.rs: write a snapshot
+//!                                                                             reset.rs: reboot in place
 //! ```
 //!
 //! Everything that can be refused is checked before the first vCPU runs:
@@ -13,6 +14,7 @@
 
 mod boot;
 mod incoming;
+mod reset;
 mod restore;
 mod run;
 mod snapshot;
@@ -26,6 +28,7 @@ use thiserror::Error;
 
 pub use boot::boot;
 pub use incoming::incoming;
+pub use reset::OnReset;
 pub use restore::restore;
 pub use snapshot::SnapshotReport;
 
@@ -162,6 +165,19 @@ pub struct Vm {
     core: Arc<VmCore>,
     stop_rx: crossbeam_channel::Receiver<StopEvent>,
     vcpus: Vec<VcpuFd>,
+    /// The machine as built, for a reboot (or why it could not be kept).
+    reset: Result<reset::ResetPoint, String>,
+    /// What a reboot loads (None: restored or migrated in).
+    image: Option<boot::BootImage>,
+    on_reset: OnReset,
+}
+
+impl Vm {
+    /// What to do when the guest resets the machine (default: reboot).
+    pub fn on_reset(mut self, policy: OnReset) -> Self {
+        self.on_reset = policy;
+        self
+    }
 }
 
 impl std::ops::Deref for Vm {
@@ -201,8 +217,10 @@ fn build(
         control: control.clone(),
         irq: Arc::new(IrqRouter::new(kvm.vm.clone())),
         memory: ram.device_map(),
+        status: Arc::default(),
     };
     let mut bus = Bus::new();
+    let mut configs = Vec::with_capacity(plans.len());
     for plan in &plans {
         let Some(lib) = registry.get(&plan.plugin) else { continue };
         let index = bus.devices().len();
@@ -211,6 +229,7 @@ fn build(
             id: plan.id.as_str().into(),
             properties: plan.properties.iter().cloned().collect::<RVec<_>>(),
         };
+        configs.push(config.clone());
         let parts = lib.create(config, host).map_err(|message| VmError::Device {
             id: plan.id.clone(),
             plugin: plan.plugin.clone(),
@@ -231,6 +250,8 @@ fn build(
         boot_cpu::setup_lapic(&fd, index)?;
         vcpus.push(fd);
     }
+    let status = services.status.clone();
+    let reset = reset::ResetPoint::capture(&kvm.vm, &vcpus, &cpu.msrs, configs, services);
     let core = VmCore {
         machine,
         registry,
@@ -241,6 +262,8 @@ fn build(
         cpus,
         cpu,
         migration: std::sync::Mutex::new(None),
+        status,
+        reboots: Default::default(),
     };
-    Ok(Vm { core: Arc::new(core), stop_rx, vcpus })
+    Ok(Vm { core: Arc::new(core), stop_rx, vcpus, reset, image: None, on_reset: OnReset::default() })
 }

@@ -45,7 +45,13 @@ impl VmCore {
         let start = Instant::now();
         let was_running = !self.control.is_paused();
         self.pause().map_err(VmError::Runtime)?;
-        let result = self.write_snapshot(path, target);
+        let result = if self.control.is_stopping() {
+            // A reset (or the end) came first: the vCPUs are leaving, not
+            // parked, and a reboot may be about to clear RAM.
+            Err(VmError::Runtime("the guest is resetting or ending: no snapshot was written".into()))
+        } else {
+            self.write_snapshot(path, target)
+        };
         let paused_ms = start.elapsed().as_secs_f64() * 1e3;
         if was_running {
             self.resume().map_err(VmError::Runtime)?;

@@ -10,7 +10,7 @@ use ferry_plugin_api::{
     sdk::{DescriptorBuilder, PluginDevice, Properties},
     serde,
     state::{self, Versioned},
-    AddressSpace, DeviceConfig, HostBox, PluginDescriptor, PropertyKind, Region, StateBlob,
+    AddressSpace, DeviceConfig, HostBox, PluginDescriptor, PluginError, PropertyKind, Region, StateBlob,
 };
 
 /// State v1: the index register and the CMOS RAM (which holds the status
@@ -153,6 +153,14 @@ impl PluginDevice for CmosRtc {
         } else {
             self.write_register(self.index, value);
         }
+        Ok(())
+    }
+
+    /// A machine reset does not reach the battery-backed chip: CMOS RAM
+    /// (and the guest's settings in it) stays; only the index register is
+    /// cleared.
+    fn reset(&mut self) -> Result<(), PluginError> {
+        self.index = 0;
         Ok(())
     }
 

@@ -4,7 +4,8 @@
 use ferry_plugin_api::{
     sdk::{DescriptorBuilder, PluginDevice, Properties},
     state::{self, NoState},
-    AddressSpace, DeviceConfig, HostBox, PluginDescriptor, PropertyKind, Region, StateBlob, StopKind,
+    AddressSpace, DeviceConfig, HostBox, PluginDescriptor, PluginError, PropertyKind, Region, StateBlob,
+    StopKind,
 };
 
 pub fn describe() -> PluginDescriptor {
@@ -44,6 +45,11 @@ impl PluginDevice for DebugExit {
     fn write(&mut self, _region: u32, _offset: u64, data: &[u8]) -> Result<(), String> {
         let status = data.first().copied().unwrap_or(0);
         self.host.stop_vm(StopKind::EXIT, i32::from(status));
+        Ok(())
+    }
+
+    /// Nothing to put back: the port holds no state.
+    fn reset(&mut self) -> Result<(), PluginError> {
         Ok(())
     }
 

@@ -1,10 +1,11 @@
 //! The i8042 model comes from vm-superio; this file wires its reset event to
-//! the core (`stop_vm(Reset)`) and maps ports 0x60 and 0x64 onto it.
+//! the core (`stop_vm(RESET)`: the core reboots the guest or ends, as the
+//! host chose) and maps ports 0x60 and 0x64 onto it.
 
 use ferry_plugin_api::{
     sdk::{DescriptorBuilder, PluginDevice},
     state::{self, NoState},
-    AddressSpace, DeviceConfig, HostBox, PluginDescriptor, Region, StateBlob, StopKind,
+    AddressSpace, DeviceConfig, HostBox, PluginDescriptor, PluginError, Region, StateBlob, StopKind,
 };
 use vm_superio::{I8042Device, Trigger};
 
@@ -17,7 +18,7 @@ pub fn describe() -> PluginDescriptor {
     DescriptorBuilder::new(
         "i8042",
         env!("CARGO_PKG_VERSION"),
-        "PS/2 controller command port: guest reset (0xFE) ends the VM",
+        "PS/2 controller command port: guest reset (0xFE) reboots or ends the VM",
     )
     .build()
 }
@@ -36,11 +37,12 @@ impl Trigger for ResetToHost {
 
 pub struct I8042 {
     inner: I8042Device<ResetToHost>,
+    host: HostBox,
 }
 
 impl I8042 {
     pub fn create(_config: &DeviceConfig, host: HostBox) -> Result<Self, String> {
-        Ok(I8042 { inner: I8042Device::new(ResetToHost(host)) })
+        Ok(I8042 { inner: I8042Device::new(ResetToHost(host.clone())), host })
     }
 }
 
@@ -70,6 +72,11 @@ impl PluginDevice for I8042 {
         if let Some(&value) = data.first() {
             let _ = self.inner.write(offset_of(region), value);
         }
+        Ok(())
+    }
+
+    fn reset(&mut self) -> Result<(), PluginError> {
+        self.inner = I8042Device::new(ResetToHost(self.host.clone()));
         Ok(())
     }
 

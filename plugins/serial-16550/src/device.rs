@@ -18,7 +18,7 @@ use std::{
 
 use ferry_plugin_api::{
     sdk::{DescriptorBuilder, PluginDevice, Properties},
-    AddressSpace, DeviceConfig, HostBox, LogLevel, PluginDescriptor, PropertyKind, Region,
+    AddressSpace, DeviceConfig, HostBox, LogLevel, PluginDescriptor, PluginError, PropertyKind, Region,
 };
 use ferry_plugin_api::{
     serde,
@@ -412,6 +412,17 @@ impl PluginDevice for Serial16550 {
 
     fn resume(&mut self) -> Result<(), String> {
         self.paused.store(false, Ordering::Release);
+        Ok(())
+    }
+
+    /// Power-on registers and an empty FIFO (what the old guest had not
+    /// read is gone, as on hardware); the console stays, and host input
+    /// not yet handed to the UART waits for the new guest.
+    fn reset(&mut self) -> Result<(), PluginError> {
+        let mut uart = self.lock();
+        let placeholder = Serial::new(IrqLine { host: self.host.clone(), gsi: self.gsi }, Output::Discard);
+        let out = std::mem::replace(&mut *uart, placeholder).into_writer();
+        *uart = Serial::new(IrqLine { host: self.host.clone(), gsi: self.gsi }, out);
         Ok(())
     }
 

@@ -17,7 +17,7 @@ use std::{
 
 use ferry_plugin_api::{
     sdk::{DescriptorBuilder, Properties},
-    DeviceConfig, HostBox, PluginDescriptor, PropertyKind,
+    DeviceConfig, ErrorKind, HostBox, LogLevel, PluginDescriptor, PropertyKind,
 };
 use ferry_virtio_pci::{DescriptorChain, GuestMemory, Queues, VirtioDevice, VirtioPci};
 
@@ -119,9 +119,63 @@ pub fn create(config: &DeviceConfig, host: HostBox) -> Result<VirtioPci<Block>, 
             wce_negotiated: false,
             writeback: 1,
             buf: Vec::new(),
+            status: Status { path: path.to_string(), host: Some(host.clone()), ..Status::default() },
         },
         host,
     )
+}
+
+/// Request counts, published as the device's status line (`ferry ctl
+/// info`) through `Host::set_status`. On a core without it (plugin-api
+/// 1.0) the first failed request is logged instead.
+#[derive(Default)]
+struct Status {
+    path: String,
+    host: Option<HostBox>,
+    reads: u64,
+    writes: u64,
+    flushes: u64,
+    errors: u64,
+    published: (u64, u64, u64, u64),
+    unsupported: bool,
+    logged_error: bool,
+}
+
+impl Status {
+    fn count(&mut self, kind: u32, status: u8) {
+        match (kind, status) {
+            (_, S_IOERR) => self.errors += 1,
+            (T_IN, _) => self.reads += 1,
+            (T_OUT, _) => self.writes += 1,
+            (T_FLUSH, _) => self.flushes += 1,
+            _ => {}
+        }
+    }
+
+    /// Publish the counts if they changed.
+    fn publish(&mut self) {
+        let now = (self.reads, self.writes, self.flushes, self.errors);
+        let Some(host) = &self.host else { return };
+        if now == self.published {
+            return;
+        }
+        self.published = now;
+        if !self.unsupported {
+            let line = format!(
+                "{}: {} reads, {} writes, {} flushes, {} failed",
+                self.path, self.reads, self.writes, self.flushes, self.errors
+            );
+            match host.set_status(line.as_str().into()).into_result() {
+                Ok(()) => return,
+                Err(e) if e.kind == ErrorKind::UNSUPPORTED => self.unsupported = true,
+                Err(_) => return,
+            }
+        }
+        if self.errors > 0 && !self.logged_error {
+            self.logged_error = true;
+            host.log(LogLevel::WARN, format!("{}: a request failed (I/O error)", self.path).as_str().into());
+        }
+    }
 }
 
 pub struct Block {
@@ -135,6 +189,7 @@ pub struct Block {
     writeback: u8,
     /// Bounce buffer for data moves, grown to `CHUNK` at most and kept.
     buf: Vec<u8>,
+    status: Status,
 }
 
 impl Block {
@@ -233,6 +288,7 @@ impl Block {
             _ => S_UNSUPP,
         };
         status_writer.write_all(&[status]).map_err(|e| format!("writing status: {e}"))?;
+        self.status.count(kind, status);
         Ok((written + 1) as u32)
     }
 }
@@ -265,6 +321,13 @@ impl VirtioDevice for Block {
                 self.writeback = u8::from(v != 0);
             }
         }
+    }
+
+    /// The driver reset the device (or the guest rebooted): what it
+    /// negotiated is forgotten; the counts stay (they are the host's).
+    fn reset(&mut self) {
+        self.wce_negotiated = false;
+        self.writeback = 1;
     }
 
     fn state_versions(&self) -> (u32, u32, u32) {
@@ -323,6 +386,7 @@ impl VirtioDevice for Block {
             };
             queues.complete(queue, head, len)?;
         }
+        self.status.publish();
         match errors.len() {
             0 => Ok(()),
             n => Err(format!("{n} bad request(s): {}", errors[0])),
@@ -364,6 +428,7 @@ mod tests {
                 wce_negotiated: false,
                 writeback: 1,
                 buf: Vec::new(),
+                status: Status::default(),
             },
             Disk { path },
         )
@@ -509,6 +574,7 @@ mod state_tests {
             wce_negotiated: false,
             writeback: 1,
             buf: Vec::new(),
+            status: Status::default(),
         };
         assert_eq!(blk.save(1).unwrap(), Vec::<u8>::new(), "unused: v1 is fine");
         blk.activate(F_CONFIG_WCE | ferry_virtio_pci::VIRTIO_F_VERSION_1).unwrap();

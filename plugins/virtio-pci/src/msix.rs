@@ -87,6 +87,21 @@ impl Msix {
         self.control_changed()
     }
 
+    /// Power-on state: every route undone, every entry masked and empty,
+    /// nothing pending, MSI-X disabled (a reset of the PCI function).
+    pub fn reset(&mut self) {
+        for i in 0..self.entries.len() {
+            if self.routed[i].take().is_some() {
+                let _ = self.host.msi_unroute(self.fds[i].as_raw_fd());
+            }
+            let _ = self.fds[i].read();
+        }
+        self.entries.fill(Entry { masked: true, ..Entry::default() });
+        self.pending.fill(false);
+        self.enabled = false;
+        self.function_masked = false;
+    }
+
     /// Table size.
     #[allow(clippy::len_without_is_empty)]
     pub fn len(&self) -> usize {

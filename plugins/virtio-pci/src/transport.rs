@@ -11,7 +11,7 @@ use std::{
 
 use ferry_plugin_api::{
     sdk::{PciConfigSpace, PluginDevice},
-    state, AddressSpace, HostBox, LogLevel, PciBar, Region, StateBlob, PCI_BAR_REGION,
+    state, AddressSpace, HostBox, LogLevel, PciBar, PluginError, Region, StateBlob, PCI_BAR_REGION,
 };
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -341,6 +341,16 @@ impl<D: VirtioDevice> State<D> {
         self.isr = 0;
     }
 
+    /// A reset of the whole PCI function (the guest rebooted): the virtio
+    /// reset, plus MSI-X off and its table cleared, decoding off and BAR 0
+    /// unassigned, as at power-on.
+    fn power_on_reset(&mut self) {
+        self.reset();
+        self.msix.reset();
+        self.command = 0;
+        self.bar0 = 0;
+    }
+
     /// Signal used buffers of the queues marked in `completed`.
     pub(crate) fn notify_completed(&mut self, completed: &[bool]) {
         for (q, done) in completed.iter().enumerate() {
@@ -589,6 +599,11 @@ impl<D: VirtioDevice> PluginDevice for VirtioPci<D> {
     fn resume(&mut self) -> Result<(), String> {
         self.shared.lock().paused = false;
         self.shared.resumed.notify_all();
+        Ok(())
+    }
+
+    fn reset(&mut self) -> Result<(), PluginError> {
+        self.shared.lock().power_on_reset();
         Ok(())
     }
 

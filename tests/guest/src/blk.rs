@@ -33,7 +33,7 @@ pub const STATUS_OK: u8 = 0;
 /// Device configuration: le64 capacity in 512-byte sectors at offset 0.
 const CONFIG_CAPACITY: u64 = 0;
 
-const SPEC: DeviceSpec = DeviceSpec { name: "BLK", device_id: 0x1042, optional_features: F_RO | F_CONFIG_WCE };
+pub const SPEC: DeviceSpec = DeviceSpec { name: "BLK", device_id: 0x1042, optional_features: F_RO | F_CONFIG_WCE };
 
 pub struct Blk {
     pub dev: Device,

@@ -17,6 +17,14 @@ pub enum Token<'a> {
     Ticks(u64),
     Exit(u64),
     Reset,
+    /// `boot`: count this boot in CMOS RAM.
+    Boot,
+    /// `fresh`: report the devices as this boot found them.
+    Fresh,
+    /// `reboot-until=<n>`: reset while fewer than `n` boots were counted.
+    RebootUntil(u64),
+    /// `blk-boots=<sector>`: check earlier boots' disk writes, add this one's.
+    BlkBoots(u64),
     Echo,
     Initrd,
     Pci,
@@ -142,6 +150,10 @@ pub fn parse_token(tok: &str) -> Token<'_> {
         ("verify", None, _) => Token::Verify,
         ("smp", None, _) => Token::Smp,
         ("reset", None, _) => Token::Reset,
+        ("boot", None, _) => Token::Boot,
+        ("fresh", None, _) => Token::Fresh,
+        ("reboot-until", _, Some(n)) => Token::RebootUntil(n),
+        ("blk-boots", _, Some(n)) => Token::BlkBoots(n),
         ("echo", None, _) => Token::Echo,
         ("initrd", None, _) => Token::Initrd,
         ("pci", None, _) => Token::Pci,

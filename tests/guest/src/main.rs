@@ -25,6 +25,7 @@ mod pattern;
 mod pci;
 mod pic_pit;
 mod rng;
+mod reboot;
 mod rtc;
 #[macro_use]
 mod serial;
@@ -48,6 +49,8 @@ struct Settings {
     seed: u64,
     hz: u64,
     dirty: u64,
+    /// This boot's number (`boot`), 0 if not counted.
+    boots: u8,
     /// virtio devices, initialised on first use.
     devices: virtio::Devices,
 }
@@ -55,6 +58,7 @@ struct Settings {
 /// Rust entry point, called by `pvh_start32` in long mode on the boot stack.
 #[no_mangle]
 pub extern "C" fn main(start_info: u64) -> ! {
+    reboot::note_entry();
     serial::init();
     interrupts::init();
     pic_pit::pic_init();
@@ -66,7 +70,7 @@ pub extern "C" fn main(start_info: u64) -> ! {
     boot::extend_identity_map(bootinfo::MEM.max_end.load(Ordering::Relaxed));
     mptable::discover();
 
-    let mut settings = Settings { seed: 1, hz: 100, dirty: 0, devices: virtio::Devices::new() };
+    let mut settings = Settings { seed: 1, hz: 100, dirty: 0, boots: 0, devices: virtio::Devices::new() };
     for tok in cmdline::effective(&raw[..len]).split_ascii_whitespace() {
         run_token(cmdline::parse_token(tok), &mut settings);
     }
@@ -99,6 +103,10 @@ fn run_token(token: Token<'_>, settings: &mut Settings) {
         Token::Ticks(n) => ticks::run(settings.hz, n, settings.dirty),
         Token::Exit(code) => io::debug_exit(code as u8),
         Token::Reset => io::i8042_reset(),
+        Token::Boot => settings.boots = reboot::count(),
+        Token::Fresh => reboot::report_fresh(),
+        Token::RebootUntil(n) => reboot::until(n, settings.boots),
+        Token::BlkBoots(sector) => reboot::blk_boots(&mut settings.devices.blk, sector, settings.boots),
         Token::Echo => serial::echo_line(),
         Token::Initrd => bootinfo::report_initrd(),
         Token::DevWrite(reg, value) => testdev::write(reg, value),

@@ -32,7 +32,7 @@ const RECV_TIMEOUT_MS: u64 = 5000;
 const RX_IRQ: usize = 1;
 const TX_IRQ: usize = 2;
 
-const SPEC: DeviceSpec = DeviceSpec { name: "NET", device_id: 0x1041, optional_features: F_MAC };
+pub const SPEC: DeviceSpec = DeviceSpec { name: "NET", device_id: 0x1041, optional_features: F_MAC };
 
 pub struct Net {
     dev: Device,

@@ -13,7 +13,7 @@ const TIMEOUT_MS: u64 = 2000;
 /// MSI-X vector 0x43.
 const IRQ: usize = 3;
 
-const SPEC: DeviceSpec = DeviceSpec { name: "RNG", device_id: 0x1044, optional_features: 0 };
+pub const SPEC: DeviceSpec = DeviceSpec { name: "RNG", device_id: 0x1044, optional_features: 0 };
 
 pub struct Rng {
     dev: Device,

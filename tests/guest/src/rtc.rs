@@ -31,6 +31,15 @@ pub fn read_cmos(reg: u8) -> u8 {
     }
 }
 
+/// Writes CMOS register `reg` (NMIs stay enabled).
+pub fn write_cmos(reg: u8, value: u8) {
+    // SAFETY: selecting a CMOS register and writing it has no memory effects.
+    unsafe {
+        outb(INDEX, reg & 0x7F);
+        outb(DATA, value);
+    }
+}
+
 /// Raw register snapshot: sec, min, hour, day, month, year, century.
 fn snapshot() -> [u8; 7] {
     // Bounded wait for "update in progress" to clear (it lasts < 2 ms).

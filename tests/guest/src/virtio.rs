@@ -293,6 +293,32 @@ fn enable_msix(func: Function, at: u8) -> Result<Msix, &'static str> {
     Ok(Msix { table, entries })
 }
 
+/// `fresh`: how device `spec` looks before any driver touched it in this
+/// boot: `<NAME> FRESH status=<device status> msix=<on|off>` (after a
+/// reset both are 0/off), or `<NAME> FRESH absent`. Changes nothing.
+pub fn report_untouched(spec: &DeviceSpec) {
+    let Some(func) = pci::find(VENDOR_VIRTIO, spec.device_id) else {
+        crate::println!("{} FRESH absent", spec.name);
+        return;
+    };
+    let mut msix = false;
+    let mut common = None;
+    for (at, id) in func.capabilities() {
+        if id == CAP_MSIX {
+            msix |= func.read16(at + 2) & MSIX_ENABLE != 0;
+        } else if id == CAP_VENDOR && common.is_none() && (func.read32(at) >> 24) as u8 == CFG_COMMON {
+            common = Some((func.read8(at + 4), func.read32(at + 8)));
+        }
+    }
+    let status = common
+        .and_then(|(bar, offset)| window(func, bar, offset.into(), COMMON_LEN).ok())
+        .map(|m| m.read8(DEVICE_STATUS));
+    match status {
+        Some(s) => crate::println!("{} FRESH status={} msix={}", spec.name, s, if msix { "on" } else { "off" }),
+        None => crate::println!("{} FRESH unmapped", spec.name),
+    }
+}
+
 /// A device that is initialised on first use and kept.
 pub enum Slot<T> {
     Untried,
