@@ -3,7 +3,8 @@
 //! `blk-boots`, `reboot-until`). Devices come back reset: the serial FIFO
 //! empty although input was waiting in it, the virtio devices unconfigured
 //! (status 0, MSI-X off) until the guest's driver sets them up again, and
-//! the disk holding what earlier boots wrote. A VM that rebooted migrates;
+//! the disk holding what earlier boots wrote; a second vCPU comes up again
+//! at every boot. A VM that rebooted migrates;
 //! a reset while a migration runs cancels the migration and reboots.
 //! `--on-reset exit` is in tests/boot.rs.
 
@@ -61,6 +62,23 @@ fn the_guest_reboots_three_times_and_finds_its_devices_reset() {
             "boot {n} writes"
         );
         assert!(lines.iter().any(|l| l.starts_with("RNG len=16")), "boot {n}: the rng works again");
+    }
+}
+
+#[test]
+fn with_two_vcpus_the_second_comes_up_again_at_every_boot() {
+    if !kvm_or_skip("with_two_vcpus_the_second_comes_up_again_at_every_boot") {
+        return;
+    }
+    // The AP is back in wait-for-SIPI after each reset; the guest starts it
+    // again with INIT/SIPI as at the first boot.
+    let run =
+        Running::new(spawn_ferry(&["run", "--cpus", "2", "--cmdline", "boot smp reboot-until=3 exit=0"]))
+            .finish(DEADLINE);
+    assert_eq!(run.code(), 0, "stdout:\n{}\nstderr:\n{}", run.stdout, run.stderr);
+    for n in 1..=3u32 {
+        let lines = boot_lines(&run.stdout, n);
+        assert!(lines.contains(&"SMP OK cpus=2 started=2"), "boot {n}:\n{}", run.stdout);
     }
 }
 
