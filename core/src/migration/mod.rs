@@ -1,5 +1,6 @@
 //! Moving a VM's state: the stream format, the manifest, snapshots.
 
+pub mod conn;
 pub mod hostinfo;
 pub mod inspect;
 pub mod live;

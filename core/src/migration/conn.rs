@@ -1,0 +1,222 @@
+//! The connection a migration runs over: where to connect or listen
+//! (`Endpoint`), the byte stream (`Conn`), how a running migration is given
+//! up (`Cancel`), and the errors of a migration (`MigrateError`). Below
+//! `live.rs`, which runs the protocol over it.
+
+use std::{
+    io::{Read, Write},
+    net::TcpStream,
+    os::unix::net::UnixStream,
+    time::Duration,
+};
+
+use super::stream::StreamError;
+
+/// Migration errors.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    /// The URI is not tcp:HOST:PORT or unix:PATH.
+    #[error("'{0}' is not tcp:HOST:PORT or unix:PATH")]
+    Uri(String),
+    /// Cannot reach the destination.
+    #[error("cannot connect to {uri}: {source}")]
+    Connect {
+        /// Where.
+        uri: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The stream broke or carried something wrong.
+    #[error("{phase}: {source}")]
+    Stream {
+        /// During which phase.
+        phase: &'static str,
+        /// What.
+        source: StreamError,
+    },
+    /// The destination refused the plan.
+    #[error("refused by the destination:\n{}", .0.join("\n"))]
+    Refused(Vec<String>),
+    /// The destination said something unexpected or failed.
+    #[error("{0}")]
+    Protocol(String),
+    /// Saving state failed (a refused downgrade, a KVM error).
+    #[error("{0}")]
+    State(String),
+    /// Pre-copy does not converge.
+    #[error("did not converge after {rounds} rounds: the guest dirties {dirty:.1} MB/s, the link moves {link:.1} MB/s; the source keeps running")]
+    NoConvergence {
+        /// Rounds done.
+        rounds: u32,
+        /// MB/s dirtied.
+        dirty: f64,
+        /// MB/s sent.
+        link: f64,
+    },
+}
+
+/// How a running migration is given up (`ferry ctl migrate-cancel`, or
+/// the guest resetting): a flag pre-copy checks between rounds, and, until
+/// the switch-over begins, the connection, shut down so that a read
+/// waiting on the destination (the handshake, a pass's acknowledgement)
+/// returns at once. From the switch-over on, cancelling only sets the flag,
+/// which nothing reads any more: the guest may already run on the
+/// destination, and only the destination's answer decides where it runs.
+#[derive(Default)]
+pub struct Cancel {
+    flag: std::sync::atomic::AtomicBool,
+    conn: std::sync::Mutex<Option<Conn>>,
+}
+
+impl Cancel {
+    fn slot(&self) -> std::sync::MutexGuard<'_, Option<Conn>> {
+        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Ready for a new migration.
+    pub fn clear(&self) {
+        *self.slot() = None;
+        self.flag.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Give the migration up.
+    pub fn cancel(&self) {
+        let slot = self.slot();
+        self.flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(conn) = slot.as_ref() {
+            conn.shutdown();
+        }
+    }
+
+    pub(crate) fn is_cancelled(&self) -> bool {
+        self.flag.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Let `cancel` shut this connection down (until `disarm`).
+    pub(crate) fn watch(&self, conn: &Conn) {
+        let mut slot = self.slot();
+        *slot = conn.try_clone().ok();
+        if self.is_cancelled() {
+            conn.shutdown();
+        }
+    }
+
+    /// The switch-over begins: from here `cancel` no longer touches the
+    /// connection. Fails if it was cancelled before.
+    pub(crate) fn disarm(&self) -> Result<(), MigrateError> {
+        *self.slot() = None;
+        if self.is_cancelled() {
+            return Err(MigrateError::Protocol("cancelled".into()));
+        }
+        Ok(())
+    }
+}
+
+/// A connected byte stream to the other side.
+pub enum Conn {
+    /// TCP.
+    Tcp(TcpStream),
+    /// Unix socket.
+    Unix(UnixStream),
+}
+
+impl Conn {
+    pub(crate) fn try_clone(&self) -> std::io::Result<Conn> {
+        Ok(match self {
+            Conn::Tcp(s) => Conn::Tcp(s.try_clone()?),
+            Conn::Unix(s) => Conn::Unix(s.try_clone()?),
+        })
+    }
+
+    pub(crate) fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        match self {
+            Conn::Tcp(s) => s.set_read_timeout(t),
+            Conn::Unix(s) => s.set_read_timeout(t),
+        }
+    }
+
+    /// Close both directions (wakes a blocked reader).
+    pub fn shutdown(&self) {
+        let _ = match self {
+            Conn::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
+            Conn::Unix(s) => s.shutdown(std::net::Shutdown::Both),
+        };
+    }
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Tcp(s) => s.read(buf),
+            Conn::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Tcp(s) => s.write(buf),
+            Conn::Unix(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Conn::Tcp(s) => s.flush(),
+            Conn::Unix(s) => s.flush(),
+        }
+    }
+}
+
+/// Where to connect or listen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// host:port.
+    Tcp(String),
+    /// A socket path.
+    Unix(std::path::PathBuf),
+}
+
+impl Endpoint {
+    /// Parse `tcp:HOST:PORT` or `unix:PATH`.
+    pub fn parse(uri: &str) -> Result<Self, MigrateError> {
+        if let Some(rest) = uri.strip_prefix("tcp:") {
+            if rest.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok()) {
+                return Ok(Endpoint::Tcp(rest.to_string()));
+            }
+        } else if let Some(path) = uri.strip_prefix("unix:") {
+            if !path.is_empty() {
+                return Ok(Endpoint::Unix(path.into()));
+            }
+        }
+        Err(MigrateError::Uri(uri.to_string()))
+    }
+
+    /// Connect.
+    pub fn connect(&self, uri: &str) -> Result<Conn, MigrateError> {
+        let err = |source| MigrateError::Connect { uri: uri.to_string(), source };
+        match self {
+            Endpoint::Tcp(addr) => {
+                let s = TcpStream::connect(addr).map_err(err)?;
+                let _ = s.set_nodelay(true);
+                Ok(Conn::Tcp(s))
+            }
+            Endpoint::Unix(path) => UnixStream::connect(path).map(Conn::Unix).map_err(err),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_parse() {
+        assert_eq!(Endpoint::parse("tcp:10.0.0.2:4444").unwrap(), Endpoint::Tcp("10.0.0.2:4444".into()));
+        assert_eq!(Endpoint::parse("unix:/tmp/m.sock").unwrap(), Endpoint::Unix("/tmp/m.sock".into()));
+        for bad in ["tcp:host", "tcp::1", "udp:1:2", "unix:", "tcp:h:99999"] {
+            assert!(Endpoint::parse(bad).is_err(), "{bad}");
+        }
+    }
+}
