@@ -67,7 +67,7 @@ pub enum PluginError {
         theirs: String,
         /// Ours.
         ours: String,
-        /// The member (`Host::pulse_irq`).
+        /// The member (`Host::set_status`).
         member: String,
     },
     /// A property kind from a newer plugin-api.

@@ -91,7 +91,7 @@ pub struct PluginDescriptor {
     /// Every property a machine type may set on this plugin's devices.
     pub properties: RVec<PropertySpec>,
     /// Members of later plugin-api minor releases this plugin cannot work
-    /// without (`"Host::pulse_irq"`): a core that lacks one refuses the
+    /// without (`"Host::set_status"`): a core that lacks one refuses the
     /// plugin at load, naming it. Members the plugin can do without (their
     /// callers get [`ErrorKind::UNSUPPORTED`] and fall back) are not listed.
     pub needs: RVec<RString>,

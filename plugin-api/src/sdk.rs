@@ -141,7 +141,7 @@ impl DescriptorBuilder {
     }
 
     /// Declare a member of a later plugin-api minor release this plugin
-    /// cannot work without (`"Host::pulse_irq"`): a core lacking it refuses
+    /// cannot work without (`"Host::set_status"`): a core lacking it refuses
     /// the plugin at load, naming it.
     pub fn needs(mut self, member: &str) -> Self {
         self.descriptor.needs.push(member.into());
