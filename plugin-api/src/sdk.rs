@@ -229,6 +229,13 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
+/// An SDK method's plain error: kind [`ErrorKind::OTHER`].
+impl From<String> for PluginError {
+    fn from(message: String) -> Self {
+        PluginError::other(message)
+    }
+}
+
 /// The error every call of a poisoned device returns.
 fn poisoned(reason: &str) -> PluginError {
     PluginError::new(ErrorKind::PANIC, format!("device unusable after an earlier failure: {reason}"))
@@ -249,10 +256,10 @@ pub struct Guarded<D> {
 }
 
 impl<D: PluginDevice> Guarded<D> {
-    fn call<T>(
+    fn call<T, E: Into<PluginError>>(
         &mut self,
         what: &str,
-        f: impl FnOnce(&mut D) -> Result<T, String>,
+        f: impl FnOnce(&mut D) -> Result<T, E>,
     ) -> RResult<T, PluginError> {
         if let Some(reason) = &self.poisoned {
             return RResult::RErr(poisoned(reason));
@@ -260,7 +267,7 @@ impl<D: PluginDevice> Guarded<D> {
         let inner = &mut self.inner;
         match catch_unwind(AssertUnwindSafe(|| f(inner))) {
             Ok(Ok(v)) => RResult::ROk(v),
-            Ok(Err(e)) => RResult::RErr(PluginError::other(e)),
+            Ok(Err(e)) => RResult::RErr(e.into()),
             Err(payload) => {
                 let msg = format!("plugin panicked in {what}: {}", panic_message(&*payload));
                 self.poisoned = Some(msg.clone());
@@ -305,18 +312,7 @@ impl<D: PluginDevice> Device for Guarded<D> {
     }
 
     fn reset(&mut self) -> RResult<(), PluginError> {
-        if let Some(reason) = &self.poisoned {
-            return RResult::RErr(poisoned(reason));
-        }
-        let inner = &mut self.inner;
-        match catch_unwind(AssertUnwindSafe(|| inner.reset())) {
-            Ok(r) => r.into(),
-            Err(payload) => {
-                let msg = format!("plugin panicked in reset: {}", panic_message(&*payload));
-                self.poisoned = Some(msg.clone());
-                RResult::RErr(PluginError::new(ErrorKind::PANIC, msg))
-            }
-        }
+        self.call("reset", |d| d.reset())
     }
 }
 

@@ -88,8 +88,22 @@ impl Cancel {
         }
     }
 
-    pub(crate) fn is_cancelled(&self) -> bool {
+    fn is_cancelled(&self) -> bool {
         self.flag.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Err("cancelled") once cancelled.
+    pub(crate) fn check(&self) -> Result<(), MigrateError> {
+        if self.is_cancelled() {
+            return Err(MigrateError::Protocol("cancelled".into()));
+        }
+        Ok(())
+    }
+
+    /// A failure caused by a cancel (the connection shut down under a
+    /// read) reads as the cancel it was.
+    pub(crate) fn explain(&self, e: MigrateError) -> MigrateError {
+        self.check().err().unwrap_or(e)
     }
 
     /// Let `cancel` shut this connection down (until `disarm`).
@@ -105,10 +119,7 @@ impl Cancel {
     /// connection. Fails if it was cancelled before.
     pub(crate) fn disarm(&self) -> Result<(), MigrateError> {
         *self.slot() = None;
-        if self.is_cancelled() {
-            return Err(MigrateError::Protocol("cancelled".into()));
-        }
-        Ok(())
+        self.check()
     }
 }
 

@@ -212,7 +212,7 @@ pub fn migrate(core: &VmCore, opts: &Options, cancel: &Cancel) -> Result<Status,
     let encoded = state::encode(&manifest).map_err(|e| MigrateError::State(e.to_string()))?;
     link.send(Kind::Hello, "", super::manifest::MANIFEST_VERSION, &encoded).map_err(io("handshake"))?;
     link.flush().map_err(io("handshake"))?;
-    let (h, payload) = link.receive().map_err(|e| cancelled_or(cancel, st("handshake")(e)))?;
+    let (h, payload) = link.receive().map_err(|e| cancel.explain(st("handshake")(e)))?;
     if h.kind == Kind::Failed {
         return Err(MigrateError::Protocol(format!("destination: {}", String::from_utf8_lossy(&payload))));
     }
@@ -248,7 +248,7 @@ pub fn migrate(core: &VmCore, opts: &Options, cancel: &Cancel) -> Result<Status,
         send_memfd(&link, memfd)?;
         // The destination answers once its VM is built on the memfd: only
         // then does the guest pause here.
-        sync(&mut link, "memfd hand-over").map_err(|e| cancelled_or(cancel, e))?;
+        sync(&mut link, "memfd hand-over").map_err(|e| cancel.explain(e))?;
         cancel.disarm()?;
         let result = switch_over(core, &plan, &mut link, start, Vec::new(), 0, None);
         if result.is_err() && core.control.is_paused() {
@@ -262,7 +262,7 @@ pub fn migrate(core: &VmCore, opts: &Options, cancel: &Cancel) -> Result<Status,
     update(core, |s| s.phase = "precopy".into());
     core.kvm.set_dirty_log(&core.ram, true).map_err(|e| MigrateError::State(e.to_string()))?;
     let result =
-        precopy_and_switch(core, opts, &plan, &mut link, start, cancel).map_err(|e| cancelled_or(cancel, e));
+        precopy_and_switch(core, opts, &plan, &mut link, start, cancel).map_err(|e| cancel.explain(e));
     if result.is_err() {
         // Give the guest back: running, not logging.
         if core.control.is_paused() {
@@ -305,16 +305,6 @@ fn send_memfd(link: &Link, memfd: &std::fs::File) -> Result<(), MigrateError> {
     Ok(())
 }
 
-/// A failure caused by a cancel (the connection shut down under a read)
-/// reads as the cancel it was.
-fn cancelled_or(cancel: &Cancel, e: MigrateError) -> MigrateError {
-    if cancel.is_cancelled() {
-        MigrateError::Protocol("cancelled".into())
-    } else {
-        e
-    }
-}
-
 fn precopy_and_switch(
     core: &VmCore,
     opts: &Options,
@@ -323,13 +313,6 @@ fn precopy_and_switch(
     start: Instant,
     cancel: &Cancel,
 ) -> Result<Status, MigrateError> {
-    let cancelled = || {
-        if cancel.is_cancelled() {
-            Err(MigrateError::Protocol("cancelled".into()))
-        } else {
-            Ok(())
-        }
-    };
     // Round 0: every non-zero page (the destination's RAM starts zeroed).
     let _ = core.kvm.dirty_pages(&core.ram); // start a fresh log
     let _ = core.ram.dirty().take();
@@ -350,7 +333,7 @@ fn precopy_and_switch(
         s.bytes_sent = link.sent;
         s.bandwidth_bytes_per_s = bandwidth;
     });
-    cancelled()?;
+    cancel.check()?;
 
     let max_downtime = opts.max_downtime_ms as f64 / 1e3;
     let knobs = Knobs::from_env();
@@ -396,7 +379,7 @@ fn precopy_and_switch(
             s.bytes_sent = link.sent;
             s.bandwidth_bytes_per_s = bandwidth;
         });
-        cancelled()?;
+        cancel.check()?;
         round += 1;
     }
 }
