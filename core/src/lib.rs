@@ -7,6 +7,7 @@ pub mod bus;
 pub mod cpu;
 pub mod host;
 pub mod interrupts;
+pub mod isolate;
 pub mod kvm;
 pub mod log;
 pub mod machine;

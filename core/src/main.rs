@@ -79,6 +79,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run one isolated device (started by `ferry run --isolate`, with its
+    /// sockets at descriptors 3 and 4; not for use by hand).
+    #[command(hide = true)]
+    DeviceProcess,
     /// Write the bundled test guest (an ELF with a PVH note that QEMU boots
     /// too) to FILE, for side-by-side runs.
     TestGuest {
@@ -173,6 +177,29 @@ struct RunArgs {
     /// booting (the machine type and devices come from the source).
     #[arg(long, value_name = "URI", conflicts_with_all = ["machine", "kernel", "initramfs", "cmdline", "cpus", "memory", "disk", "net", "rng", "restore"])]
     incoming: Option<String>,
+    /// Run these devices (ids from the machine type, or all) each in a
+    /// sandboxed device process of its own: a device that crashes or hangs
+    /// stops the guest, not ferry. A host policy: the guest, its snapshots
+    /// and its migrations are the same either way.
+    #[arg(long, value_name = "ID[,ID...]|all", value_parser = parse_isolate)]
+    isolate: Option<ferry::isolate::Isolate>,
+    /// How long an isolated device may take to answer a register access
+    /// before it counts as failed, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = ferry::isolate::DEFAULT_TIMEOUT.as_millis() as u64, requires = "isolate")]
+    device_timeout: u64,
+}
+
+fn parse_isolate(s: &str) -> Result<ferry::isolate::Isolate, String> {
+    ferry::isolate::Isolate::parse(s)
+}
+
+impl RunArgs {
+    fn isolation(&self) -> ferry::isolate::Isolation {
+        ferry::isolate::Isolation {
+            devices: self.isolate.clone().unwrap_or_default(),
+            timeout: std::time::Duration::from_millis(self.device_timeout.max(1)),
+        }
+    }
 }
 
 /// `--on-reset`.
@@ -204,8 +231,8 @@ fn run(args: RunArgs) -> Result<ExitCode> {
         None => None,
     };
     let (vm, confirm) = match (&args.restore, &args.incoming) {
-        (Some(file), _) => (vm::restore(file, &plugins, args.verify_memory)?, None),
-        (None, Some(uri)) => match vm::incoming(uri, &plugins)? {
+        (Some(file), _) => (vm::restore(file, &plugins, args.verify_memory, &args.isolation())?, None),
+        (None, Some(uri)) => match vm::incoming(uri, &plugins, &args.isolation())? {
             Some((vm, link)) => (vm, Some(link)),
             None => {
                 eprintln!("ferry: dry run: the source only asked for the plan");
@@ -264,6 +291,7 @@ fn boot_config(args: &RunArgs, plugins: PathBuf) -> Result<BootConfig> {
         cpus: args.cpus,
         memory,
         plugins,
+        isolation: args.isolation(),
     })
 }
 
@@ -486,6 +514,7 @@ fn main() -> ExitCode {
                 }
             })
         }
+        Command::DeviceProcess => Ok(ExitCode::from(ferry::isolate::process::main() as u8)),
         Command::TestGuest { output } => std::fs::write(&output, ferry::boot::TEST_GUEST)
             .map(|()| ExitCode::SUCCESS)
             .with_context(|| format!("cannot write {}", output.display())),

@@ -94,17 +94,59 @@ pub fn push_set_bits(words: impl IntoIterator<Item = u64>, first: u64, out: &mut
 /// Pages written by devices, one bit per 4 KiB page of RAM, indexed by the
 /// page's offset in the memfd. Devices set bits with atomic ORs through the
 /// address they get from `Host::guest_memory`; migration reads and clears
-/// them here.
+/// them here. The words live in a memfd of their own, mapped shared, so a
+/// device process (`isolate/`) maps the same bitmap.
 pub struct DirtyBitmap {
-    words: Box<[AtomicU64]>,
+    memfd: File,
+    words: *const AtomicU64,
+    len: usize,
     pages: u64,
+}
+
+// SAFETY: the mapping is plain shared memory accessed only through atomics;
+// it lives as long as this value.
+unsafe impl Send for DirtyBitmap {}
+// SAFETY: as above.
+unsafe impl Sync for DirtyBitmap {}
+
+impl Drop for DirtyBitmap {
+    fn drop(&mut self) {
+        // SAFETY: the mapping `new` made; nothing refers to it once the
+        // bitmap (owned by the VM's RAM) is gone.
+        unsafe { libc::munmap(self.words as *mut libc::c_void, self.len * 8) };
+    }
 }
 
 impl DirtyBitmap {
     /// A clean bitmap for `pages` pages.
-    pub fn new(pages: u64) -> Self {
-        let words = (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
-        DirtyBitmap { words, pages }
+    pub fn new(pages: u64) -> Result<Self, MemoryError> {
+        use std::os::fd::AsRawFd;
+        let len = usize::try_from(pages.div_ceil(64).max(1)).map_err(|e| MemoryError::Map(e.to_string()))?;
+        let fail = |source| MemoryError::Allocate { size: format!("dirty bitmap of {pages} pages"), source };
+        let memfd = create_memfd(c"ferry-dirty-bitmap").map_err(fail)?;
+        memfd.set_len(len as u64 * 8).map_err(fail)?;
+        // SAFETY: a new shared mapping of the whole memfd (sized above);
+        // checked for failure below.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len * 8,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                memfd.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(MemoryError::Map(format!("dirty bitmap: {}", std::io::Error::last_os_error())));
+        }
+        Ok(DirtyBitmap { memfd, words: p as *const AtomicU64, len, pages })
+    }
+
+    fn words(&self) -> &[AtomicU64] {
+        // SAFETY: `len` words mapped read-write by `new`, zero-filled by
+        // the memfd, alive as long as `self`; AtomicU64 has u64's layout.
+        unsafe { std::slice::from_raw_parts(self.words, self.len) }
     }
 
     /// Pages covered.
@@ -115,26 +157,31 @@ impl DirtyBitmap {
     /// Mark page `page` dirty.
     pub fn mark(&self, page: u64) {
         if page < self.pages {
-            self.words[(page / 64) as usize].fetch_or(1 << (page % 64), Ordering::Release);
+            self.words()[(page / 64) as usize].fetch_or(1 << (page % 64), Ordering::Release);
         }
     }
 
     /// Is page `page` dirty?
     pub fn is_dirty(&self, page: u64) -> bool {
         page < self.pages
-            && self.words[(page / 64) as usize].load(Ordering::Acquire) & (1 << (page % 64)) != 0
+            && self.words()[(page / 64) as usize].load(Ordering::Acquire) & (1 << (page % 64)) != 0
     }
 
     /// The dirty page indexes, clearing them.
     pub fn take(&self) -> Vec<u64> {
         let mut pages = Vec::new();
-        push_set_bits(self.words.iter().map(|w| w.swap(0, Ordering::AcqRel)), 0, &mut pages);
+        push_set_bits(self.words().iter().map(|w| w.swap(0, Ordering::AcqRel)), 0, &mut pages);
         pages
+    }
+
+    /// The memfd holding the words (for a device process).
+    pub fn memfd(&self) -> &File {
+        &self.memfd
     }
 
     /// Address of the first word, for devices.
     fn as_addr(&self) -> u64 {
-        self.words.as_ptr() as u64
+        self.words as u64
     }
 }
 
@@ -192,7 +239,7 @@ impl GuestRam {
             }
         }
         let memfd =
-            create_memfd().map_err(|source| MemoryError::Allocate { size: human_size(size), source })?;
+            create_memfd(c"ferry-guest-ram").map_err(|source| MemoryError::Allocate { size: human_size(size), source })?;
         memfd.set_len(size).map_err(|source| MemoryError::Allocate { size: human_size(size), source })?;
         Self::map_memfd(size, memfd)
     }
@@ -207,7 +254,7 @@ impl GuestRam {
         }
         let mem =
             GuestMemoryMmap::from_ranges_with_files(regions).map_err(|e| MemoryError::Map(e.to_string()))?;
-        let dirty = DirtyBitmap::new(size / PAGE_SIZE);
+        let dirty = DirtyBitmap::new(size / PAGE_SIZE)?;
         Ok(GuestRam { memfd: Some(memfd), ranges, mem, dirty, own_maps: Vec::new() })
     }
 
@@ -276,7 +323,28 @@ impl GuestRam {
             );
         }
         let mem = GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Map(e.to_string()))?;
-        Ok(GuestRam { memfd: None, ranges, mem, dirty: DirtyBitmap::new(size / PAGE_SIZE), own_maps })
+        Ok(GuestRam { memfd: None, ranges, mem, dirty: DirtyBitmap::new(size / PAGE_SIZE)?, own_maps })
+    }
+
+    /// RAM of `size` bytes on a new memfd holding the `runs` of a snapshot
+    /// file, read in now: slower than `from_snapshot`'s lazy private
+    /// mapping, but shareable with device processes (`--isolate`), which a
+    /// private file mapping is not.
+    pub fn from_snapshot_copied(size: u64, file: &File, runs: &[(u64, u64, u64)]) -> Result<Self, MemoryError> {
+        use std::os::unix::fs::FileExt;
+        let ram = Self::new(size)?;
+        for &(gpa, bytes, file_offset) in runs {
+            let Some(r) = ram.ranges.iter().find(|r| gpa >= r.gpa && gpa + bytes <= r.gpa + r.len) else {
+                return Err(MemoryError::Map(format!("snapshot run at {gpa:#x} is outside guest RAM")));
+            };
+            let host = vm_memory::GuestMemoryBackend::get_host_address(&ram.mem, GuestAddress(r.gpa))
+                .map_err(|e| MemoryError::Map(e.to_string()))?;
+            // SAFETY: `gpa..gpa + bytes` lies in range `r` (checked above),
+            // mapped read-write by `new`; nothing else uses the RAM yet.
+            let dst = unsafe { std::slice::from_raw_parts_mut(host.add((gpa - r.gpa) as usize), bytes as usize) };
+            file.read_exact_at(dst, file_offset).map_err(|e| MemoryError::Map(format!("reading snapshot memory: {e}")))?;
+        }
+        Ok(ram)
     }
 
     /// The vm-memory view.
@@ -447,10 +515,10 @@ impl GuestRam {
     }
 }
 
-fn create_memfd() -> std::io::Result<File> {
+fn create_memfd(name: &std::ffi::CStr) -> std::io::Result<File> {
     // SAFETY: memfd_create takes a NUL-terminated name and flags; it returns
     // a new fd or -1, and we take ownership of the fd only on success.
-    let fd = unsafe { libc::memfd_create(c"ferry-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }

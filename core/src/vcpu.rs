@@ -36,6 +36,14 @@ pub enum StopEvent {
     Exit(i32),
     /// Something failed; the VM cannot go on.
     Error(String),
+    /// An isolated device's process died or stopped answering
+    /// (`isolate/`): the guest stays stopped, the API keeps answering.
+    DeviceFailed {
+        /// The device's bus index.
+        index: usize,
+        /// One line: device, plugin, cause.
+        message: String,
+    },
 }
 
 const RUNNING: u8 = 0;

@@ -38,6 +38,11 @@ pub struct VmCore {
     pub(crate) status: Arc<std::sync::Mutex<std::collections::BTreeMap<usize, String>>>,
     /// How often the guest rebooted in this process.
     pub(crate) reboots: std::sync::atomic::AtomicU32,
+    /// The isolated device that failed, by bus index, and the line saying
+    /// how (the VM is stopped for good then).
+    pub(crate) failure: std::sync::Mutex<Option<(usize, String)>>,
+    /// Which devices run in device processes.
+    pub(crate) placement: Arc<crate::isolate::Placement>,
 }
 
 impl VmCore {
@@ -96,8 +101,15 @@ impl VmCore {
     /// What `ferry ctl info` shows.
     pub fn info(&self) -> serde_json::Value {
         let status = self.status.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let failure = self.failure.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let state = match &failure {
+            Some(_) => "failed",
+            None if self.control.is_paused() => "paused",
+            None => "running",
+        };
         serde_json::json!({
-            "state": if self.control.is_paused() { "paused" } else { "running" },
+            "state": state,
+            "failure": failure.as_ref().map(|f| f.1.clone()),
             "reboots": self.reboots.load(std::sync::atomic::Ordering::Relaxed),
             "machine": self.machine.name,
             "cpus": self.cpus,
@@ -116,6 +128,8 @@ impl VmCore {
                 "plugin_api": self.registry.get(&d.plugin).map(|p| p.api_version.clone()),
                 "state_version": self.registry.get(&d.plugin).map(|p| p.descriptor.state.current),
                 "status": status.get(&i),
+                "isolated": self.placement.isolates(&d.id),
+                "failed": failure.as_ref().filter(|f| f.0 == i).map(|f| f.1.clone()),
             })).collect::<Vec<_>>(),
         })
     }

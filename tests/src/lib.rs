@@ -99,11 +99,32 @@ pub fn spawn_ferry(args: &[&str]) -> std::process::Child {
     spawn_ferry_env(args, &[])
 }
 
+/// Does this test binary run every device in a device process? The
+/// binaries whose names end in `_isolated` (tests/Cargo.toml builds boot,
+/// virtio, snapshot and migration a second time under such a name) start
+/// every `ferry run` with `--isolate all`.
+pub fn isolating() -> bool {
+    let exe = std::env::current_exe().unwrap_or_default();
+    let name = exe.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    // cargo names the executable `<test>-<hash>`.
+    name.rsplit_once('-').is_some_and(|(test, _)| test.ends_with("_isolated"))
+}
+
+/// `args` as this binary runs them: `--isolate all` after `run` when
+/// [`isolating`].
+pub fn run_args<'a>(args: &[&'a str]) -> Vec<&'a str> {
+    let mut all = args.to_vec();
+    if isolating() && all.first() == Some(&"run") {
+        all.splice(1..1, ["--isolate", "all"]);
+    }
+    all
+}
+
 /// Start ferry with `args` and extra environment variables.
 pub fn spawn_ferry_env(args: &[&str], env: &[(&str, &str)]) -> std::process::Child {
     Command::new(ferry_bin())
         .envs(env.iter().copied())
-        .args(args)
+        .args(run_args(args))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -88,8 +88,10 @@ impl NetNs {
             all.push("env");
             all.extend_from_slice(env);
         }
-        all.extend_from_slice(&[&bin, "run", "--plugins", &plugins]);
-        all.extend_from_slice(args);
+        all.extend_from_slice(&[&bin]);
+        let mut run = vec!["run", "--plugins", &plugins];
+        run.extend_from_slice(args);
+        all.extend(crate::run_args(&run));
         crate::spawn_command("ip", &all)
     }
 

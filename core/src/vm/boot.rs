@@ -29,7 +29,8 @@ pub fn boot(config: BootConfig) -> Result<Vm, VmError> {
     }
     let host = HostCpu::probe()?;
     let guest_cpu = VmCpu::for_model(config.machine.cpu, &host, cpus)?;
-    let mut vm = build(config.machine, &config.plugins, cpus, guest_cpu, RamSource::Fresh(memory))?;
+    let mut vm =
+        build(config.machine, &config.plugins, cpus, guest_cpu, RamSource::Fresh(memory), &config.isolation)?;
     let cmdline = match (&config.cmdline, &config.kernel) {
         (Some(c), _) => c.clone(),
         (None, Kernel::TestGuest) => boot::TEST_GUEST_CMDLINE.to_string(),

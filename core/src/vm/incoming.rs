@@ -21,6 +21,7 @@ use crate::{
 pub fn incoming(
     uri: &str,
     plugins: &Path,
+    isolation: &crate::isolate::Isolation,
 ) -> Result<Option<(Vm, crate::migration::live::IncomingLink)>, VmError> {
     use crate::migration::{live, plan};
     let fail = |m: String| VmError::Failed(format!("incoming migration: {m}"));
@@ -58,7 +59,7 @@ pub fn incoming(
         Some(file) => RamSource::Memfd(m.memory, file),
         None => RamSource::Fresh(m.memory),
     };
-    let vm = match build(machine, plugins, m.cpus, cpu, ram) {
+    let vm = match build(machine, plugins, m.cpus, cpu, ram, isolation) {
         Ok(vm) => vm,
         Err(e) => {
             incoming.link.failed(&e.to_string());

@@ -38,6 +38,7 @@ use crate::{
     cpu::{CpuError, VmCpu},
     host::{DeviceHost, VmServices},
     interrupts::IrqRouter,
+    isolate::{Isolation, Placement},
     kvm::{KvmError, Machine},
     machine::{self, MachineError, MachineType},
     memory::{GuestRam, MemoryError},
@@ -67,6 +68,8 @@ pub struct BootConfig {
     pub memory: Option<u64>,
     /// Plugin directory.
     pub plugins: PathBuf,
+    /// Which devices run in device processes.
+    pub isolation: Isolation,
 }
 
 /// How the guest ended.
@@ -196,15 +199,23 @@ fn build(
     cpus: u8,
     mut cpu: VmCpu,
     ram: RamSource<'_>,
+    isolation: &Isolation,
 ) -> Result<Vm, VmError> {
     let registry = Registry::load_dir(plugins)?;
     let plans = machine::resolve(&machine, &registry)?;
     if cpus == 0 {
         return Err(VmError::NoCpus);
     }
+    let ids: Vec<String> = plans.iter().map(|p| p.id.clone()).collect();
+    isolation.devices.check(&ids).map_err(VmError::Runtime)?;
     let ram = match ram {
         RamSource::Fresh(size) => GuestRam::new(size)?,
         RamSource::Memfd(size, file) => GuestRam::from_memfd(size, file)?,
+        // Device processes map RAM from a memfd; a private file mapping
+        // cannot be shared, so its pages are read in.
+        RamSource::Snapshot { size, file, runs } if isolation.devices.any() => {
+            GuestRam::from_snapshot_copied(size, file, &runs)?
+        }
         RamSource::Snapshot { size, file, runs } => GuestRam::from_snapshot(size, file, &runs)?,
     };
     let kvm = Machine::new(usize::from(cpus))?;
@@ -219,6 +230,7 @@ fn build(
         memory: ram.device_map(),
         status: Arc::default(),
     };
+    let placement = Arc::new(Placement::new(isolation.clone(), &ram, control.clone()).map_err(VmError::Runtime)?);
     let mut bus = Bus::new();
     let mut configs = Vec::with_capacity(plans.len());
     for plan in &plans {
@@ -230,7 +242,7 @@ fn build(
             properties: plan.properties.iter().cloned().collect::<RVec<_>>(),
         };
         configs.push(config.clone());
-        let parts = lib.create(config, host).map_err(|message| VmError::Device {
+        let parts = placement.create(lib, config, host, index).map_err(|message| VmError::Device {
             id: plan.id.clone(),
             plugin: plan.plugin.clone(),
             message,
@@ -251,7 +263,7 @@ fn build(
         vcpus.push(fd);
     }
     let status = services.status.clone();
-    let reset = reset::ResetPoint::capture(&kvm.vm, &vcpus, &cpu.msrs, configs, services);
+    let reset = reset::ResetPoint::capture(&kvm.vm, &vcpus, &cpu.msrs, configs, services, placement.clone());
     let core = VmCore {
         machine,
         registry,
@@ -264,6 +276,8 @@ fn build(
         migration: std::sync::Mutex::new(None),
         status,
         reboots: Default::default(),
+        failure: Default::default(),
+        placement,
     };
     Ok(Vm { core: Arc::new(core), stop_rx, vcpus, reset, image: None, on_reset: OnReset::default() })
 }

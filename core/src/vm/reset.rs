@@ -45,6 +45,7 @@ pub(super) struct ResetPoint {
     /// Each device's configuration, by bus index (for recreating it).
     devices: Vec<DeviceConfig>,
     services: VmServices,
+    placement: std::sync::Arc<crate::isolate::Placement>,
 }
 
 impl ResetPoint {
@@ -56,13 +57,14 @@ impl ResetPoint {
         msrs: &[(u32, &'static str)],
         devices: Vec<DeviceConfig>,
         services: VmServices,
+        placement: std::sync::Arc<crate::isolate::Placement>,
     ) -> Result<Self, String> {
         let vcpus = vcpus
             .iter()
             .map(|fd| state::save_vcpu(fd, msrs).map_err(|e| e.to_string()))
             .collect::<Result<Vec<_>, _>>()?;
         let machine = state::save_machine(vm).map_err(|e| e.to_string())?;
-        Ok(ResetPoint { vcpus, machine, devices, services })
+        Ok(ResetPoint { vcpus, machine, devices, services, placement })
     }
 }
 
@@ -136,7 +138,7 @@ impl Vm {
         self.bus
             .recreate_device(index, || {
                 let host = DeviceHost::new_box(&slot.id, index, services);
-                let parts = lib.create(config, host)?;
+                let parts = point.placement.create(lib, config, host, index)?;
                 let mut device = parts.device;
                 // Paused like every other device until the reboot is done.
                 device.pause().into_result().map_err(String::from)?;

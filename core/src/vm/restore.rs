@@ -169,7 +169,12 @@ fn restored_cpu(c: &SnapshotContents, host: &HostCpu) -> Result<VmCpu, String> {
 
 /// Build a VM from a snapshot: the machine type comes from the file; memory
 /// is mapped from it lazily. Every section is checked before the VM runs.
-pub fn restore(path: &Path, plugins: &Path, verify_memory: bool) -> Result<Vm, VmError> {
+pub fn restore(
+    path: &Path,
+    plugins: &Path,
+    verify_memory: bool,
+    isolation: &crate::isolate::Isolation,
+) -> Result<Vm, VmError> {
     let shown = path.display().to_string();
     let bad = |m: String| VmError::Snapshot { path: shown.clone(), message: m };
     let file = File::open(path).map_err(|e| bad(format!("cannot open: {e}")))?;
@@ -208,6 +213,7 @@ pub fn restore(path: &Path, plugins: &Path, verify_memory: bool) -> Result<Vm, V
         m.cpus,
         cpu,
         RamSource::Snapshot { size: m.memory, file: &file, runs: c.runs.clone() },
+        isolation,
     )?;
     if vm.ram.ranges().iter().map(|r| (r.gpa, r.len)).collect::<Vec<_>>() != m.ram {
         return Err(bad("the memory layout differs from this ferry's for the same size".into()));

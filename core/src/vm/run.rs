@@ -69,6 +69,9 @@ impl Vm {
                 crossbeam_channel::select! {
                     recv(self.stop_rx) -> ev => {
                         let ev = ev.unwrap_or(StopEvent::Error("VM control channel closed".into()));
+                        if matches!(ev, StopEvent::DeviceFailed { .. }) && migrating {
+                            cancel.cancel();
+                        }
                         if ev == StopEvent::Reset && migrating {
                             crate::log::warn("the guest reset the machine during a migration: cancelling the migration");
                             cancel.cancel();
@@ -195,6 +198,15 @@ impl Vm {
             }
             break 'boots event;
         };
+        if let StopEvent::DeviceFailed { index, message } = &event {
+            crate::log::log(ferry_plugin_api::LogLevel::ERROR, &format!("{message}; the guest is stopped"));
+            *self.failure.lock().unwrap_or_else(|e| e.into_inner()) = Some((*index, message.clone()));
+            if let Some(s) = &served {
+                crate::log::info("the control API keeps answering; `ferry ctl shutdown` ends ferry");
+                self.serve_failed(s, message);
+                shutdown_answer = true;
+            }
+        }
         if shutdown_answer {
             // Let the API thread finish writing the last answer.
             if let Some(s) = &served {
@@ -209,7 +221,29 @@ impl Vm {
             StopEvent::Exit(_) if shutdown => Ok(Outcome::Shutdown),
             StopEvent::Reset => Ok(Outcome::Reset),
             StopEvent::Exit(status) => Ok(Outcome::Exit(status)),
-            StopEvent::Error(msg) => Err(VmError::Failed(msg)),
+            StopEvent::Error(msg) | StopEvent::DeviceFailed { message: msg, .. } => Err(VmError::Failed(msg)),
+        }
+    }
+
+    /// After an isolated device failed: the guest stays stopped, nothing
+    /// of it is written anywhere, and the API answers (`info` names the
+    /// failed device) until `shutdown`.
+    fn serve_failed(&self, served: &api::Served, message: &str) {
+        while let Ok((req, reply)) = served.calls.recv() {
+            let answer = match req {
+                ApiRequest::Info => Ok(self.info()),
+                ApiRequest::MigrationStatus => Ok(serde_json::to_value(
+                    self.migration.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+                )
+                .unwrap_or_default()),
+                ApiRequest::Shutdown => {
+                    while served.answered.try_recv().is_ok() {}
+                    let _ = reply.send(Ok(serde_json::json!({"state": "shutting down"})));
+                    return;
+                }
+                _ => Err(Failure::conflict(format!("the guest is stopped for good: {message}"))),
+            };
+            let _ = reply.send(answer);
         }
     }
 }

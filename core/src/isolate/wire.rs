@@ -1,0 +1,272 @@
+//! The socket between ferry and a device process: a `SOCK_SEQPACKET` pair,
+//! one message per send, file descriptors attached with `SCM_RIGHTS`.
+//!
+//! A message larger than one datagram (a big device state) goes as several:
+//! each datagram starts with a byte saying whether more follow, and the
+//! descriptors ride on the first. Callers keep one message in flight per
+//! direction (they hold a lock around send and receive), so datagrams of
+//! two messages never interleave.
+
+use std::{
+    io,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+    time::Instant,
+};
+
+/// Payload bytes per datagram (the socket's buffer holds several).
+const CHUNK: usize = 60 * 1024;
+/// Descriptors one message may carry.
+const MAX_FDS: usize = 4;
+/// Largest message accepted (a device state, mostly).
+pub const MAX_MESSAGE: usize = 256 << 20;
+
+/// Why a receive or send did not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    /// The other side closed its end (its process ended).
+    #[error("the other side closed the connection")]
+    Closed,
+    /// Nothing came before the deadline.
+    #[error("no answer in time")]
+    Timeout,
+    /// A datagram or a message that breaks the framing.
+    #[error("malformed message: {0}")]
+    Malformed(String),
+    /// The socket failed.
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+/// One end of the pair.
+pub struct Channel {
+    fd: OwnedFd,
+}
+
+/// A connected pair (close-on-exec; the spawner moves one end into the
+/// child by `dup2`).
+pub fn pair() -> io::Result<(Channel, Channel)> {
+    let mut fds = [0; 2];
+    // SAFETY: socketpair writes two descriptors into `fds` on success.
+    let r = unsafe {
+        libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0, fds.as_mut_ptr())
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors are new and owned by nobody else.
+    Ok(unsafe { (Channel::from_raw(fds[0]), Channel::from_raw(fds[1])) })
+}
+
+impl Channel {
+    /// Take ownership of descriptor `fd`, a `SOCK_SEQPACKET` socket.
+    ///
+    /// # Safety
+    /// `fd` must be an open descriptor nothing else owns.
+    pub unsafe fn from_raw(fd: RawFd) -> Self {
+        // SAFETY: as the caller promises.
+        Channel { fd: unsafe { OwnedFd::from_raw_fd(fd) } }
+    }
+
+    /// The descriptor (for the spawner's `dup2`).
+    pub fn raw(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    /// Wait until the socket is readable (or writable), up to `deadline`.
+    fn wait(&self, events: libc::c_short, deadline: Option<Instant>) -> Result<(), WireError> {
+        loop {
+            let timeout = match deadline {
+                None => -1,
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(WireError::Timeout);
+                    }
+                    i32::try_from(left.as_millis().max(1)).unwrap_or(i32::MAX)
+                }
+            };
+            let mut p = libc::pollfd { fd: self.raw(), events, revents: 0 };
+            // SAFETY: one valid pollfd.
+            let r = unsafe { libc::poll(&mut p, 1, timeout) };
+            if r > 0 {
+                return Ok(());
+            }
+            if r < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e.into());
+                }
+            }
+        }
+    }
+
+    /// Send `bytes` with `fds` attached, waiting for room up to `deadline`.
+    pub fn send(&self, bytes: &[u8], fds: &[RawFd], deadline: Option<Instant>) -> Result<(), WireError> {
+        if fds.len() > MAX_FDS {
+            return Err(WireError::Malformed(format!("{} descriptors in one message", fds.len())));
+        }
+        let mut chunks = bytes.chunks(CHUNK).peekable();
+        let mut first = true;
+        loop {
+            let chunk = chunks.next().unwrap_or(&[]);
+            let more = chunks.peek().is_some();
+            let flag = [u8::from(more)];
+            self.wait(libc::POLLOUT, deadline)?;
+            self.send_datagram(&flag, chunk, if first { fds } else { &[] })?;
+            first = false;
+            if !more {
+                return Ok(());
+            }
+        }
+    }
+
+    fn send_datagram(&self, flag: &[u8; 1], chunk: &[u8], fds: &[RawFd]) -> Result<(), WireError> {
+        let mut iov = [
+            libc::iovec { iov_base: flag.as_ptr() as *mut libc::c_void, iov_len: 1 },
+            libc::iovec { iov_base: chunk.as_ptr() as *mut libc::c_void, iov_len: chunk.len() },
+        ];
+        // SAFETY: CMSG_SPACE only computes a size.
+        let space = unsafe { libc::CMSG_SPACE((MAX_FDS * size_of::<RawFd>()) as u32) } as usize;
+        let mut control = vec![0u8; space];
+        // SAFETY: msghdr is plain data; every pointer set below outlives the call.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = iov.as_mut_ptr();
+        msg.msg_iovlen = 2;
+        if !fds.is_empty() {
+            let bytes = fds.len() * size_of::<RawFd>();
+            msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
+            // SAFETY: as above, a size computation.
+            msg.msg_controllen = unsafe { libc::CMSG_SPACE(bytes as u32) } as usize;
+            // SAFETY: the control buffer is large enough for one header with
+            // `fds.len()` descriptors (CMSG_SPACE of MAX_FDS), so the first
+            // header and its data lie inside it.
+            unsafe {
+                let c = libc::CMSG_FIRSTHDR(&msg);
+                (*c).cmsg_level = libc::SOL_SOCKET;
+                (*c).cmsg_type = libc::SCM_RIGHTS;
+                (*c).cmsg_len = libc::CMSG_LEN(bytes as u32) as usize;
+                std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(c) as *mut RawFd, fds.len());
+            }
+        }
+        loop {
+            // SAFETY: `msg` points at live buffers (iov, control); MSG_NOSIGNAL
+            // turns a closed peer into EPIPE instead of SIGPIPE.
+            let n = unsafe { libc::sendmsg(self.raw(), &msg, libc::MSG_NOSIGNAL) };
+            if n >= 0 {
+                return Ok(());
+            }
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::EPIPE) | Some(libc::ECONNRESET) => return Err(WireError::Closed),
+                _ => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Receive one message and the descriptors that came with it, waiting
+    /// up to `deadline` for each of its datagrams.
+    pub fn recv(&self, deadline: Option<Instant>) -> Result<(Vec<u8>, Vec<OwnedFd>), WireError> {
+        let mut message = Vec::new();
+        let mut fds = Vec::new();
+        loop {
+            self.wait(libc::POLLIN, deadline)?;
+            let more = self.recv_datagram(&mut message, &mut fds)?;
+            if message.len() > MAX_MESSAGE {
+                return Err(WireError::Malformed(format!("a message over {MAX_MESSAGE} bytes")));
+            }
+            if !more {
+                return Ok((message, fds));
+            }
+        }
+    }
+
+    /// One datagram, appended to `message`; true if more follow.
+    fn recv_datagram(&self, message: &mut Vec<u8>, fds: &mut Vec<OwnedFd>) -> Result<bool, WireError> {
+        let mut flag = [0u8; 1];
+        let start = message.len();
+        message.resize(start + CHUNK, 0);
+        let mut iov = [
+            libc::iovec { iov_base: flag.as_mut_ptr() as *mut libc::c_void, iov_len: 1 },
+            libc::iovec { iov_base: message[start..].as_mut_ptr() as *mut libc::c_void, iov_len: CHUNK },
+        ];
+        // SAFETY: a size computation.
+        let space = unsafe { libc::CMSG_SPACE((MAX_FDS * size_of::<RawFd>()) as u32) } as usize;
+        let mut control = vec![0u8; space];
+        // SAFETY: plain data; pointers set below outlive the call.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = iov.as_mut_ptr();
+        msg.msg_iovlen = 2;
+        msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
+        msg.msg_controllen = space;
+        let n = loop {
+            // SAFETY: `msg` describes live buffers of the sizes given;
+            // received descriptors are close-on-exec.
+            let n = unsafe { libc::recvmsg(self.raw(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+            if n >= 0 {
+                break n as usize;
+            }
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::ECONNRESET) => return Err(WireError::Closed),
+                _ => return Err(e.into()),
+            }
+        };
+        // Descriptors first, so none leaks whatever the datagram says.
+        // SAFETY: walking the control buffer the kernel filled, with the
+        // kernel's own length fields (CMSG_NXTHDR stops at msg_controllen).
+        unsafe {
+            let mut c = libc::CMSG_FIRSTHDR(&msg);
+            while !c.is_null() {
+                if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                    let data = libc::CMSG_DATA(c) as *const RawFd;
+                    let count = ((*c).cmsg_len - libc::CMSG_LEN(0) as usize) / size_of::<RawFd>();
+                    for i in 0..count {
+                        fds.push(OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.add(i))));
+                    }
+                }
+                c = libc::CMSG_NXTHDR(&msg, c);
+            }
+        }
+        if n == 0 {
+            message.truncate(start);
+            return Err(WireError::Closed);
+        }
+        if msg.msg_flags & (libc::MSG_TRUNC | libc::MSG_CTRUNC) != 0 {
+            return Err(WireError::Malformed("a datagram was truncated".into()));
+        }
+        message.truncate(start + n - 1);
+        Ok(flag[0] != 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_message_and_its_descriptors_arrive_whole() {
+        let (a, b) = pair().expect("pair");
+        let big: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let file = std::fs::File::open("/dev/null").expect("open");
+        // Larger than the socket's buffer: the receiver reads meanwhile.
+        let reader = std::thread::spawn(move || (b.recv(None).expect("recv"), b));
+        a.send(&big, &[file.as_raw_fd()], None).expect("send");
+        let ((got, fds), b) = reader.join().expect("reader");
+        assert_eq!(got, big);
+        assert_eq!(fds.len(), 1);
+        a.send(b"", &[], None).expect("send empty");
+        assert_eq!(b.recv(None).expect("recv empty").0, b"");
+    }
+
+    #[test]
+    fn a_closed_peer_and_a_silent_one_are_told_apart() {
+        let (a, b) = pair().expect("pair");
+        let soon = Instant::now() + std::time::Duration::from_millis(20);
+        assert!(matches!(b.recv(Some(soon)), Err(WireError::Timeout)));
+        drop(a);
+        assert!(matches!(b.recv(None), Err(WireError::Closed)));
+        assert!(matches!(b.send(b"x", &[], None), Err(WireError::Closed)));
+    }
+}
