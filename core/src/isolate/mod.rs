@@ -71,7 +71,7 @@ impl Isolate {
 
     /// Is any device isolated?
     pub fn any(&self) -> bool {
-        !matches!(self, Isolate::Nothing) && *self != Isolate::Devices(Vec::new())
+        !matches!(self, Isolate::Nothing)
     }
 
     /// A named id the VM does not have, if any (with the ids it has).

@@ -177,21 +177,7 @@ fn answer(
             Some(f) => done(f.config_write(offset, RSlice::from_slice(&data))),
             None => failed(PluginError::other("the device has no PCI function")),
         },
-        Request::Bars => Reply::Bars(
-            pci.map(|f| {
-                f.bars()
-                    .iter()
-                    .map(|b| Bar {
-                        index: b.index,
-                        size: b.size,
-                        address: b.address,
-                        is_64bit: b.is_64bit,
-                        enabled: b.enabled,
-                    })
-                    .collect()
-            })
-            .unwrap_or_default(),
-        ),
+        Request::Bars => Reply::Bars(pci.map(|f| f.bars().iter().map(Bar::from).collect()).unwrap_or_default()),
     }
 }
 

@@ -123,6 +123,24 @@ pub struct Bar {
     pub enabled: bool,
 }
 
+impl From<&ferry_plugin_api::PciBar> for Bar {
+    fn from(b: &ferry_plugin_api::PciBar) -> Self {
+        Bar { index: b.index, size: b.size, address: b.address, is_64bit: b.is_64bit, enabled: b.enabled }
+    }
+}
+
+impl From<Bar> for ferry_plugin_api::PciBar {
+    fn from(b: Bar) -> Self {
+        ferry_plugin_api::PciBar {
+            index: b.index,
+            size: b.size,
+            address: b.address,
+            is_64bit: b.is_64bit,
+            enabled: b.enabled,
+        }
+    }
+}
+
 /// The device's answer to a [`Request`].
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Reply {

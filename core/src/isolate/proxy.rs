@@ -33,6 +33,7 @@ use ferry_plugin_api::{
 };
 
 use super::{
+    process,
     protocol::{decode, encode, HostCall, HostReply, Init, Ready, Reply, Request, SandboxSpec},
     wire::{self, Channel, WireError},
     RamShare,
@@ -90,6 +91,17 @@ enum End {
     Retired,
 }
 
+impl End {
+    /// The error every call on a device that has ended gets.
+    fn error(&self) -> Option<PluginError> {
+        match self {
+            End::Failed(line) => Some(PluginError::new(ErrorKind::IO, line.clone())),
+            End::Retired => Some(PluginError::new(ErrorKind::IO, "the device process was let go")),
+            End::Running(_) => None,
+        }
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -130,7 +142,6 @@ pub(super) fn spawn(s: Spawn<'_>) -> Result<DeviceParts, String> {
             Ok(())
         });
     }
-    use super::process;
     let mut child = cmd.spawn().map_err(|e| format!("cannot start a device process ({}): {e}", s.exe.display()))?;
     drop((theirs, host_theirs));
     let pid = child.id();
@@ -232,11 +243,7 @@ fn relay_stderr(
 impl Link {
     /// The failure line, if the device failed.
     fn failed(&self) -> Option<PluginError> {
-        match &*lock(&self.end) {
-            End::Failed(line) => Some(PluginError::new(ErrorKind::IO, line.clone())),
-            End::Retired => Some(PluginError::new(ErrorKind::IO, "the device process was let go")),
-            End::Running(_) => None,
-        }
+        lock(&self.end).error()
     }
 
     /// One request and its reply, within the bound for its kind.
@@ -319,8 +326,7 @@ impl Link {
         let mut end = lock(&self.end);
         let child = match &mut *end {
             End::Running(child) => child,
-            End::Failed(line) => return PluginError::new(ErrorKind::IO, line.clone()),
-            End::Retired => return PluginError::new(ErrorKind::IO, "the device process was let go"),
+            ended => return ended.error().unwrap_or_else(|| PluginError::other("the device process ended")),
         };
         // Its sockets closed, or ferry gave up on it: make sure it is gone.
         let status = match child.try_wait() {
@@ -484,6 +490,11 @@ fn rerr<T>(e: PluginError) -> RResult<T, PluginError> {
     RResult::RErr(e)
 }
 
+/// The plugin's own error, as its device process passed it on.
+fn plugin_error<T>(kind: u32, message: String) -> RResult<T, PluginError> {
+    rerr(PluginError::new(ErrorKind(kind), message))
+}
+
 fn unexpected<T>(what: &str, reply: Reply) -> RResult<T, PluginError> {
     rerr(PluginError::other(format!("the device process answered {what} with {reply:?}")))
 }
@@ -504,7 +515,7 @@ impl RemoteDevice {
     fn done(&self, request: Request) -> RResult<(), PluginError> {
         match self.link.call(&request) {
             Ok(Reply::Done) => RResult::ROk(()),
-            Ok(Reply::Failed { kind, message }) => rerr(PluginError::new(ErrorKind(kind), message)),
+            Ok(Reply::Failed { kind, message }) => plugin_error(kind, message),
             Ok(other) => unexpected(&request.describe(), other),
             Err(e) => rerr(e),
         }
@@ -523,7 +534,7 @@ impl Device for RemoteDevice {
                 data.copy_from_slice(&b);
                 RResult::ROk(())
             }
-            Ok(Reply::Failed { kind, message }) => rerr(PluginError::new(ErrorKind(kind), message)),
+            Ok(Reply::Failed { kind, message }) => plugin_error(kind, message),
             Ok(other) => unexpected(&request.describe(), other),
             Err(e) => rerr(e),
         }
@@ -544,7 +555,7 @@ impl Device for RemoteDevice {
     fn save_state(&mut self, version: u32) -> RResult<StateBlob, PluginError> {
         match self.link.call(&Request::SaveState { version }) {
             Ok(Reply::State { version, bytes }) => RResult::ROk(StateBlob { version, bytes: bytes.into() }),
-            Ok(Reply::Failed { kind, message }) => rerr(PluginError::new(ErrorKind(kind), message)),
+            Ok(Reply::Failed { kind, message }) => plugin_error(kind, message),
             Ok(other) => unexpected("save_state", other),
             Err(e) => rerr(e),
         }
@@ -575,7 +586,7 @@ impl PciFunction for RemotePci {
     fn config_write(&mut self, offset: u32, data: RSlice<'_, u8>) -> RResult<(), PluginError> {
         match self.link.call(&Request::ConfigWrite { offset, data: data.to_vec() }) {
             Ok(Reply::Done) => RResult::ROk(()),
-            Ok(Reply::Failed { kind, message }) => rerr(PluginError::new(ErrorKind(kind), message)),
+            Ok(Reply::Failed { kind, message }) => plugin_error(kind, message),
             Ok(other) => unexpected("a PCI configuration write", other),
             Err(e) => rerr(e),
         }
@@ -583,16 +594,7 @@ impl PciFunction for RemotePci {
 
     fn bars(&self) -> RVec<PciBar> {
         match self.link.call(&Request::Bars) {
-            Ok(Reply::Bars(bars)) => bars
-                .into_iter()
-                .map(|b| PciBar {
-                    index: b.index,
-                    size: b.size,
-                    address: b.address,
-                    is_64bit: b.is_64bit,
-                    enabled: b.enabled,
-                })
-                .collect(),
+            Ok(Reply::Bars(bars)) => bars.into_iter().map(PciBar::from).collect(),
             _ => RVec::new(),
         }
     }
