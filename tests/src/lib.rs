@@ -6,6 +6,7 @@ pub mod qmp;
 
 use std::{
     io::{Read, Write},
+    os::unix::process::ExitStatusExt,
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant},
@@ -67,8 +68,11 @@ pub fn kvm_or_skip(test: &str) -> bool {
 /// A finished (or killed) ferry process.
 #[derive(Debug)]
 pub struct Finished {
-    /// Exit status, None if killed at the deadline.
+    /// Exit status, None if killed at the deadline or ended by a signal.
     pub status: Option<i32>,
+    /// The signal that ended it (None if it exited, or was killed at the
+    /// deadline).
+    pub signal: Option<i32>,
     /// Everything on stdout (the guest console).
     pub stdout: String,
     /// Everything on stderr (ferry's messages).
@@ -159,19 +163,20 @@ pub fn wait_ferry(mut child: std::process::Child, deadline: Duration) -> Finishe
         let _ = err.read_to_string(&mut s);
         s
     });
-    let status = loop {
+    let (status, signal) = loop {
         if let Some(st) = child.try_wait().expect("wait for ferry") {
-            break st.code();
+            break (st.code(), st.signal());
         }
         if start.elapsed() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            break None;
+            break (None, None);
         }
         std::thread::sleep(Duration::from_millis(10));
     };
     Finished {
         status,
+        signal,
         stdout: out_reader.join().unwrap_or_default(),
         stderr: err_reader.join().unwrap_or_default(),
         elapsed: start.elapsed(),
@@ -279,7 +284,11 @@ fn build_plugin(manifest: &Path, package: Option<&str>, name: &str, features: &[
         .expect("the fixture's shared library");
     let tag = if features.is_empty() { String::new() } else { format!("-{}", features.join("-")) };
     let out = target.join(format!("{name}{tag}.so"));
-    std::fs::copy(&artifact, &out).expect("copy fixture");
+    // Copied beside it and renamed over it: another test may be copying
+    // the previous one right now, and must never see half a library.
+    let part = target.join(format!("{name}{tag}.so.{}", std::process::id()));
+    std::fs::copy(&artifact, &part).expect("copy fixture");
+    std::fs::rename(&part, &out).expect("install fixture");
     out
 }
 
@@ -355,18 +364,23 @@ impl Running {
         self.child.id()
     }
 
+    /// Is the process still there (not yet ended)?
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// Wait for the end (killing it if it has not ended `deadline` after
     /// this call) and collect everything. `elapsed` counts from the start.
     pub fn finish(mut self, deadline: Duration) -> Finished {
         let called = Instant::now();
-        let status = loop {
+        let (status, signal) = loop {
             if let Some(st) = self.child.try_wait().expect("wait") {
-                break st.code();
+                break (st.code(), st.signal());
             }
             if called.elapsed() > deadline {
                 let _ = self.child.kill();
                 let _ = self.child.wait();
-                break None;
+                break (None, None);
             }
             std::thread::sleep(Duration::from_millis(10));
         };
@@ -376,7 +390,7 @@ impl Running {
         let stderr = self.stderr.take().and_then(|h| h.join().ok()).unwrap_or_default();
         let mut stdout = self.seen.join("\n");
         stdout.push('\n');
-        Finished { status, stdout, stderr, elapsed: self.start.elapsed() }
+        Finished { status, signal, stdout, stderr, elapsed: self.start.elapsed() }
     }
 }
 

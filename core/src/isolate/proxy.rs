@@ -80,8 +80,12 @@ struct Link {
     /// The first socket error, if the process outlived it.
     socket_error: Mutex<Option<String>>,
     /// The last lines it wrote to stderr, and whether stderr closed.
-    last_words: Arc<(Mutex<(VecDeque<String>, bool)>, std::sync::Condvar)>,
+    last_words: LastWords,
 }
+
+/// A device process's last stderr lines and whether its stderr closed,
+/// with a condition variable signalled when it does.
+type LastWords = Arc<(Mutex<(VecDeque<String>, bool)>, std::sync::Condvar)>;
 
 enum End {
     Running(Child),
@@ -223,11 +227,14 @@ fn property_files(config: &DeviceConfig) -> Vec<String> {
 fn relay_stderr(
     stderr: std::process::ChildStderr,
     id: String,
-    words: Arc<(Mutex<(VecDeque<String>, bool)>, std::sync::Condvar)>,
+    words: LastWords,
 ) {
     let _ = std::thread::Builder::new().name(format!("{id}-stderr")).spawn(move || {
         for line in BufReader::new(stderr).lines() {
             let Ok(line) = line else { break };
+            if line.trim().is_empty() {
+                continue;
+            }
             eprintln!("ferry: {id}: {line}");
             let mut w = lock(&words.0);
             w.0.push_back(line);
@@ -357,9 +364,12 @@ impl Link {
             (None, None) => format!("its process {} ended", self.pid),
         };
         let line = format!("device {} ({}) failed: {cause}", self.id, self.plugin);
+        // Stop the VM before anyone can see `Failed`: a caller that finds
+        // the device failed returns an error that would stop the VM too,
+        // and the first stop is the one reported.
+        self.control.stop(StopEvent::DeviceFailed { index: self.index, message: line.clone() });
         *end = End::Failed(line.clone());
         drop(end);
-        self.control.stop(StopEvent::DeviceFailed { index: self.index, message: line.clone() });
         PluginError::new(ErrorKind::IO, line)
     }
 

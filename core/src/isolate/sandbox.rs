@@ -234,10 +234,10 @@ fn allowlist() -> Result<BTreeMap<i64, Vec<SeccompRule>>, SandboxError> {
     // The ioctls of its descriptors: non-blocking mode, close-on-exec, a
     // tap's offloads and header size, a terminal's attributes.
     let ioctls: [u64; 7] = [
-        libc::FIONBIO as u64,
-        libc::FIOCLEX as u64,
-        libc::TCGETS as u64,
-        libc::TIOCGWINSZ as u64,
+        libc::FIONBIO,
+        libc::FIOCLEX,
+        libc::TCGETS,
+        libc::TIOCGWINSZ,
         0x4004_54d0, // TUNSETOFFLOAD
         0x4004_54d8, // TUNSETVNETHDRSZ
         0x8004_54d7, // TUNGETVNETHDRSZ

@@ -133,7 +133,7 @@ impl Channel {
         msg.msg_iov = iov.as_mut_ptr();
         msg.msg_iovlen = 2;
         if !fds.is_empty() {
-            let bytes = fds.len() * size_of::<RawFd>();
+            let bytes = std::mem::size_of_val(fds);
             msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
             // SAFETY: as above, a size computation.
             msg.msg_controllen = unsafe { libc::CMSG_SPACE(bytes as u32) } as usize;

@@ -199,10 +199,14 @@ impl Vm {
             break 'boots event;
         };
         if let StopEvent::DeviceFailed { index, message } = &event {
-            crate::log::log(ferry_plugin_api::LogLevel::ERROR, &format!("{message}; the guest is stopped"));
             *self.failure.lock().unwrap_or_else(|e| e.into_inner()) = Some((*index, message.clone()));
+            // Without an API ferry ends now, with the failure as its error
+            // line; with one it says so now and again when it ends.
             if let Some(s) = &served {
-                crate::log::info("the control API keeps answering; `ferry ctl shutdown` ends ferry");
+                crate::log::log(
+                    ferry_plugin_api::LogLevel::ERROR,
+                    &format!("{message}; the guest is stopped, the API answers, `ferry ctl shutdown` ends ferry"),
+                );
                 self.serve_failed(s, message);
                 shutdown_answer = true;
             }

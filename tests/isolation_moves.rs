@@ -1,0 +1,99 @@
+//! Isolation is the host's choice, not the guest's: a guest using
+//! virtio-blk and virtio-net moves live from a host running its devices
+//! in-process to one running every device in a device process
+//! (`--isolate all`), and back, each host in its own network namespace.
+
+use std::time::Duration;
+
+use ferry_tests::{kvm_or_skip, migrate, netns::TwoHosts, wait_for_path, Running, TempDir};
+
+const DEADLINE: Duration = Duration::from_secs(120);
+
+/// Rounds of: write 8 sectors, read them back, send a frame, tick.
+const ROUNDS: usize = 40;
+
+/// The guest's program: every round uses the disk and the network; at the
+/// end every round's sectors are checked again, on the last host.
+fn cmdline() -> String {
+    let mut s = "pattern=8 ".to_string();
+    for r in 0..ROUNDS {
+        let sector = 64 + 8 * r;
+        s += &format!("blk-write={sector}:8:{r} blk-verify={sector}:8:{r} net-send=1 ticks=2 ");
+    }
+    for r in 0..ROUNDS {
+        s += &format!("blk-verify={}:8:{r} ", 64 + 8 * r);
+    }
+    s + "verify exit=9"
+}
+
+/// Lines of `out` that start with `prefix`.
+fn count(out: &str, prefix: &str) -> usize {
+    out.lines().filter(|l| l.starts_with(prefix)).count()
+}
+
+#[test]
+fn a_guest_moves_to_an_isolating_host_and_back_with_blk_and_net_in_use() {
+    if !kvm_or_skip("a_guest_moves_to_an_isolating_host_and_back_with_blk_and_net_in_use") {
+        return;
+    }
+    let Some(hosts) = TwoHosts::new("ftap6") else { return };
+    let dir = TempDir::new("isomoves");
+    let disk = dir.path().join("disk.img");
+    std::fs::write(&disk, vec![0u8; 4 << 20]).expect("disk");
+    let disk_arg = format!("path={}", disk.display());
+    let net_arg = "tap=ftap6,mac=52:54:00:12:34:5a";
+    let (to_b, to_a) = ("tcp:10.200.0.2:7796", "tcp:10.200.0.1:7797");
+    let (sock_a, sock_b) = (dir.path().join("a.sock"), dir.path().join("b.sock"));
+    let (sa, sb) = (sock_a.display().to_string(), sock_b.display().to_string());
+
+    // Host B isolates every device; host A runs them in-process.
+    let on_b = hosts.b.capture("ftap6", 1, DEADLINE);
+    let b = Running::new(hosts.b.spawn_ferry(&[], &["--isolate", "all", "--incoming", to_b, "--api-socket", &sb]));
+    std::thread::sleep(Duration::from_millis(500));
+    let cmdline = cmdline();
+    let mut a = Running::new(hosts.a.spawn_ferry(
+        &[],
+        &["--api-socket", &sa, "--disk", &disk_arg, "--net", net_arg, "--cmdline", &cmdline],
+    ));
+    assert!(wait_for_path(&sock_a, DEADLINE), "no API socket on host A");
+    for _ in 0..3 {
+        a.wait_line("NET SENT 1", DEADLINE).expect("the guest sends on host A");
+    }
+    let (ok, text) = migrate(&sock_a, to_b, &[]);
+    assert!(ok, "in-process -> isolating failed:\n{text}");
+    let a_out = a.finish(DEADLINE);
+    assert_eq!(a_out.code(), 0, "host A ends after the move: {}", a_out.stderr);
+
+    // Back to a fresh in-process ferry on host A, once the guest has used
+    // both devices on B.
+    let mut b = b;
+    assert!(wait_for_path(&sock_b, DEADLINE), "no API socket on host B");
+    for _ in 0..3 {
+        b.wait_line("NET SENT 1", DEADLINE).expect("the guest sends on host B");
+    }
+    let info = ferry_tests::ctl(&sock_b, &["info"]);
+    assert!(!info.contains("\"isolated\": false"), "host B isolates every device:\n{info}");
+    let back_on_a = hosts.a.capture("ftap6", 1, DEADLINE);
+    let a2 = Running::new(hosts.a.spawn_ferry(&[], &["--incoming", to_a]));
+    std::thread::sleep(Duration::from_millis(500));
+    let (ok, text) = migrate(&sock_b, to_a, &[]);
+    assert!(ok, "isolating -> in-process failed:\n{text}");
+    let b_out = b.finish(DEADLINE);
+    assert_eq!(b_out.code(), 0, "host B ends after the move: {}", b_out.stderr);
+    let end = a2.finish(DEADLINE);
+    assert_eq!(end.code(), 9, "stdout:\n{}\nstderr:\n{}", end.stdout, end.stderr);
+
+    // Each host did disk and network work; nothing was lost or repeated.
+    for (host, out) in [("A", &a_out.stdout), ("B", &b_out.stdout), ("A again", &end.stdout)] {
+        assert!(count(out, "NET SENT 1 ") > 0, "no frame sent on host {host}:\n{out}");
+        assert!(count(out, "BLK VERIFY OK") > 0, "no sectors checked on host {host}:\n{out}");
+        assert_eq!(count(out, "BLK VERIFY BAD") + count(out, "BLK TIMEOUT"), 0, "host {host}:\n{out}");
+    }
+    let sent = count(&a_out.stdout, "NET SENT 1 ") + count(&b_out.stdout, "NET SENT 1 ") + count(&end.stdout, "NET SENT 1 ");
+    assert_eq!(sent, ROUNDS, "the guest sent each frame once");
+    assert!(end.stdout.contains("PATTERN OK pages=2048"), "{}", end.stdout);
+    let all = a_out.stdout.clone() + &b_out.stdout + &end.stdout;
+    assert_eq!(count(&all, "BLK VERIFY OK"), 2 * ROUNDS, "every round checked twice, the last ones on A");
+    assert_eq!(on_b.join().expect("capture B").len(), 1, "frames left through host B's tap");
+    assert_eq!(back_on_a.join().expect("capture A").len(), 1, "frames left through host A's tap after the move back");
+}
