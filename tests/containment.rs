@@ -260,3 +260,49 @@ fn in_process_a_loop_in_a_register_read_hangs_the_guest_for_good() {
     let end = vm.finish(Duration::ZERO);
     assert!(!end.stdout.contains("DEV OK"), "the read completed:\n{}", end.stdout);
 }
+
+/// The device processes (children running `ferry device-process`) of `pid`.
+fn device_processes(pid: u32) -> Vec<i32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/cmdline"))
+                .is_ok_and(|c| c.split('\0').any(|a| a == "device-process"))
+        })
+        .collect()
+}
+
+/// A stop and a continue (a debugger attaching, an operator's SIGSTOP)
+/// interrupt the device processes' waits; they resume them and carry on.
+#[test]
+fn stopped_and_continued_device_processes_carry_on() {
+    if !kvm_or_skip("stopped_and_continued_device_processes_carry_on") {
+        return;
+    }
+    let dir = TempDir::new("stopcont");
+    let disk = dir.path().join("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).expect("disk");
+    let disk_arg = format!("path={}", disk.display());
+    let cmdline = "blk-write=1:8:5 ticks=6 blk-verify=1:8:5 rng=8 exit=3";
+    let mut vm = Running::new(spawn_ferry(&[
+        "run", "--isolate", "all", "--disk", &disk_arg, "--rng", "--cmdline", cmdline,
+    ]));
+    vm.wait_line("TICK 2", DEADLINE).expect("the guest ticks");
+    let devices = device_processes(vm.pid());
+    assert_eq!(devices.len(), 6, "one device process per device");
+    for &p in &devices {
+        // SAFETY: kill on a child of the ferry this test started.
+        unsafe { libc::kill(p, libc::SIGSTOP) };
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    for &p in &devices {
+        // SAFETY: as above.
+        unsafe { libc::kill(p, libc::SIGCONT) };
+    }
+    let end = vm.finish(DEADLINE);
+    assert_eq!(end.status, Some(3), "stdout:\n{}\nstderr:\n{}", end.stdout, end.stderr);
+    assert!(end.stdout.contains("BLK VERIFY OK sector=1 count=8"), "{}", end.stdout);
+    assert!(!end.stderr.contains("refused system call"), "{}", end.stderr);
+}

@@ -1,11 +1,15 @@
 //! Isolation is the host's choice, not the guest's: a guest using
 //! virtio-blk and virtio-net moves live from a host running its devices
 //! in-process to one running every device in a device process
-//! (`--isolate all`), and back, each host in its own network namespace.
+//! (`--isolate all`), and back, each host in its own network namespace;
+//! a snapshot holds the same device state bytes either way and restores
+//! on the other kind of host.
 
-use std::time::Duration;
+use std::{path::Path, time::Duration};
 
-use ferry_tests::{kvm_or_skip, migrate, netns::TwoHosts, wait_for_path, Running, TempDir};
+use ferry_tests::{
+    ctl, kvm_or_skip, migrate, netns::TwoHosts, spawn_ferry, tick_number, wait_for_path, Running, TempDir,
+};
 
 const DEADLINE: Duration = Duration::from_secs(120);
 
@@ -96,4 +100,88 @@ fn a_guest_moves_to_an_isolating_host_and_back_with_blk_and_net_in_use() {
     assert_eq!(count(&all, "BLK VERIFY OK"), 2 * ROUNDS, "every round checked twice, the last ones on A");
     assert_eq!(on_b.join().expect("capture B").len(), 1, "frames left through host B's tap");
     assert_eq!(back_on_a.join().expect("capture A").len(), 1, "frames left through host A's tap after the move back");
+}
+
+/// Run `cmdline` with a disk and an rng (every device isolated or none),
+/// pause at `TICK 3` or later, and snapshot to `snap`.
+fn snapshot(dir: &Path, isolate: bool, disk: &str, snap: &Path) {
+    let socket = dir.join(if isolate { "iso.sock" } else { "inproc.sock" });
+    let (s, f) = (socket.display().to_string(), snap.display().to_string());
+    let mut args = vec!["run"];
+    if isolate {
+        args.extend(["--isolate", "all"]);
+    }
+    args.extend(["--api-socket", &s, "--disk", disk, "--rng", "--cmdline", SNAPSHOT_CMDLINE]);
+    let mut vm = Running::new(spawn_ferry(&args));
+    assert!(wait_for_path(&socket, DEADLINE), "no API socket");
+    while vm.wait_line("TICK", DEADLINE).and_then(|l| tick_number(&l)).expect("the guest ticks") < 3 {}
+    ctl(&socket, &["pause"]);
+    ctl(&socket, &["snapshot", &f]);
+    ctl(&socket, &["shutdown"]);
+    let out = vm.finish(DEADLINE);
+    assert_eq!(out.code(), 0, "{}", out.stderr);
+}
+
+/// The guest before the snapshot writes sectors and takes random bytes;
+/// after it, it checks the sectors and asks for more.
+const SNAPSHOT_CMDLINE: &str = "blk-write=10:2:3 rng=8 ticks=8 blk-verify=10:2:3 rng=8 exit=7";
+
+/// Each device section's bytes, by device id.
+fn device_sections(snap: &Path) -> Vec<(String, Vec<u8>)> {
+    let out = std::process::Command::new(ferry_tests::ferry_bin())
+        .args(["inspect", "--json"])
+        .arg(snap)
+        .output()
+        .expect("run ferry inspect");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("inspect --json");
+    let bytes = std::fs::read(snap).expect("read snapshot");
+    report["sections"]
+        .as_array()
+        .expect("sections")
+        .iter()
+        .filter(|s| s["kind"] == "device")
+        .map(|s| {
+            let (at, len) = (s["offset"].as_u64().expect("offset") as usize, s["length"].as_u64().expect("length") as usize);
+            (s["id"].as_str().expect("id").to_string(), bytes[at..at + len].to_vec())
+        })
+        .collect()
+}
+
+#[test]
+fn a_snapshot_holds_the_same_device_state_either_way_and_restores_on_the_other_kind_of_host() {
+    if !kvm_or_skip("a_snapshot_holds_the_same_device_state_either_way_and_restores_on_the_other_kind_of_host") {
+        return;
+    }
+    let dir = TempDir::new("isosnap");
+    let disk = dir.path().join("disk.img");
+    std::fs::write(&disk, vec![0u8; 4 << 20]).expect("disk");
+    let disk_arg = format!("path={}", disk.display());
+    let (inproc, isolated) = (dir.path().join("inproc.snap"), dir.path().join("isolated.snap"));
+    snapshot(dir.path(), false, &disk_arg, &inproc);
+    snapshot(dir.path(), true, &disk_arg, &isolated);
+
+    // The same guest at the same point: every device but the clock (whose
+    // state is the time it was saved) saved the same bytes.
+    let (a, b) = (device_sections(&inproc), device_sections(&isolated));
+    let ids: Vec<&str> = a.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(ids, b.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>(), "the same devices");
+    assert!(ids.contains(&"disk0") && ids.contains(&"rng0"), "{ids:?}");
+    for ((id, x), (_, y)) in a.iter().zip(&b) {
+        if id != "rtc" {
+            assert!(x == y, "device {id}: {} bytes in-process, {} isolated, not the same", x.len(), y.len());
+        }
+    }
+
+    // Each file restores on the other kind of host.
+    for (snap, isolate) in [(&isolated, false), (&inproc, true)] {
+        let f = snap.display().to_string();
+        let mut args = vec!["run", "--restore", &f];
+        if isolate {
+            args.extend(["--isolate", "all"]);
+        }
+        let out = Running::new(spawn_ferry(&args)).finish(DEADLINE);
+        assert_eq!(out.code(), 7, "restore of {f} (isolating: {isolate}):\n{}\n{}", out.stdout, out.stderr);
+        assert!(out.stdout.contains("BLK VERIFY OK sector=10 count=2"), "{}", out.stdout);
+        assert!(out.stdout.contains("TICK 8") && out.stdout.contains("RNG len=8"), "{}", out.stdout);
+    }
 }

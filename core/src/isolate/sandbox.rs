@@ -206,6 +206,9 @@ fn allowlist() -> Result<BTreeMap<i64, Vec<SeccompRule>>, SandboxError> {
         libc::SYS_rt_sigaction,
         libc::SYS_rt_sigprocmask,
         libc::SYS_rt_sigreturn,
+        // A wait interrupted by a stop (SIGSTOP, a debugger) resumes
+        // through this on SIGCONT.
+        libc::SYS_restart_syscall,
         libc::SYS_sigaltstack,
         libc::SYS_set_robust_list,
         libc::SYS_rseq,
