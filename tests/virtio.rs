@@ -107,11 +107,19 @@ fn ferry_ctl_info_shows_the_disks_request_counts() {
     let mut vm = Running::new(spawn_ferry(&["run", "--disk", &d, "--api-socket", &s, "--cmdline", cmdline]));
     assert!(wait_for_path(&socket, DEADLINE), "no API socket");
     assert!(vm.wait_line("TICK", DEADLINE).is_some(), "the guest ticks");
-    let info: serde_json::Value = serde_json::from_str(&ctl(&socket, &["info"])).expect("JSON");
-    let disk =
-        info["devices"].as_array().and_then(|d| d.iter().find(|x| x["plugin"] == "virtio-blk")).cloned();
-    let disk = disk.expect("a virtio-blk device");
+    // A device process sends its latest line at most every 100 ms.
     let want = format!("{}: 2 reads, 0 writes, 0 flushes, 1 failed", image.display());
+    let start = std::time::Instant::now();
+    let (info, disk) = loop {
+        let info: serde_json::Value = serde_json::from_str(&ctl(&socket, &["info"])).expect("JSON");
+        let disk =
+            info["devices"].as_array().and_then(|d| d.iter().find(|x| x["plugin"] == "virtio-blk")).cloned();
+        let disk = disk.expect("a virtio-blk device");
+        if disk["status"] == want.as_str() || start.elapsed() > Duration::from_secs(5) {
+            break (info, disk);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
     assert_eq!(disk["status"], want, "{info}");
     assert_eq!(disk["plugin_api"], ferry_plugin_api::PLUGIN_API_VERSION, "{info}");
     ctl(&socket, &["shutdown"]);
