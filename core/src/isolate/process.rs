@@ -233,8 +233,13 @@ impl StatusPost {
     }
 
     fn set(&self, line: String) {
-        *self.latest.lock().unwrap_or_else(|e| e.into_inner()) = Some(line);
-        self.changed.notify_one();
+        let waiting = self.latest.lock().unwrap_or_else(|e| e.into_inner()).replace(line).is_none();
+        // A line still there has not been taken yet: the thread takes the
+        // newer one without waiting, so only a first line needs a wake-up
+        // (a system call), not every line.
+        if waiting {
+            self.changed.notify_one();
+        }
     }
 }
 
