@@ -190,8 +190,18 @@ fn in_process(fault: &str, deadline: Duration) -> Option<Finished> {
     if !kvm_or_skip(&format!("in_process_{fault}")) {
         return None;
     }
+    no_core_files();
     let setup = Setup::new(fault);
     Some(setup.spawn(None).finish(deadline))
+}
+
+/// A ferry this binary starts and a fault kills writes no core file (of
+/// its guest RAM, too) wherever the machine would put one.
+fn no_core_files() {
+    let none = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: setrlimit reads the struct; lowering a limit needs no
+    // privilege, and children inherit it.
+    unsafe { libc::setrlimit(libc::RLIMIT_CORE, &none) };
 }
 
 #[test]
