@@ -82,7 +82,12 @@ enum Command {
     /// Run one isolated device (started by `ferry run --isolate`, with its
     /// sockets at descriptors 3 and 4; not for use by hand).
     #[command(hide = true)]
-    DeviceProcess,
+    DeviceProcess {
+        /// The device's id, for `ps` to show (its configuration comes
+        /// over the socket).
+        #[arg(long)]
+        device: Option<String>,
+    },
     /// Write the bundled test guest (an ELF with a PVH note that QEMU boots
     /// too) to FILE, for side-by-side runs.
     TestGuest {
@@ -514,7 +519,7 @@ fn main() -> ExitCode {
                 }
             })
         }
-        Command::DeviceProcess => Ok(ExitCode::from(ferry::isolate::process::main() as u8)),
+        Command::DeviceProcess { .. } => Ok(ExitCode::from(ferry::isolate::process::main() as u8)),
         Command::TestGuest { output } => std::fs::write(&output, ferry::boot::TEST_GUEST)
             .map(|()| ExitCode::SUCCESS)
             .with_context(|| format!("cannot write {}", output.display())),

@@ -1,13 +1,17 @@
 //! virtio-blk, ferry beside QEMU, on the same test guest and the same image
 //! file, in one run: requests per second and host CPU time per request for
 //! 4 KiB reads and writes, and the guest-measured notify-to-completion
-//! latency.
+//! latency. Ferry runs twice: the disk device in-process, and in a device
+//! process of its own (`--isolate disk0`), whose CPU time is counted too.
 //!
 //! ```sh
 //! cargo build --release --workspace && cargo bench -p ferry-tests --bench virtio_blk
 //! ```
 //!
-//! `FERRY_BENCH_REQUESTS` sets the request count (default 2000). Host CPU
+//! `FERRY_BENCH_REQUESTS` sets the request count (default 2000),
+//! `FERRY_BENCH_ROUNDS` the rounds (default 9; every row is the median of
+//! its rounds, with the range of requests/s beside it, and the rounds
+//! interleave the VMMs). Host CPU
 //! per request is the VMM process's user+system time for a run of N
 //! requests minus that of a run of N/10, over the difference, so boot and
 //! firmware costs cancel out. QEMU (Debian's `qemu-system-x86`) runs the
@@ -67,9 +71,15 @@ fn run(mut cmd: Command) -> Result<Sample, String> {
     })
 }
 
-fn ferry_cmd(image: &Path, tokens: &str) -> Command {
+fn ferry_cmd(image: &Path, isolate: bool, tokens: &str) -> Command {
     let mut c = Command::new(bin_dir().join("ferry"));
-    c.args(["run", "--disk", &format!("path={}", image.display()), "--cmdline", tokens]);
+    c.arg("run");
+    if isolate {
+        // The device process is ferry's child, reaped by it: its CPU time
+        // reaches RUSAGE_CHILDREN with ferry's.
+        c.args(["--isolate", "disk0"]);
+    }
+    c.args(["--disk", &format!("path={}", image.display()), "--cmdline", tokens]);
     c
 }
 
@@ -79,6 +89,11 @@ fn qemu_cmd(guest: &Path, image: &Path, tokens: &str) -> Command {
         .arg(format!("file={},format=raw,if=none,id=d0", image.display()))
         .args(["-device", "virtio-blk-pci,drive=d0,disable-legacy=on"]);
     c
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }
 
 /// Builds a VMM command line for a guest command line.
@@ -100,6 +115,7 @@ fn measure(make: &MakeCommand<'_>, op: &str, n: u64) -> Result<(Sample, f64), St
 
 fn main() {
     let n: u64 = std::env::var("FERRY_BENCH_REQUESTS").ok().and_then(|v| v.parse().ok()).unwrap_or(2000);
+    let rounds: usize = std::env::var("FERRY_BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(9).max(1);
     let dir = TempDir::new("bench-blk");
     let image: PathBuf = dir.path().join("bench.img");
     // 64 MiB of real data (not sparse), so reads hit the page cache in both VMMs.
@@ -118,29 +134,64 @@ fn main() {
     assert!(status.success(), "ferry test-guest failed");
 
     let qemu = qemu_available();
-    println!("virtio-blk, 4 KiB requests, one in flight, {n} requests per run, same guest and image\n");
-    println!("| VMM   | op    | requests/s | host CPU µs/request | notify→completion avg µs | min µs |");
-    println!("|-------|-------|-----------:|--------------------:|-------------------------:|-------:|");
-    let ferry_make = |t: &str| ferry_cmd(&image, t);
+    println!(
+        "virtio-blk, 4 KiB requests, one in flight, {n} requests per run, same guest and image, median of {rounds} rounds\n"
+    );
+    println!("| VMM            | op    | requests/s | range of rounds | host CPU µs/request | notify→completion avg µs | min µs |");
+    println!("|----------------|-------|-----------:|----------------:|--------------------:|-------------------------:|-------:|");
+    let ferry_make = |t: &str| ferry_cmd(&image, false, t);
+    let isolated_make = |t: &str| ferry_cmd(&image, true, t);
     let qemu_make = |t: &str| qemu_cmd(&guest, &image, t);
-    let mut vmms: Vec<(&str, &MakeCommand<'_>)> = vec![("ferry", &ferry_make)];
+    let mut vmms: Vec<(&str, &MakeCommand<'_>)> =
+        vec![("ferry", &ferry_make), ("ferry isolated", &isolated_make)];
     if qemu {
         vmms.push(("qemu", &qemu_make));
     }
+    // Rounds interleave the VMMs, so a slow spell of the machine hits them
+    // alike; each row is the median of its rounds.
+    let mut medians: Vec<(&str, &str, f64, f64, f64)> = Vec::new();
     for op in ["r", "w"] {
-        for (name, make) in &vmms {
-            match measure(*make, op, n) {
-                Ok((s, cpu)) => println!(
-                    "| {name:<5} | {:<5} | {:>10.0} | {:>19.1} | {:>24.1} | {:>6.1} |",
-                    if op == "r" { "read" } else { "write" },
-                    s.n as f64 / (s.total_us / 1e6),
-                    cpu,
-                    s.avg_us,
-                    s.min_us
-                ),
-                Err(e) => println!("| {name:<5} | {op:<5} | failed: {} |", e.lines().next().unwrap_or("")),
+        let mut samples: Vec<Vec<(f64, f64, f64, f64)>> = vec![Vec::new(); vmms.len()];
+        let mut failed: Vec<Option<String>> = vec![None; vmms.len()];
+        for _ in 0..rounds {
+            for (i, (_, make)) in vmms.iter().enumerate() {
+                match measure(*make, op, n) {
+                    Ok((s, cpu)) => samples[i].push((s.n as f64 / (s.total_us / 1e6), cpu, s.avg_us, s.min_us)),
+                    Err(e) => failed[i] = Some(e.lines().next().unwrap_or("").to_string()),
+                }
+                std::thread::sleep(Duration::from_millis(100));
             }
-            std::thread::sleep(Duration::from_millis(100));
+        }
+        for (i, (name, _)) in vmms.iter().enumerate() {
+            let what = if op == "r" { "read" } else { "write" };
+            if let Some(e) = &failed[i] {
+                println!("| {name:<14} | {what:<5} | failed: {e} |");
+                continue;
+            }
+            let col = |f: fn(&(f64, f64, f64, f64)) -> f64| median(samples[i].iter().map(f).collect());
+            let (rate, cpu, avg, min) = (col(|s| s.0), col(|s| s.1), col(|s| s.2), col(|s| s.3));
+            let rates = samples[i].iter().map(|s| s.0);
+            let (lo, hi) = (rates.clone().fold(f64::INFINITY, f64::min), rates.fold(0.0, f64::max));
+            medians.push((name, op, rate, avg, min));
+            let range = format!("{lo:.0}-{hi:.0}");
+            println!(
+                "| {name:<14} | {what:<5} | {rate:>10.0} | {range:>15} | {cpu:>19.1} | {avg:>24.1} | {min:>6.1} |"
+            );
+        }
+    }
+    let find =
+        |name: &str, op: &str| medians.iter().find(|r| r.0 == name && r.1 == op).map(|r| (r.2, r.3, r.4));
+    println!();
+    for (op, what) in [("r", "reads"), ("w", "writes")] {
+        if let (Some((inproc, lat_in, min_in)), Some((iso, lat_iso, min_iso))) =
+            (find("ferry", op), find("ferry isolated", op))
+        {
+            println!(
+                "isolated disk0, {what}: {:.1}% of in-process requests/s (goal: within 5%), latency avg {:+.1} µs, min {:+.1} µs",
+                iso / inproc * 100.0,
+                lat_iso - lat_in,
+                min_iso - min_in
+            );
         }
     }
     if !qemu {

@@ -117,7 +117,7 @@ pub(super) fn spawn(s: Spawn<'_>) -> Result<DeviceParts, String> {
     let (host_ours, host_theirs) = wire::pair().map_err(|e| format!("cannot make the device socket: {e}"))?;
     let (control_fd, host_fd) = (theirs.raw(), host_theirs.raw());
     let mut cmd = Command::new(s.exe);
-    cmd.arg("device-process").stdin(Stdio::inherit()).stdout(Stdio::inherit()).stderr(Stdio::piped());
+    cmd.args(["device-process", "--device", s.config.id.as_str()]).stdin(Stdio::inherit()).stdout(Stdio::inherit()).stderr(Stdio::piped());
     // A panic backtrace would read the process's own files, which its
     // sandbox hides; the panic's message is what the verdict quotes.
     cmd.env_remove("RUST_BACKTRACE").env_remove("RUST_LIB_BACKTRACE");

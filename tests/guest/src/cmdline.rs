@@ -1,6 +1,6 @@
 //! Command-line tokens (whitespace-separated, executed in order).
 
-use crate::{blk, blk_bench, blk_dma_check, net, rng};
+use crate::{blk, blk_bench, blk_dma_check, net, pio_bench, rng};
 
 /// Used when the loader passes no command line or an empty one.
 pub const DEFAULT_CMDLINE: &str = "ready ticks=5 exit=0";
@@ -39,6 +39,8 @@ pub enum Token<'a> {
     DevCheck(u8, u8),
     /// `cpuid=<leaf>`: print what CPUID answers for it.
     Cpuid(u32),
+    /// `pio-bench=<port>:<n>`: time `n` reads of an I/O port.
+    PioBench(u16, u64),
     Unknown(&'a str),
 }
 
@@ -76,6 +78,12 @@ impl BlkOp {
 fn reg_value(s: &str) -> Option<(u8, u8)> {
     let [r, v] = numbers::<2>(s)?;
     Some((u8::try_from(r).ok()?, u8::try_from(v).ok()?))
+}
+
+/// `<port>:<n>`, a 16-bit port and a read count in 1..=MAX_READS.
+fn port_count(s: &str) -> Option<(u16, u64)> {
+    let [p, n] = numbers::<2>(s)?;
+    Some((u16::try_from(p).ok()?, in_range(n, pio_bench::MAX_READS)?))
 }
 
 fn number(s: &str) -> Option<u64> {
@@ -172,6 +180,7 @@ pub fn parse_token(tok: &str) -> Token<'_> {
         ("net-recv", _, Some(n)) => in_range(n, net::MAX_FRAMES).map_or(Token::Unknown(tok), Token::NetRecv),
         ("dev-write", Some(v), _) => reg_value(v).map_or(Token::Unknown(tok), |(r, x)| Token::DevWrite(r, x)),
         ("dev-check", Some(v), _) => reg_value(v).map_or(Token::Unknown(tok), |(r, x)| Token::DevCheck(r, x)),
+        ("pio-bench", Some(v), _) => port_count(v).map_or(Token::Unknown(tok), |(p, n)| Token::PioBench(p, n)),
         (_, Some(v), _) => blk_op(key, v).map_or(Token::Unknown(tok), Token::Blk),
         _ => Token::Unknown(tok),
     }

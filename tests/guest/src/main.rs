@@ -24,6 +24,7 @@ mod net;
 mod pattern;
 mod pci;
 mod pic_pit;
+mod pio_bench;
 mod rng;
 mod reboot;
 mod rtc;
@@ -114,6 +115,7 @@ fn run_token(token: Token<'_>, settings: &mut Settings) {
         Token::Cpuid(leaf) => cpuid::report(leaf),
         Token::Pci => pci::report(),
         Token::Calibrate => calibrate::run(),
+        Token::PioBench(port, n) => pio_bench::run(port, n),
         Token::Blk(op) => blk::run(&mut settings.devices.blk, op),
         Token::Rng(n) => rng::run(&mut settings.devices.rng, n),
         Token::NetSend(n) => net::send(&mut settings.devices.net, n),
