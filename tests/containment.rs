@@ -61,7 +61,16 @@ impl Setup {
         if let Some(ids) = isolate {
             args.extend(["--isolate", ids]);
         }
-        args.extend(["--plugins", &plugins, "--machine", &machine, "--api-socket", &socket, "--cmdline", CMDLINE]);
+        args.extend([
+            "--plugins",
+            &plugins,
+            "--machine",
+            &machine,
+            "--api-socket",
+            &socket,
+            "--cmdline",
+            CMDLINE,
+        ]);
         let mut vm = Running::new(spawn_ferry(&args));
         assert!(
             vm.wait_line("FERRY-GUEST READY", DEADLINE).is_some(),
@@ -165,12 +174,18 @@ fn an_aborting_device_process_is_contained() {
 
 #[test]
 fn a_stack_overflow_in_a_device_process_is_contained() {
-    assert_cause(contained("overflow"), "was killed by SIGABRT (its last words: fatal runtime error: stack overflow");
+    assert_cause(
+        contained("overflow"),
+        "was killed by SIGABRT (its last words: fatal runtime error: stack overflow",
+    );
 }
 
 #[test]
 fn a_device_looping_in_a_register_read_is_killed_at_the_timeout() {
-    assert_cause(contained("loop"), "it did not answer a register read (region 0, offset 0x1) within 2000 ms; ferry killed its process");
+    assert_cause(
+        contained("loop"),
+        "it did not answer a register read (region 0, offset 0x1) within 2000 ms; ferry killed its process",
+    );
 }
 
 #[test]
@@ -297,7 +312,14 @@ fn stopped_and_continued_device_processes_carry_on() {
     let disk_arg = format!("path={}", disk.display());
     let cmdline = "blk-write=1:8:5 ticks=6 blk-verify=1:8:5 rng=8 exit=3";
     let mut vm = Running::new(spawn_ferry(&[
-        "run", "--isolate", "all", "--disk", &disk_arg, "--rng", "--cmdline", cmdline,
+        "run",
+        "--isolate",
+        "all",
+        "--disk",
+        &disk_arg,
+        "--rng",
+        "--cmdline",
+        cmdline,
     ]));
     vm.wait_line("TICK 2", DEADLINE).expect("the guest ticks");
     let devices = device_processes(vm.pid());

@@ -52,7 +52,9 @@ fn a_guest_moves_to_an_isolating_host_and_back_with_blk_and_net_in_use() {
 
     // Host B isolates every device; host A runs them in-process.
     let on_b = hosts.b.capture("ftap6", 1, DEADLINE);
-    let b = Running::new(hosts.b.spawn_ferry(&[], &["--isolate", "all", "--incoming", to_b, "--api-socket", &sb]));
+    let b = Running::new(
+        hosts.b.spawn_ferry(&[], &["--isolate", "all", "--incoming", to_b, "--api-socket", &sb]),
+    );
     std::thread::sleep(Duration::from_millis(500));
     let cmdline = cmdline();
     let mut a = Running::new(hosts.a.spawn_ferry(
@@ -93,13 +95,19 @@ fn a_guest_moves_to_an_isolating_host_and_back_with_blk_and_net_in_use() {
         assert!(count(out, "BLK VERIFY OK") > 0, "no sectors checked on host {host}:\n{out}");
         assert_eq!(count(out, "BLK VERIFY BAD") + count(out, "BLK TIMEOUT"), 0, "host {host}:\n{out}");
     }
-    let sent = count(&a_out.stdout, "NET SENT 1 ") + count(&b_out.stdout, "NET SENT 1 ") + count(&end.stdout, "NET SENT 1 ");
+    let sent = count(&a_out.stdout, "NET SENT 1 ")
+        + count(&b_out.stdout, "NET SENT 1 ")
+        + count(&end.stdout, "NET SENT 1 ");
     assert_eq!(sent, ROUNDS, "the guest sent each frame once");
     assert!(end.stdout.contains("PATTERN OK pages=2048"), "{}", end.stdout);
     let all = a_out.stdout.clone() + &b_out.stdout + &end.stdout;
     assert_eq!(count(&all, "BLK VERIFY OK"), 2 * ROUNDS, "every round checked twice, the last ones on A");
     assert_eq!(on_b.join().expect("capture B").len(), 1, "frames left through host B's tap");
-    assert_eq!(back_on_a.join().expect("capture A").len(), 1, "frames left through host A's tap after the move back");
+    assert_eq!(
+        back_on_a.join().expect("capture A").len(),
+        1,
+        "frames left through host A's tap after the move back"
+    );
 }
 
 /// Run `cmdline` with a disk and an rng (every device isolated or none),
@@ -141,7 +149,10 @@ fn device_sections(snap: &Path) -> Vec<(String, Vec<u8>)> {
         .iter()
         .filter(|s| s["kind"] == "device")
         .map(|s| {
-            let (at, len) = (s["offset"].as_u64().expect("offset") as usize, s["length"].as_u64().expect("length") as usize);
+            let (at, len) = (
+                s["offset"].as_u64().expect("offset") as usize,
+                s["length"].as_u64().expect("length") as usize,
+            );
             (s["id"].as_str().expect("id").to_string(), bytes[at..at + len].to_vec())
         })
         .collect()
@@ -149,7 +160,9 @@ fn device_sections(snap: &Path) -> Vec<(String, Vec<u8>)> {
 
 #[test]
 fn a_snapshot_holds_the_same_device_state_either_way_and_restores_on_the_other_kind_of_host() {
-    if !kvm_or_skip("a_snapshot_holds_the_same_device_state_either_way_and_restores_on_the_other_kind_of_host") {
+    if !kvm_or_skip(
+        "a_snapshot_holds_the_same_device_state_either_way_and_restores_on_the_other_kind_of_host",
+    ) {
         return;
     }
     let dir = TempDir::new("isosnap");

@@ -238,8 +238,8 @@ impl GuestRam {
                 });
             }
         }
-        let memfd =
-            create_memfd(c"ferry-guest-ram").map_err(|source| MemoryError::Allocate { size: human_size(size), source })?;
+        let memfd = create_memfd(c"ferry-guest-ram")
+            .map_err(|source| MemoryError::Allocate { size: human_size(size), source })?;
         memfd.set_len(size).map_err(|source| MemoryError::Allocate { size: human_size(size), source })?;
         Self::map_memfd(size, memfd)
     }
@@ -330,7 +330,11 @@ impl GuestRam {
     /// file, read in now: slower than `from_snapshot`'s lazy private
     /// mapping, but shareable with device processes (`--isolate`), which a
     /// private file mapping is not.
-    pub fn from_snapshot_copied(size: u64, file: &File, runs: &[(u64, u64, u64)]) -> Result<Self, MemoryError> {
+    pub fn from_snapshot_copied(
+        size: u64,
+        file: &File,
+        runs: &[(u64, u64, u64)],
+    ) -> Result<Self, MemoryError> {
         use std::os::unix::fs::FileExt;
         let ram = Self::new(size)?;
         for &(gpa, bytes, file_offset) in runs {
@@ -341,8 +345,10 @@ impl GuestRam {
                 .map_err(|e| MemoryError::Map(e.to_string()))?;
             // SAFETY: `gpa..gpa + bytes` lies in range `r` (checked above),
             // mapped read-write by `new`; nothing else uses the RAM yet.
-            let dst = unsafe { std::slice::from_raw_parts_mut(host.add((gpa - r.gpa) as usize), bytes as usize) };
-            file.read_exact_at(dst, file_offset).map_err(|e| MemoryError::Map(format!("reading snapshot memory: {e}")))?;
+            let dst =
+                unsafe { std::slice::from_raw_parts_mut(host.add((gpa - r.gpa) as usize), bytes as usize) };
+            file.read_exact_at(dst, file_offset)
+                .map_err(|e| MemoryError::Map(format!("reading snapshot memory: {e}")))?;
         }
         Ok(ram)
     }

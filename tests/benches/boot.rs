@@ -198,15 +198,6 @@ fn exit_round_trip() -> Result<f64, String> {
     run(20_000)
 }
 
-/// (VmRSS, RssShmem) of `pid` in KiB.
-fn rss(pid: u32) -> Option<(u64, u64)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let field = |k: &str| {
-        status.lines().find_map(|l| l.strip_prefix(k)).and_then(|v| v.split_whitespace().next()?.parse().ok())
-    };
-    Some((field("VmRSS:")?, field("RssShmem:")?))
-}
-
 fn resident(mut cmd: Command, socket_wait: Option<&std::path::Path>) -> Option<(u64, u64)> {
     let child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().ok()?;
     let pid = child.id();
@@ -215,15 +206,14 @@ fn resident(mut cmd: Command, socket_wait: Option<&std::path::Path>) -> Option<(
         wait_for_path(s, Duration::from_secs(30));
     }
     vm.wait_line("TICK 3", Duration::from_secs(60))?;
-    rss(pid)
+    ferry_tests::proc_status_kib(pid, ["VmRSS", "RssShmem"]).map(|[total, shmem]| (total, shmem))
 }
 
 fn main() {
     let dir = TempDir::new("bench-boot");
     let guest = dir.path().join("guest.elf");
-    let ok = Command::new(bin_dir().join("ferry")).args(["test-guest", "--output"]).arg(&guest).status();
-    assert!(ok.is_ok_and(|s| s.success()), "build the workspace first (cargo build --release --workspace)");
-    let qemu = Command::new("qemu-system-x86_64").arg("--version").output().is_ok_and(|o| o.status.success());
+    ferry_tests::write_test_guest(&guest);
+    let qemu = ferry_tests::qmp::qemu_installed();
     let mib = |kib: u64| kib as f64 / 1024.0;
 
     println!("Process start to the guest's first serial output (median of {RUNS}, 256 MiB, 1 vCPU)\n");

@@ -60,15 +60,6 @@ fn ferry_reads(isolate: Option<&str>, port: u16, n: u64) -> Command {
     c
 }
 
-/// VmRSS, RssAnon, RssFile and RssShmem of `pid`, in KiB.
-fn rss(pid: u32) -> Option<[u64; 4]> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let field = |k: &str| -> Option<u64> {
-        status.lines().find_map(|l| l.strip_prefix(k)).and_then(|v| v.split_whitespace().next()?.parse().ok())
-    };
-    Some([field("VmRSS:")?, field("RssAnon:")?, field("RssFile:")?, field("RssShmem:")?])
-}
-
 /// The child processes of `pid`.
 fn children(pid: u32) -> Vec<u32> {
     std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
@@ -101,14 +92,23 @@ fn device_memory(dir: &Path) {
     };
     let pid = child.id();
     let mut vm = Running::new(child);
-    if !wait_for_path(&socket, Duration::from_secs(60)) || vm.wait_line("TICK 3", Duration::from_secs(60)).is_none() {
+    if !wait_for_path(&socket, Duration::from_secs(60))
+        || vm.wait_line("TICK 3", Duration::from_secs(60)).is_none()
+    {
         println!("the guest did not get going: {}", vm.finish(Duration::ZERO).stderr);
         return;
     }
     let mib = |kib: u64| kib as f64 / 1024.0;
-    println!("| process | VmRSS MiB | guest RAM touched (shared) MiB | libraries (file) MiB | own (anon) MiB |");
-    println!("|---------|----------:|-------------------------------:|---------------------:|---------------:|");
-    let row = |name: &str, pid: u32| match rss(pid) {
+    println!(
+        "| process | VmRSS MiB | guest RAM touched (shared) MiB | libraries (file) MiB | own (anon) MiB |"
+    );
+    println!(
+        "|---------|----------:|-------------------------------:|---------------------:|---------------:|"
+    );
+    let row = |name: &str, pid: u32| match ferry_tests::proc_status_kib(
+        pid,
+        ["VmRSS", "RssAnon", "RssFile", "RssShmem"],
+    ) {
         Some([total, anon, file, shmem]) => println!(
             "| {name} | {:>9.1} | {:>30.1} | {:>20.1} | {:>14.1} |",
             mib(total),
@@ -134,9 +134,8 @@ fn main() {
     let n: u64 = std::env::var("FERRY_BENCH_READS").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000);
     let dir = TempDir::new("bench-isolation");
     let guest = dir.path().join("guest.elf");
-    let ok = Command::new(bin_dir().join("ferry")).args(["test-guest", "--output"]).arg(&guest).status();
-    assert!(ok.is_ok_and(|s| s.success()), "build the workspace first (cargo build --release --workspace)");
-    let qemu = Command::new("qemu-system-x86_64").arg("--version").output().is_ok_and(|o| o.status.success());
+    ferry_tests::write_test_guest(&guest);
+    let qemu = ferry_tests::qmp::qemu_installed();
 
     println!("One guest port read, guest-timed over {n} reads (256 MiB, 1 vCPU)\n");
     println!("| VMM   | port answered by | µs/read |");
@@ -147,8 +146,16 @@ fn main() {
         ("ferry", "debug-exit isolated", ferry_reads(Some("debug-exit"), DEBUG_EXIT, n)),
     ];
     if qemu {
-        rows.push(("qemu", "nobody (bare exit)", qemu_command(&guest, "256M", &format!("pio-bench={UNCLAIMED:#x}:{n} exit=0"))));
-        rows.push(("qemu", "isa-debug-exit", qemu_command(&guest, "256M", &format!("pio-bench={DEBUG_EXIT:#x}:{n} exit=0"))));
+        rows.push((
+            "qemu",
+            "nobody (bare exit)",
+            qemu_command(&guest, "256M", &format!("pio-bench={UNCLAIMED:#x}:{n} exit=0")),
+        ));
+        rows.push((
+            "qemu",
+            "isa-debug-exit",
+            qemu_command(&guest, "256M", &format!("pio-bench={DEBUG_EXIT:#x}:{n} exit=0")),
+        ));
     }
     let mut ferry_us = Vec::new();
     for (vmm, what, cmd) in rows {
@@ -173,6 +180,8 @@ fn main() {
         println!("\nQEMU is not installed (apt-get install qemu-system-x86): ferry's figures only.");
     }
 
-    println!("\nResident memory with every device isolated (256 MiB RAM, 64 MiB pattern, disk and rng used)\n");
+    println!(
+        "\nResident memory with every device isolated (256 MiB RAM, 64 MiB pattern, disk and rng used)\n"
+    );
     device_memory(dir.path());
 }

@@ -128,10 +128,8 @@ fn qemu(dir: &Path, guest_elf: &Path, memory: &str, guest: &str) -> Result<Figur
 fn main() {
     let dir = TempDir::new("bench-mig");
     let guest_elf = dir.path().join("guest.elf");
-    let ok = Command::new(bin_dir().join("ferry")).args(["test-guest", "--output"]).arg(&guest_elf).status();
-    assert!(ok.is_ok_and(|s| s.success()), "build the workspace first (cargo build --release --workspace)");
-    let have_qemu =
-        Command::new("qemu-system-x86_64").arg("--version").output().is_ok_and(|o| o.status.success());
+    ferry_tests::write_test_guest(&guest_elf);
+    let have_qemu = ferry_tests::qmp::qemu_installed();
     println!("Live migration over loopback TCP, test guest with 64 MiB of pattern\n");
     println!("| VMM   | RAM  | guest    | total ms | downtime ms | MiB sent |");
     println!("|-------|------|----------|---------:|------------:|---------:|");

@@ -147,9 +147,8 @@ fn qemu_snapshot(dir: &Path, guest: &Path, memory: &str) -> Result<(f64, u64, f6
 fn main() {
     let dir = TempDir::new("bench-snap");
     let guest = dir.path().join("guest.elf");
-    let ok = Command::new(bin_dir().join("ferry")).args(["test-guest", "--output"]).arg(&guest).status();
-    assert!(ok.is_ok_and(|s| s.success()), "build the workspace first (cargo build --release --workspace)");
-    let qemu = Command::new("qemu-system-x86_64").arg("--version").output().is_ok_and(|o| o.status.success());
+    ferry_tests::write_test_guest(&guest);
+    let qemu = ferry_tests::qmp::qemu_installed();
 
     println!("Snapshot and restore, test guest with 64 MiB of pattern, ticking\n");
     println!("| VMM   | RAM     | snapshot ms | file size | restore to running ms |");

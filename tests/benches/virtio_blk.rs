@@ -99,10 +99,6 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// Builds a VMM command line for a guest command line.
 type MakeCommand<'a> = dyn Fn(&str) -> Command + 'a;
 
-fn qemu_available() -> bool {
-    Command::new("qemu-system-x86_64").arg("--version").output().is_ok_and(|o| o.status.success())
-}
-
 /// Figures for one VMM and one operation: the long run, and CPU per request
 /// from the long run minus the short one.
 fn measure(make: &MakeCommand<'_>, op: &str, n: u64) -> Result<(Sample, f64), String> {
@@ -115,7 +111,8 @@ fn measure(make: &MakeCommand<'_>, op: &str, n: u64) -> Result<(Sample, f64), St
 
 fn main() {
     let n: u64 = std::env::var("FERRY_BENCH_REQUESTS").ok().and_then(|v| v.parse().ok()).unwrap_or(2000);
-    let rounds: usize = std::env::var("FERRY_BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(9).max(1);
+    let rounds: usize =
+        std::env::var("FERRY_BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(9).max(1);
     let dir = TempDir::new("bench-blk");
     let image: PathBuf = dir.path().join("bench.img");
     // 64 MiB of real data (not sparse), so reads hit the page cache in both VMMs.
@@ -126,14 +123,9 @@ fn main() {
     }
     std::fs::write(&image, &data).expect("write image");
     let guest = dir.path().join("guest.elf");
-    let status = Command::new(bin_dir().join("ferry"))
-        .args(["test-guest", "--output"])
-        .arg(&guest)
-        .status()
-        .expect("run ferry test-guest (build the workspace first)");
-    assert!(status.success(), "ferry test-guest failed");
+    ferry_tests::write_test_guest(&guest);
 
-    let qemu = qemu_available();
+    let qemu = ferry_tests::qmp::qemu_installed();
     println!(
         "virtio-blk, 4 KiB requests, one in flight, {n} requests per run, same guest and image, median of {rounds} rounds\n"
     );
@@ -156,7 +148,9 @@ fn main() {
         for _ in 0..rounds {
             for (i, (_, make)) in vmms.iter().enumerate() {
                 match measure(*make, op, n) {
-                    Ok((s, cpu)) => samples[i].push((s.n as f64 / (s.total_us / 1e6), cpu, s.avg_us, s.min_us)),
+                    Ok((s, cpu)) => {
+                        samples[i].push((s.n as f64 / (s.total_us / 1e6), cpu, s.avg_us, s.min_us))
+                    }
                     Err(e) => failed[i] = Some(e.lines().next().unwrap_or("").to_string()),
                 }
                 std::thread::sleep(Duration::from_millis(100));

@@ -292,6 +292,27 @@ fn build_plugin(manifest: &Path, package: Option<&str>, name: &str, features: &[
     out
 }
 
+/// Write ferry's bundled test guest (an ELF QEMU boots too) to `path`, for
+/// a benchmark's side-by-side runs.
+pub fn write_test_guest(path: &Path) {
+    let ok = Command::new(ferry_bin()).args(["test-guest", "--output"]).arg(path).status();
+    assert!(ok.is_ok_and(|s| s.success()), "build the workspace first (cargo build --release --workspace)");
+}
+
+/// Fields of `/proc/PID/status` given in KiB (`VmRSS`, `RssShmem`, ...),
+/// in the order asked; None if the process or a field is missing.
+pub fn proc_status_kib<const N: usize>(pid: u32, fields: [&str; N]) -> Option<[u64; N]> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let mut out = [0; N];
+    for (slot, name) in out.iter_mut().zip(fields) {
+        *slot = status
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())?;
+    }
+    Some(out)
+}
+
 /// A running ferry (or any child) whose stdout is read line by line as it
 /// comes, so a test can act when the guest reaches a point.
 pub struct Running {

@@ -33,6 +33,12 @@ pub fn qemu_command(guest: &Path, memory: &str, cmdline: &str) -> Command {
     c
 }
 
+/// Is QEMU (Debian's `qemu-system-x86`) installed? Benchmarks print its
+/// figures beside ferry's when it is.
+pub fn qemu_installed() -> bool {
+    Command::new("qemu-system-x86_64").arg("--version").output().is_ok_and(|o| o.status.success())
+}
+
 /// A minimal QMP client.
 pub struct Qmp {
     stream: BufReader<UnixStream>,

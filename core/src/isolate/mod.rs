@@ -132,7 +132,8 @@ impl Placement {
                 .ok_or("isolated devices need guest RAM in a memfd, and this RAM is mapped from a file")?
                 .try_clone()
                 .map_err(|e| format!("sharing guest RAM: {e}"))?;
-            let bitmap = ram.dirty().memfd().try_clone().map_err(|e| format!("sharing the dirty bitmap: {e}"))?;
+            let bitmap =
+                ram.dirty().memfd().try_clone().map_err(|e| format!("sharing the dirty bitmap: {e}"))?;
             Some(RamShare {
                 memfd,
                 bitmap,

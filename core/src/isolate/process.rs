@@ -77,7 +77,8 @@ fn serve(control: &Channel, host: Channel) -> Result<(), String> {
     // device drops its Host handle: ferry reads its closing as the end.
     let host = Arc::new(Mutex::new(host));
     let _keep_host = host.clone();
-    let status = StatusPost::start(host.clone()).map_err(|e| format!("cannot start the status thread: {e}"))?;
+    let status =
+        StatusPost::start(host.clone()).map_err(|e| format!("cannot start the status thread: {e}"))?;
     let remote = RemoteHost { socket: host, memory, status };
     let host_box = HostBox::from_ptr(RArc::new(remote), TD_Opaque);
     let DeviceParts { mut device, pci } =
@@ -158,14 +159,18 @@ fn answer(
                 RResult::RErr(e) => failed(e),
             }
         }
-        Request::Write { region, offset, data } => done(device.write(region, offset, RSlice::from_slice(&data))),
+        Request::Write { region, offset, data } => {
+            done(device.write(region, offset, RSlice::from_slice(&data)))
+        }
         Request::Pause => done(device.pause()),
         Request::Resume => done(device.resume()),
         Request::SaveState { version } => match device.save_state(version) {
             RResult::ROk(s) => Reply::State { version: s.version, bytes: s.bytes.into_vec() },
             RResult::RErr(e) => failed(e),
         },
-        Request::LoadState { version, bytes } => done(device.load_state(StateBlob { version, bytes: bytes.into() })),
+        Request::LoadState { version, bytes } => {
+            done(device.load_state(StateBlob { version, bytes: bytes.into() }))
+        }
         Request::Reset => done(device.reset()),
         Request::ConfigRead { offset, len } => {
             let mut data = vec![0xffu8; len.min(4) as usize];
@@ -178,7 +183,9 @@ fn answer(
             Some(f) => done(f.config_write(offset, RSlice::from_slice(&data))),
             None => failed(PluginError::other("the device has no PCI function")),
         },
-        Request::Bars => Reply::Bars(pci.map(|f| f.bars().iter().map(Bar::from).collect()).unwrap_or_default()),
+        Request::Bars => {
+            Reply::Bars(pci.map(|f| f.bars().iter().map(Bar::from).collect()).unwrap_or_default())
+        }
     }
 }
 
@@ -253,9 +260,15 @@ impl RemoteHost {
         if !call.answered() {
             return RResult::ROk(());
         }
-        match socket.recv(None).map_err(|e| e.to_string()).and_then(|(b, _)| decode::<HostReply>(&b, "host reply")) {
+        match socket
+            .recv(None)
+            .map_err(|e| e.to_string())
+            .and_then(|(b, _)| decode::<HostReply>(&b, "host reply"))
+        {
             Ok(HostReply::Done) => RResult::ROk(()),
-            Ok(HostReply::Failed { kind, message }) => RResult::RErr(PluginError::new(ErrorKind(kind), message)),
+            Ok(HostReply::Failed { kind, message }) => {
+                RResult::RErr(PluginError::new(ErrorKind(kind), message))
+            }
             Err(e) => RResult::RErr(PluginError::new(ErrorKind::IO, format!("ferry went away: {e}"))),
         }
     }

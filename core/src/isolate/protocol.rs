@@ -97,7 +97,9 @@ impl Request {
     /// offset 0x1").
     pub fn describe(&self) -> String {
         match self {
-            Request::Read { region, offset, .. } => format!("a register read (region {region}, offset {offset:#x})"),
+            Request::Read { region, offset, .. } => {
+                format!("a register read (region {region}, offset {offset:#x})")
+            }
             Request::Write { region, offset, .. } => {
                 format!("a register write (region {region}, offset {offset:#x})")
             }

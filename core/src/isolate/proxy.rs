@@ -117,7 +117,10 @@ pub(super) fn spawn(s: Spawn<'_>) -> Result<DeviceParts, String> {
     let (host_ours, host_theirs) = wire::pair().map_err(|e| format!("cannot make the device socket: {e}"))?;
     let (control_fd, host_fd) = (theirs.raw(), host_theirs.raw());
     let mut cmd = Command::new(s.exe);
-    cmd.args(["device-process", "--device", s.config.id.as_str()]).stdin(Stdio::inherit()).stdout(Stdio::inherit()).stderr(Stdio::piped());
+    cmd.args(["device-process", "--device", s.config.id.as_str()])
+        .stdin(Stdio::inherit())
+        .stdout(Stdio::inherit())
+        .stderr(Stdio::piped());
     // A panic backtrace would read the process's own files, which its
     // sandbox hides; the panic's message is what the verdict quotes.
     cmd.env_remove("RUST_BACKTRACE").env_remove("RUST_LIB_BACKTRACE");
@@ -146,7 +149,8 @@ pub(super) fn spawn(s: Spawn<'_>) -> Result<DeviceParts, String> {
             Ok(())
         });
     }
-    let mut child = cmd.spawn().map_err(|e| format!("cannot start a device process ({}): {e}", s.exe.display()))?;
+    let mut child =
+        cmd.spawn().map_err(|e| format!("cannot start a device process ({}): {e}", s.exe.display()))?;
     drop((theirs, host_theirs));
     let pid = child.id();
     let last_words = Arc::new((Mutex::new((VecDeque::new(), false)), std::sync::Condvar::new()));
@@ -183,7 +187,9 @@ pub(super) fn spawn(s: Spawn<'_>) -> Result<DeviceParts, String> {
     };
     let ready = match ready {
         Ok((bytes, _)) => decode::<Ready>(&bytes, "ready"),
-        Err(WireError::Timeout) => Err(format!("its device process did not start within {} s", START_TIMEOUT.as_secs())),
+        Err(WireError::Timeout) => {
+            Err(format!("its device process did not start within {} s", START_TIMEOUT.as_secs()))
+        }
         Err(e) => Err(format!("its device process ended while starting ({e}){}", link.words_suffix())),
     };
     let (regions, pci) = match ready {
@@ -204,7 +210,8 @@ pub(super) fn spawn(s: Spawn<'_>) -> Result<DeviceParts, String> {
         .map_err(|e| format!("cannot start the device's host thread: {e}"))?;
     crate::log::info(&format!("{}: device process {pid} ready (plugin {})", link.id, link.plugin));
 
-    let regions = regions.into_iter().map(|(space, base, len)| Region { space: AddressSpace(space), base, len });
+    let regions =
+        regions.into_iter().map(|(space, base, len)| Region { space: AddressSpace(space), base, len });
     let device = RemoteDevice { link: link.clone(), regions: regions.collect() };
     let pci = pci.then(|| PciFunctionBox::from_value(RemotePci { link }, TD_Opaque));
     Ok(DeviceParts { device: DeviceBox::from_value(device, TD_Opaque), pci: pci.into() })
@@ -224,11 +231,7 @@ fn property_files(config: &DeviceConfig) -> Vec<String> {
 
 /// Copy a device process's stderr to ferry's, tagged with the device id,
 /// keeping the last lines for its verdict.
-fn relay_stderr(
-    stderr: std::process::ChildStderr,
-    id: String,
-    words: LastWords,
-) {
+fn relay_stderr(stderr: std::process::ChildStderr, id: String, words: LastWords) {
     let _ = std::thread::Builder::new().name(format!("{id}-stderr")).spawn(move || {
         for line in BufReader::new(stderr).lines() {
             let Ok(line) = line else { break };
@@ -345,7 +348,8 @@ impl Link {
                     _ => {
                         // Still there: its socket broke under it, or it
                         // closed it. Either way it is of no use now.
-                        let why = lock(&self.socket_error).clone().unwrap_or_else(|| "its socket closed".into());
+                        let why =
+                            lock(&self.socket_error).clone().unwrap_or_else(|| "its socket closed".into());
                         lock(&self.killed_for).get_or_insert(format!("{why}; ferry killed its process"));
                         let _ = child.kill();
                         child.wait().ok()
@@ -357,8 +361,15 @@ impl Link {
         let cause = match (killed_for, status) {
             (Some(why), _) => why,
             (None, Some(s)) => match (s.signal(), s.code()) {
-                (Some(sig), _) => format!("its process {} was killed by {}{}", self.pid, signal_name(sig), self.words_suffix()),
-                (None, Some(code)) => format!("its process {} exited with status {code}{}", self.pid, self.words_suffix()),
+                (Some(sig), _) => format!(
+                    "its process {} was killed by {}{}",
+                    self.pid,
+                    signal_name(sig),
+                    self.words_suffix()
+                ),
+                (None, Some(code)) => {
+                    format!("its process {} exited with status {code}{}", self.pid, self.words_suffix())
+                }
                 _ => format!("its process {} ended", self.pid),
             },
             (None, None) => format!("its process {} ended", self.pid),
@@ -438,9 +449,8 @@ fn serve_host(link: &Link, socket: &Channel, host: &HostBox) {
                 Ok(())
             }
             HostCall::SetStatus(line) => host.set_status(line.as_str().into()).into_result(),
-            HostCall::MsiRoute { fd, address, data } => {
-                adopt(&mut fds, fd, got.next()).and_then(|local| host.msi_route(local, MsiMessage { address, data }).into_result())
-            }
+            HostCall::MsiRoute { fd, address, data } => adopt(&mut fds, fd, got.next())
+                .and_then(|local| host.msi_route(local, MsiMessage { address, data }).into_result()),
             HostCall::MsiUnroute { fd } => match fds.get(&fd) {
                 Some(local) => host.msi_unroute(local.as_raw_fd()).into_result(),
                 None => Err(PluginError::other(format!("eventfd {fd} was never routed"))),

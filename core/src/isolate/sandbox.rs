@@ -226,7 +226,8 @@ fn allowlist() -> Result<BTreeMap<i64, Vec<SeccompRule>>, SandboxError> {
         SeccompCondition::new(arg, SeccompCmpArgLen::Qword, op, value)
             .map_err(|e| SandboxError::Seccomp(e.to_string()))
     };
-    let rule = |c: Vec<SeccompCondition>| SeccompRule::new(c).map_err(|e| SandboxError::Seccomp(e.to_string()));
+    let rule =
+        |c: Vec<SeccompCondition>| SeccompRule::new(c).map_err(|e| SandboxError::Seccomp(e.to_string()));
     // Threads only: no new processes.
     let thread = libc::CLONE_THREAD as u64;
     rules.insert(libc::SYS_clone, vec![rule(vec![cond(0, SeccompCmpOp::MaskedEq(thread), thread)?])?]);
@@ -247,8 +248,13 @@ fn allowlist() -> Result<BTreeMap<i64, Vec<SeccompRule>>, SandboxError> {
     ];
     let mut ioctl_rules = Vec::new();
     for op in ioctls {
-        ioctl_rules.push(rule(vec![SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, op)
-            .map_err(|e| SandboxError::Seccomp(e.to_string()))?])?);
+        ioctl_rules.push(rule(vec![SeccompCondition::new(
+            1,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::Eq,
+            op,
+        )
+        .map_err(|e| SandboxError::Seccomp(e.to_string()))?])?);
     }
     rules.insert(libc::SYS_ioctl, ioctl_rules);
     Ok(rules)

@@ -7,6 +7,7 @@ pub fn name(nr: i64) -> Option<&'static str> {
 }
 
 /// Names, indexed by number; gaps are empty.
+#[rustfmt::skip]
 const NAMES: &[&str] = &[
     "read", "write", "open", "close", "stat", "fstat", "lstat", "poll", "lseek", "mmap", "mprotect", "munmap",
     "brk", "rt_sigaction", "rt_sigprocmask", "rt_sigreturn", "ioctl", "pread64", "pwrite64", "readv",

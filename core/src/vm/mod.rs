@@ -230,7 +230,8 @@ fn build(
         memory: ram.device_map(),
         status: Arc::default(),
     };
-    let placement = Arc::new(Placement::new(isolation.clone(), &ram, control.clone()).map_err(VmError::Runtime)?);
+    let placement =
+        Arc::new(Placement::new(isolation.clone(), &ram, control.clone()).map_err(VmError::Runtime)?);
     let mut bus = Bus::new();
     let mut configs = Vec::with_capacity(plans.len());
     for plan in &plans {

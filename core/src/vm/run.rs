@@ -205,7 +205,9 @@ impl Vm {
             if let Some(s) = &served {
                 crate::log::log(
                     ferry_plugin_api::LogLevel::ERROR,
-                    &format!("{message}; the guest is stopped, the API answers, `ferry ctl shutdown` ends ferry"),
+                    &format!(
+                        "{message}; the guest is stopped, the API answers, `ferry ctl shutdown` ends ferry"
+                    ),
                 );
                 self.serve_failed(s, message);
                 shutdown_answer = true;
@@ -236,10 +238,10 @@ impl Vm {
         while let Ok((req, reply)) = served.calls.recv() {
             let answer = match req {
                 ApiRequest::Info => Ok(self.info()),
-                ApiRequest::MigrationStatus => Ok(serde_json::to_value(
-                    self.migration.lock().unwrap_or_else(|e| e.into_inner()).clone(),
-                )
-                .unwrap_or_default()),
+                ApiRequest::MigrationStatus => {
+                    Ok(serde_json::to_value(self.migration.lock().unwrap_or_else(|e| e.into_inner()).clone())
+                        .unwrap_or_default())
+                }
                 ApiRequest::Shutdown => {
                     while served.answered.try_recv().is_ok() {}
                     let _ = reply.send(Ok(serde_json::json!({"state": "shutting down"})));
