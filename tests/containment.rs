@@ -1,6 +1,7 @@
 //! A device that faults: the `faulty-plugin` fixture segfaults, aborts,
-//! overflows its stack, loops forever, calls execve or opens a file no
-//! property names when the guest reads its data port (`dev-check=0:1`).
+//! overflows its stack, loops forever, exits, calls execve or opens a file
+//! no property names when the guest reads its data port (`dev-check=0:1`);
+//! and a device process that something outside kills.
 //!
 //! In a device process (`--isolate bad0`) ferry stays up, the guest stops,
 //! one line names the device and the cause, `ferry ctl info` answers with
@@ -52,8 +53,13 @@ impl Setup {
         self.dir.path().join("api.sock")
     }
 
-    /// Start ferry on the machine; `isolate` is passed to `--isolate`.
+    /// Start ferry on the machine running [`CMDLINE`]; `isolate` is passed
+    /// to `--isolate`.
     fn spawn(&self, isolate: Option<&str>) -> Running {
+        self.spawn_with(isolate, CMDLINE)
+    }
+
+    fn spawn_with(&self, isolate: Option<&str>, cmdline: &str) -> Running {
         let plugins = self.dir.path().display().to_string();
         let machine = self.machine.display().to_string();
         let socket = self.socket().display().to_string();
@@ -69,7 +75,7 @@ impl Setup {
             "--api-socket",
             &socket,
             "--cmdline",
-            CMDLINE,
+            cmdline,
         ]);
         let mut vm = Running::new(spawn_ferry(&args));
         assert!(
@@ -111,7 +117,13 @@ fn contained(fault: &str) -> Option<String> {
         return None;
     }
     let setup = Setup::new(fault);
-    let mut vm = setup.spawn(Some("bad0"));
+    let vm = setup.spawn(Some("bad0"));
+    Some(check_contained(&setup, vm))
+}
+
+/// Wait for bad0's failure and check that ferry contained it; returns the
+/// failure line.
+fn check_contained(setup: &Setup, mut vm: Running) -> String {
     let socket = setup.socket();
     // The failure shows in `info` (a loop takes the register timeout).
     let start = Instant::now();
@@ -153,7 +165,7 @@ fn contained(fault: &str) -> Option<String> {
         end.stderr
     );
     assert!(!socket.exists(), "the API socket is left behind");
-    Some(line)
+    line
 }
 
 fn assert_cause(line: Option<String>, cause: &str) {
@@ -186,6 +198,28 @@ fn a_device_looping_in_a_register_read_is_killed_at_the_timeout() {
         contained("loop"),
         "it did not answer a register read (region 0, offset 0x1) within 2000 ms; ferry killed its process",
     );
+}
+
+#[test]
+fn a_device_process_that_exits_is_contained() {
+    assert_cause(contained("exit"), "exited with status 3");
+}
+
+#[test]
+fn a_device_process_killed_from_outside_is_contained() {
+    if !kvm_or_skip("a_device_process_killed_from_outside_is_contained") {
+        return;
+    }
+    let setup = Setup::new("none");
+    let mut vm = setup.spawn_with(Some("bad0"), "ready ticks=0");
+    if vm.wait_line("TICK 2", DEADLINE).is_none() {
+        panic!("the guest does not tick: {:?}", vm.finish(Duration::ZERO));
+    }
+    let [bad0] = device_processes(vm.pid())[..] else { panic!("one device process, for bad0") };
+    // SAFETY: kill on a child of the ferry this test started.
+    unsafe { libc::kill(bad0, libc::SIGKILL) };
+    let line = check_contained(&setup, vm);
+    assert!(line.ends_with(&format!("its process {bad0} was killed by SIGKILL")), "{line}");
 }
 
 #[test]
@@ -238,6 +272,14 @@ fn in_process_a_stack_overflow_kills_ferry() {
     if let Some(end) = in_process("overflow", DEADLINE) {
         assert_eq!(end.signal, Some(libc::SIGABRT), "{end:?}");
         assert!(end.stderr.contains("has overflowed its stack"), "{}", end.stderr);
+    }
+}
+
+#[test]
+fn in_process_an_exit_ends_ferry_without_a_word() {
+    if let Some(end) = in_process("exit", DEADLINE) {
+        assert_eq!(end.status, Some(3), "{end:?}");
+        assert!(!end.stderr.contains("error"), "{}", end.stderr);
     }
 }
 
