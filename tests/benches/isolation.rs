@@ -10,13 +10,16 @@
 //!    isolated, split into the guest RAM it touched (shared with ferry),
 //!    file-backed pages (the plugin and system libraries) and its own.
 //!
-//! virtio-blk in-process versus isolated is in the `virtio_blk` benchmark.
+//! 3. virtio-blk 4 KiB requests with the disk in-process and isolated,
+//!    beside QEMU (the `virtio_blk` benchmark's table).
 //!
 //! ```sh
 //! cargo build --release --workspace && cargo bench -p ferry-tests --bench isolation
 //! ```
 //!
-//! `FERRY_BENCH_READS` sets `n` (default 20000).
+//! `FERRY_BENCH_READS` sets `n` (default 20000); `FERRY_BENCH_REQUESTS`
+//! and `FERRY_BENCH_ROUNDS` the virtio-blk runs (default 2000 requests, 9
+//! rounds).
 
 use std::{
     path::Path,
@@ -184,4 +187,7 @@ fn main() {
         "\nResident memory with every device isolated (256 MiB RAM, 64 MiB pattern, disk and rng used)\n"
     );
     device_memory(dir.path());
+
+    println!();
+    ferry_tests::blk_bench::table(&guest, dir.path());
 }

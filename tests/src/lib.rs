@@ -1,6 +1,7 @@
 //! Helpers for Ferry's integration tests: find the built binaries, run one
 //! ferry process per VM with a deadline, and skip loudly without /dev/kvm.
 
+pub mod blk_bench;
 pub mod netns;
 pub mod qmp;
 
