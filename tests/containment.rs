@@ -15,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ferry_tests::{ctl, kvm_or_skip, spawn_ferry, wait_for_path, Finished, Running, TempDir};
+use ferry_tests::{ctl, kvm_or_skip, spawn_ferry, Finished, Running, TempDir};
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
@@ -83,7 +83,9 @@ impl Setup {
             "the guest never got going:\n{}",
             vm.finish(Duration::ZERO).stderr
         );
-        assert!(wait_for_path(&self.socket(), DEADLINE), "no API socket");
+        // The API socket exists from before the guest starts until ferry
+        // ends: a guest whose read goes well exits at once, so the tests
+        // that use the API find it on a ferry that stayed up.
         vm
     }
 }
