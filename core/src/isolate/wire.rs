@@ -81,31 +81,17 @@ impl Channel {
         self.fd.as_raw_fd()
     }
 
-    /// Wait until the socket is readable (or writable), up to `deadline`.
+    /// Wait until the socket is readable (or writable), up to `deadline`:
+    /// polling without sleeping for the first [`SPIN`], then sleeping.
     fn wait(&self, events: libc::c_short, deadline: Option<Instant>) -> Result<(), WireError> {
         let spin_until = Instant::now() + SPIN;
         loop {
-            let mut p = libc::pollfd { fd: self.raw(), events, revents: 0 };
-            // SAFETY: one valid pollfd; a zero timeout only looks.
-            let r = unsafe { libc::poll(&mut p, 1, 0) };
-            if r > 0 {
-                return Ok(());
-            }
-            if r < 0 || Instant::now() >= spin_until {
-                break;
-            }
-            std::hint::spin_loop();
-        }
-        loop {
+            let now = Instant::now();
             let timeout = match deadline {
+                Some(d) if d <= now => return Err(WireError::Timeout),
+                _ if now < spin_until => 0,
                 None => -1,
-                Some(d) => {
-                    let left = d.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        return Err(WireError::Timeout);
-                    }
-                    i32::try_from(left.as_millis().max(1)).unwrap_or(i32::MAX)
-                }
+                Some(d) => i32::try_from((d - now).as_millis().max(1)).unwrap_or(i32::MAX),
             };
             let mut p = libc::pollfd { fd: self.raw(), events, revents: 0 };
             // SAFETY: one valid pollfd.
@@ -118,6 +104,8 @@ impl Channel {
                 if e.kind() != io::ErrorKind::Interrupted {
                     return Err(e.into());
                 }
+            } else if timeout == 0 {
+                std::hint::spin_loop();
             }
         }
     }
