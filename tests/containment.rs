@@ -90,18 +90,12 @@ impl Setup {
     }
 }
 
-/// `ferry ctl info` as JSON, or None if ctl did not succeed.
+/// `GET /vm` (`ferry ctl info`), or None if the API did not answer 200.
 fn info(socket: &Path) -> Option<serde_json::Value> {
-    let out = Command::new(ferry_tests::ferry_bin())
-        .args(["ctl", "--api-socket"])
-        .arg(socket)
-        .arg("info")
-        .output()
-        .ok()?;
-    if !out.status.success() {
-        return None;
+    match ferry::api::call(socket, "GET", "/vm", None) {
+        Ok((200, v)) => Some(v),
+        _ => None,
     }
-    serde_json::from_slice(&out.stdout).ok()
 }
 
 /// The entry for device `id` in an `info` answer.
@@ -149,13 +143,8 @@ fn check_contained(setup: &Setup, mut vm: Running) -> String {
     std::thread::sleep(Duration::from_millis(300));
     assert!(vm.alive(), "ferry ended after the device failed");
     assert_eq!(info(&socket).map(|i| i["state"].clone()), Some("failed".into()), "info answers again");
-    let refused = Command::new(ferry_tests::ferry_bin())
-        .args(["ctl", "--api-socket"])
-        .arg(&socket)
-        .arg("resume")
-        .output()
-        .expect("run ferry ctl resume");
-    assert!(!refused.status.success(), "resume of a failed guest was accepted");
+    let resume = ferry::api::call(&socket, "PUT", "/vm/resume", None);
+    assert!(!matches!(resume, Ok((200, _))), "resume of a failed guest was accepted: {resume:?}");
     ctl(&socket, &["shutdown"]);
     let end: Finished = vm.finish(Duration::from_secs(20));
     assert_eq!(end.status, Some(1), "shutdown after a failure exits with status 1:\n{}", end.stderr);
@@ -217,7 +206,9 @@ fn a_device_process_killed_from_outside_is_contained() {
     if vm.wait_line("TICK 2", DEADLINE).is_none() {
         panic!("the guest does not tick: {:?}", vm.finish(Duration::ZERO));
     }
-    let [bad0] = device_processes(vm.pid())[..] else { panic!("one device process, for bad0") };
+    let [(bad0, _)] = ferry_tests::device_processes(vm.pid())[..] else {
+        panic!("one device process, for bad0")
+    };
     // SAFETY: kill on a child of the ferry this test started.
     unsafe { libc::kill(bad0, libc::SIGKILL) };
     let line = check_contained(&setup, vm);
@@ -330,19 +321,6 @@ fn in_process_a_loop_in_a_register_read_hangs_the_guest_for_good() {
     assert!(!end.stdout.contains("DEV OK"), "the read completed:\n{}", end.stdout);
 }
 
-/// The device processes (children running `ferry device-process`) of `pid`.
-fn device_processes(pid: u32) -> Vec<i32> {
-    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-        .unwrap_or_default()
-        .split_whitespace()
-        .filter_map(|p| p.parse().ok())
-        .filter(|p| {
-            std::fs::read_to_string(format!("/proc/{p}/cmdline"))
-                .is_ok_and(|c| c.split('\0').any(|a| a == "device-process"))
-        })
-        .collect()
-}
-
 /// A stop and a continue (a debugger attaching, an operator's SIGSTOP)
 /// interrupt the device processes' waits; they resume them and carry on.
 #[test]
@@ -366,7 +344,7 @@ fn stopped_and_continued_device_processes_carry_on() {
         cmdline,
     ]));
     vm.wait_line("TICK 2", DEADLINE).expect("the guest ticks");
-    let devices = device_processes(vm.pid());
+    let devices: Vec<i32> = ferry_tests::device_processes(vm.pid()).into_iter().map(|(p, _)| p).collect();
     assert_eq!(devices.len(), 6, "one device process per device");
     for &p in &devices {
         // SAFETY: kill on a child of the ferry this test started.

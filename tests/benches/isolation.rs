@@ -63,15 +63,6 @@ fn ferry_reads(isolate: Option<&str>, port: u16, n: u64) -> Command {
     c
 }
 
-/// The child processes of `pid`.
-fn children(pid: u32) -> Vec<u32> {
-    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-        .unwrap_or_default()
-        .split_whitespace()
-        .filter_map(|p| p.parse().ok())
-        .collect()
-}
-
 /// Start a VM with every device isolated and print each process's memory.
 fn device_memory(dir: &Path) {
     let disk = dir.join("disk.img");
@@ -122,14 +113,8 @@ fn device_memory(dir: &Path) {
         None => println!("| {name} | gone |"),
     };
     row("ferry", pid);
-    let kids = children(pid);
-    for kid in &kids {
-        // `ferry device-process --device ID`
-        let cmdline = std::fs::read_to_string(format!("/proc/{kid}/cmdline")).unwrap_or_default();
-        let args: Vec<&str> = cmdline.split('\0').collect();
-        if let Some(at) = args.iter().position(|a| *a == "--device") {
-            row(&format!("device process: {}", args.get(at + 1).unwrap_or(&"?")), *kid);
-        }
+    for (kid, id) in ferry_tests::device_processes(pid) {
+        row(&format!("device process: {id}"), kid as u32);
     }
 }
 

@@ -149,6 +149,24 @@ pub fn ferry_with_stdin(args: &[&str], input: Option<&[u8]>, deadline: Duration)
     wait_ferry(child, deadline)
 }
 
+/// Wait for `child` to end, killing it `deadline` after the call; returns
+/// its exit status and the signal that ended it (both None if killed at
+/// the deadline).
+fn wait_or_kill(child: &mut std::process::Child, deadline: Duration) -> (Option<i32>, Option<i32>) {
+    let called = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().expect("wait for ferry") {
+            return (st.code(), st.signal());
+        }
+        if called.elapsed() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return (None, None);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Collect a started ferry's output and status, killing it after `deadline`.
 pub fn wait_ferry(mut child: std::process::Child, deadline: Duration) -> Finished {
     let start = Instant::now();
@@ -164,17 +182,7 @@ pub fn wait_ferry(mut child: std::process::Child, deadline: Duration) -> Finishe
         let _ = err.read_to_string(&mut s);
         s
     });
-    let (status, signal) = loop {
-        if let Some(st) = child.try_wait().expect("wait for ferry") {
-            break (st.code(), st.signal());
-        }
-        if start.elapsed() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break (None, None);
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let (status, signal) = wait_or_kill(&mut child, deadline);
     Finished {
         status,
         signal,
@@ -314,6 +322,25 @@ pub fn proc_status_kib<const N: usize>(pid: u32, fields: [&str; N]) -> Option<[u
     Some(out)
 }
 
+/// The device processes ferry `pid` started (`ferry device-process
+/// --device ID`), with the device id each serves.
+pub fn device_processes(pid: u32) -> Vec<(i32, String)> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .filter_map(|p: i32| {
+            let cmdline = std::fs::read_to_string(format!("/proc/{p}/cmdline")).ok()?;
+            let args: Vec<&str> = cmdline.split('\0').collect();
+            if !args.contains(&"device-process") {
+                return None;
+            }
+            let id = args.iter().position(|a| *a == "--device").and_then(|at| args.get(at + 1));
+            Some((p, id.unwrap_or(&"?").to_string()))
+        })
+        .collect()
+}
+
 /// A running ferry (or any child) whose stdout is read line by line as it
 /// comes, so a test can act when the guest reaches a point.
 pub struct Running {
@@ -394,18 +421,7 @@ impl Running {
     /// Wait for the end (killing it if it has not ended `deadline` after
     /// this call) and collect everything. `elapsed` counts from the start.
     pub fn finish(mut self, deadline: Duration) -> Finished {
-        let called = Instant::now();
-        let (status, signal) = loop {
-            if let Some(st) = self.child.try_wait().expect("wait") {
-                break (st.code(), st.signal());
-            }
-            if called.elapsed() > deadline {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                break (None, None);
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        };
+        let (status, signal) = wait_or_kill(&mut self.child, deadline);
         while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
             self.seen.push(line);
         }
