@@ -530,8 +530,7 @@ fn between_two_hosts_with_frames_flowing_during_the_move() {
     let dst_out = dst.finish(DEADLINE);
     assert_eq!(dst_out.code(), 9, "{}\n{}", dst_out.stdout, dst_out.stderr);
     assert!(dst_out.stdout.contains("PATTERN OK pages=2048"));
-    let sent = |out: &str| out.lines().filter(|l| l.starts_with("NET SENT 1 ")).count();
-    let (on_a, on_b) = (sent(&src_out.stdout), sent(&dst_out.stdout));
+    let (on_a, on_b) = ferry_tests::count_across_move(&src_out.stdout, &dst_out.stdout, "NET SENT 1 ");
     assert!(on_a >= 3 + 5, "the guest kept sending during pre-copy ({on_a} frames on A)");
     assert!(on_b > 0, "the guest sends on B after the move");
     assert_eq!(on_a + on_b, FRAMES, "the guest sent each frame once");
@@ -569,11 +568,14 @@ fn the_api_says_conflict_when_the_vm_is_busy() {
         (code, v["error"].as_str().unwrap_or("").to_string())
     };
     assert_eq!(status("PUT", "/vm/migrate-cancel", None), (409, "no migration is running".into()));
-    let (code, _) = status("PUT", "/vm/migrate", Some(serde_json::json!({ "uri": uri })));
+    let bare = status("PUT", "/vm/migrate", Some(serde_json::json!({ "uri": uri })));
+    assert!(bare.0 == 400 && bare.1.contains("needs --tls-dir"), "tcp: without a choice: {bare:?}");
+    let (code, _) =
+        status("PUT", "/vm/migrate", Some(serde_json::json!({ "uri": uri, "insecure_tcp": true })));
     assert_eq!(code, 200, "started");
     assert_eq!(status("PUT", "/vm/pause", None), (409, "a migration is running".into()));
     assert_eq!(
-        status("PUT", "/vm/migrate", Some(serde_json::json!({ "uri": uri }))),
+        status("PUT", "/vm/migrate", Some(serde_json::json!({ "uri": uri, "insecure_tcp": true }))),
         (409, "a migration is already running".into())
     );
     let snap = dir.path().join("x.snap").display().to_string();

@@ -8,8 +8,10 @@
 //!  PUT /vm/resume                   resume devices, then vCPUs
 //!  PUT /vm/snapshot {"path": FILE}  write a snapshot (the guest pauses meanwhile)
 //!  PUT /vm/shutdown                 end the VM; ferry exits 0
-//!  PUT /vm/migrate {"uri": "tcp:HOST:PORT"|"unix:PATH", "max_downtime_ms": 300, "dry_run": false}
-//!                                   start a live migration (answers at once)
+//!  PUT /vm/migrate {"uri": "tcp:HOST:PORT"|"unix:PATH", "max_downtime_ms": 300, "dry_run": false,
+//!                   "tls_dir": DIR, "tls_name": NAME, "insecure_tcp": false}
+//!                                   start a live migration (answers at once); tcp: needs
+//!                                   tls_dir (mutual TLS) or insecure_tcp: true
 //!  GET /vm/migration                the migration's progress, plan and report
 //!  PUT /vm/migrate-cancel           give up the migration; the guest keeps running here
 //! ```
@@ -52,6 +54,8 @@ pub enum ApiRequest {
         max_downtime_ms: u64,
         /// Plan only.
         dry_run: bool,
+        /// TLS or plaintext (tcp: only).
+        security: Option<crate::migration::live::TcpSecurity>,
     },
     /// Progress of the migration.
     MigrationStatus,
@@ -101,11 +105,21 @@ pub fn route(method: &str, path: &str, body: &str) -> Result<ApiRequest, (u16, S
             let v: Value = serde_json::from_str(body).map_err(|e| (400, format!("body is not JSON: {e}")))?;
             let uri =
                 v.get("uri").and_then(Value::as_str).ok_or((400, "body needs {\"uri\": ...}".to_string()))?;
-            crate::migration::live::Endpoint::parse(uri).map_err(|e| (400, e.to_string()))?;
+            use crate::migration::{live::Endpoint, live::TcpSecurity, tls::TlsSettings};
+            let endpoint = Endpoint::parse(uri).map_err(|e| (400, e.to_string()))?;
+            let text = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
+            let tls = text("tls_dir").map(|dir| TlsSettings {
+                dir: dir.into(),
+                allow: Vec::new(),
+                name: text("tls_name"),
+            });
+            let insecure = v.get("insecure_tcp").and_then(Value::as_bool).unwrap_or(false);
+            let security = TcpSecurity::choose(&endpoint, tls, insecure).map_err(|e| (400, e.to_string()))?;
             Ok(ApiRequest::Migrate {
                 uri: uri.to_string(),
                 max_downtime_ms: v.get("max_downtime_ms").and_then(Value::as_u64).unwrap_or(300),
                 dry_run: v.get("dry_run").and_then(Value::as_bool).unwrap_or(false),
+                security,
             })
         }
         ("PUT", "/vm/snapshot") => {
@@ -226,6 +240,7 @@ pub fn call(socket: &Path, method: &str, path: &str, body: Option<&Value>) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::migration::live::TcpSecurity;
 
     #[test]
     fn routes_decode() {
@@ -240,5 +255,15 @@ mod tests {
         assert_eq!(route("GET", "/nope", "").unwrap_err().0, 404);
         let bad_uri = route("PUT", "/vm/migrate", r#"{"uri":"udp:1:2"}"#).unwrap_err();
         assert_eq!(bad_uri, (400, "'udp:1:2' is not tcp:HOST:PORT or unix:PATH".to_string()));
+        let bare_tcp = route("PUT", "/vm/migrate", r#"{"uri":"tcp:h:1"}"#).unwrap_err();
+        assert!(bare_tcp.0 == 400 && bare_tcp.1.contains("--insecure-tcp"), "{bare_tcp:?}");
+        let tls_on_unix = route("PUT", "/vm/migrate", r#"{"uri":"unix:/s","tls_dir":"/t"}"#).unwrap_err();
+        assert!(tls_on_unix.1.contains("are for tcp:"), "{tls_on_unix:?}");
+        let Ok(ApiRequest::Migrate { security: Some(TcpSecurity::Tls(tls)), .. }) =
+            route("PUT", "/vm/migrate", r#"{"uri":"tcp:h:1","tls_dir":"/t","tls_name":"b"}"#)
+        else {
+            panic!("tls_dir is not read");
+        };
+        assert_eq!((tls.dir, tls.name), ("/t".into(), Some("b".into())));
     }
 }

@@ -88,12 +88,32 @@ enum Command {
         #[arg(long)]
         device: Option<String>,
     },
+    /// Credentials for migration over mutual TLS.
+    Tls {
+        #[command(subcommand)]
+        action: TlsAction,
+    },
     /// Write the bundled test guest (an ELF with a PVH note that QEMU boots
     /// too) to FILE, for side-by-side runs.
     TestGuest {
         /// Where to write it.
         #[arg(long, value_name = "FILE")]
         output: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum TlsAction {
+    /// Write a CA and, per host, a TLS directory (DIR/NAME: the CA
+    /// certificate, server and client certificates for NAME, and their
+    /// keys) for `--tls-dir`. The CA's key stays in DIR/ca-key.pem.
+    Init {
+        /// A new directory.
+        dir: PathBuf,
+        /// A host's name, as sources dial it (DNS name or IP address).
+        /// Repeatable.
+        #[arg(long = "host", value_name = "NAME", required = true)]
+        hosts: Vec<String>,
     },
 }
 
@@ -126,6 +146,18 @@ enum CtlAction {
         /// Print the destination's plan and stop; nothing is paused.
         #[arg(long)]
         dry_run: bool,
+        /// tcp: with mutual TLS, using this host's TLS directory
+        /// (`ferry tls init`): ca-cert.pem, client-cert.pem, client-key.pem.
+        #[arg(long, value_name = "DIR", conflicts_with = "insecure_tcp")]
+        tls_dir: Option<PathBuf>,
+        /// The name the destination's certificate must carry (default: the
+        /// host in the URI).
+        #[arg(long, value_name = "NAME", requires = "tls_dir")]
+        tls_name: Option<String>,
+        /// tcp: without TLS: the VM travels unencrypted to a peer nobody
+        /// authenticated. For trusted networks only.
+        #[arg(long)]
+        insecure_tcp: bool,
     },
     /// Give up a running migration; the guest keeps running here.
     MigrateCancel,
@@ -188,6 +220,20 @@ struct RunArgs {
     /// and its migrations are the same either way.
     #[arg(long, value_name = "ID[,ID...]|all", value_parser = parse_isolate)]
     isolate: Option<ferry::isolate::Isolate>,
+    /// With --incoming tcp:, accept only sources with a certificate from
+    /// this TLS directory's CA (`ferry tls init`): ca-cert.pem,
+    /// server-cert.pem, server-key.pem; mutual TLS 1.3.
+    #[arg(long, value_name = "DIR", requires = "incoming", conflicts_with = "insecure_tcp")]
+    tls_dir: Option<PathBuf>,
+    /// With --tls-dir: accept only client certificates valid for one of
+    /// these names.
+    #[arg(long, value_name = "NAME[,NAME...]", requires = "tls_dir", value_delimiter = ',')]
+    tls_allow: Vec<String>,
+    /// With --incoming tcp:, accept a plaintext, unauthenticated stream:
+    /// anyone who reaches the port may send this host a VM. For trusted
+    /// networks only.
+    #[arg(long, requires = "incoming")]
+    insecure_tcp: bool,
     /// How long an isolated device may take to answer a register access
     /// before it counts as failed, in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = ferry::isolate::DEFAULT_TIMEOUT.as_millis() as u64, requires = "isolate")]
@@ -235,9 +281,21 @@ fn run(args: RunArgs) -> Result<ExitCode> {
         Some(path) => Some(ferry::api::serve(path).map_err(|e| anyhow!(e))?),
         None => None,
     };
+    let security = match &args.incoming {
+        Some(uri) => {
+            use ferry::migration::{live::Endpoint, live::TcpSecurity, tls::TlsSettings};
+            let tls = args.tls_dir.as_ref().map(|dir| TlsSettings {
+                dir: dir.clone(),
+                allow: args.tls_allow.clone(),
+                name: None,
+            });
+            TcpSecurity::choose(&Endpoint::parse(uri)?, tls, args.insecure_tcp)?
+        }
+        None => None,
+    };
     let (vm, confirm) = match (&args.restore, &args.incoming) {
         (Some(file), _) => (vm::restore(file, &plugins, args.verify_memory, &args.isolation())?, None),
-        (None, Some(uri)) => match vm::incoming(uri, &plugins, &args.isolation())? {
+        (None, Some(uri)) => match vm::incoming(uri, security.as_ref(), &plugins, &args.isolation())? {
             Some((vm, link)) => (vm, Some(link)),
             None => {
                 eprintln!("ferry: dry run: the source only asked for the plan");
@@ -301,8 +359,18 @@ fn boot_config(args: &RunArgs, plugins: PathBuf) -> Result<BootConfig> {
 }
 
 fn ctl(socket: &std::path::Path, action: CtlAction) -> Result<ExitCode> {
-    if let CtlAction::Migrate { uri, max_downtime, dry_run } = &action {
-        return migrate(socket, uri, *max_downtime, *dry_run);
+    if let CtlAction::Migrate { uri, max_downtime, dry_run, tls_dir, tls_name, insecure_tcp } = &action {
+        let mut body = serde_json::json!({ "uri": uri, "max_downtime_ms": max_downtime, "dry_run": dry_run });
+        if let Some(dir) = tls_dir {
+            // The server reads it from its own directory.
+            let abs = std::path::absolute(dir).with_context(|| format!("bad path {}", dir.display()))?;
+            body["tls_dir"] = serde_json::json!(abs);
+            body["tls_name"] = serde_json::json!(tls_name);
+        }
+        if *insecure_tcp {
+            body["insecure_tcp"] = serde_json::json!(true);
+        }
+        return migrate(socket, &body);
     }
     let (method, path, body) = match &action {
         CtlAction::Migrate { .. } => unreachable!("handled above"),
@@ -333,10 +401,9 @@ fn ctl(socket: &std::path::Path, action: CtlAction) -> Result<ExitCode> {
 }
 
 /// Start a migration through the API and follow it with a progress bar.
-fn migrate(socket: &std::path::Path, uri: &str, max_downtime: u64, dry_run: bool) -> Result<ExitCode> {
-    let body = serde_json::json!({ "uri": uri, "max_downtime_ms": max_downtime, "dry_run": dry_run });
+fn migrate(socket: &std::path::Path, body: &serde_json::Value) -> Result<ExitCode> {
     let (status, value) =
-        ferry::api::call(socket, "PUT", "/vm/migrate", Some(&body)).map_err(|e| anyhow!(e))?;
+        ferry::api::call(socket, "PUT", "/vm/migrate", Some(body)).map_err(|e| anyhow!(e))?;
     if !(200..300).contains(&status) {
         return Err(anyhow!("{}", value.get("error").and_then(|e| e.as_str()).unwrap_or("unknown error")));
     }
@@ -369,6 +436,10 @@ fn migrate(socket: &std::path::Path, uri: &str, max_downtime: u64, dry_run: bool
     }
     if let Some(err) = final_status.get("error").and_then(|e| e.as_str()) {
         return Err(anyhow!("migration failed, the guest keeps running here: {err}"));
+    }
+    let transport = final_status.get("transport").and_then(|t| t.as_str()).unwrap_or("");
+    if transport.starts_with("PLAINTEXT") {
+        eprintln!("ferry: warning: this migration went over {transport}");
     }
     println!("{}", serde_json::to_string_pretty(&final_status).unwrap_or_default());
     Ok(ExitCode::SUCCESS)
@@ -520,6 +591,19 @@ fn main() -> ExitCode {
             })
         }
         Command::DeviceProcess { .. } => Ok(ExitCode::from(ferry::isolate::process::main() as u8)),
+        Command::Tls { action: TlsAction::Init { dir, hosts } } => {
+            ferry::migration::certs::init(&dir, &hosts).map_err(|e| anyhow!(e)).map(|made| {
+                println!(
+                    "CA: {} (keep {} off the hosts)",
+                    dir.join("ca-cert.pem").display(),
+                    dir.join("ca-key.pem").display()
+                );
+                for (host, d) in hosts.iter().zip(made) {
+                    println!("{host}: --tls-dir {}", d.display());
+                }
+                ExitCode::SUCCESS
+            })
+        }
         Command::TestGuest { output } => std::fs::write(&output, ferry::boot::TEST_GUEST)
             .map(|()| ExitCode::SUCCESS)
             .with_context(|| format!("cannot write {}", output.display())),

@@ -1,6 +1,9 @@
 //! Live migration, ferry beside QEMU, on the same test guest over the same
 //! loopback TCP, default settings, one run: 512 MiB and 2 GiB guests, idle
-//! and dirtying about 100 MB/s; total time, downtime, bytes sent.
+//! and dirtying about 100 MB/s; total time, downtime, bytes sent. Ferry
+//! moves each guest twice, over mutual TLS 1.3 (credentials from `ferry
+//! tls init`) and over plaintext TCP (`--insecure-tcp`), and prints the
+//! ratio; QEMU's row is its default plaintext TCP.
 //!
 //! ```sh
 //! cargo build --release --workspace && cargo bench -p ferry-tests --bench migration
@@ -27,6 +30,16 @@ use ferry_tests::{
 const IDLE: &str = "pattern=64 ticks=0";
 const DIRTY: &str = "pattern=64 dirty=26 hz=1000 ticks=0";
 
+/// How ferry's two ends are connected.
+enum Transport<'a> {
+    /// Plaintext TCP on loopback (`--insecure-tcp`).
+    Plain,
+    /// Mutual TLS on loopback, both ends using one host's credentials.
+    Tls(&'a Path),
+    /// A unix socket (the memfd hand-over).
+    Unix,
+}
+
 struct Figures {
     total_ms: f64,
     downtime_ms: f64,
@@ -46,14 +59,16 @@ fn spawn(cmd: &mut Command) -> Result<Running, String> {
     cmd.spawn().map(Running::new).map_err(|e| e.to_string())
 }
 
-fn ferry(dir: &Path, memory: &str, guest: &str, unix: bool) -> Result<Figures, String> {
+fn ferry(dir: &Path, memory: &str, guest: &str, transport: &Transport) -> Result<Figures, String> {
     let ferry = bin_dir().join("ferry");
-    let uri = if unix {
-        format!("unix:{}", dir.join(format!("mig-{memory}.sock")).display())
-    } else {
-        format!("tcp:127.0.0.1:{}", free_port())
+    let (uri, security): (String, Vec<String>) = match transport {
+        Transport::Unix => (format!("unix:{}", dir.join(format!("mig-{memory}.sock")).display()), vec![]),
+        Transport::Plain => (format!("tcp:127.0.0.1:{}", free_port()), vec!["--insecure-tcp".into()]),
+        Transport::Tls(creds) => {
+            (format!("tcp:127.0.0.1:{}", free_port()), vec!["--tls-dir".into(), creds.display().to_string()])
+        }
     };
-    let dst = spawn(Command::new(&ferry).args(["run", "--incoming", &uri]))?;
+    let dst = spawn(Command::new(&ferry).args(["run", "--incoming", &uri]).args(&security))?;
     std::thread::sleep(Duration::from_millis(300));
     let socket = dir.join(format!("src-{memory}.sock"));
     let mut src = spawn(
@@ -72,6 +87,7 @@ fn ferry(dir: &Path, memory: &str, guest: &str, unix: bool) -> Result<Figures, S
         .arg("--api-socket")
         .arg(&socket)
         .args(["migrate", &uri])
+        .args(&security)
         .output()
         .map_err(|e| e.to_string())?;
     let text = String::from_utf8_lossy(&out.stdout).to_string();
@@ -130,34 +146,63 @@ fn main() {
     let guest_elf = dir.path().join("guest.elf");
     ferry_tests::write_test_guest(&guest_elf);
     let have_qemu = ferry_tests::qmp::qemu_installed();
+    let fleet = dir.path().join("tls");
+    let made = Command::new(bin_dir().join("ferry"))
+        .args(["tls", "init"])
+        .arg(&fleet)
+        .args(["--host", "127.0.0.1"])
+        .output()
+        .map_err(|e| e.to_string())
+        .and_then(
+            |o| if o.status.success() { Ok(()) } else { Err(String::from_utf8_lossy(&o.stderr).into()) },
+        );
+    if let Err(e) = made {
+        println!("ferry tls init failed: {e}");
+        return;
+    }
+    let creds = fleet.join("127.0.0.1");
     println!("Live migration over loopback TCP, test guest with 64 MiB of pattern\n");
-    println!("| VMM   | RAM  | guest    | total ms | downtime ms | MiB sent |");
-    println!("|-------|------|----------|---------:|------------:|---------:|");
+    println!("| VMM   | transport | RAM  | guest    | total ms | downtime ms | MiB sent |");
+    println!("|-------|-----------|------|----------|---------:|------------:|---------:|");
+    let mut ratios = Vec::new();
     for memory in ["512M", "2G"] {
         for (name, guest) in [("idle", IDLE), ("dirtying", DIRTY)] {
-            let mut rows: Vec<(&str, Result<Figures, String>)> =
-                vec![("ferry", ferry(dir.path(), memory, guest, false))];
-            if have_qemu {
-                rows.push(("qemu", qemu(dir.path(), &guest_elf, memory, guest)));
+            let tls = ferry(dir.path(), memory, guest, &Transport::Tls(&creds));
+            let plain = ferry(dir.path(), memory, guest, &Transport::Plain);
+            if let (Ok(t), Ok(p)) = (&tls, &plain) {
+                ratios.push(format!(
+                    "{memory} {name}: total {:.2}x, downtime {:.2}x",
+                    t.total_ms / p.total_ms,
+                    t.downtime_ms / p.downtime_ms
+                ));
             }
-            for (vmm, r) in rows {
+            let mut rows: Vec<(&str, &str, Result<Figures, String>)> =
+                vec![("ferry", "TLS 1.3", tls), ("ferry", "plaintext", plain)];
+            if have_qemu {
+                rows.push(("qemu", "plaintext", qemu(dir.path(), &guest_elf, memory, guest)));
+            }
+            for (vmm, via, r) in rows {
                 match r {
                     Ok(f) => println!(
-                        "| {vmm:<5} | {memory:<4} | {name:<8} | {:>8.1} | {:>11.1} | {:>8.1} |",
+                        "| {vmm:<5} | {via:<9} | {memory:<4} | {name:<8} | {:>8.1} | {:>11.1} | {:>8.1} |",
                         f.total_ms,
                         f.downtime_ms,
                         f.bytes / 1048576.0
                     ),
-                    Err(e) => println!("| {vmm:<5} | {memory:<4} | {name:<8} | failed: {e} |"),
+                    Err(e) => println!("| {vmm:<5} | {via:<9} | {memory:<4} | {name:<8} | failed: {e} |"),
                 }
             }
         }
+    }
+    println!("\nFerry over TLS / over plaintext (goal: within 1.10x):");
+    for r in &ratios {
+        println!("  {r}");
     }
     println!("\nSame host, unix socket, RAM memfd handed over (no copy):\n");
     println!("| VMM   | RAM  | guest    | total ms | downtime ms | MiB sent |");
     println!("|-------|------|----------|---------:|------------:|---------:|");
     for memory in ["512M", "2G"] {
-        match ferry(dir.path(), memory, DIRTY, true) {
+        match ferry(dir.path(), memory, DIRTY, &Transport::Unix) {
             Ok(f) => println!(
                 "| ferry | {memory:<4} | dirtying | {:>8.1} | {:>11.1} | {:>8.2} |",
                 f.total_ms,

@@ -1,8 +1,9 @@
 //! Ferry's main job, on one machine: boot the bundled test guest on a
 //! "new" host (this build's plugins with the testdev device at release 3),
-//! migrate it live over TCP to a second ferry with an older plugin set
-//! (testdev release 1), and show the plan, the downtime, and the guest's
-//! counter carrying on. The README's first command runs this.
+//! migrate it live over TCP with mutual TLS (credentials from `ferry tls
+//! init`) to a second ferry with an older plugin set (testdev release 1),
+//! and show the plan, the downtime, and the guest's counter carrying on.
+//! The README's first command runs this.
 
 use std::{
     io::Write,
@@ -54,8 +55,31 @@ fn main() {
                 .expect("start ferry"),
         )
     };
+    // Two hosts' credentials from one CA: the destination accepts only the
+    // source's certificate, the source only a destination named old-host.
+    let fleet = dir.path().join("fleet");
+    let init = Command::new(ferry_bin())
+        .args(["tls", "init"])
+        .arg(&fleet)
+        .args(["--host", "new-host", "--host", "old-host"])
+        .output()
+        .expect("ferry tls init");
+    assert!(init.status.success(), "ferry tls init: {}", String::from_utf8_lossy(&init.stderr));
+    let (new_tls, old_tls) =
+        (fleet.join("new-host").display().to_string(), fleet.join("old-host").display().to_string());
+    println!("ferry tls init {} --host new-host --host old-host", fleet.display());
     let old_dir = old.path().display().to_string();
-    let dst = spawn(&["run", "--plugins", &old_dir, "--incoming", &uri]);
+    let dst = spawn(&[
+        "run",
+        "--plugins",
+        &old_dir,
+        "--incoming",
+        &uri,
+        "--tls-dir",
+        &old_tls,
+        "--tls-allow",
+        "new-host",
+    ]);
     std::thread::sleep(Duration::from_millis(300));
     let socket = dir.path().join("src.sock");
     let (s, m, n) =
@@ -91,12 +115,12 @@ fn main() {
         cpu["tsc_khz"]
     );
 
-    println!("\nferry ctl migrate {uri}");
+    println!("\nferry ctl migrate {uri} --tls-dir .../new-host --tls-name old-host");
     let out = Command::new(ferry_bin())
         .arg("ctl")
         .arg("--api-socket")
         .arg(&socket)
-        .args(["migrate", &uri])
+        .args(["migrate", &uri, "--tls-dir", &new_tls, "--tls-name", "old-host"])
         .output()
         .expect("ferry ctl migrate");
     let text = String::from_utf8_lossy(&out.stdout);
@@ -114,7 +138,8 @@ fn main() {
     }
     let num = |k: &str| field(k).and_then(|v| v.parse::<f64>().ok()).unwrap_or(f64::NAN);
     println!(
-        "  migrated: total {:.1} ms, downtime {:.2} ms, {:.1} KiB sent\n",
+        "  migrated over {}: total {:.1} ms, downtime {:.2} ms, {:.1} KiB sent\n",
+        field("transport").unwrap_or_default().trim_matches('"'),
         num("total_ms"),
         num("downtime_ms"),
         num("bytes_sent") / 1024.0

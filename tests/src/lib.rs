@@ -116,13 +116,30 @@ pub fn isolating() -> bool {
 }
 
 /// `args` as this binary runs them: `--isolate all` after `run` when
-/// [`isolating`].
+/// [`isolating`]; `--insecure-tcp` for an `--incoming tcp:` that names
+/// neither it nor `--tls-dir` (see [`plaintext_unless_tls`]).
 pub fn run_args<'a>(args: &[&'a str]) -> Vec<&'a str> {
     let mut all = args.to_vec();
-    if isolating() && all.first() == Some(&"run") {
-        all.splice(1..1, ["--isolate", "all"]);
+    if all.first() == Some(&"run") {
+        let incoming_tcp = all.windows(2).any(|w| w[0] == "--incoming" && w[1].starts_with("tcp:"));
+        if incoming_tcp && plaintext_unless_tls(&all) {
+            all.push("--insecure-tcp");
+        }
+        if isolating() {
+            all.splice(1..1, ["--isolate", "all"]);
+        }
     }
     all
+}
+
+/// The suite's transport policy: ferry refuses a tcp: migration that
+/// chooses neither mutual TLS (`--tls-dir`) nor `--insecure-tcp`. Tests
+/// about something other than the transport move VMs over loopback or
+/// their own namespaces, so the harness passes `--insecure-tcp` for them;
+/// a test that names `--tls-dir` or `--insecure-tcp` itself is left as it
+/// is (tests/tls.rs runs the TLS cases, and the refusal of neither).
+pub fn plaintext_unless_tls(args: &[&str]) -> bool {
+    !args.iter().any(|a| *a == "--tls-dir" || *a == "--insecure-tcp")
 }
 
 /// Start ferry with `args` and extra environment variables.
@@ -478,7 +495,10 @@ pub fn ctl(socket: &Path, args: &[&str]) -> String {
 
 /// `ferry ctl --api-socket SOCKET migrate URI EXTRA...`; returns whether
 /// it succeeded and everything it printed (stdout, then stderr).
+/// A tcp: URI gets `--insecure-tcp` unless `extra` chooses the transport
+/// ([`plaintext_unless_tls`]).
 pub fn migrate(socket: &Path, uri: &str, extra: &[&str]) -> (bool, String) {
+    let plaintext = uri.starts_with("tcp:") && plaintext_unless_tls(extra);
     let out = Command::new(ferry_bin())
         .arg("ctl")
         .arg("--api-socket")
@@ -486,6 +506,7 @@ pub fn migrate(socket: &Path, uri: &str, extra: &[&str]) -> (bool, String) {
         .arg("migrate")
         .arg(uri)
         .args(extra)
+        .args(plaintext.then_some("--insecure-tcp"))
         .output()
         .expect("run ferry ctl migrate");
     let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
@@ -507,6 +528,18 @@ pub fn wait_for_path(path: &Path, timeout: Duration) -> bool {
 /// The number in a `TICK <n>` line.
 pub fn tick_number(line: &str) -> Option<u64> {
     line.strip_prefix("TICK ").and_then(|n| n.trim().parse().ok())
+}
+
+/// Lines starting with `prefix` on the console of the host a guest left
+/// (`before`) and of the host it moved to (`after`). A line the guest was
+/// printing when it paused (its start before, the rest after) counts once,
+/// for `before`: the guest began it there, after doing what it reports.
+pub fn count_across_move(before: &str, after: &str, prefix: &str) -> (usize, usize) {
+    let count = |out: &str| out.lines().filter(|l| l.starts_with(prefix)).count();
+    let tail = before.trim_end_matches('\n').rsplit('\n').next().unwrap_or("");
+    let head = after.lines().next().unwrap_or("");
+    let split = !tail.is_empty() && !tail.starts_with(prefix) && format!("{tail}{head}").starts_with(prefix);
+    (count(before) + usize::from(split), count(after))
 }
 
 /// The guest's tick counter carries on from console `before` (the process
@@ -764,7 +797,16 @@ pub fn test_guest_as(class: ElfClass) -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
-    use super::ticks_carry_on;
+    use super::{count_across_move, ticks_carry_on};
+
+    #[test]
+    fn a_line_split_at_the_pause_counts_once_where_it_began() {
+        assert_eq!(count_across_move("NET SENT 1 a\n", "NET SENT 1 b\n", "NET SENT 1 "), (1, 1));
+        assert_eq!(count_across_move("NET SENT 1 a\nNET S", "ENT 1 b\nTICK 2\n", "NET SENT 1 "), (2, 0));
+        assert_eq!(count_across_move("NET SENT 1 a\nNET S\n", "ENT 1 b\n", "NET SENT 1 "), (2, 0));
+        assert_eq!(count_across_move("TICK 1\n", "NET SENT 1 b\n", "NET SENT 1 "), (0, 1));
+        assert_eq!(count_across_move("NET SENT 1 ", "b\n", "NET SENT 1 "), (1, 0));
+    }
 
     #[test]
     fn ticks_carry_on_across_a_line_split_at_the_pause() {

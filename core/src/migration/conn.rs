@@ -1,7 +1,8 @@
 //! The connection a migration runs over: where to connect or listen
-//! (`Endpoint`), the byte stream (`Conn`), how a running migration is given
-//! up (`Cancel`), and the errors of a migration (`MigrateError`). Below
-//! `live.rs`, which runs the protocol over it.
+//! (`Endpoint`), how TCP is secured (`TcpSecurity`), the byte stream
+//! (`Conn`), how a running migration is given up (`Cancel`), and the
+//! errors of a migration (`MigrateError`). Below `live.rs`, which runs the
+//! protocol over it; above `tls.rs`.
 
 use std::{
     io::{Read, Write},
@@ -10,7 +11,10 @@ use std::{
     time::Duration,
 };
 
-use super::stream::StreamError;
+use super::{
+    stream::StreamError,
+    tls::{TlsError, TlsSettings, TlsStream},
+};
 
 /// Migration errors.
 #[derive(Debug, thiserror::Error)]
@@ -18,6 +22,13 @@ pub enum MigrateError {
     /// The URI is not tcp:HOST:PORT or unix:PATH.
     #[error("'{0}' is not tcp:HOST:PORT or unix:PATH")]
     Uri(String),
+    /// TCP without `--tls-dir` or `--insecure-tcp`, or either on a unix
+    /// socket.
+    #[error("{0}")]
+    Security(String),
+    /// TLS credentials or the TLS handshake.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     /// Cannot reach the destination.
     #[error("cannot connect to {uri}: {source}")]
     Connect {
@@ -123,10 +134,57 @@ impl Cancel {
     }
 }
 
+pub(crate) const NEEDS_SECURITY: &str =
+    "a tcp: migration needs --tls-dir DIR (mutual TLS) or, to move the VM \
+                              unencrypted and unauthenticated, --insecure-tcp";
+
+/// How a TCP migration is protected: mutual TLS, or, only when both ends
+/// say so, nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TcpSecurity {
+    /// Mutual TLS 1.3 with this host's TLS directory.
+    Tls(TlsSettings),
+    /// Plaintext and unauthenticated (`--insecure-tcp`).
+    Insecure,
+}
+
+impl TcpSecurity {
+    /// What the command line or API asked for, checked against the
+    /// endpoint: TCP needs exactly one of the two, a unix socket neither.
+    pub fn choose(
+        endpoint: &Endpoint,
+        tls: Option<TlsSettings>,
+        insecure: bool,
+    ) -> Result<Option<TcpSecurity>, MigrateError> {
+        let refuse = |m: &str| Err(MigrateError::Security(m.to_string()));
+        match (endpoint, tls, insecure) {
+            (Endpoint::Tcp(_), Some(_), true) => refuse("--tls-dir and --insecure-tcp exclude each other"),
+            (Endpoint::Tcp(_), Some(tls), false) => Ok(Some(TcpSecurity::Tls(tls))),
+            (Endpoint::Tcp(_), None, true) => Ok(Some(TcpSecurity::Insecure)),
+            (Endpoint::Tcp(_), None, false) => refuse(NEEDS_SECURITY),
+            (Endpoint::Unix(_), None, false) => Ok(None),
+            (Endpoint::Unix(_), _, _) => {
+                refuse("--tls-dir and --insecure-tcp are for tcp: migrations (a unix socket is checked by its owner)")
+            }
+        }
+    }
+
+    /// For reports and logs.
+    pub fn describe(security: Option<&TcpSecurity>) -> &'static str {
+        match security {
+            Some(TcpSecurity::Tls(_)) => "mutual TLS 1.3",
+            Some(TcpSecurity::Insecure) => "PLAINTEXT TCP (--insecure-tcp: unencrypted, unauthenticated)",
+            None => "unix socket",
+        }
+    }
+}
+
 /// A connected byte stream to the other side.
 pub enum Conn {
-    /// TCP.
+    /// TCP, plaintext.
     Tcp(TcpStream),
+    /// TCP with mutual TLS.
+    Tls(TlsStream),
     /// Unix socket.
     Unix(UnixStream),
 }
@@ -135,6 +193,7 @@ impl Conn {
     pub(crate) fn try_clone(&self) -> std::io::Result<Conn> {
         Ok(match self {
             Conn::Tcp(s) => Conn::Tcp(s.try_clone()?),
+            Conn::Tls(s) => Conn::Tls(s.try_clone()?),
             Conn::Unix(s) => Conn::Unix(s.try_clone()?),
         })
     }
@@ -142,6 +201,7 @@ impl Conn {
     pub(crate) fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
         match self {
             Conn::Tcp(s) => s.set_read_timeout(t),
+            Conn::Tls(s) => s.tcp().set_read_timeout(t),
             Conn::Unix(s) => s.set_read_timeout(t),
         }
     }
@@ -150,6 +210,7 @@ impl Conn {
     pub fn shutdown(&self) {
         let _ = match self {
             Conn::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
+            Conn::Tls(s) => s.tcp().shutdown(std::net::Shutdown::Both),
             Conn::Unix(s) => s.shutdown(std::net::Shutdown::Both),
         };
     }
@@ -159,6 +220,7 @@ impl Read for Conn {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         match self {
             Conn::Tcp(s) => s.read(buf),
+            Conn::Tls(s) => s.read(buf),
             Conn::Unix(s) => s.read(buf),
         }
     }
@@ -168,6 +230,7 @@ impl Write for Conn {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         match self {
             Conn::Tcp(s) => s.write(buf),
+            Conn::Tls(s) => s.write(buf),
             Conn::Unix(s) => s.write(buf),
         }
     }
@@ -175,6 +238,7 @@ impl Write for Conn {
     fn flush(&mut self) -> std::io::Result<()> {
         match self {
             Conn::Tcp(s) => s.flush(),
+            Conn::Tls(s) => s.flush(),
             Conn::Unix(s) => s.flush(),
         }
     }
@@ -204,18 +268,33 @@ impl Endpoint {
         Err(MigrateError::Uri(uri.to_string()))
     }
 
-    /// Connect.
-    pub fn connect(&self, uri: &str) -> Result<Conn, MigrateError> {
+    /// Connect, with TLS when `security` says so (a TLS client is loaded
+    /// first, so missing credentials fail before anything is dialled).
+    pub fn connect(&self, uri: &str, security: Option<&TcpSecurity>) -> Result<Conn, MigrateError> {
         let err = |source| MigrateError::Connect { uri: uri.to_string(), source };
-        match self {
-            Endpoint::Tcp(addr) => {
+        match (self, security) {
+            (Endpoint::Tcp(addr), Some(security)) => {
+                let client = match security {
+                    TcpSecurity::Tls(settings) => Some(super::tls::Client::load(settings)?),
+                    TcpSecurity::Insecure => None,
+                };
                 let s = TcpStream::connect(addr).map_err(err)?;
                 let _ = s.set_nodelay(true);
-                Ok(Conn::Tcp(s))
+                match client {
+                    Some(client) => Ok(Conn::Tls(client.connect(s, host_of(addr))?)),
+                    None => Ok(Conn::Tcp(s)),
+                }
             }
-            Endpoint::Unix(path) => UnixStream::connect(path).map(Conn::Unix).map_err(err),
+            (Endpoint::Tcp(_), None) => Err(MigrateError::Security(NEEDS_SECURITY.into())),
+            (Endpoint::Unix(path), _) => UnixStream::connect(path).map(Conn::Unix).map_err(err),
         }
     }
+}
+
+/// The host part of `host:port` (`[v6]:port` keeps its brackets, which
+/// the TLS name check strips).
+fn host_of(addr: &str) -> &str {
+    addr.rsplit_once(':').map(|(h, _)| h).unwrap_or(addr)
 }
 
 #[cfg(test)]

@@ -38,7 +38,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-pub use super::conn::{Cancel, Conn, Endpoint, MigrateError};
+pub use super::conn::{Cancel, Conn, Endpoint, MigrateError, TcpSecurity};
 pub use super::status::Status;
 use super::{
     manifest::Manifest,
@@ -91,6 +91,8 @@ pub struct Options {
     pub max_downtime_ms: u64,
     /// Stop after the plan.
     pub dry_run: bool,
+    /// TLS or plaintext, for a tcp: URI (None for unix:).
+    pub security: Option<TcpSecurity>,
 }
 
 struct Link {
@@ -202,7 +204,16 @@ fn update(core: &VmCore, f: impl FnOnce(&mut Status)) {
 pub fn migrate(core: &VmCore, opts: &Options, cancel: &Cancel) -> Result<Status, MigrateError> {
     let start = Instant::now();
     let endpoint = Endpoint::parse(&opts.uri)?;
-    let conn = endpoint.connect(&opts.uri)?;
+    let plaintext_tcp = opts.security == Some(TcpSecurity::Insecure);
+    if plaintext_tcp {
+        crate::log::warn(&format!(
+            "migrating to {} over plaintext TCP (--insecure-tcp): the VM's memory and state travel \
+             unencrypted to a peer nobody authenticated",
+            opts.uri
+        ));
+    }
+    let conn = endpoint.connect(&opts.uri, opts.security.as_ref())?;
+    update(core, |s| s.transport = TcpSecurity::describe(opts.security.as_ref()).into());
     cancel.watch(&conn);
     conn.set_read_timeout(Some(ANSWER_TIMEOUT)).map_err(io("connecting"))?;
     let mut link = Link::new(conn).map_err(io("connecting"))?;
@@ -212,7 +223,17 @@ pub fn migrate(core: &VmCore, opts: &Options, cancel: &Cancel) -> Result<Status,
     let encoded = state::encode(&manifest).map_err(|e| MigrateError::State(e.to_string()))?;
     link.send(Kind::Hello, "", super::manifest::MANIFEST_VERSION, &encoded).map_err(io("handshake"))?;
     link.flush().map_err(io("handshake"))?;
-    let (h, payload) = link.receive().map_err(|e| cancel.explain(st("handshake")(e)))?;
+    let (h, payload) = link.receive().map_err(|e| match e {
+        // A TLS destination drops a plaintext hello without a word.
+        StreamError::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof && plaintext_tcp => {
+            MigrateError::Security(
+                "the destination closed the connection at the handshake: it may want mutual TLS \
+                 (--tls-dir on both ends)"
+                    .into(),
+            )
+        }
+        e => cancel.explain(st("handshake")(e)),
+    })?;
     if h.kind == Kind::Failed {
         return Err(MigrateError::Protocol(format!("destination: {}", String::from_utf8_lossy(&payload))));
     }
@@ -509,37 +530,82 @@ impl IncomingLink {
 
 /// Where an incoming migration is awaited.
 enum Listener {
-    Tcp(std::net::TcpListener),
+    Tcp(std::net::TcpListener, Option<super::tls::Server>),
     Unix(std::os::unix::net::UnixListener, std::path::PathBuf),
 }
 
 impl Listener {
-    fn accept(&self) -> std::io::Result<Conn> {
-        Ok(match self {
-            Listener::Tcp(l) => {
-                let (s, _) = l.accept()?;
+    /// The next connection, through the TLS handshake where there is one.
+    /// Err(None) for a peer turned away (logged), to wait for the next.
+    fn accept(&self) -> Result<Conn, Option<std::io::Error>> {
+        match self {
+            Listener::Tcp(l, tls) => {
+                let (s, peer) = l.accept().map_err(Some)?;
                 let _ = s.set_nodelay(true);
-                Conn::Tcp(s)
+                let Some(tls) = tls else {
+                    crate::log::warn(&format!(
+                        "accepted a migration connection from {peer} over plaintext TCP (--insecure-tcp): \
+                         nobody authenticated it"
+                    ));
+                    return Ok(Conn::Tcp(s));
+                };
+                // A probe that connects and closes (a port check) is no
+                // peer to refuse: wait for the next without a warning.
+                let _ = s.set_read_timeout(Some(ANSWER_TIMEOUT));
+                if !matches!(s.peek(&mut [0u8]), Ok(1)) {
+                    crate::log::debug("a connection ended before sending anything; still waiting");
+                    return Err(None);
+                }
+                match tls.accept(s) {
+                    Ok(stream) => {
+                        crate::log::info(&format!(
+                            "migration peer {peer} authenticated by mutual TLS 1.3{}",
+                            tls.allowed_line(&stream)
+                        ));
+                        Ok(Conn::Tls(stream))
+                    }
+                    Err(e) => {
+                        crate::log::warn(&format!("refused a migration peer: {e}; still waiting"));
+                        Err(None)
+                    }
+                }
             }
-            Listener::Unix(l, _) => Conn::Unix(l.accept()?.0),
-        })
+            Listener::Unix(l, _) => Ok(Conn::Unix(l.accept().map_err(Some)?.0)),
+        }
     }
 }
 
 /// Accept one migration on `uri` and run the handshake: returns the
 /// manifest and the plan once the source said "go" (None for a dry run).
-pub fn accept(uri: &str, plan_for: impl FnOnce(&Manifest) -> Plan) -> Result<Option<Incoming>, MigrateError> {
+/// A TCP peer that fails the TLS handshake is turned away and the next one
+/// awaited.
+pub fn accept(
+    uri: &str,
+    security: Option<&TcpSecurity>,
+    plan_for: impl FnOnce(&Manifest) -> Plan,
+) -> Result<Option<Incoming>, MigrateError> {
     let connect_err = |source| MigrateError::Connect { uri: uri.into(), source };
-    let listener = match Endpoint::parse(uri)? {
-        Endpoint::Tcp(addr) => Listener::Tcp(std::net::TcpListener::bind(&addr).map_err(connect_err)?),
-        Endpoint::Unix(path) => {
+    let listener = match (Endpoint::parse(uri)?, security) {
+        (Endpoint::Tcp(addr), Some(security)) => {
+            let tls = match security {
+                TcpSecurity::Tls(settings) => Some(super::tls::Server::load(settings)?),
+                TcpSecurity::Insecure => None,
+            };
+            Listener::Tcp(std::net::TcpListener::bind(&addr).map_err(connect_err)?, tls)
+        }
+        (Endpoint::Tcp(_), None) => return Err(MigrateError::Security(super::conn::NEEDS_SECURITY.into())),
+        (Endpoint::Unix(path), _) => {
             crate::unix_socket::claim(&path, "--incoming").map_err(MigrateError::Protocol)?;
             Listener::Unix(std::os::unix::net::UnixListener::bind(&path).map_err(connect_err)?, path)
         }
     };
-    crate::log::info(&format!("waiting for a migration on {uri}"));
+    crate::log::info(&format!("waiting for a migration on {uri} ({})", TcpSecurity::describe(security)));
     let mut link = loop {
-        let conn = listener.accept().map_err(connect_err)?;
+        let conn = match listener.accept() {
+            Ok(conn) => conn,
+            Err(None) => continue,
+            Err(Some(e)) => return Err(connect_err(e)),
+        };
         conn.set_read_timeout(Some(ANSWER_TIMEOUT)).map_err(io("handshake"))?;
         let mut link = Link::new(conn).map_err(io("handshake"))?;
         match std::io::BufRead::fill_buf(&mut link.reader) {

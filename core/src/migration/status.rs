@@ -9,6 +9,9 @@ use serde::Serialize;
 pub struct Status {
     /// handshake | precopy | stop-and-copy | completed | failed | dry-run.
     pub phase: String,
+    /// How the VM travels: "mutual TLS 1.3", "PLAINTEXT TCP
+    /// (--insecure-tcp: ...)", "unix socket".
+    pub transport: String,
     /// The plan, one line per device.
     pub plan: Vec<String>,
     /// Current pre-copy round (0 = first pass).

@@ -15,11 +15,13 @@ use crate::{
     state::{self, VcpuStateV2},
 };
 
-/// Wait for a live migration on `uri`, plan it against the plugins in
-/// `plugins`, receive the VM, and return it ready to run with the link to
-/// confirm on. None after a dry run.
+/// Wait for a live migration on `uri` (TLS or plaintext as `security`
+/// says, for tcp:), plan it against the plugins in `plugins`, receive the
+/// VM, and return it ready to run with the link to confirm on. None after
+/// a dry run.
 pub fn incoming(
     uri: &str,
+    security: Option<&crate::migration::live::TcpSecurity>,
     plugins: &Path,
     isolation: &crate::isolate::Isolation,
 ) -> Result<Option<(Vm, crate::migration::live::IncomingLink)>, VmError> {
@@ -29,8 +31,8 @@ pub fn incoming(
     let host = host_plugins(&registry);
     let host_cpu = HostCpu::probe()?;
     // The same computation `ferry compat` makes from this host's manifest.
-    let accepted =
-        live::accept(uri, |m| plan::make_plan(m, &host, Some(&host_cpu))).map_err(|e| fail(e.to_string()))?;
+    let accepted = live::accept(uri, security, |m| plan::make_plan(m, &host, Some(&host_cpu)))
+        .map_err(|e| fail(e.to_string()))?;
     drop(registry);
     let Some(mut incoming) = accepted else { return Ok(None) };
     let m = incoming.manifest.clone();

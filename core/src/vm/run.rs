@@ -134,7 +134,7 @@ impl Vm {
                             }
                             ApiRequest::MigrateCancel => Err(Failure::conflict("no migration is running")),
                             ApiRequest::Migrate { .. } if migrating => Err(Failure::conflict("a migration is already running")),
-                            ApiRequest::Migrate { uri, max_downtime_ms, dry_run } => {
+                            ApiRequest::Migrate { uri, max_downtime_ms, dry_run, security } => {
                                 migrating = true;
                                 cancel.clear();
                                 *self.migration.lock().unwrap_or_else(|e| e.into_inner()) = Some(crate::migration::live::Status {
@@ -143,7 +143,7 @@ impl Vm {
                                 });
                                 let core = self.core.clone();
                                 let (tx, cancel) = (mig_tx.clone(), cancel.clone());
-                                let opts = crate::migration::live::Options { uri, max_downtime_ms, dry_run };
+                                let opts = crate::migration::live::Options { uri, max_downtime_ms, dry_run, security };
                                 std::thread::Builder::new()
                                     .name("migration".into())
                                     .spawn(move || {
