@@ -55,7 +55,7 @@ pub enum ApiRequest {
         /// Plan only.
         dry_run: bool,
         /// TLS or plaintext (tcp: only).
-        security: Option<crate::migration::live::TcpSecurity>,
+        security: Option<crate::migration::conn::TcpSecurity>,
     },
     /// Progress of the migration.
     MigrationStatus,
@@ -105,7 +105,7 @@ pub fn route(method: &str, path: &str, body: &str) -> Result<ApiRequest, (u16, S
             let v: Value = serde_json::from_str(body).map_err(|e| (400, format!("body is not JSON: {e}")))?;
             let uri =
                 v.get("uri").and_then(Value::as_str).ok_or((400, "body needs {\"uri\": ...}".to_string()))?;
-            use crate::migration::{live::Endpoint, live::TcpSecurity, tls::TlsSettings};
+            use crate::migration::{conn::Endpoint, conn::TcpSecurity, tls::TlsSettings};
             let endpoint = Endpoint::parse(uri).map_err(|e| (400, e.to_string()))?;
             let text = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
             let tls = text("tls_dir").map(|dir| TlsSettings {
@@ -240,7 +240,7 @@ pub fn call(socket: &Path, method: &str, path: &str, body: Option<&Value>) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::migration::live::TcpSecurity;
+    use crate::migration::conn::TcpSecurity;
 
     #[test]
     fn routes_decode() {

@@ -5,6 +5,7 @@ pub mod api;
 pub mod boot;
 pub mod bus;
 pub mod cpu;
+pub mod fdpass;
 pub mod host;
 pub mod interrupts;
 pub mod isolate;

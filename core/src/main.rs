@@ -283,7 +283,7 @@ fn run(args: RunArgs) -> Result<ExitCode> {
     };
     let security = match &args.incoming {
         Some(uri) => {
-            use ferry::migration::{live::Endpoint, live::TcpSecurity, tls::TlsSettings};
+            use ferry::migration::{conn::Endpoint, conn::TcpSecurity, tls::TlsSettings};
             let tls = args.tls_dir.as_ref().map(|dir| TlsSettings {
                 dir: dir.clone(),
                 allow: args.tls_allow.clone(),

@@ -13,8 +13,11 @@
 //!
 //! v1 sections (every snapshot written before CPU models) load through an
 //! upgrade that keeps every MSR they hold and names those it knows; ferry
-//! writes v2.
+//! writes v2. Both types implement plugin-api's [`Versioned`], the trait
+//! every device's state implements, so their versions are declared and
+//! checked as a plugin's are (`migration/vmstate.rs` reads them).
 
+use ferry_plugin_api::state::Versioned;
 use kvm_bindings::{
     kvm_clock_data, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_pit_state2,
     kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs, KVM_IRQCHIP_IOAPIC,
@@ -23,13 +26,6 @@ use kvm_bindings::{
 use kvm_ioctls::{VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
-
-/// Version of [`VcpuStateV2`], the vCPU state ferry writes.
-pub const VCPU_STATE_VERSION: u32 = 2;
-/// The oldest vCPU state version ferry loads.
-pub const VCPU_STATE_OLDEST: u32 = 1;
-/// Version of [`MachineStateV1`].
-pub const MACHINE_STATE_VERSION: u32 = 1;
 
 /// Errors saving or restoring KVM state.
 #[derive(Debug, Error)]
@@ -130,14 +126,21 @@ impl From<VcpuStateV1> for VcpuStateV2 {
     }
 }
 
-/// Decode a vCPU section of state version `version` (upgrading v1).
-pub fn load_vcpu(version: u32, bytes: &[u8]) -> Result<VcpuStateV2, StateError> {
-    match version {
-        1 => decode::<VcpuStateV1>(bytes).map(VcpuStateV2::from),
-        2 => decode(bytes),
-        v => Err(StateError::Codec(format!(
-            "vCPU state v{v}, this ferry loads v{VCPU_STATE_OLDEST}..v{VCPU_STATE_VERSION}"
-        ))),
+/// vCPU sections: v2 written, v1 loaded through the upgrade above.
+impl Versioned for VcpuStateV2 {
+    const CURRENT: u32 = 2;
+    const OLDEST_LOAD: u32 = 1;
+
+    fn load_version(version: u32, bytes: &[u8]) -> Result<Self, String> {
+        match version {
+            1 => decode::<VcpuStateV1>(bytes).map(VcpuStateV2::from),
+            _ => decode(bytes),
+        }
+        .map_err(|e| e.to_string())
+    }
+
+    fn save_version(&self, _version: u32) -> Result<Vec<u8>, String> {
+        encode(self).map_err(|e| e.to_string())
     }
 }
 
@@ -212,6 +215,20 @@ pub struct MachineStateV1 {
     ioapic: kvm_irqchip,
     pit: kvm_pit_state2,
     clock: kvm_clock_data,
+}
+
+/// The machine section has one version so far.
+impl Versioned for MachineStateV1 {
+    const CURRENT: u32 = 1;
+    const OLDEST_LOAD: u32 = 1;
+
+    fn load_version(_version: u32, bytes: &[u8]) -> Result<Self, String> {
+        decode(bytes).map_err(|e| e.to_string())
+    }
+
+    fn save_version(&self, _version: u32) -> Result<Vec<u8>, String> {
+        encode(self).map_err(|e| e.to_string())
+    }
 }
 
 fn chip(vm: &VmFd, chip_id: u32) -> Result<kvm_irqchip, StateError> {

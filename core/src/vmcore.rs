@@ -68,7 +68,6 @@ impl VmCore {
         Ok(())
     }
 
-    /// Write a snapshot to `path` (through a temporary file, renamed when
     /// The manifest of this VM, with every device at its plugin's current
     /// state version.
     pub fn manifest(&self) -> Manifest {

@@ -63,36 +63,39 @@ pub fn versions<S: Versioned>() -> StateVersions {
     StateVersions { current: S::CURRENT, oldest_load: S::OLDEST_LOAD, oldest_save: S::OLDEST_SAVE }
 }
 
+/// Checks that `version` is one `versions` can load; the refusal names
+/// the range and who reads it (`"this plugin"`): "state v3 is newer than
+/// this plugin loads (v1..v2)".
+pub fn check_load(versions: StateVersions, version: u32, reader: &str) -> Result<(), String> {
+    let StateVersions { current, oldest_load, .. } = versions;
+    let which = match version {
+        v if v > current => "newer",
+        v if v < oldest_load => "older",
+        _ => return Ok(()),
+    };
+    Err(format!("state v{version} is {which} than {reader} loads (v{oldest_load}..v{current})"))
+}
+
+/// Checks that `version` is one `versions` can write: "cannot write state
+/// v0: this plugin writes v1..v2".
+pub fn check_save(versions: StateVersions, version: u32, writer: &str) -> Result<(), String> {
+    let StateVersions { current, oldest_save, .. } = versions;
+    if version < oldest_save || version > current {
+        return Err(format!("cannot write state v{version}: {writer} writes v{oldest_save}..v{current}"));
+    }
+    Ok(())
+}
+
 /// Save `state` at `version`, checking the range first.
 pub fn save<S: Versioned>(state: &S, version: u32) -> Result<StateBlob, String> {
-    if version < S::OLDEST_SAVE || version > S::CURRENT {
-        return Err(format!(
-            "cannot write state v{version}: this plugin writes v{}..v{}",
-            S::OLDEST_SAVE,
-            S::CURRENT
-        ));
-    }
+    check_save(versions::<S>(), version, "this plugin")?;
     Ok(StateBlob { version, bytes: state.save_version(version)?.into() })
 }
 
 /// Load a state blob, checking its version first.
 pub fn load<S: Versioned>(blob: &StateBlob) -> Result<S, String> {
-    let v = blob.version;
-    if v > S::CURRENT {
-        return Err(format!(
-            "state v{v} is newer than this plugin loads (v{}..v{})",
-            S::OLDEST_LOAD,
-            S::CURRENT
-        ));
-    }
-    if v < S::OLDEST_LOAD {
-        return Err(format!(
-            "state v{v} is older than this plugin loads (v{}..v{})",
-            S::OLDEST_LOAD,
-            S::CURRENT
-        ));
-    }
-    S::load_version(v, blob.bytes.as_slice())
+    check_load(versions::<S>(), blob.version, "this plugin")?;
+    S::load_version(blob.version, blob.bytes.as_slice())
 }
 
 /// State for devices that have none (a version-1 empty record).

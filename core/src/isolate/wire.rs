@@ -16,7 +16,7 @@ use std::{
 /// Payload bytes per datagram (the socket's buffer holds several).
 const CHUNK: usize = 60 * 1024;
 /// Descriptors one message may carry.
-const MAX_FDS: usize = 4;
+const MAX_FDS: usize = crate::fdpass::MAX_FDS;
 /// Largest message accepted (a device state, mostly).
 pub const MAX_MESSAGE: usize = 256 << 20;
 /// How long a wait polls before it sleeps. Register accesses come in
@@ -131,46 +131,12 @@ impl Channel {
     }
 
     fn send_datagram(&self, flag: &[u8; 1], chunk: &[u8], fds: &[RawFd]) -> Result<(), WireError> {
-        let mut iov = [
-            libc::iovec { iov_base: flag.as_ptr() as *mut libc::c_void, iov_len: 1 },
-            libc::iovec { iov_base: chunk.as_ptr() as *mut libc::c_void, iov_len: chunk.len() },
-        ];
-        // SAFETY: CMSG_SPACE only computes a size.
-        let space = unsafe { libc::CMSG_SPACE((MAX_FDS * size_of::<RawFd>()) as u32) } as usize;
-        let mut control = vec![0u8; space];
-        // SAFETY: msghdr is plain data; every pointer set below outlives the call.
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_iov = iov.as_mut_ptr();
-        msg.msg_iovlen = 2;
-        if !fds.is_empty() {
-            let bytes = std::mem::size_of_val(fds);
-            msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
-            // SAFETY: as above, a size computation.
-            msg.msg_controllen = unsafe { libc::CMSG_SPACE(bytes as u32) } as usize;
-            // SAFETY: the control buffer is large enough for one header with
-            // `fds.len()` descriptors (CMSG_SPACE of MAX_FDS), so the first
-            // header and its data lie inside it.
-            unsafe {
-                let c = libc::CMSG_FIRSTHDR(&msg);
-                (*c).cmsg_level = libc::SOL_SOCKET;
-                (*c).cmsg_type = libc::SCM_RIGHTS;
-                (*c).cmsg_len = libc::CMSG_LEN(bytes as u32) as usize;
-                std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(c) as *mut RawFd, fds.len());
-            }
-        }
-        loop {
-            // SAFETY: `msg` points at live buffers (iov, control); MSG_NOSIGNAL
-            // turns a closed peer into EPIPE instead of SIGPIPE.
-            let n = unsafe { libc::sendmsg(self.raw(), &msg, libc::MSG_NOSIGNAL) };
-            if n >= 0 {
-                return Ok(());
-            }
-            let e = io::Error::last_os_error();
-            match e.raw_os_error() {
-                Some(libc::EINTR) => continue,
-                Some(libc::EPIPE) | Some(libc::ECONNRESET) => return Err(WireError::Closed),
-                _ => return Err(e.into()),
-            }
+        match crate::fdpass::send(self.raw(), &[flag, chunk], fds) {
+            Ok(_) => Ok(()),
+            Err(e) => match e.raw_os_error() {
+                Some(libc::EPIPE) | Some(libc::ECONNRESET) => Err(WireError::Closed),
+                _ => Err(e.into()),
+            },
         }
     }
 
@@ -196,57 +162,23 @@ impl Channel {
         let mut flag = [0u8; 1];
         let start = message.len();
         message.resize(start + CHUNK, 0);
-        let mut iov = [
-            libc::iovec { iov_base: flag.as_mut_ptr() as *mut libc::c_void, iov_len: 1 },
-            libc::iovec { iov_base: message[start..].as_mut_ptr() as *mut libc::c_void, iov_len: CHUNK },
-        ];
-        // SAFETY: a size computation.
-        let space = unsafe { libc::CMSG_SPACE((MAX_FDS * size_of::<RawFd>()) as u32) } as usize;
-        let mut control = vec![0u8; space];
-        // SAFETY: plain data; pointers set below outlive the call.
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_iov = iov.as_mut_ptr();
-        msg.msg_iovlen = 2;
-        msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
-        msg.msg_controllen = space;
-        let n = loop {
-            // SAFETY: `msg` describes live buffers of the sizes given;
-            // received descriptors are close-on-exec.
-            let n = unsafe { libc::recvmsg(self.raw(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
-            if n >= 0 {
-                break n as usize;
+        let got = crate::fdpass::recv(self.raw(), &mut [&mut flag, &mut message[start..]], fds);
+        let got = match got {
+            Ok(got) => got,
+            Err(e) if e.raw_os_error() == Some(libc::ECONNRESET) => return Err(WireError::Closed),
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                return Err(WireError::Malformed(e.to_string()))
             }
-            let e = io::Error::last_os_error();
-            match e.raw_os_error() {
-                Some(libc::EINTR) => continue,
-                Some(libc::ECONNRESET) => return Err(WireError::Closed),
-                _ => return Err(e.into()),
-            }
+            Err(e) => return Err(e.into()),
         };
-        // Descriptors first, so none leaks whatever the datagram says.
-        // SAFETY: walking the control buffer the kernel filled, with the
-        // kernel's own length fields (CMSG_NXTHDR stops at msg_controllen).
-        unsafe {
-            let mut c = libc::CMSG_FIRSTHDR(&msg);
-            while !c.is_null() {
-                if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
-                    let data = libc::CMSG_DATA(c) as *const RawFd;
-                    let count = ((*c).cmsg_len - libc::CMSG_LEN(0) as usize) / size_of::<RawFd>();
-                    for i in 0..count {
-                        fds.push(OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.add(i))));
-                    }
-                }
-                c = libc::CMSG_NXTHDR(&msg, c);
-            }
-        }
-        if n == 0 {
+        if got.len == 0 {
             message.truncate(start);
             return Err(WireError::Closed);
         }
-        if msg.msg_flags & (libc::MSG_TRUNC | libc::MSG_CTRUNC) != 0 {
+        if got.truncated {
             return Err(WireError::Malformed("a datagram was truncated".into()));
         }
-        message.truncate(start + n - 1);
+        message.truncate(start + got.len - 1);
         Ok(flag[0] != 0)
     }
 }

@@ -1,8 +1,9 @@
 //! The connection a migration runs over: where to connect or listen
 //! (`Endpoint`), how TCP is secured (`TcpSecurity`), the byte stream
 //! (`Conn`), how a running migration is given up (`Cancel`), and the
-//! errors of a migration (`MigrateError`). Below `live.rs`, which runs the
-//! protocol over it; above `tls.rs`.
+//! errors of a migration (`MigrateError`). Below `link.rs` and the two
+//! ends (`source.rs`, `destination.rs`), which run the protocol over it;
+//! above `tls.rs`.
 
 use std::{
     io::{Read, Write},
@@ -14,6 +15,7 @@ use std::{
 use super::{
     stream::StreamError,
     tls::{TlsError, TlsSettings, TlsStream},
+    vmstate::VmStateError,
 };
 
 /// Migration errors.
@@ -54,6 +56,9 @@ pub enum MigrateError {
     /// Saving state failed (a refused downgrade, a KVM error).
     #[error("{0}")]
     State(String),
+    /// The VM's state could not be captured, or what came was wrong.
+    #[error(transparent)]
+    VmState(#[from] VmStateError),
     /// Pre-copy does not converge.
     #[error("did not converge after {rounds} rounds: the guest dirties {dirty:.1} MB/s, the link moves {link:.1} MB/s; the source keeps running")]
     NoConvergence {

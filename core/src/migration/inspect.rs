@@ -264,7 +264,11 @@ pub fn inspect_reader<R: Read + Seek>(name: &str, mut input: R) -> Report {
             Kind::Vcpu if h.id == "cpu0" && report.cpu.is_none() => {
                 // A manifest from before CPU models: vCPU 0 lists the MSRs.
                 let Some(m) = &report.manifest else { continue };
-                match crate::state::load_vcpu(h.version, &payload) {
+                match super::vmstate::load_section::<crate::state::VcpuStateV2>(
+                    "vcpu cpu0",
+                    h.version,
+                    &payload,
+                ) {
                     Ok(v) => {
                         report.cpu = Some(CpuInfo {
                             model: "host".into(),
@@ -276,7 +280,7 @@ pub fn inspect_reader<R: Read + Seek>(name: &str, mut input: R) -> Report {
                         })
                     }
                     Err(e) => {
-                        report.error = Some(format!("section {} (vcpu cpu0): {e}", h.index));
+                        report.error = Some(format!("section {}: {e}", h.index));
                         break;
                     }
                 }
@@ -302,13 +306,11 @@ pub fn inspect_reader<R: Read + Seek>(name: &str, mut input: R) -> Report {
                         break;
                     }
                 }
-                let end =
-                    runs.last().map(|l| l.data_at + l.pages * 4096).unwrap_or(h.payload_at + h.payload_len);
                 report.memory = Some(mem);
                 if report.error.is_some() {
                     break;
                 }
-                if let Err(e) = r.skip_to(end.div_ceil(4096) * 4096) {
+                if let Err(e) = r.skip_memory(&h, &runs) {
                     report.error = Some(e.to_string());
                     break;
                 }

@@ -1,14 +1,21 @@
-//! Moving a VM's state: the stream format, the manifest, snapshots, and
-//! live migration with its transports (TLS in `tls.rs`, credentials in
-//! `certs.rs`).
+//! Moving a VM's state: the stream format, the manifest, the VM's state
+//! (`vmstate.rs`: one writer, one reader, for snapshots and migrations),
+//! and live migration: the source (`source.rs`), the destination
+//! (`destination.rs`), their connection (`link.rs` over `conn.rs`, TLS in
+//! `tls.rs`, credentials in `certs.rs`) and the page messages
+//! (`pages.rs`).
 
 pub mod certs;
 pub mod conn;
+pub mod destination;
 pub mod hostinfo;
 pub mod inspect;
-pub mod live;
+mod link;
 pub mod manifest;
+pub mod pages;
 pub mod plan;
+pub mod source;
 pub mod status;
 pub mod stream;
 pub mod tls;
+pub mod vmstate;

@@ -4,11 +4,30 @@
 
 use serde::Serialize;
 
+/// Where a migration is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Phase {
+    /// Connecting and agreeing on the plan; nothing is paused.
+    #[default]
+    Handshake,
+    /// Copying memory while the guest runs.
+    Precopy,
+    /// The guest is paused here; the rest and the state are sent.
+    StopAndCopy,
+    /// The guest runs on the destination.
+    Completed,
+    /// Given up; the guest keeps running here.
+    Failed,
+    /// The plan was all that was asked for.
+    DryRun,
+}
+
 /// Progress and outcome, as the API reports them.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Status {
     /// handshake | precopy | stop-and-copy | completed | failed | dry-run.
-    pub phase: String,
+    pub phase: Phase,
     /// How the VM travels: "mutual TLS 1.3", "PLAINTEXT TCP
     /// (--insecure-tcp: ...)", "unix socket".
     pub transport: String,
@@ -32,4 +51,25 @@ pub struct Status {
     pub error: Option<String>,
     /// Finished (either way).
     pub done: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phases_read_as_the_api_has_always_spelled_them() {
+        let names: Vec<String> = [
+            Phase::Handshake,
+            Phase::Precopy,
+            Phase::StopAndCopy,
+            Phase::Completed,
+            Phase::Failed,
+            Phase::DryRun,
+        ]
+        .iter()
+        .map(|p| serde_json::to_value(p).unwrap_or_default().as_str().unwrap_or_default().to_string())
+        .collect();
+        assert_eq!(names, ["handshake", "precopy", "stop-and-copy", "completed", "failed", "dry-run"]);
+    }
 }

@@ -135,8 +135,11 @@ fn roots(dir: &Path) -> Result<Arc<RootCertStore>, TlsError> {
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     use rustls::crypto::ring::cipher_suite as suite;
     let mut provider = rustls::crypto::ring::default_provider();
-    provider.cipher_suites =
-        vec![suite::TLS13_AES_128_GCM_SHA256, suite::TLS13_AES_256_GCM_SHA384, suite::TLS13_CHACHA20_POLY1305_SHA256];
+    provider.cipher_suites = vec![
+        suite::TLS13_AES_128_GCM_SHA256,
+        suite::TLS13_AES_256_GCM_SHA384,
+        suite::TLS13_CHACHA20_POLY1305_SHA256,
+    ];
     Arc::new(provider)
 }
 

@@ -3,16 +3,17 @@
 
 use std::path::Path;
 
-use super::{
-    build,
-    restore::{apply_states, cpu_here},
-    RamSource, Vm, VmError,
-};
+use super::{build, restore::cpu_here, RamSource, Vm, VmError};
 use crate::{
     cpu::HostCpu,
-    migration::{hostinfo::host_plugins, plan::LIVE_ORIGIN, stream::Kind},
+    migration::{
+        conn::TcpSecurity,
+        destination::{self, IncomingLink},
+        hostinfo::host_plugins,
+        plan::{self, LIVE_ORIGIN},
+        vmstate::StateReader,
+    },
     plugins::Registry,
-    state::{self, VcpuStateV2},
 };
 
 /// Wait for a live migration on `uri` (TLS or plaintext as `security`
@@ -21,17 +22,16 @@ use crate::{
 /// a dry run.
 pub fn incoming(
     uri: &str,
-    security: Option<&crate::migration::live::TcpSecurity>,
+    security: Option<&TcpSecurity>,
     plugins: &Path,
     isolation: &crate::isolate::Isolation,
-) -> Result<Option<(Vm, crate::migration::live::IncomingLink)>, VmError> {
-    use crate::migration::{live, plan};
+) -> Result<Option<(Vm, IncomingLink)>, VmError> {
     let fail = |m: String| VmError::Failed(format!("incoming migration: {m}"));
     let registry = Registry::load_dir(plugins)?;
     let host = host_plugins(&registry);
     let host_cpu = HostCpu::probe()?;
     // The same computation `ferry compat` makes from this host's manifest.
-    let accepted = live::accept(uri, security, |m| plan::make_plan(m, &host, Some(&host_cpu)))
+    let accepted = destination::accept(uri, security, |m| plan::make_plan(m, &host, Some(&host_cpu)))
         .map_err(|e| fail(e.to_string()))?;
     drop(registry);
     let Some(mut incoming) = accepted else { return Ok(None) };
@@ -68,87 +68,18 @@ pub fn incoming(
             return Err(e);
         }
     };
-    let result = receive_state(&vm, &mut incoming.link);
-    match result {
+    let device_ids = vm.bus.devices().iter().map(|d| d.id.clone()).collect();
+    let received = incoming.link.receive_vm(&vm.ram, StateReader::new(vm.cpus, device_ids));
+    let t = std::time::Instant::now();
+    let loaded = received
+        .map_err(|e| e.to_string())
+        .and_then(|state| state.load(&vm, &vm.vcpus).map_err(|e| e.to_string()));
+    crate::log::info(&format!("incoming: state loaded in {:.2} ms", t.elapsed().as_secs_f64() * 1e3));
+    match loaded {
         Ok(()) => Ok(Some((vm, incoming.link))),
         Err(e) => {
             incoming.link.failed(&e);
             Err(fail(e))
         }
     }
-}
-
-/// Memory and state from the source, until END; then load the state.
-fn receive_state(vm: &Vm, link: &mut crate::migration::live::IncomingLink) -> Result<(), String> {
-    use vm_memory::{Bytes, GuestAddress};
-    let mut machine = None;
-    let mut vcpus: Vec<Option<(u32, Vec<u8>)>> = vec![None; usize::from(vm.cpus)];
-    let mut devices = Vec::new();
-    loop {
-        let (h, payload) = link.receive().map_err(|e| e.to_string())?;
-        match h.kind {
-            Kind::Pages => {
-                if payload.len() < 8 || (payload.len() - 8) % 4096 != 0 {
-                    return Err(format!("message {}: malformed pages", h.index));
-                }
-                let gpa = u64::from_le_bytes(payload[..8].try_into().map_err(|_| "short")?);
-                let data = &payload[8..];
-                if vm.ram.bytes(gpa, data.len() as u64).is_none() {
-                    return Err(format!("message {}: pages at {gpa:#x} outside guest RAM", h.index));
-                }
-                vm.ram.mem().write_slice(data, GuestAddress(gpa)).map_err(|e| e.to_string())?;
-            }
-            Kind::ZeroPages => {
-                for pair in payload.chunks_exact(16) {
-                    let gpa = u64::from_le_bytes(pair[..8].try_into().map_err(|_| "short")?);
-                    let n = u64::from_le_bytes(pair[8..].try_into().map_err(|_| "short")?);
-                    let len = n.checked_mul(4096).ok_or("zero run overflows")?;
-                    if vm.ram.bytes(gpa, len).is_none() {
-                        return Err(format!("message {}: zero pages at {gpa:#x} outside guest RAM", h.index));
-                    }
-                    let zero = [0u8; 4096];
-                    for k in 0..n {
-                        vm.ram
-                            .mem()
-                            .write_slice(&zero, GuestAddress(gpa + k * 4096))
-                            .map_err(|e| e.to_string())?;
-                    }
-                }
-            }
-            Kind::Machine => machine = Some((h.version, payload)),
-            Kind::Vcpu => {
-                let slot =
-                    h.id.strip_prefix("cpu")
-                        .and_then(|n| n.parse::<usize>().ok())
-                        .and_then(|n| vcpus.get_mut(n))
-                        .ok_or_else(|| format!("message {}: no vCPU {}", h.index, h.id))?;
-                *slot = Some((h.version, payload));
-            }
-            Kind::Device => {
-                if !vm.bus.devices().iter().any(|d| d.id == h.id) {
-                    return Err(format!("message {} (device {}): unknown device id", h.index, h.id));
-                }
-                devices.push((h.id, h.version, payload));
-            }
-            Kind::End => break,
-            Kind::Decision if payload == b"sync" => {
-                link.synced().map_err(|e| format!("answering a sync: {e}"))?
-            }
-            Kind::Failed => return Err(format!("the source gave up: {}", String::from_utf8_lossy(&payload))),
-            other => return Err(format!("message {}: unexpected {}", h.index, other.name())),
-        }
-    }
-    let machine = machine.ok_or("no machine state")?;
-    let vcpus: Vec<VcpuStateV2> = vcpus
-        .into_iter()
-        .enumerate()
-        .map(|(i, v)| {
-            let (version, bytes) = v.ok_or_else(|| format!("no state for vCPU {i}"))?;
-            state::load_vcpu(version, &bytes).map_err(|e| format!("vcpu cpu{i}: {e}"))
-        })
-        .collect::<Result<_, _>>()?;
-    let t = std::time::Instant::now();
-    let r = apply_states(vm, &machine, &vcpus, &devices);
-    crate::log::info(&format!("incoming: state loaded in {:.2} ms", t.elapsed().as_secs_f64() * 1e3));
-    r
 }

@@ -82,7 +82,7 @@ pub enum Outcome {
     /// The control API shut it down.
     Shutdown,
     /// It moved to another host; the report says how.
-    Migrated(crate::migration::live::Status),
+    Migrated(crate::migration::status::Status),
 }
 
 /// Why a VM could not be built or ended in failure.

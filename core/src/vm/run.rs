@@ -19,7 +19,7 @@ impl Vm {
     pub fn run(
         mut self,
         served: Option<api::Served>,
-        confirm: Option<crate::migration::live::IncomingLink>,
+        confirm: Option<crate::migration::destination::IncomingLink>,
     ) -> Result<Outcome, VmError> {
         vcpu::install_kick_handler().map_err(VmError::Runtime)?;
         if let Some(mut link) = confirm {
@@ -43,7 +43,7 @@ impl Vm {
         let mut shutdown_answer = false;
         let mut migrated = None;
         let (mig_tx, mig_rx) = crossbeam_channel::unbounded();
-        let cancel = Arc::new(crate::migration::live::Cancel::default());
+        let cancel = Arc::new(crate::migration::conn::Cancel::default());
         let mut migrating = false;
         // After a completed migration the (paused) source lingers until the
         // report was fetched through the API, or a short while.
@@ -83,11 +83,11 @@ impl Vm {
                     recv(linger) -> _ => self.control.stop(StopEvent::Exit(0)),
                     recv(mig_rx) -> done => {
                         migrating = false;
-                        let done: Result<crate::migration::live::Status, String> =
+                        let done: Result<crate::migration::status::Status, String> =
                             done.unwrap_or_else(|_| Err("migration thread ended".into()));
                         let mut status = self.migration.lock().unwrap_or_else(|e| e.into_inner());
                         match done {
-                            Ok(s) if s.phase == "completed" => {
+                            Ok(s) if s.phase == crate::migration::status::Phase::Completed => {
                                 *status = Some(s.clone());
                                 migrated = Some(s);
                                 linger = crossbeam_channel::after(std::time::Duration::from_secs(2));
@@ -101,7 +101,7 @@ impl Vm {
                                 };
                                 crate::log::warn(&format!("migration failed, the guest keeps running here: {e}"));
                                 let s = status.get_or_insert_with(Default::default);
-                                s.phase = "failed".into();
+                                s.phase = crate::migration::status::Phase::Failed;
                                 s.error = Some(e);
                                 s.done = true;
                             }
@@ -137,17 +137,17 @@ impl Vm {
                             ApiRequest::Migrate { uri, max_downtime_ms, dry_run, security } => {
                                 migrating = true;
                                 cancel.clear();
-                                *self.migration.lock().unwrap_or_else(|e| e.into_inner()) = Some(crate::migration::live::Status {
-                                    phase: "handshake".into(),
+                                *self.migration.lock().unwrap_or_else(|e| e.into_inner()) = Some(crate::migration::status::Status {
+                                    phase: crate::migration::status::Phase::Handshake,
                                     ..Default::default()
                                 });
                                 let core = self.core.clone();
                                 let (tx, cancel) = (mig_tx.clone(), cancel.clone());
-                                let opts = crate::migration::live::Options { uri, max_downtime_ms, dry_run, security };
+                                let opts = crate::migration::source::Options { uri, max_downtime_ms, dry_run, security };
                                 std::thread::Builder::new()
                                     .name("migration".into())
                                     .spawn(move || {
-                                        let r = crate::migration::live::migrate(&core, &opts, &cancel).map_err(|e| e.to_string());
+                                        let r = crate::migration::source::migrate(&core, &opts, &cancel).map_err(|e| e.to_string());
                                         let _ = tx.send(r);
                                     })
                                     .map(|_| serde_json::json!({"state": "started"}))

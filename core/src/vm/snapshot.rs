@@ -8,8 +8,9 @@ use crate::{
     migration::{
         manifest::MANIFEST_VERSION,
         stream::{self, Kind, StreamError},
+        vmstate::{VmState, VmStateError},
     },
-    state::{self, StateError, MACHINE_STATE_VERSION, VCPU_STATE_VERSION},
+    state,
     vmcore::VmCore,
 };
 
@@ -27,6 +28,7 @@ pub struct SnapshotReport {
 }
 
 impl VmCore {
+    /// Write a snapshot to `path` (through a temporary file, renamed when
     /// complete). The guest is paused while it is written and resumed after
     /// if it was running.
     pub fn snapshot(&self, path: &Path) -> Result<SnapshotReport, VmError> {
@@ -74,25 +76,14 @@ impl VmCore {
             let lines: Vec<String> = p.lines().into_iter().filter(|l| l.contains("REFUSED")).collect();
             return Err(refused(format!("the target host cannot restore it: {}", lines.join("; "))));
         }
-        let mut devices = Vec::new();
-        for d in self.bus.devices() {
-            let lib =
-                self.registry.get(&d.plugin).ok_or_else(|| fail(format!("plugin {} vanished", d.plugin)))?;
-            let version = match &plan {
-                Some(p) => p.write_version(&d.id).unwrap_or(lib.descriptor.state.current),
-                None => lib.descriptor.state.current,
-            };
-            let blob = d
-                .device
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .save_state(version)
-                .into_result()
-                .map_err(|e| refused(format!("device {} ({}): {e}", d.id, d.plugin)))?;
+        let state = VmState::capture(self, plan.as_ref()).map_err(|e| match e {
+            VmStateError::Device { .. } => refused(e.to_string()),
+            e => fail(e.to_string()),
+        })?;
+        for d in &state.devices {
             if let Some(r) = manifest.devices.iter_mut().find(|r| r.id == d.id) {
-                r.state_version = blob.version;
+                r.state_version = d.version;
             }
-            devices.push((d.id.clone(), blob));
         }
         if let Some(t) = target {
             for m in &mut manifest.machine.devices {
@@ -101,31 +92,24 @@ impl VmCore {
                 }
             }
         }
-        let vcpus = self.control.take_vcpu_states();
-        let machine = state::save_machine(&self.kvm.vm)?;
 
         let tmp = path.with_extension("partial");
         let file = File::create(&tmp).map_err(|e| VmError::SnapshotPath {
             path: shown.clone(),
             message: format!("cannot create {}: {e}", tmp.display()),
         })?;
-        let write = || -> Result<u64, StreamError> {
+        let write = || -> Result<u64, VmStateError> {
             let mut w = stream::Writer::new(BufWriter::new(&file))?;
-            let enc = |v: Result<Vec<u8>, StateError>| v.map_err(|e| std::io::Error::other(e.to_string()));
-            w.section(Kind::Manifest, "", MANIFEST_VERSION, &enc(state::encode(&manifest))?)?;
-            w.section(Kind::Machine, "", MACHINE_STATE_VERSION, &enc(state::encode(&machine))?)?;
-            for (i, s) in vcpus.iter().enumerate() {
-                let s = s.as_ref().map_err(|e| std::io::Error::other(format!("vCPU {i}: {e}")))?;
-                w.section(Kind::Vcpu, &format!("cpu{i}"), VCPU_STATE_VERSION, &enc(state::encode(s))?)?;
-            }
-            for (id, blob) in &devices {
-                w.section(Kind::Device, id, blob.version, blob.bytes.as_slice())?;
-            }
+            let encoded = state::encode(&manifest)
+                .map_err(|e| VmStateError::Section { section: "manifest".into(), message: e.to_string() })?;
+            w.section(Kind::Manifest, "", MANIFEST_VERSION, &encoded)?;
+            state.write(&mut w)?;
             let runs = self.ram.nonzero_runs();
             let data: Vec<(u64, &[u8])> =
                 runs.iter().filter_map(|&(gpa, len)| self.ram.bytes(gpa, len).map(|b| (gpa, b))).collect();
             w.memory(&data)?;
-            w.finish()?.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+            let out = w.finish()?.into_inner().map_err(|e| StreamError::Io(e.into_error()))?;
+            out.sync_all().map_err(StreamError::Io)?;
             Ok(runs.iter().map(|r| r.1).sum())
         };
         let memory_bytes = write().map_err(|e| {

@@ -1,0 +1,231 @@
+//! Live migration, the destination's side: wait for a source (through the
+//! TLS handshake for `tcp:` with `--tls-dir`), answer its manifest with the
+//! plan, then receive memory and the VM's state until END. The protocol is
+//! drawn in `source.rs`.
+
+use std::fs::File;
+
+use super::{
+    conn::{Conn, Endpoint, MigrateError, TcpSecurity},
+    link::{io, st, Link, ANSWER_TIMEOUT},
+    manifest::{Manifest, MANIFEST_VERSION},
+    pages,
+    plan::Plan,
+    stream::{self, Kind},
+    vmstate::{StateReader, VmState},
+};
+use crate::{memory::GuestRam, state};
+
+/// What the destination received before it builds the VM.
+pub struct Incoming {
+    /// The source's manifest.
+    pub manifest: Manifest,
+    /// The guest RAM memfd, when the source handed it over (same host).
+    pub memfd: Option<File>,
+    /// The plan it agreed to.
+    pub plan: Plan,
+    /// The connection, for memory, state and RESUMED.
+    pub link: IncomingLink,
+}
+
+/// The destination's side of the connection.
+pub struct IncomingLink(Link);
+
+impl IncomingLink {
+    /// Tell the source the guest is about to run here.
+    pub fn resumed(&mut self) -> std::io::Result<()> {
+        self.0.send(Kind::Resumed, "", 1, &[])?;
+        self.0.flush()
+    }
+
+    /// Tell the source this side failed.
+    pub fn failed(&mut self, reason: &str) {
+        self.0.fail(reason);
+    }
+
+    /// Memory into `ram` and the VM's state into `reader`, until END,
+    /// answering each SYNC once everything before it is applied. Returns
+    /// the state, every section checked, nothing loaded yet.
+    pub fn receive_vm(&mut self, ram: &GuestRam, mut reader: StateReader) -> Result<VmState, MigrateError> {
+        let phase = "receiving the VM";
+        loop {
+            let (h, payload) = self.0.receive().map_err(st(phase))?;
+            match h.kind {
+                k if pages::is_pages(k) => pages::receive(ram, &h, &payload).map_err(st(phase))?,
+                k if StateReader::wants(k) => reader.take(&h, payload)?,
+                Kind::End => break,
+                Kind::Decision if payload == b"sync" => self.0.decide(b"synced", "answering a sync")?,
+                Kind::Failed => {
+                    return Err(MigrateError::Protocol(format!(
+                        "the source gave up: {}",
+                        String::from_utf8_lossy(&payload)
+                    )))
+                }
+                other => {
+                    return Err(MigrateError::Protocol(format!(
+                        "message {}: unexpected {}",
+                        h.index,
+                        other.name()
+                    )))
+                }
+            }
+        }
+        Ok(reader.finish()?)
+    }
+}
+
+/// Where an incoming migration is awaited.
+enum Listener {
+    Tcp(std::net::TcpListener, Option<super::tls::Server>),
+    Unix(std::os::unix::net::UnixListener, std::path::PathBuf),
+}
+
+impl Listener {
+    /// The next connection, through the TLS handshake where there is one.
+    /// Err(None) for a peer turned away (logged), to wait for the next.
+    fn accept(&self) -> Result<Conn, Option<std::io::Error>> {
+        match self {
+            Listener::Tcp(l, tls) => {
+                let (s, peer) = l.accept().map_err(Some)?;
+                let _ = s.set_nodelay(true);
+                let Some(tls) = tls else {
+                    crate::log::warn(&format!(
+                        "accepted a migration connection from {peer} over plaintext TCP (--insecure-tcp): \
+                         nobody authenticated it"
+                    ));
+                    return Ok(Conn::Tcp(s));
+                };
+                // A probe that connects and closes (a port check) is no
+                // peer to refuse: wait for the next without a warning.
+                let _ = s.set_read_timeout(Some(ANSWER_TIMEOUT));
+                if !matches!(s.peek(&mut [0u8]), Ok(1)) {
+                    crate::log::debug("a connection ended before sending anything; still waiting");
+                    return Err(None);
+                }
+                match tls.accept(s) {
+                    Ok(stream) => {
+                        crate::log::info(&format!(
+                            "migration peer {peer} authenticated by mutual TLS 1.3{}",
+                            tls.allowed_line(&stream)
+                        ));
+                        Ok(Conn::Tls(stream))
+                    }
+                    Err(e) => {
+                        crate::log::warn(&format!("refused a migration peer: {e}; still waiting"));
+                        Err(None)
+                    }
+                }
+            }
+            Listener::Unix(l, _) => Ok(Conn::Unix(l.accept().map_err(Some)?.0)),
+        }
+    }
+}
+
+/// Accept one migration on `uri` and run the handshake: returns the
+/// manifest and the plan once the source said "go" (None for a dry run).
+/// A TCP peer that fails the TLS handshake is turned away and the next one
+/// awaited.
+pub fn accept(
+    uri: &str,
+    security: Option<&TcpSecurity>,
+    plan_for: impl FnOnce(&Manifest) -> Plan,
+) -> Result<Option<Incoming>, MigrateError> {
+    let connect_err = |source| MigrateError::Connect { uri: uri.into(), source };
+    let listener = match (Endpoint::parse(uri)?, security) {
+        (Endpoint::Tcp(addr), Some(security)) => {
+            let tls = match security {
+                TcpSecurity::Tls(settings) => Some(super::tls::Server::load(settings)?),
+                TcpSecurity::Insecure => None,
+            };
+            Listener::Tcp(std::net::TcpListener::bind(&addr).map_err(connect_err)?, tls)
+        }
+        (Endpoint::Tcp(_), None) => return Err(MigrateError::Security(super::conn::NEEDS_SECURITY.into())),
+        (Endpoint::Unix(path), _) => {
+            crate::unix_socket::claim(&path, "--incoming").map_err(MigrateError::Protocol)?;
+            Listener::Unix(std::os::unix::net::UnixListener::bind(&path).map_err(connect_err)?, path)
+        }
+    };
+    crate::log::info(&format!("waiting for a migration on {uri} ({})", TcpSecurity::describe(security)));
+    let mut link = loop {
+        let conn = match listener.accept() {
+            Ok(conn) => conn,
+            Err(None) => continue,
+            Err(Some(e)) => return Err(connect_err(e)),
+        };
+        conn.set_read_timeout(Some(ANSWER_TIMEOUT)).map_err(io("handshake"))?;
+        let mut link = Link::new(conn).map_err(io("handshake"))?;
+        match std::io::BufRead::fill_buf(&mut link.reader) {
+            Ok(bytes) if !bytes.is_empty() => break link,
+            // Closed (or silent) without a byte: something checking whether
+            // the socket is live, or a port scan. Keep waiting.
+            _ => crate::log::debug("a connection ended before sending anything; still waiting"),
+        }
+    };
+    if let Listener::Unix(_, path) = &listener {
+        let _ = std::fs::remove_file(path);
+    }
+    let (h, payload) = link.receive().map_err(st("handshake"))?;
+    if h.kind != Kind::Hello {
+        return Err(MigrateError::Protocol(format!("expected HELLO, got {}", h.kind.name())));
+    }
+    if h.version > MANIFEST_VERSION {
+        let reason = format!("manifest v{} is newer than this ferry reads", h.version);
+        link.fail(&reason);
+        return Err(MigrateError::Protocol(reason));
+    }
+    let manifest: Manifest =
+        state::decode(&payload).map_err(|e| MigrateError::Protocol(format!("manifest: {e}")))?;
+    let plan = plan_for(&manifest);
+    let encoded = state::encode(&plan).map_err(|e| MigrateError::State(e.to_string()))?;
+    link.send(Kind::Plan, "", 1, &encoded).map_err(io("handshake"))?;
+    link.flush().map_err(io("handshake"))?;
+    if plan.refused() {
+        return Err(MigrateError::Refused(plan.lines()));
+    }
+    let (h, payload) = link.receive().map_err(st("handshake"))?;
+    let mut memfd = None;
+    match (h.kind, payload.as_slice()) {
+        (Kind::Decision, b"go") => {}
+        (Kind::Decision, b"go-memfd") => {
+            // The source waits for this before it sends the memfd, so
+            // nothing is buffered on our side: receive it on the socket.
+            link.decide(b"ready-memfd", "memfd hand-over")?;
+            memfd = Some(receive_memfd(&link)?);
+        }
+        (Kind::Decision, b"dry-run") => return Ok(None),
+        (Kind::Decision, other) => {
+            return Err(MigrateError::Protocol(format!("source: {}", String::from_utf8_lossy(other))))
+        }
+        (kind, _) => {
+            return Err(MigrateError::Protocol(format!(
+                "expected the source's decision, got {}",
+                kind.name()
+            )))
+        }
+    }
+    // The source may take long over pre-copy rounds: no read timeout from here
+    // (a dead source closes the connection).
+    link.reader.get_ref().set_read_timeout(None).map_err(io("pre-copy"))?;
+    Ok(Some(Incoming { manifest, plan, memfd, link: IncomingLink(link) }))
+}
+
+/// Receive the MEMFD message and its descriptor (SCM_RIGHTS).
+fn receive_memfd(link: &Link) -> Result<File, MigrateError> {
+    use std::os::fd::AsRawFd;
+    let Conn::Unix(sock) = link.reader.get_ref() else {
+        return Err(MigrateError::Protocol("a memfd can only come over a unix socket".into()));
+    };
+    let mut header = vec![0u8; stream::SECTION_HEADER_LEN as usize];
+    let mut fds = crate::fdpass::recv_exact(sock.as_raw_fd(), &mut header).map_err(io("memfd hand-over"))?;
+    let (h, _) = stream::receive(&mut std::io::Cursor::new(header), 0).map_err(st("memfd hand-over"))?;
+    if h.kind != Kind::Memfd {
+        return Err(MigrateError::Protocol(format!("expected MEMFD, got {}", h.kind.name())));
+    }
+    if fds.len() != 1 {
+        return Err(MigrateError::Protocol(format!(
+            "the MEMFD message carried {} descriptors, not 1",
+            fds.len()
+        )));
+    }
+    Ok(File::from(fds.remove(0)))
+}

@@ -1,0 +1,78 @@
+//! A migration's connection as both ends use it: buffered messages in the
+//! stream format (`stream::send`/`receive`), counted, with the helpers
+//! that turn a broken message into a [`MigrateError`] naming the phase.
+//! Below the source (`source.rs`) and the destination (`destination.rs`).
+
+use std::{
+    io::{BufReader, BufWriter, Write},
+    time::Duration,
+};
+
+use super::{
+    conn::{Conn, MigrateError},
+    stream::{self, Kind, SectionHeader, SectionSink, StreamError},
+};
+
+/// How long one end waits for the other's answer during the handshake
+/// and between pre-copy passes.
+pub(crate) const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One end of the connection.
+pub(crate) struct Link {
+    pub(crate) reader: BufReader<Conn>,
+    pub(crate) writer: BufWriter<Conn>,
+    received: usize,
+    /// Bytes sent so far (headers included).
+    pub(crate) sent: u64,
+}
+
+impl Link {
+    pub(crate) fn new(conn: Conn) -> Result<Self, std::io::Error> {
+        let reader = BufReader::new(conn.try_clone()?);
+        Ok(Link { reader, writer: BufWriter::with_capacity(1 << 20, conn), received: 0, sent: 0 })
+    }
+
+    pub(crate) fn send(&mut self, kind: Kind, id: &str, version: u32, payload: &[u8]) -> std::io::Result<()> {
+        self.sent += payload.len() as u64 + stream::SECTION_HEADER_LEN + id.len() as u64;
+        stream::send(&mut self.writer, kind, id, version, payload)
+    }
+
+    /// Send a DECISION message (its payload a word: "go", "sync", ...) and
+    /// flush.
+    pub(crate) fn decide(&mut self, word: &[u8], phase: &'static str) -> Result<(), MigrateError> {
+        self.send(Kind::Decision, "", 1, word).map_err(io(phase))?;
+        self.flush().map_err(io(phase))
+    }
+
+    pub(crate) fn flush(&mut self) -> std::io::Result<()> {
+        self.writer.flush()
+    }
+
+    pub(crate) fn receive(&mut self) -> Result<(SectionHeader, Vec<u8>), StreamError> {
+        let r = stream::receive(&mut self.reader, self.received);
+        self.received += 1;
+        r
+    }
+
+    /// Tell the other end this one failed (best effort: it may be gone).
+    pub(crate) fn fail(&mut self, reason: &str) {
+        let _ = self.send(Kind::Failed, "", 1, reason.as_bytes());
+        let _ = self.flush();
+    }
+}
+
+impl SectionSink for Link {
+    fn put(&mut self, kind: Kind, id: &str, version: u32, payload: &[u8]) -> Result<(), StreamError> {
+        Ok(self.send(kind, id, version, payload)?)
+    }
+}
+
+/// An I/O error during `phase`.
+pub(crate) fn io(phase: &'static str) -> impl Fn(std::io::Error) -> MigrateError {
+    move |e| MigrateError::Stream { phase, source: StreamError::Io(e) }
+}
+
+/// A stream error during `phase`.
+pub(crate) fn st(phase: &'static str) -> impl Fn(StreamError) -> MigrateError {
+    move |source| MigrateError::Stream { phase, source }
+}

@@ -1,0 +1,169 @@
+//! Guest pages on a live migration's connection, both ways: the source
+//! encodes pages by dirty-bitmap number into PAGES messages (runs of
+//! non-zero pages: the first page's address, then the pages) and
+//! ZERO-PAGES messages (pairs of address and page count); the destination
+//! checks each against its RAM and writes it.
+
+use vm_memory::{Bytes, GuestAddress};
+
+use super::stream::{Kind, SectionHeader, SectionSink, StreamError};
+use crate::memory::GuestRam;
+
+/// Pages per PAGES message (the stream's limit for the kind).
+const PAGES_PER_MESSAGE: usize = 1024;
+/// Address/count pairs per ZERO-PAGES message.
+const ZERO_RUNS_PER_MESSAGE: usize = 65536;
+const PAGE: u64 = 4096;
+
+/// Send pages `pages` (dirty-bitmap numbering) of `ram`: non-zero runs as
+/// PAGES, zero pages as ZERO-PAGES. Returns the page bytes sent.
+pub fn send(ram: &GuestRam, pages: &[u64], sink: &mut impl SectionSink) -> Result<u64, StreamError> {
+    let mut sent = 0u64;
+    let mut batch: Vec<u8> = Vec::new();
+    let mut batch_pages = 0usize;
+    let mut next_gpa = None;
+    let mut zeros: Vec<(u64, u64)> = Vec::new();
+    let mut flush = |sink: &mut _, batch: &mut Vec<u8>, batch_pages: &mut usize| {
+        if *batch_pages > 0 {
+            SectionSink::put(sink, Kind::Pages, "", 1, batch)?;
+            sent += *batch_pages as u64 * PAGE;
+        }
+        batch.clear();
+        *batch_pages = 0;
+        Ok::<(), StreamError>(())
+    };
+    for &page in pages {
+        let Some(gpa) = ram.gpa_of_page(page) else { continue };
+        let Some(data) = ram.bytes(gpa, PAGE) else { continue };
+        if data.iter().all(|b| *b == 0) {
+            match zeros.last_mut() {
+                Some((start, n)) if *start + *n * PAGE == gpa => *n += 1,
+                _ => zeros.push((gpa, 1)),
+            }
+            continue;
+        }
+        if next_gpa != Some(gpa) || batch_pages == PAGES_PER_MESSAGE {
+            flush(sink, &mut batch, &mut batch_pages)?;
+            batch.extend_from_slice(&gpa.to_le_bytes());
+        }
+        batch.extend_from_slice(data);
+        batch_pages += 1;
+        next_gpa = Some(gpa + PAGE);
+    }
+    flush(sink, &mut batch, &mut batch_pages)?;
+    for chunk in zeros.chunks(ZERO_RUNS_PER_MESSAGE) {
+        let payload: Vec<u8> =
+            chunk.iter().flat_map(|(g, n)| g.to_le_bytes().into_iter().chain(n.to_le_bytes())).collect();
+        sink.put(Kind::ZeroPages, "", 1, &payload)?;
+    }
+    Ok(sent)
+}
+
+/// Is `kind` a page message?
+pub fn is_pages(kind: Kind) -> bool {
+    matches!(kind, Kind::Pages | Kind::ZeroPages)
+}
+
+/// Write a PAGES or ZERO-PAGES message into `ram`, after checking that
+/// it is well formed and lies inside guest RAM.
+pub fn receive(ram: &GuestRam, h: &SectionHeader, payload: &[u8]) -> Result<(), StreamError> {
+    let u64_at = |b: &[u8]| b.try_into().map(u64::from_le_bytes).map_err(|_| h.bad("malformed"));
+    let write = |data: &[u8], gpa: u64| {
+        ram.mem().write_slice(data, GuestAddress(gpa)).map_err(|e| h.bad(format!("at {gpa:#x}: {e}")))
+    };
+    match h.kind {
+        Kind::Pages => {
+            if payload.len() < 8 || (payload.len() - 8) % PAGE as usize != 0 {
+                return Err(h.bad("malformed pages"));
+            }
+            let gpa = u64_at(&payload[..8])?;
+            let data = &payload[8..];
+            if ram.bytes(gpa, data.len() as u64).is_none() {
+                return Err(h.bad(format!("pages at {gpa:#x} outside guest RAM")));
+            }
+            write(data, gpa)
+        }
+        Kind::ZeroPages => {
+            if payload.len() % 16 != 0 {
+                return Err(h.bad("malformed zero pages"));
+            }
+            let zero = [0u8; PAGE as usize];
+            for pair in payload.chunks_exact(16) {
+                let (gpa, n) = (u64_at(&pair[..8])?, u64_at(&pair[8..])?);
+                let len = n.checked_mul(PAGE).ok_or_else(|| h.bad("zero run overflows"))?;
+                if ram.bytes(gpa, len).is_none() {
+                    return Err(h.bad(format!("zero pages at {gpa:#x} outside guest RAM")));
+                }
+                for k in 0..n {
+                    write(&zero, gpa + k * PAGE)?;
+                }
+            }
+            Ok(())
+        }
+        other => Err(h.bad(format!("a {} message is not pages", other.name()))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Collects messages as a connection would carry them.
+    #[derive(Default)]
+    struct Wire(Vec<(Kind, Vec<u8>)>);
+
+    impl SectionSink for Wire {
+        fn put(&mut self, kind: Kind, _id: &str, _version: u32, payload: &[u8]) -> Result<(), StreamError> {
+            self.0.push((kind, payload.to_vec()));
+            Ok(())
+        }
+    }
+
+    fn header(kind: Kind, payload: &[u8]) -> SectionHeader {
+        SectionHeader {
+            index: 7,
+            kind,
+            id: String::new(),
+            version: 1,
+            payload_len: payload.len() as u64,
+            payload_crc: 0,
+            payload_at: 0,
+        }
+    }
+
+    #[test]
+    fn pages_cross_and_land_where_they_were() {
+        let src = GuestRam::new(16 << 20).unwrap();
+        let dst = GuestRam::new(16 << 20).unwrap();
+        src.mem().write_slice(&[0xaa; 4096], GuestAddress(0x3000)).unwrap();
+        src.mem().write_slice(&[0xbb; 4096], GuestAddress(0x4000)).unwrap();
+        dst.mem().write_slice(&[0xcc; 4096], GuestAddress(0x5000)).unwrap();
+        let mut wire = Wire::default();
+        let sent = send(&src, &[3, 4, 5], &mut wire).unwrap();
+        assert_eq!(sent, 2 * 4096, "page 5 is zero: sent as a run, not as bytes");
+        let kinds: Vec<Kind> = wire.0.iter().map(|m| m.0).collect();
+        assert_eq!(kinds, [Kind::Pages, Kind::ZeroPages]);
+        for (kind, payload) in &wire.0 {
+            receive(&dst, &header(*kind, payload), payload).unwrap();
+        }
+        for gpa in [0x3000, 0x4000, 0x5000] {
+            assert_eq!(dst.bytes(gpa, 4096), src.bytes(gpa, 4096), "page at {gpa:#x}");
+        }
+    }
+
+    #[test]
+    fn pages_outside_ram_or_malformed_are_refused() {
+        let ram = GuestRam::new(16 << 20).unwrap();
+        let mut outside = (16u64 << 20).to_le_bytes().to_vec();
+        outside.extend_from_slice(&[1u8; 4096]);
+        let err = receive(&ram, &header(Kind::Pages, &outside), &outside).unwrap_err().to_string();
+        assert_eq!(err, "section 7 (pages ): pages at 0x1000000 outside guest RAM");
+        let short = [0u8; 12];
+        let err = receive(&ram, &header(Kind::Pages, &short), &short).unwrap_err().to_string();
+        assert!(err.ends_with("malformed pages"), "{err}");
+        let mut huge = 0u64.to_le_bytes().to_vec();
+        huge.extend_from_slice(&u64::MAX.to_le_bytes());
+        let err = receive(&ram, &header(Kind::ZeroPages, &huge), &huge).unwrap_err().to_string();
+        assert!(err.ends_with("zero run overflows"), "{err}");
+    }
+}

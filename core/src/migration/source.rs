@@ -1,0 +1,373 @@
+//! Live migration, the source's side: the plan agreed before the guest is
+//! paused, pre-copy of dirty memory, and the switch-over.
+//!
+//! ```text
+//!  source                                   destination (ferry run --incoming)
+//!  HELLO (manifest)            ---------->  plan each device against its plugins
+//!                              <----------  PLAN
+//!  refused? DECISION "abort"   ---------->  exits non-zero with the reasons
+//!  dry run? DECISION "dry-run" ---------->  exits 0
+//!  DECISION "go"               ---------->  builds the VM from the manifest
+//!  dirty logging on
+//!  round 0: PAGES (non-zero pages)   ---->  writes them into RAM
+//!  round n: PAGES / ZERO-PAGES (dirty) --->
+//!    ... until the rest fits in max-downtime (or the round limit)
+//!  pause (vCPUs, devices)
+//!  last PAGES / ZERO-PAGES     ---------->
+//!  MACHINE, VCPU x N, DEVICE x M (at the plan's versions) ---> loads them (upgrades)
+//!  END                         ---------->  resumes devices
+//!                              <----------  RESUMED, then starts its vCPUs
+//!  exits with the report
+//! ```
+//!
+//! Any failure before RESUMED arrives (connection lost, destination gone,
+//! a device refusing its downgrade at stop-and-copy, a timeout, a cancel)
+//! resumes the source guest; the destination exits non-zero with the
+//! reason. The destination sends RESUMED before it starts its vCPUs; if
+//! that write fails it never runs the guest. (If the connection breaks
+//! after RESUMED left the destination but before the source read it, both
+//! would hold the guest: the one window left, as in any two-party commit.)
+//!
+//! Policy when the guest dirties memory faster than the link: after
+//! [`MAX_ROUNDS`] rounds ferry stops and copies anyway if the expected
+//! downtime is within twice the limit; otherwise it gives up, says so, and
+//! the source guest keeps running.
+
+use std::time::{Duration, Instant};
+
+use super::{
+    conn::{Cancel, Conn, Endpoint, MigrateError, TcpSecurity},
+    link::{io, st, Link, ANSWER_TIMEOUT},
+    pages,
+    plan::{Plan, Verdict},
+    status::{Phase, Status},
+    stream::{self, Kind, StreamError},
+    vmstate::VmState,
+};
+use crate::{state, vmcore::VmCore};
+
+/// Rounds of pre-copy before the convergence policy applies.
+pub const MAX_ROUNDS: u32 = 30;
+/// Default downtime limit, in milliseconds.
+pub const DEFAULT_MAX_DOWNTIME_MS: u64 = 300;
+
+/// Test knobs, read from the environment of the source ferry (tests use
+/// them to make pre-copy long and to show what the device dirty bitmap is
+/// for; they are not for production use):
+/// `FERRY_MIGRATION_ROUND_DELAY_MS` (pause between rounds),
+/// `FERRY_MIGRATION_MIN_ROUNDS` (rounds before a switch-over is allowed),
+/// `FERRY_MIGRATION_IGNORE_DEVICE_DIRTY=1` (leave device writes out).
+struct Knobs {
+    round_delay: Duration,
+    min_rounds: u32,
+    ignore_device_dirty: bool,
+}
+
+impl Knobs {
+    fn from_env() -> Self {
+        let num = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        Knobs {
+            round_delay: Duration::from_millis(num("FERRY_MIGRATION_ROUND_DELAY_MS")),
+            min_rounds: num("FERRY_MIGRATION_MIN_ROUNDS") as u32,
+            ignore_device_dirty: std::env::var("FERRY_MIGRATION_IGNORE_DEVICE_DIRTY").is_ok_and(|v| v == "1"),
+        }
+    }
+}
+
+/// What `ferry ctl migrate` asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Options {
+    /// `tcp:HOST:PORT` or `unix:PATH`.
+    pub uri: String,
+    /// Downtime limit.
+    pub max_downtime_ms: u64,
+    /// Stop after the plan.
+    pub dry_run: bool,
+    /// TLS or plaintext, for a tcp: URI (None for unix:).
+    pub security: Option<TcpSecurity>,
+}
+
+/// Wait until the destination has applied everything sent so far, so a
+/// round's time is end to end and no backlog is left for the downtime.
+fn sync(link: &mut Link, phase: &'static str) -> Result<(), MigrateError> {
+    link.decide(b"sync", phase)?;
+    let (h, payload) = link.receive().map_err(st(phase))?;
+    match (h.kind, payload.as_slice()) {
+        (Kind::Decision, b"synced") => Ok(()),
+        (Kind::Failed, reason) => {
+            Err(MigrateError::Protocol(format!("destination failed: {}", String::from_utf8_lossy(reason))))
+        }
+        (kind, _) => Err(MigrateError::Protocol(format!("{phase}: expected SYNCED, got {}", kind.name()))),
+    }
+}
+
+fn update(core: &VmCore, f: impl FnOnce(&mut Status)) {
+    let mut guard = core.migration.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(s) = guard.as_mut() {
+        f(s);
+    }
+}
+
+/// Migrate `core`'s VM to the destination. On success the caller ends the
+/// source VM; on failure the guest is running again (it may have been
+/// paused for stop-and-copy).
+pub fn migrate(core: &VmCore, opts: &Options, cancel: &Cancel) -> Result<Status, MigrateError> {
+    let start = Instant::now();
+    let endpoint = Endpoint::parse(&opts.uri)?;
+    let plaintext_tcp = opts.security == Some(TcpSecurity::Insecure);
+    if plaintext_tcp {
+        crate::log::warn(&format!(
+            "migrating to {} over plaintext TCP (--insecure-tcp): the VM's memory and state travel \
+             unencrypted to a peer nobody authenticated",
+            opts.uri
+        ));
+    }
+    let conn = endpoint.connect(&opts.uri, opts.security.as_ref())?;
+    update(core, |s| s.transport = TcpSecurity::describe(opts.security.as_ref()).into());
+    cancel.watch(&conn);
+    conn.set_read_timeout(Some(ANSWER_TIMEOUT)).map_err(io("connecting"))?;
+    let mut link = Link::new(conn).map_err(io("connecting"))?;
+
+    // Handshake: nothing is paused.
+    let manifest = core.manifest();
+    let encoded = state::encode(&manifest).map_err(|e| MigrateError::State(e.to_string()))?;
+    link.send(Kind::Hello, "", super::manifest::MANIFEST_VERSION, &encoded).map_err(io("handshake"))?;
+    link.flush().map_err(io("handshake"))?;
+    let (h, payload) = link.receive().map_err(|e| match e {
+        // A TLS destination drops a plaintext hello without a word.
+        StreamError::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof && plaintext_tcp => {
+            MigrateError::Security(
+                "the destination closed the connection at the handshake: it may want mutual TLS \
+                 (--tls-dir on both ends)"
+                    .into(),
+            )
+        }
+        e => cancel.explain(st("handshake")(e)),
+    })?;
+    if h.kind == Kind::Failed {
+        return Err(MigrateError::Protocol(format!("destination: {}", String::from_utf8_lossy(&payload))));
+    }
+    if h.kind != Kind::Plan {
+        return Err(MigrateError::Protocol(format!("handshake: expected a plan, got {}", h.kind.name())));
+    }
+    let mut plan: Plan = state::decode(&payload).map_err(|e| MigrateError::Protocol(format!("plan: {e}")))?;
+    trial_downgrades(core, &mut plan);
+    update(core, |s| s.plan = plan.lines());
+    if plan.refused() {
+        let _ = link.decide(b"abort: refused", "handshake");
+        return Err(MigrateError::Refused(plan.lines()));
+    }
+    if opts.dry_run {
+        link.decide(b"dry-run", "handshake")?;
+        let mut s = Status { phase: Phase::DryRun, plan: plan.lines(), done: true, ..Status::default() };
+        s.total_ms = start.elapsed().as_secs_f64() * 1e3;
+        return Ok(s);
+    }
+    // Same host over a unix socket: hand the RAM memfd over, copy nothing.
+    if let (Endpoint::Unix(_), Some(memfd)) = (&endpoint, core.ram.memfd()) {
+        link.decide(b"go-memfd", "handshake")?;
+        let (h, payload) = link.receive().map_err(st("memfd hand-over"))?;
+        if h.kind != Kind::Decision || payload != b"ready-memfd" {
+            return Err(MigrateError::Protocol(format!(
+                "memfd hand-over: the destination answered {}",
+                h.kind.name()
+            )));
+        }
+        send_memfd(&link, memfd)?;
+        // The destination answers once its VM is built on the memfd: only
+        // then does the guest pause here.
+        sync(&mut link, "memfd hand-over").map_err(|e| cancel.explain(e))?;
+        cancel.disarm()?;
+        let result = switch_over(core, &plan, &mut link, start, Vec::new(), 0, None);
+        if result.is_err() && core.control.is_paused() {
+            let _ = core.resume();
+        }
+        return result;
+    }
+    link.send(Kind::Decision, "", 1, b"go").map_err(io("handshake"))?;
+
+    // Pre-copy.
+    update(core, |s| s.phase = Phase::Precopy);
+    core.kvm.set_dirty_log(&core.ram, true).map_err(|e| MigrateError::State(e.to_string()))?;
+    let result =
+        precopy_and_switch(core, opts, &plan, &mut link, start, cancel).map_err(|e| cancel.explain(e));
+    if result.is_err() {
+        // Give the guest back: running, not logging.
+        if core.control.is_paused() {
+            let _ = core.resume();
+        }
+        let _ = core.kvm.set_dirty_log(&core.ram, false);
+        link.fail("source aborted the migration");
+    }
+    result
+}
+
+/// Try every planned downgrade now, while the guest runs: a device whose
+/// guest state the older version cannot express turns its line into a
+/// refusal, so the migration stops before anything is paused. (The real
+/// downgrade at stop-and-copy checks again.)
+fn trial_downgrades(core: &VmCore, plan: &mut Plan) {
+    for line in &mut plan.devices {
+        let Verdict::Downgrade { from, to } = line.verdict else { continue };
+        let Some(slot) = core.bus.devices().iter().find(|d| d.id == line.id) else { continue };
+        let result = slot.device.lock().unwrap_or_else(|e| e.into_inner()).save_state(to).into_result();
+        if let Err(reason) = result {
+            line.verdict = Verdict::Refused {
+                reason: format!("the source cannot downgrade state v{from}->v{to} now: {reason}"),
+            };
+        }
+    }
+}
+
+/// Send the MEMFD message with the guest RAM memfd attached (SCM_RIGHTS).
+fn send_memfd(link: &Link, memfd: &std::fs::File) -> Result<(), MigrateError> {
+    use std::os::fd::AsRawFd;
+    let Conn::Unix(sock) = link.writer.get_ref() else {
+        return Err(MigrateError::Protocol("a memfd can only go over a unix socket".into()));
+    };
+    let header = stream::header_bytes(Kind::Memfd, "", 1, 0, crc32fast::hash(&[]));
+    crate::fdpass::send_all(sock.as_raw_fd(), &header, &[memfd.as_raw_fd()]).map_err(io("memfd hand-over"))
+}
+
+fn precopy_and_switch(
+    core: &VmCore,
+    opts: &Options,
+    plan: &Plan,
+    link: &mut Link,
+    start: Instant,
+    cancel: &Cancel,
+) -> Result<Status, MigrateError> {
+    // Round 0: every non-zero page (the destination's RAM starts zeroed).
+    let _ = core.kvm.dirty_pages(&core.ram); // start a fresh log
+    let _ = core.ram.dirty().take();
+    let round0: Vec<u64> = core
+        .ram
+        .nonzero_runs()
+        .iter()
+        .flat_map(|&(gpa, len)| {
+            let first = core.ram.page_of(gpa).unwrap_or(0);
+            first..first + len / 4096
+        })
+        .collect();
+    let t = Instant::now();
+    let bytes = pages::send(&core.ram, &round0, link).map_err(st("sending memory"))?;
+    sync(link, "first pass")?;
+    let mut bandwidth = (bytes.max(4096) as f64) / t.elapsed().as_secs_f64().max(1e-6);
+    update(core, |s| {
+        s.bytes_sent = link.sent;
+        s.bandwidth_bytes_per_s = bandwidth;
+    });
+    cancel.check()?;
+
+    let max_downtime = opts.max_downtime_ms as f64 / 1e3;
+    let knobs = Knobs::from_env();
+    let max_rounds = MAX_ROUNDS.max(knobs.min_rounds + 1);
+    let mut round = 1u32;
+    let mut last_round = Instant::now();
+    loop {
+        std::thread::sleep(knobs.round_delay);
+        let mut dirty = Vec::new();
+        take_dirty(core, &knobs, &mut dirty)?;
+        let dirty_bytes = dirty.len() as u64 * 4096;
+        let dirty_rate = dirty_bytes as f64 / last_round.elapsed().as_secs_f64().max(1e-6);
+        let expected = dirty_bytes as f64 / bandwidth;
+        update(core, |s| {
+            s.round = round;
+            s.dirty_rate_bytes_per_s = dirty_rate;
+            s.expected_downtime_ms = expected * 1e3;
+        });
+        if expected <= max_downtime && round > knobs.min_rounds {
+            // Switch over: what is dirty now goes in the final pass.
+            cancel.disarm()?;
+            return switch_over(core, plan, link, start, dirty, round, Some(&knobs));
+        }
+        if round >= max_rounds {
+            if expected <= 2.0 * max_downtime {
+                cancel.disarm()?;
+                return switch_over(core, plan, link, start, dirty, round, Some(&knobs));
+            }
+            return Err(MigrateError::NoConvergence {
+                rounds: round,
+                dirty: dirty_rate / 1e6,
+                link: bandwidth / 1e6,
+            });
+        }
+        last_round = Instant::now();
+        let t = Instant::now();
+        let bytes = pages::send(&core.ram, &dirty, link).map_err(st("sending memory"))?;
+        sync(link, "pre-copy")?;
+        if bytes > 0 {
+            bandwidth = 0.5 * bandwidth + 0.5 * (bytes as f64 / t.elapsed().as_secs_f64().max(1e-6));
+        }
+        update(core, |s| {
+            s.bytes_sent = link.sent;
+            s.bandwidth_bytes_per_s = bandwidth;
+        });
+        cancel.check()?;
+        round += 1;
+    }
+}
+
+/// Adds the pages dirtied since the last call, by the guest (KVM's log)
+/// and by devices (the device dirty bitmap), to `dirty`: sorted, each once.
+fn take_dirty(core: &VmCore, knobs: &Knobs, dirty: &mut Vec<u64>) -> Result<(), MigrateError> {
+    dirty.extend(core.kvm.dirty_pages(&core.ram).map_err(|e| MigrateError::State(e.to_string()))?);
+    let device_dirty = core.ram.dirty().take();
+    if !knobs.ignore_device_dirty {
+        dirty.extend(device_dirty);
+    }
+    dirty.sort_unstable();
+    dirty.dedup();
+    Ok(())
+}
+
+/// Pauses the source and sends the rest: with `memory` (pre-copy's
+/// knobs), the pages still dirty; without (the memfd hand-over), none.
+fn switch_over(
+    core: &VmCore,
+    plan: &Plan,
+    link: &mut Link,
+    start: Instant,
+    mut dirty: Vec<u64>,
+    rounds: u32,
+    memory: Option<&Knobs>,
+) -> Result<Status, MigrateError> {
+    update(core, |s| s.phase = Phase::StopAndCopy);
+    let paused_at = Instant::now();
+    core.pause().map_err(MigrateError::State)?;
+    let t_paused = paused_at.elapsed();
+    if let Some(knobs) = memory {
+        take_dirty(core, knobs, &mut dirty)?;
+        pages::send(&core.ram, &dirty, link).map_err(st("sending memory"))?;
+    }
+    VmState::capture(core, Some(plan))?.write(link)?;
+    link.send(Kind::End, "", 1, &[]).map_err(io("stop-and-copy"))?;
+    link.flush().map_err(io("stop-and-copy"))?;
+    let t_sent = paused_at.elapsed();
+
+    let (h, payload) = link.receive().map_err(st("waiting for the destination to resume"))?;
+    match h.kind {
+        Kind::Resumed => {}
+        Kind::Failed => {
+            return Err(MigrateError::Protocol(format!(
+                "destination failed: {}",
+                String::from_utf8_lossy(&payload)
+            )))
+        }
+        other => return Err(MigrateError::Protocol(format!("expected RESUMED, got {}", other.name()))),
+    }
+    let downtime = paused_at.elapsed().as_secs_f64() * 1e3;
+    crate::log::info(&format!(
+        "stop-and-copy: paused in {:.2} ms, state sent at {:.2} ms, resumed on the destination at {downtime:.2} ms",
+        t_paused.as_secs_f64() * 1e3,
+        t_sent.as_secs_f64() * 1e3
+    ));
+    let mut status = core.migration.lock().unwrap_or_else(|e| e.into_inner()).clone().unwrap_or_default();
+    status.phase = Phase::Completed;
+    status.round = rounds;
+    status.bytes_sent = link.sent;
+    status.downtime_ms = downtime;
+    status.total_ms = start.elapsed().as_secs_f64() * 1e3;
+    status.done = true;
+    Ok(status)
+}
