@@ -3,7 +3,7 @@
 
 use std::{path::Path, time::Duration};
 
-use ferry_tests::{ferry, fixture_plugin, plugin_dir_copy, Finished, TempDir};
+use ferry_tests::{ferry, fixture_plugin, plugin_dir_copy, spawn_ferry_env, Finished, Running, TempDir};
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
@@ -71,63 +71,107 @@ fn elf_without_a_pvh_note() {
     );
 }
 
+/// A machine type whose one device needs plugin `plugin`.
+fn machine_needing(dir: &Path, plugin: &str) -> String {
+    write(
+        dir,
+        "m.toml",
+        &format!("name = \"needs-{plugin}\"\n[[device]]\nid = \"dev0\"\nplugin = \"{plugin}\"\n"),
+    )
+}
+
+/// `ferry run` on a copy of the plugin directory holding `lib` as `file`,
+/// with a machine type needing `plugin`.
+fn run_needing(lib: &Path, file: &str, plugin: &str) -> Finished {
+    let dir = plugin_dir_copy("badplugin");
+    std::fs::copy(lib, dir.path().join(file)).expect("copy the library");
+    let m = machine_needing(dir.path(), plugin);
+    let plugins = dir.path().display().to_string();
+    ferry(&["run", "--plugins", &plugins, "--machine", &m], DEADLINE)
+}
+
+fn libm() -> &'static Path {
+    ["/lib/x86_64-linux-gnu/libm.so.6", "/usr/lib/x86_64-linux-gnu/libm.so.6"]
+        .into_iter()
+        .map(Path::new)
+        .find(|p| p.exists())
+        .expect("libm on the host")
+}
+
 #[test]
 fn shared_library_that_is_not_a_plugin() {
-    let dir = plugin_dir_copy("notplugin");
-    let libm = ["/lib/x86_64-linux-gnu/libm.so.6", "/usr/lib/x86_64-linux-gnu/libm.so.6"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-        .expect("libm on the host");
-    std::fs::copy(libm, dir.path().join("libm.so")).expect("copy libm");
-    let plugins = dir.path().display().to_string();
-    let run = ferry(&["run", "--plugins", &plugins], DEADLINE);
+    // In the file named for the plugin the machine type needs.
+    let run = run_needing(libm(), "libm.so", "m");
+    assert_refused(&run, &["libm.so is not a Ferry plugin"]);
+    // Or anywhere in the directory, when the plugin is in no file named
+    // for it: every library is opened then.
+    let run = run_needing(libm(), "libm.so", "virtio-gpu");
     assert_refused(&run, &["libm.so is not a Ferry plugin"]);
 }
 
 #[test]
-fn plugin_built_against_an_older_plugin_api() {
-    let lib = fixture_plugin("old-api-plugin");
-    let dir = plugin_dir_copy("oldapi");
-    std::fs::copy(&lib, dir.path().join("old-api-plugin.so")).expect("copy");
+fn a_broken_library_no_machine_type_names_is_not_opened_by_run_but_ferry_plugins_reports_it() {
+    let dir = plugin_dir_copy("unnamed");
+    std::fs::copy(libm(), dir.path().join("libm.so")).expect("copy libm");
     let plugins = dir.path().display().to_string();
     let run = ferry(&["run", "--plugins", &plugins], DEADLINE);
+    assert_eq!(
+        run.code(),
+        0,
+        "the default machine type's plugins are all in their own files:\n{}",
+        run.stderr
+    );
+    assert!(run.stdout.contains("FERRY-GUEST READY"), "{}", run.stdout);
+    let list = ferry(&["plugins", "--plugins", &plugins], DEADLINE);
+    assert_refused(&list, &["libm.so is not a Ferry plugin"]);
+}
+
+#[test]
+fn run_says_how_many_libraries_it_opened() {
+    let dir = plugin_dir_copy("opened");
+    let plugins = dir.path().display().to_string();
+    let run = Running::new(spawn_ferry_env(&["run", "--plugins", &plugins], &[("FERRY_LOG", "info")]))
+        .finish(DEADLINE);
+    assert_eq!(run.code(), 0, "{}", run.stderr);
+    let installed = std::fs::read_dir(dir.path()).expect("dir").count();
+    let line = run.stderr.lines().find(|l| l.contains("plugins: opened")).unwrap_or_default().to_string();
+    // pc-2's four devices' plugins; the virtio ones stay closed.
+    assert!(line.contains("opened 4 libraries from"), "{line}\n{}", run.stderr);
+    assert!(installed > 4, "the directory holds more: {installed}");
+}
+
+#[test]
+fn plugin_built_against_an_older_plugin_api() {
+    let run = run_needing(&fixture_plugin("old-api-plugin"), "old-api-plugin.so", "old-api-plugin");
     let ours = format!("plugin-api {}", ferry_plugin_api::PLUGIN_API_VERSION);
     assert_refused(&run, &["old-api-plugin.so", "plugin-api 0.0.9", &ours]);
 }
 
 #[test]
 fn plugin_built_against_another_major_plugin_api() {
-    let lib = fixture_plugin("future-api-plugin");
-    let dir = plugin_dir_copy("futureapi");
-    std::fs::copy(&lib, dir.path().join("future-api-plugin.so")).expect("copy");
-    let plugins = dir.path().display().to_string();
-    let run = ferry(&["run", "--plugins", &plugins], DEADLINE);
+    let run = run_needing(&fixture_plugin("future-api-plugin"), "future-api-plugin.so", "future-api-plugin");
     let ours = format!("plugin-api {}", ferry_plugin_api::PLUGIN_API_VERSION);
     assert_refused(&run, &["future-api-plugin.so", "built against plugin-api 2.0.0", &ours]);
 }
 
 #[test]
 fn plugin_built_against_a_newer_minor_that_needs_what_this_core_lacks() {
-    let lib = fixture_plugin("newer-api-plugin");
-    let dir = plugin_dir_copy("newerapi");
-    std::fs::copy(&lib, dir.path().join("newer-api-plugin.so")).expect("copy");
-    let plugins = dir.path().display().to_string();
-    let run = ferry(&["run", "--plugins", &plugins], DEADLINE);
+    let run = run_needing(&fixture_plugin("newer-api-plugin"), "libnewer_api_plugin.so", "newer-api-plugin");
     let ours = format!("plugin-api {}", ferry_plugin_api::PLUGIN_API_VERSION);
     assert_refused(
         &run,
-        &["newer-api-plugin.so", "built against plugin-api 1.99.0", "needs Host::teleport", &ours],
+        &["libnewer_api_plugin.so", "built against plugin-api 1.99.0", "needs Host::teleport", &ours],
     );
 }
 
 #[test]
 fn plugin_whose_plugin_api_layout_differs() {
-    let lib = fixture_plugin("skewed-api-plugin");
-    let dir = plugin_dir_copy("skewedapi");
-    std::fs::copy(&lib, dir.path().join("skewed-api-plugin.so")).expect("copy");
-    let plugins = dir.path().display().to_string();
-    let run = ferry(&["run", "--plugins", &plugins], DEADLINE);
-    assert_refused(&run, &["skewed-api-plugin.so", "types do not match", "expected RResult, found RString"]);
+    let run =
+        run_needing(&fixture_plugin("skewed-api-plugin"), "libskewed_api_plugin.so", "skewed-api-plugin");
+    assert_refused(
+        &run,
+        &["libskewed_api_plugin.so", "types do not match", "expected RResult, found RString"],
+    );
     assert!(run.stderr.len() < 400, "short message, not a layout dump: {}", run.stderr.len());
 }
 

@@ -258,5 +258,5 @@ fn a_state_version_newer_than_the_plugin_loads_is_refused() {
         let i = device_section(s, "com1");
         s[i].version = 3;
     });
-    refused(&path, &[], &["device com1: serial-16550 state v3, this host loads v1..v2"]);
+    refused(&path, &[], &["device com1 (serial-16550): state v3 is newer than this host loads (v1..v2)"]);
 }

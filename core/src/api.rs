@@ -1,6 +1,9 @@
 //! The control API: REST/JSON over a unix socket (`curl --unix-socket`
-//! works), and the client `ferry ctl` uses. The server thread parses
-//! requests and hands them to the VM's main loop, which answers each.
+//! works), and the client `ferry ctl` uses. Both speak the same typed
+//! requests ([`ApiRequest`], bodies [`SnapshotRequest`] and
+//! [`MigrateRequest`]) through one route table ([`ROUTES`]). The server
+//! thread parses requests and hands them to the VM's main loop, which
+//! answers each.
 //!
 //! ```text
 //!  GET /vm                          info (state, machine, cpus, memory, devices)
@@ -15,12 +18,13 @@
 //!  GET /vm/migration                the migration's progress, plan and report
 //!  PUT /vm/migrate-cancel           give up the migration; the guest keeps running here
 //! ```
-//! Answers are JSON; errors are `{"error": "..."}` with status 400 (a bad
-//! request: malformed body, bad URI, a snapshot path that cannot be
-//! created), 404 (no such endpoint), 405 (wrong method), 409 (the VM's
-//! state does not allow it now: a migration is running, none is, the
-//! guest's state or the target host refuses a snapshot), 500 (the
-//! operation failed in ferry or KVM) or 503 (the VM has ended).
+//! Answers are JSON; errors are `{"error": "..."}` with the status of the
+//! error's kind ([`ApiError::status`]): 400 (a bad request: malformed
+//! body, bad URI, a snapshot path that cannot be created), 404 (no such
+//! endpoint), 405 (wrong method), 409 (the VM's state does not allow it
+//! now: a migration is running, none is, the guest's state or the target
+//! host refuses a snapshot), 500 (the operation failed in ferry or KVM)
+//! or 503 (the VM has ended).
 
 use std::{
     io::{Read, Write},
@@ -29,9 +33,120 @@ use std::{
 };
 
 use crossbeam_channel::{Receiver, Sender};
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use thiserror::Error;
 
-/// What the VM's main loop is asked to do.
+use crate::migration::{
+    conn::{Endpoint, TcpSecurity},
+    plan::HostManifest,
+    source::{Options, DEFAULT_MAX_DOWNTIME_MS},
+    tls::TlsSettings,
+};
+
+/// Why a request failed; its kind chooses the HTTP status.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ApiError {
+    /// The request itself is wrong (400).
+    #[error("{0}")]
+    BadRequest(String),
+    /// No such endpoint (404).
+    #[error("no endpoint {0}")]
+    NotFound(String),
+    /// The endpoint exists, with another method (405).
+    #[error("{method} is not allowed on {path}")]
+    MethodNotAllowed {
+        /// The method used.
+        method: String,
+        /// The path.
+        path: String,
+    },
+    /// The VM's state does not allow it now (409).
+    #[error("{0}")]
+    Conflict(String),
+    /// It failed in ferry or KVM (500).
+    #[error("{0}")]
+    Failed(String),
+    /// The VM has ended (503).
+    #[error("the VM has ended")]
+    Ended,
+}
+
+impl ApiError {
+    /// The HTTP status of this kind of error.
+    pub fn status(&self) -> u16 {
+        match self {
+            ApiError::BadRequest(_) => 400,
+            ApiError::NotFound(_) => 404,
+            ApiError::MethodNotAllowed { .. } => 405,
+            ApiError::Conflict(_) => 409,
+            ApiError::Failed(_) => 500,
+            ApiError::Ended => 503,
+        }
+    }
+}
+
+/// The body of `PUT /vm/snapshot`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRequest {
+    /// The file (absolute: the server resolves relative paths against its
+    /// own directory).
+    pub path: PathBuf,
+    /// Write it for another host's plugins (a `ferry plugins --manifest`
+    /// document): older state versions where the plan says so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<Box<HostManifest>>,
+}
+
+/// The body of `PUT /vm/migrate`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrateRequest {
+    /// `tcp:HOST:PORT` or `unix:PATH`.
+    pub uri: String,
+    /// Downtime limit.
+    #[serde(default = "default_max_downtime")]
+    pub max_downtime_ms: u64,
+    /// Plan only.
+    #[serde(default)]
+    pub dry_run: bool,
+    /// tcp: mutual TLS with this TLS directory (absolute).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_dir: Option<PathBuf>,
+    /// tcp: the name the destination's certificate must carry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_name: Option<String>,
+    /// tcp: plaintext, unauthenticated.
+    #[serde(default)]
+    pub insecure_tcp: bool,
+}
+
+fn default_max_downtime() -> u64 {
+    DEFAULT_MAX_DOWNTIME_MS
+}
+
+impl MigrateRequest {
+    /// The migration's options: the URI parsed, and TLS or plaintext as
+    /// the endpoint requires (tcp: exactly one of them, unix: neither).
+    pub fn options(&self) -> Result<Options, ApiError> {
+        let bad = |e: crate::migration::conn::MigrateError| ApiError::BadRequest(e.to_string());
+        let endpoint = Endpoint::parse(&self.uri).map_err(bad)?;
+        let tls = self.tls_dir.clone().map(|dir| TlsSettings {
+            dir,
+            allow: Vec::new(),
+            name: self.tls_name.clone(),
+        });
+        let security = TcpSecurity::choose(&endpoint, tls, self.insecure_tcp).map_err(bad)?;
+        Ok(Options {
+            uri: self.uri.clone(),
+            max_downtime_ms: self.max_downtime_ms,
+            dry_run: self.dry_run,
+            security,
+        })
+    }
+}
+
+/// What a request asks the VM, as `ferry ctl` sends it and the main loop
+/// receives it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ApiRequest {
     /// Describe the VM.
@@ -40,110 +155,133 @@ pub enum ApiRequest {
     Pause,
     /// Resume.
     Resume,
-    /// Snapshot to a file, optionally written for another host's plugins
-    /// (a `ferry plugins --manifest` document): older state versions where
-    /// the plan says so.
-    Snapshot(PathBuf, Option<Box<crate::migration::plan::HostManifest>>),
+    /// Write a snapshot.
+    Snapshot(SnapshotRequest),
     /// End the VM.
     Shutdown,
-    /// Start a live migration.
-    Migrate {
-        /// Where to.
-        uri: String,
-        /// Downtime limit.
-        max_downtime_ms: u64,
-        /// Plan only.
-        dry_run: bool,
-        /// TLS or plaintext (tcp: only).
-        security: Option<crate::migration::conn::TcpSecurity>,
-    },
+    /// Start a live migration (its options already checked).
+    Migrate(MigrateRequest),
     /// Progress of the migration.
     MigrationStatus,
     /// Give up the migration.
     MigrateCancel,
 }
 
-/// Why a request failed, with the HTTP status that says so.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Failure {
-    /// 400, 409, 500, ...
-    pub status: u16,
-    /// The error, one line.
-    pub message: String,
+/// The endpoints, each once: method, path, and the request it carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    Info,
+    Pause,
+    Resume,
+    Snapshot,
+    Shutdown,
+    Migrate,
+    Migration,
+    MigrateCancel,
 }
 
-impl Failure {
-    /// 400: the request itself is wrong.
-    pub fn bad_request(message: impl Into<String>) -> Self {
-        Failure { status: 400, message: message.into() }
+/// The route table: every method and path the API answers.
+const ROUTES: [(&str, &str, Route); 8] = [
+    ("GET", "/vm", Route::Info),
+    ("PUT", "/vm/pause", Route::Pause),
+    ("PUT", "/vm/resume", Route::Resume),
+    ("PUT", "/vm/snapshot", Route::Snapshot),
+    ("PUT", "/vm/shutdown", Route::Shutdown),
+    ("PUT", "/vm/migrate", Route::Migrate),
+    ("GET", "/vm/migration", Route::Migration),
+    ("PUT", "/vm/migrate-cancel", Route::MigrateCancel),
+];
+
+impl ApiRequest {
+    fn route(&self) -> Route {
+        match self {
+            ApiRequest::Info => Route::Info,
+            ApiRequest::Pause => Route::Pause,
+            ApiRequest::Resume => Route::Resume,
+            ApiRequest::Snapshot(_) => Route::Snapshot,
+            ApiRequest::Shutdown => Route::Shutdown,
+            ApiRequest::Migrate(_) => Route::Migrate,
+            ApiRequest::MigrationStatus => Route::Migration,
+            ApiRequest::MigrateCancel => Route::MigrateCancel,
+        }
     }
 
-    /// 409: the VM's state does not allow it now.
-    pub fn conflict(message: impl Into<String>) -> Self {
-        Failure { status: 409, message: message.into() }
+    /// Method, path and JSON body, from the route table.
+    pub fn http(&self) -> (&'static str, &'static str, Option<Value>) {
+        let route = self.route();
+        let (method, path) =
+            ROUTES.iter().find(|(_, _, r)| *r == route).map(|(m, p, _)| (*m, *p)).unwrap_or(("GET", "/vm"));
+        let body = match self {
+            ApiRequest::Snapshot(s) => serde_json::to_value(s).ok(),
+            ApiRequest::Migrate(m) => serde_json::to_value(m).ok(),
+            _ => None,
+        };
+        (method, path, body)
     }
+}
 
-    /// 500: it failed in ferry or KVM.
-    pub fn failed(message: impl Into<String>) -> Self {
-        Failure { status: 500, message: message.into() }
+/// Decode method, path and body into a request, through the route table.
+pub fn route(method: &str, path: &str, body: &str) -> Result<ApiRequest, ApiError> {
+    let trimmed = path.trim_end_matches('/');
+    let mut routes = ROUTES.iter().filter(|(_, p, _)| *p == trimmed).peekable();
+    if routes.peek().is_none() {
+        return Err(ApiError::NotFound(path.to_string()));
     }
+    let Some(&(_, _, route)) = routes.find(|(m, _, _)| *m == method) else {
+        return Err(ApiError::MethodNotAllowed { method: method.to_string(), path: path.to_string() });
+    };
+    let json = || -> Result<Value, ApiError> {
+        serde_json::from_str(body).map_err(|e| ApiError::BadRequest(format!("body is not JSON: {e}")))
+    };
+    Ok(match route {
+        Route::Info => ApiRequest::Info,
+        Route::Pause => ApiRequest::Pause,
+        Route::Resume => ApiRequest::Resume,
+        Route::Shutdown => ApiRequest::Shutdown,
+        Route::Migration => ApiRequest::MigrationStatus,
+        Route::MigrateCancel => ApiRequest::MigrateCancel,
+        Route::Snapshot => {
+            let v = json()?;
+            if v.get("path").and_then(Value::as_str).is_none() {
+                return Err(ApiError::BadRequest("body needs {\"path\": FILE}".into()));
+            }
+            let req: SnapshotRequest = serde_json::from_value(v)
+                .map_err(|e| ApiError::BadRequest(format!("target is not a host manifest: {e}")))?;
+            ApiRequest::Snapshot(req)
+        }
+        Route::Migrate => {
+            let v = json()?;
+            if v.get("uri").and_then(Value::as_str).is_none() {
+                return Err(ApiError::BadRequest("body needs {\"uri\": ...}".into()));
+            }
+            let req: MigrateRequest = serde_json::from_value(v)
+                .map_err(|e| ApiError::BadRequest(format!("bad migrate body: {e}")))?;
+            req.options()?;
+            ApiRequest::Migrate(req)
+        }
+    })
 }
 
 /// A request and where its answer goes.
-pub type Call = (ApiRequest, Sender<Result<Value, Failure>>);
+pub type Call = (ApiRequest, Sender<Result<Value, ApiError>>);
 
-/// Decode method, path and body into a request.
-pub fn route(method: &str, path: &str, body: &str) -> Result<ApiRequest, (u16, String)> {
-    match (method, path.trim_end_matches('/')) {
-        ("GET", "/vm") => Ok(ApiRequest::Info),
-        ("PUT", "/vm/pause") => Ok(ApiRequest::Pause),
-        ("PUT", "/vm/resume") => Ok(ApiRequest::Resume),
-        ("PUT", "/vm/shutdown") => Ok(ApiRequest::Shutdown),
-        ("GET", "/vm/migration") => Ok(ApiRequest::MigrationStatus),
-        ("PUT", "/vm/migrate-cancel") => Ok(ApiRequest::MigrateCancel),
-        ("PUT", "/vm/migrate") => {
-            let v: Value = serde_json::from_str(body).map_err(|e| (400, format!("body is not JSON: {e}")))?;
-            let uri =
-                v.get("uri").and_then(Value::as_str).ok_or((400, "body needs {\"uri\": ...}".to_string()))?;
-            use crate::migration::{conn::Endpoint, conn::TcpSecurity, tls::TlsSettings};
-            let endpoint = Endpoint::parse(uri).map_err(|e| (400, e.to_string()))?;
-            let text = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
-            let tls = text("tls_dir").map(|dir| TlsSettings {
-                dir: dir.into(),
-                allow: Vec::new(),
-                name: text("tls_name"),
-            });
-            let insecure = v.get("insecure_tcp").and_then(Value::as_bool).unwrap_or(false);
-            let security = TcpSecurity::choose(&endpoint, tls, insecure).map_err(|e| (400, e.to_string()))?;
-            Ok(ApiRequest::Migrate {
-                uri: uri.to_string(),
-                max_downtime_ms: v.get("max_downtime_ms").and_then(Value::as_u64).unwrap_or(300),
-                dry_run: v.get("dry_run").and_then(Value::as_bool).unwrap_or(false),
-                security,
-            })
-        }
-        ("PUT", "/vm/snapshot") => {
-            let v: Value = serde_json::from_str(body).map_err(|e| (400, format!("body is not JSON: {e}")))?;
-            let path = v
-                .get("path")
-                .and_then(Value::as_str)
-                .ok_or((400, "body needs {\"path\": FILE}".to_string()))?;
-            let target = match v.get("target") {
-                None | Some(Value::Null) => None,
-                Some(t) => Some(Box::new(
-                    serde_json::from_value(t.clone())
-                        .map_err(|e| (400, format!("target is not a host manifest: {e}")))?,
-                )),
-            };
-            Ok(ApiRequest::Snapshot(PathBuf::from(path), target))
-        }
-        (
-            _,
-            "/vm" | "/vm/pause" | "/vm/resume" | "/vm/shutdown" | "/vm/snapshot" | "/vm/migrate"
-            | "/vm/migration" | "/vm/migrate-cancel",
-        ) => Err((405, format!("{method} is not allowed on {path}"))),
-        _ => Err((404, format!("no endpoint {path}"))),
-    }
+/// Why the API cannot be served.
+#[derive(Debug, Error)]
+pub enum ServeError {
+    /// The socket path is taken.
+    #[error(transparent)]
+    Claim(#[from] crate::unix_socket::ClaimError),
+    /// Binding it failed.
+    #[error("cannot serve the API on {path}: {reason}")]
+    Bind {
+        /// The socket.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// The server thread did not start.
+    #[error("cannot start the API thread: {0}")]
+    Thread(std::io::Error),
 }
 
 /// The server side: requests to answer, and a signal after each answer
@@ -166,10 +304,10 @@ impl Drop for Served {
 /// Serve the API on `path`; requests arrive on the returned channel and
 /// wait there until the VM's main loop runs. A socket another process
 /// answers on is refused, a stale one replaced (`unix_socket::claim`).
-pub fn serve(path: &Path) -> Result<Served, String> {
+pub fn serve(path: &Path) -> Result<Served, ServeError> {
     crate::unix_socket::claim(path, "--api-socket")?;
     let server = tiny_http::Server::http_unix(path)
-        .map_err(|e| format!("cannot serve the API on {}: {e}", path.display()))?;
+        .map_err(|e| ServeError::Bind { path: path.display().to_string(), reason: e.to_string() })?;
     let (tx, rx) = crossbeam_channel::unbounded::<Call>();
     let (answered_tx, answered) = crossbeam_channel::unbounded::<()>();
     std::thread::Builder::new()
@@ -179,23 +317,17 @@ pub fn serve(path: &Path) -> Result<Served, String> {
                 let mut body = String::new();
                 let read = request.as_reader().take(1 << 20).read_to_string(&mut body);
                 let method = request.method().as_str().to_string();
-                let (status, value) = match read
-                    .map_err(|e| (400, e.to_string()))
+                let answer = read
+                    .map_err(|e| ApiError::BadRequest(e.to_string()))
                     .and_then(|_| route(&method, request.url(), &body))
-                {
-                    Err((status, message)) => (status, serde_json::json!({ "error": message })),
-                    Ok(req) => {
+                    .and_then(|req| {
                         let (reply_tx, reply_rx) = crossbeam_channel::bounded(1);
-                        if tx.send((req, reply_tx)).is_err() {
-                            (503, serde_json::json!({ "error": "the VM has ended" }))
-                        } else {
-                            match reply_rx.recv() {
-                                Ok(Ok(v)) => (200, v),
-                                Ok(Err(f)) => (f.status, serde_json::json!({ "error": f.message })),
-                                Err(_) => (503, serde_json::json!({ "error": "the VM has ended" })),
-                            }
-                        }
-                    }
+                        tx.send((req, reply_tx)).map_err(|_| ApiError::Ended)?;
+                        reply_rx.recv().map_err(|_| ApiError::Ended)?
+                    });
+                let (status, value) = match answer {
+                    Ok(v) => (200, v),
+                    Err(e) => (e.status(), serde_json::json!({ "error": e.to_string() })),
                 };
                 let header = tiny_http::Header::from_bytes(&b"Content-Type"[..], &b"application/json"[..])
                     .expect("static header");
@@ -206,41 +338,77 @@ pub fn serve(path: &Path) -> Result<Served, String> {
                 let _ = answered_tx.send(());
             }
         })
-        .map_err(|e| format!("cannot start the API thread: {e}"))?;
+        .map_err(ServeError::Thread)?;
     Ok(Served { calls: rx, answered, path: path.to_path_buf() })
 }
 
+/// Why a call to the API failed before an answer came.
+#[derive(Debug, Error)]
+pub enum CallError {
+    /// No one answers on the socket.
+    #[error("cannot connect to the API socket {socket}: {source}")]
+    Connect {
+        /// The socket.
+        socket: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The exchange broke.
+    #[error("API {what}: {source}")]
+    Io {
+        /// Request or response.
+        what: &'static str,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The answer is not HTTP with a JSON body.
+    #[error("API answer: {0}")]
+    Malformed(String),
+}
+
+/// Send `req` to the API at `socket`; the status and the JSON answer.
+pub fn send(socket: &Path, req: &ApiRequest) -> Result<(u16, Value), CallError> {
+    let (method, path, body) = req.http();
+    call(socket, method, path, body.as_ref())
+}
+
 /// One request to the API at `socket`; returns the status and the body.
-pub fn call(socket: &Path, method: &str, path: &str, body: Option<&Value>) -> Result<(u16, Value), String> {
+pub fn call(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> Result<(u16, Value), CallError> {
     let mut stream = UnixStream::connect(socket)
-        .map_err(|e| format!("cannot connect to the API socket {}: {e}", socket.display()))?;
+        .map_err(|source| CallError::Connect { socket: socket.display().to_string(), source })?;
     let body = body.map(|b| b.to_string()).unwrap_or_default();
     let request = format!(
         "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
-    stream.write_all(request.as_bytes()).map_err(|e| format!("API request: {e}"))?;
+    stream.write_all(request.as_bytes()).map_err(|source| CallError::Io { what: "request", source })?;
     let mut response = String::new();
-    stream.read_to_string(&mut response).map_err(|e| format!("API response: {e}"))?;
-    let (head, payload) = response.split_once("\r\n\r\n").ok_or("API response without a body")?;
+    stream.read_to_string(&mut response).map_err(|source| CallError::Io { what: "response", source })?;
+    let (head, payload) =
+        response.split_once("\r\n\r\n").ok_or_else(|| CallError::Malformed("no body".into()))?;
     let status = head
         .split_whitespace()
         .nth(1)
         .and_then(|s| s.parse::<u16>().ok())
-        .ok_or_else(|| format!("API response has no status: {head}"))?;
+        .ok_or_else(|| CallError::Malformed(format!("no status: {head}")))?;
     // tiny_http may use chunked encoding; take the JSON object inside.
     let json = match (payload.find('{'), payload.rfind('}')) {
         (Some(a), Some(b)) if b >= a => &payload[a..=b],
         _ => "null",
     };
-    let value = serde_json::from_str(json).map_err(|e| format!("API answer is not JSON ({e}): {payload}"))?;
+    let value =
+        serde_json::from_str(json).map_err(|e| CallError::Malformed(format!("not JSON ({e}): {payload}")))?;
     Ok((status, value))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::migration::conn::TcpSecurity;
 
     #[test]
     fn routes_decode() {
@@ -248,22 +416,52 @@ mod tests {
         assert_eq!(route("PUT", "/vm/pause/", ""), Ok(ApiRequest::Pause));
         assert_eq!(
             route("PUT", "/vm/snapshot", r#"{"path":"/tmp/s"}"#),
-            Ok(ApiRequest::Snapshot("/tmp/s".into(), None))
+            Ok(ApiRequest::Snapshot(SnapshotRequest { path: "/tmp/s".into(), target: None }))
         );
-        assert_eq!(route("PUT", "/vm/snapshot", "{}").unwrap_err().0, 400);
-        assert_eq!(route("GET", "/vm/pause", "").unwrap_err().0, 405);
-        assert_eq!(route("GET", "/nope", "").unwrap_err().0, 404);
+        assert_eq!(route("PUT", "/vm/snapshot", "{}").unwrap_err().status(), 400);
+        assert_eq!(route("GET", "/vm/pause", "").unwrap_err().status(), 405);
+        assert_eq!(route("GET", "/nope", "").unwrap_err().status(), 404);
         let bad_uri = route("PUT", "/vm/migrate", r#"{"uri":"udp:1:2"}"#).unwrap_err();
-        assert_eq!(bad_uri, (400, "'udp:1:2' is not tcp:HOST:PORT or unix:PATH".to_string()));
+        assert_eq!(bad_uri, ApiError::BadRequest("'udp:1:2' is not tcp:HOST:PORT or unix:PATH".to_string()));
         let bare_tcp = route("PUT", "/vm/migrate", r#"{"uri":"tcp:h:1"}"#).unwrap_err();
-        assert!(bare_tcp.0 == 400 && bare_tcp.1.contains("--insecure-tcp"), "{bare_tcp:?}");
+        assert!(bare_tcp.status() == 400 && bare_tcp.to_string().contains("--insecure-tcp"), "{bare_tcp:?}");
         let tls_on_unix = route("PUT", "/vm/migrate", r#"{"uri":"unix:/s","tls_dir":"/t"}"#).unwrap_err();
-        assert!(tls_on_unix.1.contains("are for tcp:"), "{tls_on_unix:?}");
-        let Ok(ApiRequest::Migrate { security: Some(TcpSecurity::Tls(tls)), .. }) =
+        assert!(tls_on_unix.to_string().contains("are for tcp:"), "{tls_on_unix:?}");
+        let Ok(ApiRequest::Migrate(m)) =
             route("PUT", "/vm/migrate", r#"{"uri":"tcp:h:1","tls_dir":"/t","tls_name":"b"}"#)
         else {
             panic!("tls_dir is not read");
         };
+        let Ok(Options { security: Some(TcpSecurity::Tls(tls)), max_downtime_ms, .. }) = m.options() else {
+            panic!("not TLS: {m:?}");
+        };
         assert_eq!((tls.dir, tls.name), ("/t".into(), Some("b".into())));
+        assert_eq!(max_downtime_ms, DEFAULT_MAX_DOWNTIME_MS, "the default, said once");
+    }
+
+    #[test]
+    fn what_the_client_sends_the_server_reads_back() {
+        let requests = [
+            ApiRequest::Info,
+            ApiRequest::Pause,
+            ApiRequest::Resume,
+            ApiRequest::Shutdown,
+            ApiRequest::MigrationStatus,
+            ApiRequest::MigrateCancel,
+            ApiRequest::Snapshot(SnapshotRequest { path: "/tmp/x.snap".into(), target: None }),
+            ApiRequest::Migrate(MigrateRequest {
+                uri: "unix:/tmp/m.sock".into(),
+                max_downtime_ms: 50,
+                dry_run: true,
+                tls_dir: None,
+                tls_name: None,
+                insecure_tcp: false,
+            }),
+        ];
+        for req in requests {
+            let (method, path, body) = req.http();
+            let text = body.map(|b| b.to_string()).unwrap_or_default();
+            assert_eq!(route(method, path, &text), Ok(req.clone()), "{method} {path}");
+        }
     }
 }

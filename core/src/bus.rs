@@ -143,6 +143,20 @@ const IN_KERNEL: &[(AddressSpace, u64, u64, &str)] = &[
     (AddressSpace::MMIO, 0xfee0_0000, 0x1000, "the in-kernel local APIC"),
 ];
 
+/// Why a device could not be recreated in place.
+#[derive(Debug, thiserror::Error)]
+pub enum RecreateError {
+    /// Its plugin refused to create it (the plugin's words).
+    #[error("{0}")]
+    Create(String),
+    /// The new instance claims other regions.
+    #[error("came back claiming {0}")]
+    Regions(String),
+    /// The new instance has (or lacks) a PCI function the old one lacked (or had).
+    #[error("came back with a different PCI function")]
+    Pci,
+}
+
 /// The address map and the devices.
 pub struct Bus {
     pio: RwLock<RangeMap>,
@@ -341,7 +355,8 @@ impl Bus {
         self.remap_bars(index);
     }
 
-    /// Swap device `index` for a new instance of its plugin (a reboot
+    /// Swap device `index` for a new instance of its plugin (see
+    /// [`RecreateError`] for what may go wrong) (a reboot
     /// recreating a device that cannot reset itself). `make` runs after the
     /// old instance is dropped, so host resources it held (a tap, a file
     /// lock) are free for the new one; in between, the slot answers like an
@@ -350,8 +365,8 @@ impl Bus {
     pub fn recreate_device(
         &self,
         index: usize,
-        make: impl FnOnce() -> Result<(DeviceBox, Option<PciFunctionBox>), String>,
-    ) -> Result<(), String> {
+        make: impl FnOnce() -> Result<(DeviceBox, Option<PciFunctionBox>), RecreateError>,
+    ) -> Result<(), RecreateError> {
         let slot = &self.devices[index];
         let before: Vec<ferry_plugin_api::Region> = slot.lock().regions().into_iter().collect();
         let old = std::mem::replace(&mut *slot.lock(), vacant::device());
@@ -362,12 +377,12 @@ impl Bus {
         let (device, pci) = make()?;
         let after: Vec<ferry_plugin_api::Region> = device.regions().into_iter().collect();
         if after != before {
-            return Err(format!("came back claiming {after:?}, not {before:?}"));
+            return Err(RecreateError::Regions(format!("{after:?}, not {before:?}")));
         }
         match (&slot.pci, pci) {
             (Some(p), Some(function)) => *lock(&p.function) = function,
             (None, None) => {}
-            _ => return Err("came back with a different PCI function".to_string()),
+            _ => return Err(RecreateError::Pci),
         }
         *slot.lock() = device;
         Ok(())

@@ -103,8 +103,9 @@ impl Machine {
                 userspace_addr: host as u64,
             };
             // SAFETY: the host range is a live mapping of `r.len` bytes owned
-            // by `ram`, which outlives the VM (the Vm struct drops the VM fd
-            // and vCPUs before the RAM).
+            // by `ram`, which outlives the VM: `Vm` drops the vCPUs first and
+            // `VmCore` declares the devices and the VM fd before the RAM
+            // (fields drop in declaration order).
             unsafe { self.vm.set_user_memory_region(region) }.map_err(call("SET_USER_MEMORY_REGION"))?;
         }
         Ok(())

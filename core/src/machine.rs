@@ -302,24 +302,36 @@ pub fn device_from_option(
     Ok(DeviceSpec { id, plugin: plugin.to_string(), properties })
 }
 
+/// Why a property value does not fit its kind.
+#[derive(Debug, Error)]
+enum ValueError {
+    #[error("'{0}' is not a non-negative integer")]
+    NotAnInteger(String),
+    #[error("expected {expected}, found {found}")]
+    Kind { expected: &'static str, found: String },
+    #[error("property kind {0} is not known to this ferry")]
+    UnknownKind(u32),
+}
+
 /// Check a value against a property kind; returns the canonical string.
-fn check_value(kind: PropertyKind, value: &PropValue) -> Result<String, String> {
+fn check_value(kind: PropertyKind, value: &PropValue) -> Result<String, ValueError> {
+    let wrong = |expected, other: &PropValue| ValueError::Kind { expected, found: format!("{other:?}") };
     match (kind, value) {
         (PropertyKind::INTEGER, PropValue::Int(i)) if *i >= 0 => Ok(i.to_string()),
-        (PropertyKind::INTEGER, PropValue::Str(s)) => parse_integer(s)
-            .map(|n| n.to_string())
-            .ok_or_else(|| format!("'{s}' is not a non-negative integer")),
-        (PropertyKind::INTEGER, other) => Err(format!("expected a non-negative integer, found {other:?}")),
+        (PropertyKind::INTEGER, PropValue::Str(s)) => {
+            parse_integer(s).map(|n| n.to_string()).ok_or_else(|| ValueError::NotAnInteger(s.clone()))
+        }
+        (PropertyKind::INTEGER, other) => Err(wrong("a non-negative integer", other)),
         (PropertyKind::BOOL, PropValue::Bool(b)) => Ok(b.to_string()),
         (PropertyKind::BOOL, PropValue::Str(s)) if s == "true" || s == "false" || s == "on" || s == "off" => {
             Ok((s == "true" || s == "on").to_string())
         }
-        (PropertyKind::BOOL, other) => Err(format!("expected true or false, found {other:?}")),
+        (PropertyKind::BOOL, other) => Err(wrong("true or false", other)),
         (PropertyKind::STRING, PropValue::Str(s)) => Ok(s.clone()),
         (PropertyKind::STRING, PropValue::Int(i)) => Ok(i.to_string()),
         (PropertyKind::STRING, PropValue::Bool(b)) => Ok(b.to_string()),
         // Plugins with kinds this core does not know are refused at load.
-        (PropertyKind(other), _) => Err(format!("property kind {other} is not known to this ferry")),
+        (PropertyKind(other), _) => Err(ValueError::UnknownKind(other)),
     }
 }
 

@@ -141,7 +141,7 @@ enum CtlAction {
         /// tcp:HOST:PORT or unix:PATH.
         uri: String,
         /// Downtime limit in milliseconds.
-        #[arg(long, value_name = "MS", default_value_t = 300)]
+        #[arg(long, value_name = "MS", default_value_t = ferry::migration::source::DEFAULT_MAX_DOWNTIME_MS)]
         max_downtime: u64,
         /// Print the destination's plan and stop; nothing is paused.
         #[arg(long)]
@@ -241,7 +241,7 @@ struct RunArgs {
 }
 
 fn parse_isolate(s: &str) -> Result<ferry::isolate::Isolate, String> {
-    ferry::isolate::Isolate::parse(s)
+    ferry::isolate::Isolate::parse(s).map_err(|e| e.to_string())
 }
 
 impl RunArgs {
@@ -359,54 +359,49 @@ fn boot_config(args: &RunArgs, plugins: PathBuf) -> Result<BootConfig> {
 }
 
 fn ctl(socket: &std::path::Path, action: CtlAction) -> Result<ExitCode> {
-    if let CtlAction::Migrate { uri, max_downtime, dry_run, tls_dir, tls_name, insecure_tcp } = &action {
-        let mut body = serde_json::json!({ "uri": uri, "max_downtime_ms": max_downtime, "dry_run": dry_run });
-        if let Some(dir) = tls_dir {
-            // The server reads it from its own directory.
-            let abs = std::path::absolute(dir).with_context(|| format!("bad path {}", dir.display()))?;
-            body["tls_dir"] = serde_json::json!(abs);
-            body["tls_name"] = serde_json::json!(tls_name);
-        }
-        if *insecure_tcp {
-            body["insecure_tcp"] = serde_json::json!(true);
-        }
-        return migrate(socket, &body);
-    }
-    let (method, path, body) = match &action {
-        CtlAction::Migrate { .. } => unreachable!("handled above"),
-        CtlAction::MigrateCancel => ("PUT", "/vm/migrate-cancel", None),
-        CtlAction::Info => ("GET", "/vm", None),
-        CtlAction::Pause => ("PUT", "/vm/pause", None),
-        CtlAction::Resume => ("PUT", "/vm/resume", None),
-        CtlAction::Shutdown => ("PUT", "/vm/shutdown", None),
-        CtlAction::Snapshot { file, target } => {
-            // The server resolves relative paths against its own directory.
-            let abs = std::path::absolute(file).with_context(|| format!("bad path {}", file.display()))?;
-            let target: Option<serde_json::Value> = match target {
-                Some(t) => Some(serde_json::from_str(
-                    &std::fs::read_to_string(t).with_context(|| format!("cannot read {}", t.display()))?,
-                )?),
-                None => None,
+    use ferry::api::{ApiRequest, MigrateRequest, SnapshotRequest};
+    // The server resolves relative paths against its own directory.
+    let absolute = |p: &PathBuf| std::path::absolute(p).with_context(|| format!("bad path {}", p.display()));
+    let req = match action {
+        CtlAction::Migrate { uri, max_downtime, dry_run, tls_dir, tls_name, insecure_tcp } => {
+            let tls_dir = tls_dir.as_ref().map(absolute).transpose()?;
+            let req = MigrateRequest {
+                uri,
+                max_downtime_ms: max_downtime,
+                dry_run,
+                tls_dir,
+                tls_name,
+                insecure_tcp,
             };
-            ("PUT", "/vm/snapshot", Some(serde_json::json!({ "path": abs, "target": target })))
+            return migrate(socket, &ApiRequest::Migrate(req));
+        }
+        CtlAction::MigrateCancel => ApiRequest::MigrateCancel,
+        CtlAction::Info => ApiRequest::Info,
+        CtlAction::Pause => ApiRequest::Pause,
+        CtlAction::Resume => ApiRequest::Resume,
+        CtlAction::Shutdown => ApiRequest::Shutdown,
+        CtlAction::Snapshot { file, target } => {
+            let target = target.as_ref().map(|t| read_host_manifest(t).map(Box::new)).transpose()?;
+            ApiRequest::Snapshot(SnapshotRequest { path: absolute(&file)?, target })
         }
     };
-    let (status, value) = ferry::api::call(socket, method, path, body.as_ref()).map_err(|e| anyhow!(e))?;
-    if !(200..300).contains(&status) {
-        let message = value.get("error").and_then(|e| e.as_str()).unwrap_or("unknown error");
-        return Err(anyhow!("{message}"));
-    }
+    let value = answer(ferry::api::send(socket, &req))?;
     println!("{}", serde_json::to_string_pretty(&value).unwrap_or_default());
     Ok(ExitCode::SUCCESS)
 }
 
-/// Start a migration through the API and follow it with a progress bar.
-fn migrate(socket: &std::path::Path, body: &serde_json::Value) -> Result<ExitCode> {
-    let (status, value) =
-        ferry::api::call(socket, "PUT", "/vm/migrate", Some(body)).map_err(|e| anyhow!(e))?;
+/// The JSON of a successful answer, or its error as ours.
+fn answer(result: Result<(u16, serde_json::Value), ferry::api::CallError>) -> Result<serde_json::Value> {
+    let (status, value) = result.map_err(|e| anyhow!(e))?;
     if !(200..300).contains(&status) {
         return Err(anyhow!("{}", value.get("error").and_then(|e| e.as_str()).unwrap_or("unknown error")));
     }
+    Ok(value)
+}
+
+/// Start a migration through the API and follow it with a progress bar.
+fn migrate(socket: &std::path::Path, req: &ferry::api::ApiRequest) -> Result<ExitCode> {
+    answer(ferry::api::send(socket, req))?;
     let bar = indicatif::ProgressBar::new_spinner();
     bar.set_style(
         indicatif::ProgressStyle::with_template("{spinner} {msg}")
@@ -414,7 +409,8 @@ fn migrate(socket: &std::path::Path, body: &serde_json::Value) -> Result<ExitCod
     );
     let final_status = loop {
         std::thread::sleep(std::time::Duration::from_millis(50));
-        let (_, s) = ferry::api::call(socket, "GET", "/vm/migration", None).map_err(|e| anyhow!(e))?;
+        let (_, s) =
+            ferry::api::send(socket, &ferry::api::ApiRequest::MigrationStatus).map_err(|e| anyhow!(e))?;
         let get = |k: &str| s.get(k).and_then(|v| v.as_f64()).unwrap_or(0.0);
         bar.set_message(format!(
             "{} round {} | {:.1} MiB sent | dirty {:.1} MiB/s | link {:.1} MiB/s | expected downtime {:.1} ms",

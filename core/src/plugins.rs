@@ -1,6 +1,10 @@
 //! Finding and loading plugin libraries.
 //!
-//! Every `*.so` in the plugin directory must be a Ferry plugin. Each is
+//! A VM opens only the plugins its machine type (or its snapshot's or
+//! source's manifest) names, each from the library named for it
+//! ([`library_file`]); a plugin kept under another file name is found by
+//! opening every library in the directory, as `ferry plugins` does. Every
+//! library opened must be a Ferry plugin. Each is
 //! opened through its own abi_stable library header (`lib_header_from_path`,
 //! then `init_root_module`): `RootModule::load_from_file` would cache one
 //! library per root-module type and hand back the first plugin for every
@@ -123,8 +127,12 @@ pub struct PluginLibrary {
 
 impl PluginLibrary {
     /// Create a device through the plugin's `create`.
-    pub fn create(&self, config: DeviceConfig, host: HostBox) -> Result<DeviceParts, String> {
-        self.module.create()(config, host).into_result().map_err(String::from)
+    pub fn create(
+        &self,
+        config: DeviceConfig,
+        host: HostBox,
+    ) -> Result<DeviceParts, ferry_plugin_api::PluginError> {
+        self.module.create()(config, host).into_result()
     }
 
     /// Plugin name.
@@ -133,37 +141,105 @@ impl PluginLibrary {
     }
 }
 
-/// Every plugin of one directory.
+/// The plugins of one directory that a process opened.
 pub struct Registry {
     /// The directory.
     pub dir: PathBuf,
     plugins: Vec<PluginLibrary>,
 }
 
+/// The file a plugin's library is expected in: `lib` + its name with
+/// dashes as underscores + `.so`, as cargo names a cdylib of the plugin's
+/// crate (`virtio-blk` in `libvirtio_blk.so`).
+pub fn library_file(name: &str) -> String {
+    format!("lib{}.so", name.replace('-', "_"))
+}
+
 impl Registry {
-    /// Load every `*.so` in `dir`, in name order.
+    /// Open every `*.so` in `dir`, in name order (`ferry plugins`, and a
+    /// host's manifest for other hosts' plans): each must load.
     pub fn load_dir(dir: &Path) -> Result<Self, PluginError> {
-        let shown = dir.display().to_string();
+        let mut registry = Registry { dir: dir.to_path_buf(), plugins: Vec::new() };
+        registry.scan()?;
+        Ok(registry)
+    }
+
+    /// Open the plugins `names` (a machine type's or a manifest's): each
+    /// from the library named for it ([`library_file`]) where that holds
+    /// it. If a name is not found so, every library in `dir` is opened, as
+    /// [`load_dir`](Self::load_dir) does, and then any library that cannot
+    /// load is an error. A name no library provides is left out: callers
+    /// say which device needs it.
+    pub fn open(dir: &Path, names: &[&str]) -> Result<Self, PluginError> {
+        let start = std::time::Instant::now();
+        let mut registry = Registry { dir: dir.to_path_buf(), plugins: Vec::new() };
+        let mut wanted: Vec<&str> = names.to_vec();
+        wanted.sort_unstable();
+        wanted.dedup();
+        let mut by_name = true;
+        for name in &wanted {
+            let path = dir.join(library_file(name));
+            if !path.is_file() {
+                by_name = false;
+                continue;
+            }
+            let lib = load_one(&path)?;
+            if lib.name() != *name {
+                by_name = false;
+            }
+            if registry.get(lib.name()).is_none() {
+                registry.plugins.push(lib);
+            }
+        }
+        if !by_name || wanted.iter().any(|n| registry.get(n).is_none()) {
+            crate::log::info(&format!(
+                "plugins: not every plugin of {} is in the library named for it; opening every library in {}",
+                wanted.join(", "),
+                dir.display()
+            ));
+            registry.plugins.clear();
+            registry.scan()?;
+        }
+        crate::log::info(&format!(
+            "plugins: opened {} {} from {} in {:.2} ms",
+            registry.plugins.len(),
+            if registry.plugins.len() == 1 { "library" } else { "libraries" },
+            dir.display(),
+            start.elapsed().as_secs_f64() * 1e3
+        ));
+        Ok(registry)
+    }
+
+    /// Refuse a plugin directory that cannot be read (before waiting for a
+    /// migration whose manifest says which plugins to open).
+    pub fn check_dir(dir: &Path) -> Result<(), PluginError> {
+        std::fs::read_dir(dir)
+            .map(drop)
+            .map_err(|source| PluginError::Dir { dir: dir.display().to_string(), source })
+    }
+
+    /// Open every library in the directory (those not open yet).
+    fn scan(&mut self) -> Result<(), PluginError> {
+        let shown = self.dir.display().to_string();
         let entries =
-            std::fs::read_dir(dir).map_err(|source| PluginError::Dir { dir: shown.clone(), source })?;
+            std::fs::read_dir(&self.dir).map_err(|source| PluginError::Dir { dir: shown.clone(), source })?;
         let mut paths: Vec<PathBuf> = entries
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "so"))
             .collect();
         paths.sort();
-        let mut plugins: Vec<PluginLibrary> = Vec::with_capacity(paths.len());
         for path in paths {
             let lib = load_one(&path)?;
-            if let Some(other) = plugins.iter().find(|p| p.name() == lib.name()) {
+            if let Some(other) = self.plugins.iter().find(|p| p.name() == lib.name()) {
                 return Err(PluginError::Duplicate {
                     name: lib.name().to_string(),
                     first: other.path.display().to_string(),
                     second: path.display().to_string(),
                 });
             }
-            plugins.push(lib);
+            self.plugins.push(lib);
         }
-        Ok(Registry { dir: dir.to_path_buf(), plugins })
+        Ok(())
     }
 
     /// A plugin by name.
@@ -171,7 +247,7 @@ impl Registry {
         self.plugins.iter().find(|p| p.name() == name)
     }
 
-    /// All plugins, in file-name order.
+    /// The plugins opened, in file-name order after a scan.
     pub fn plugins(&self) -> &[PluginLibrary] {
         &self.plugins
     }

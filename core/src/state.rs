@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 /// Errors saving or restoring KVM state.
-#[derive(Debug, Error)]
+#[derive(Debug, Clone, Error)]
 pub enum StateError {
     /// A KVM call failed.
     #[error("{what}: {source}")]

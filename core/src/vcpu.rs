@@ -25,7 +25,27 @@ use crossbeam_channel::Sender;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
-use crate::{bus::Bus, state::VcpuStateV2};
+use crate::{
+    bus::Bus,
+    state::{StateError, VcpuStateV2},
+};
+
+/// vCPU thread errors.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    /// The kick signal's handler could not be installed.
+    #[error("cannot install vCPU signal handler: {0}")]
+    Signal(vmm_sys_util::errno::Error),
+    /// A vCPU thread did not start.
+    #[error("cannot start vCPU thread: {0}")]
+    Thread(std::io::Error),
+    /// A vCPU had no state to give: it did not park.
+    #[error("vCPU did not park")]
+    NotParked,
+    /// Saving its state failed.
+    #[error(transparent)]
+    State(#[from] StateError),
+}
 
 /// How a VM ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,7 +75,7 @@ struct Parking {
     threads: Vec<libc::pthread_t>,
     stop: Option<StopEvent>,
     /// Each vCPU's state, saved by its own thread when it parked last.
-    states: Vec<Option<Result<VcpuStateV2, String>>>,
+    states: Vec<Option<Result<VcpuStateV2, StateError>>>,
 }
 
 /// Run state shared by the vCPU threads, devices and the main thread.
@@ -147,11 +167,14 @@ impl VmControl {
     }
 
     /// The state each vCPU saved when it parked (call after `pause`).
-    pub fn take_vcpu_states(&self) -> Vec<Result<VcpuStateV2, String>> {
+    pub fn take_vcpu_states(&self) -> Vec<Result<VcpuStateV2, VcpuError>> {
         let mut p = self.lock();
         p.states
             .iter_mut()
-            .map(|s| s.take().unwrap_or_else(|| Err("vCPU did not park".to_string())))
+            .map(|s| match s.take() {
+                Some(state) => state.map_err(VcpuError::from),
+                None => Err(VcpuError::NotParked),
+            })
             .collect()
     }
 
@@ -167,7 +190,7 @@ impl VmControl {
 
     /// Park vCPU `index` with the state it just saved, until resumed.
     /// Returns false when it must exit instead.
-    fn park(&self, index: usize, state: Result<VcpuStateV2, String>) -> bool {
+    fn park(&self, index: usize, state: Result<VcpuStateV2, StateError>) -> bool {
         let mut p = self.lock();
         if p.states.len() <= index {
             p.states.resize_with(index + 1, || None);
@@ -209,13 +232,9 @@ extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc
 }
 
 /// Install the kick signal handler (once per process).
-pub fn install_kick_handler() -> Result<(), String> {
-    static ONCE: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
-    ONCE.get_or_init(|| {
-        register_signal_handler(SIGRTMIN(), kick_handler)
-            .map_err(|e| format!("cannot install vCPU signal handler: {e}"))
-    })
-    .clone()
+pub fn install_kick_handler() -> Result<(), VcpuError> {
+    static ONCE: std::sync::OnceLock<Result<(), vmm_sys_util::errno::Error>> = std::sync::OnceLock::new();
+    (*ONCE.get_or_init(|| register_signal_handler(SIGRTMIN(), kick_handler))).map_err(VcpuError::Signal)
 }
 
 /// Start one thread per vCPU. The threads run until the control stops;
@@ -226,14 +245,14 @@ pub fn spawn(
     bus: Arc<Bus>,
     control: Arc<VmControl>,
     msrs: Arc<Vec<(u32, &'static str)>>,
-) -> Result<Vec<JoinHandle<VcpuFd>>, String> {
+) -> Result<Vec<JoinHandle<VcpuFd>>, VcpuError> {
     let mut handles = Vec::with_capacity(vcpus.len());
     for (index, vcpu) in vcpus.into_iter().enumerate() {
         let (bus, ctl, msrs) = (bus.clone(), control.clone(), msrs.clone());
         let handle = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || run_vcpu(index, vcpu, &bus, &ctl, &msrs))
-            .map_err(|e| format!("cannot start vCPU thread: {e}"))?;
+            .map_err(VcpuError::Thread)?;
         handles.push(handle);
     }
     Ok(handles)
@@ -286,11 +305,11 @@ fn run_vcpu(
 /// loop just answered is only completed by the next KVM_RUN, so run once
 /// with `immediate_exit` set (KVM finishes the instruction and returns
 /// EINTR without entering the guest) before reading the registers.
-fn save_parked(vcpu: &mut VcpuFd, msrs: &[(u32, &'static str)]) -> Result<VcpuStateV2, String> {
+fn save_parked(vcpu: &mut VcpuFd, msrs: &[(u32, &'static str)]) -> Result<VcpuStateV2, StateError> {
     vcpu.set_kvm_immediate_exit(1);
     let _ = vcpu.run();
     vcpu.set_kvm_immediate_exit(0);
-    crate::state::save_vcpu(vcpu, msrs).map_err(|e| e.to_string())
+    crate::state::save_vcpu(vcpu, msrs)
 }
 
 /// One KVM_RUN and its exit. Returns a stop event when the VM must end.

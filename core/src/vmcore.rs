@@ -20,15 +20,37 @@ use crate::{
     vcpu::VmControl,
 };
 
+/// A device refused to pause or resume.
+#[derive(Debug, thiserror::Error)]
+#[error("device {id} ({plugin}): {message}")]
+pub struct DeviceCallError {
+    /// Device id.
+    pub id: String,
+    /// Its plugin.
+    pub plugin: String,
+    /// What it said.
+    pub message: String,
+}
+
 /// What a running VM shares between its main loop, the control API and a
 /// migration thread.
 pub struct VmCore {
-    pub(crate) machine: MachineType,
-    pub(crate) registry: Registry,
-    pub(crate) ram: GuestRam,
-    pub(crate) kvm: Machine,
+    // Fields drop in declaration order, and this order is the teardown:
+    // the devices first (a virtio device joins its worker thread, an
+    // isolated one's process is let go), then the run control and the
+    // placement, then the KVM VM, and guest RAM last, so nothing that
+    // holds a guest address (a device worker, KVM's memory slots, a
+    // device process's mapping) outlives the mapping (kvm.rs and
+    // memory.rs rely on it). The vCPUs are joined and dropped before
+    // (`Vm` declares them ahead of its core).
     pub(crate) bus: Arc<Bus>,
+    /// Which devices run in device processes.
+    pub(crate) placement: Arc<crate::isolate::Placement>,
     pub(crate) control: Arc<VmControl>,
+    pub(crate) kvm: Machine,
+    pub(crate) ram: GuestRam,
+    pub(crate) registry: Registry,
+    pub(crate) machine: MachineType,
     pub(crate) cpus: u8,
     /// The guest's CPU (vCPU 0's CPUID as KVM holds it).
     pub(crate) cpu: VmCpu,
@@ -41,28 +63,30 @@ pub struct VmCore {
     /// The isolated device that failed, by bus index, and the line saying
     /// how (the VM is stopped for good then).
     pub(crate) failure: std::sync::Mutex<Option<(usize, String)>>,
-    /// Which devices run in device processes.
-    pub(crate) placement: Arc<crate::isolate::Placement>,
 }
 
 impl VmCore {
-    pub(crate) fn set_devices_paused(&self, paused: bool) -> Result<(), String> {
+    pub(crate) fn set_devices_paused(&self, paused: bool) -> Result<(), DeviceCallError> {
         for d in self.bus.devices() {
             let mut dev = d.device.lock().unwrap_or_else(|e| e.into_inner());
             let r = if paused { dev.pause() } else { dev.resume() };
-            r.into_result().map_err(|e| format!("device {} ({}): {e}", d.id, d.plugin))?;
+            r.into_result().map_err(|e| DeviceCallError {
+                id: d.id.clone(),
+                plugin: d.plugin.clone(),
+                message: e.to_string(),
+            })?;
         }
         Ok(())
     }
 
     /// Pause vCPUs, then devices.
-    pub fn pause(&self) -> Result<(), String> {
+    pub fn pause(&self) -> Result<(), DeviceCallError> {
         self.control.pause();
         self.set_devices_paused(true)
     }
 
     /// Resume devices, then vCPUs.
-    pub fn resume(&self) -> Result<(), String> {
+    pub fn resume(&self) -> Result<(), DeviceCallError> {
         self.set_devices_paused(false)?;
         self.control.resume();
         Ok(())

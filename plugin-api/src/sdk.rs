@@ -148,7 +148,16 @@ impl DescriptorBuilder {
         self
     }
 
-    /// Set the state versions.
+    /// Declare the state versions of `S`, the device's state type: the
+    /// versions the descriptor announces are the ones the type loads and
+    /// saves, said once.
+    pub fn versioned<S: crate::state::Versioned>(mut self) -> Self {
+        self.descriptor.state = crate::state::versions::<S>();
+        self
+    }
+
+    /// Set the state versions by hand (plugins written before
+    /// [`versioned`](Self::versioned); prefer that).
     pub fn state(mut self, current: u32, oldest_load: u32, oldest_save: u32) -> Self {
         self.descriptor.state = StateVersions { current, oldest_load, oldest_save };
         self

@@ -248,7 +248,7 @@ pub fn for_vcpu(table: &[CpuidEntry], index: u8) -> Vec<CpuidEntry> {
 }
 
 /// The table as KVM's FAM wrapper, for KVM_SET_CPUID2.
-pub fn to_kvm(table: &[CpuidEntry]) -> Result<kvm_bindings::CpuId, String> {
+pub fn to_kvm(table: &[CpuidEntry]) -> Result<kvm_bindings::CpuId, super::CpuError> {
     let entries: Vec<kvm_bindings::kvm_cpuid_entry2> = table
         .iter()
         .map(|e| kvm_bindings::kvm_cpuid_entry2 {
@@ -262,8 +262,11 @@ pub fn to_kvm(table: &[CpuidEntry]) -> Result<kvm_bindings::CpuId, String> {
             ..Default::default()
         })
         .collect();
-    kvm_bindings::CpuId::from_entries(&entries)
-        .map_err(|e| format!("CPUID table of {} entries: {e:?}", table.len()))
+    kvm_bindings::CpuId::from_entries(&entries).map_err(|e| super::CpuError::Install {
+        cpu: 0,
+        what: "CPUID",
+        reason: format!("a table of {} entries: {e:?}", table.len()),
+    })
 }
 
 /// KVM's table as entries.

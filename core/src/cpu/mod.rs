@@ -155,8 +155,10 @@ impl VmCpu {
         if let (true, Some(khz)) = (self.scale_tsc, self.tsc_khz) {
             vcpu.set_tsc_khz(khz).map_err(err("KVM_SET_TSC_KHZ"))?;
         }
-        let table = cpuid::to_kvm(&cpuid::for_vcpu(&self.cpuid, index))
-            .map_err(|reason| CpuError::Install { cpu: index, what: "CPUID", reason })?;
+        let table = cpuid::to_kvm(&cpuid::for_vcpu(&self.cpuid, index)).map_err(|e| match e {
+            CpuError::Install { what, reason, .. } => CpuError::Install { cpu: index, what, reason },
+            other => other,
+        })?;
         vcpu.set_cpuid2(&table).map_err(err("KVM_SET_CPUID2"))?;
         let back = vcpu.get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES).map_err(err("KVM_GET_CPUID2"))?;
         Ok(cpuid::from_kvm(&back))

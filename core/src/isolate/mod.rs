@@ -35,6 +35,70 @@ use crate::{memory::GuestRam, plugins::PluginLibrary, vcpu::VmControl};
 /// configuration access before ferry gives up on it, by default.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(2000);
 
+/// Device isolation errors: ferry's side (the policy, starting a device
+/// process) and the device process's own (before its device runs), each
+/// one line.
+#[derive(Debug, thiserror::Error)]
+pub enum IsolateError {
+    /// `--isolate` is not ids separated by commas, or `all`.
+    #[error("--isolate '{0}': give device ids separated by commas, or all")]
+    Syntax(String),
+    /// `--isolate` names a device the VM does not have.
+    #[error("--isolate names device {device}, which this VM does not have (its devices: {devices})")]
+    NoSuchDevice {
+        /// The id named.
+        device: String,
+        /// The VM's ids, comma separated.
+        devices: String,
+    },
+    /// Guest RAM mapped from a file cannot be shared.
+    #[error("isolated devices need guest RAM in a memfd, and this RAM is mapped from a file")]
+    RamNotShareable,
+    /// A system call on the way failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// Why it failed.
+        source: std::io::Error,
+    },
+    /// A message that does not decode.
+    #[error("a malformed {what} message: {reason}")]
+    Malformed {
+        /// Which message.
+        what: &'static str,
+        /// The decoder's words.
+        reason: String,
+    },
+    /// The device process did not come up (the line says how).
+    #[error("{0}")]
+    Start(String),
+    /// The device process's sockets.
+    #[error("{what}: {source}")]
+    Wire {
+        /// What was being done.
+        what: &'static str,
+        /// Why it failed.
+        source: wire::WireError,
+    },
+    /// The plugin library, as the device process loaded it.
+    #[error(transparent)]
+    Plugin(#[from] crate::plugins::PluginError),
+    /// The plugin refused to create the device.
+    #[error("device {id} ({plugin}): {error}")]
+    Create {
+        /// Device id.
+        id: String,
+        /// Plugin name.
+        plugin: String,
+        /// The plugin's error.
+        error: ferry_plugin_api::PluginError,
+    },
+    /// Its sandbox could not be entered.
+    #[error("sandbox: {0}")]
+    Sandbox(String),
+}
+
 /// Which devices run in device processes (`--isolate`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub enum Isolate {
@@ -49,13 +113,13 @@ pub enum Isolate {
 
 impl Isolate {
     /// Parse `--isolate`: `all`, or device ids separated by commas.
-    pub fn parse(s: &str) -> Result<Isolate, String> {
+    pub fn parse(s: &str) -> Result<Isolate, IsolateError> {
         if s == "all" {
             return Ok(Isolate::All);
         }
         let ids: Vec<String> = s.split(',').map(str::trim).map(String::from).collect();
         if ids.iter().any(String::is_empty) {
-            return Err(format!("--isolate '{s}': give device ids separated by commas, or all"));
+            return Err(IsolateError::Syntax(s.to_string()));
         }
         Ok(Isolate::Devices(ids))
     }
@@ -75,13 +139,10 @@ impl Isolate {
     }
 
     /// A named id the VM does not have, if any (with the ids it has).
-    pub fn check(&self, ids: &[String]) -> Result<(), String> {
+    pub fn check(&self, ids: &[String]) -> Result<(), IsolateError> {
         if let Isolate::Devices(named) = self {
             if let Some(bad) = named.iter().find(|n| !ids.contains(n)) {
-                return Err(format!(
-                    "--isolate names device {bad}, which this VM does not have (its devices: {})",
-                    ids.join(", ")
-                ));
+                return Err(IsolateError::NoSuchDevice { device: bad.clone(), devices: ids.join(", ") });
             }
         }
         Ok(())
@@ -125,15 +186,15 @@ impl Placement {
     /// The placement of `policy` for a VM with RAM `ram`. Isolating needs
     /// memfd-backed RAM (a snapshot restored with an isolated device reads
     /// its memory into a memfd).
-    pub fn new(policy: Isolation, ram: &GuestRam, control: Arc<VmControl>) -> Result<Self, String> {
+    pub fn new(policy: Isolation, ram: &GuestRam, control: Arc<VmControl>) -> Result<Self, IsolateError> {
+        let io = |what| move |source| IsolateError::Io { what, source };
         let share = if policy.devices.any() {
             let memfd = ram
                 .memfd()
-                .ok_or("isolated devices need guest RAM in a memfd, and this RAM is mapped from a file")?
+                .ok_or(IsolateError::RamNotShareable)?
                 .try_clone()
-                .map_err(|e| format!("sharing guest RAM: {e}"))?;
-            let bitmap =
-                ram.dirty().memfd().try_clone().map_err(|e| format!("sharing the dirty bitmap: {e}"))?;
+                .map_err(io("sharing guest RAM"))?;
+            let bitmap = ram.dirty().memfd().try_clone().map_err(io("sharing the dirty bitmap"))?;
             Some(RamShare {
                 memfd,
                 bitmap,
@@ -144,7 +205,7 @@ impl Placement {
         } else {
             None
         };
-        let exe = std::env::current_exe().map_err(|e| format!("cannot find the ferry binary: {e}"))?;
+        let exe = std::env::current_exe().map_err(io("cannot find the ferry binary"))?;
         Ok(Placement { policy, share, control, exe })
     }
 
@@ -161,7 +222,7 @@ impl Placement {
         config: DeviceConfig,
         host: HostBox,
         index: usize,
-    ) -> Result<DeviceParts, String> {
+    ) -> Result<DeviceParts, IsolateError> {
         match &self.share {
             Some(share) if self.isolates(config.id.as_str()) => proxy::spawn(proxy::Spawn {
                 exe: &self.exe,
@@ -173,7 +234,14 @@ impl Placement {
                 control: self.control.clone(),
                 timeout: self.policy.timeout,
             }),
-            _ => lib.create(config, host),
+            _ => {
+                let id = config.id.to_string();
+                lib.create(config, host).map_err(|error| IsolateError::Create {
+                    id,
+                    plugin: lib.name().to_string(),
+                    error,
+                })
+            }
         }
     }
 }

@@ -32,6 +32,7 @@ use super::{
     protocol::{decode, encode, Bar, HostCall, HostReply, Init, Ready, Reply, Request},
     sandbox,
     wire::Channel,
+    IsolateError,
 };
 
 /// Where ferry puts the control socket in the child.
@@ -49,6 +50,7 @@ pub fn main() -> i32 {
     match serve(&control, host) {
         Ok(()) => 0,
         Err(why) => {
+            let why = why.to_string();
             let _ = control.send(&encode(&Ready::Failed(why.clone())), &[], None);
             eprintln!("{why}");
             1
@@ -56,15 +58,17 @@ pub fn main() -> i32 {
     }
 }
 
-fn serve(control: &Channel, host: Channel) -> Result<(), String> {
-    let (bytes, fds) = control.recv(None).map_err(|e| format!("no configuration from ferry: {e}"))?;
+fn serve(control: &Channel, host: Channel) -> Result<(), IsolateError> {
+    let wire = |what| move |source| IsolateError::Wire { what, source };
+    let (bytes, fds) = control.recv(None).map_err(wire("no configuration from ferry"))?;
     let init: Init = decode(&bytes, "init")?;
-    let [ram_fd, bitmap_fd]: [OwnedFd; 2] =
-        fds.try_into().map_err(|_| "ferry did not pass guest RAM and the dirty bitmap".to_string())?;
+    let [ram_fd, bitmap_fd]: [OwnedFd; 2] = fds
+        .try_into()
+        .map_err(|_| IsolateError::Start("ferry did not pass guest RAM and the dirty bitmap".into()))?;
     let plugin = Path::new(&init.plugin);
-    sandbox::before_plugin(&init.sandbox, plugin).map_err(|e| format!("sandbox: {e}"))?;
+    sandbox::before_plugin(&init.sandbox, plugin).map_err(|e| IsolateError::Sandbox(e.to_string()))?;
     let memory = map_memory(&init, &File::from(ram_fd), &File::from(bitmap_fd))?;
-    let lib = crate::plugins::load_one(plugin).map_err(|e| e.to_string())?;
+    let lib = crate::plugins::load_one(plugin)?;
     let config = DeviceConfig {
         id: init.id.as_str().into(),
         properties: init
@@ -77,18 +81,19 @@ fn serve(control: &Channel, host: Channel) -> Result<(), String> {
     // device drops its Host handle: ferry reads its closing as the end.
     let host = Arc::new(Mutex::new(host));
     let _keep_host = host.clone();
-    let status =
-        StatusPost::start(host.clone()).map_err(|e| format!("cannot start the status thread: {e}"))?;
+    let status = StatusPost::start(host.clone())
+        .map_err(|source| IsolateError::Io { what: "cannot start the status thread", source })?;
     let remote = RemoteHost { socket: host, memory, status };
     let host_box = HostBox::from_ptr(RArc::new(remote), TD_Opaque);
-    let DeviceParts { mut device, pci } =
-        lib.create(config, host_box).map_err(|e| format!("device {} ({}): {e}", init.id, lib.name()))?;
+    let DeviceParts { mut device, pci } = lib.create(config, host_box).map_err(|error| {
+        IsolateError::Create { id: init.id.clone(), plugin: lib.name().to_string(), error }
+    })?;
     let mut pci = pci.into_option();
-    sandbox::after_create().map_err(|e| format!("sandbox: {e}"))?;
+    sandbox::after_create().map_err(|e| IsolateError::Sandbox(e.to_string()))?;
     let regions = device.regions().iter().map(|r| (r.space.0, r.base, r.len)).collect();
     control
         .send(&encode(&Ready::Device { regions, pci: pci.is_some() }), &[], None)
-        .map_err(|e| format!("ferry went away: {e}"))?;
+        .map_err(wire("ferry went away"))?;
 
     loop {
         let Ok((bytes, _)) = control.recv(None) else {
@@ -104,9 +109,9 @@ fn serve(control: &Channel, host: Channel) -> Result<(), String> {
 
 /// Map guest RAM and the bitmap as ferry laid them out; the device sees
 /// them at this process's addresses.
-fn map_memory(init: &Init, ram: &File, bitmap: &File) -> Result<GuestMemoryMap, String> {
-    let map = |file: &File, len: u64, offset: u64, what: &str| -> Result<u64, String> {
-        let len = usize::try_from(len).map_err(|e| e.to_string())?;
+fn map_memory(init: &Init, ram: &File, bitmap: &File) -> Result<GuestMemoryMap, IsolateError> {
+    let map = |file: &File, len: u64, offset: u64, what: &'static str| -> Result<u64, IsolateError> {
+        let len = usize::try_from(len).map_err(|e| IsolateError::Start(format!("{what}: {e}")))?;
         // SAFETY: a new shared mapping of a memfd ferry sized; checked
         // below, and kept for the life of the process (never unmapped).
         let p = unsafe {
@@ -120,17 +125,17 @@ fn map_memory(init: &Init, ram: &File, bitmap: &File) -> Result<GuestMemoryMap, 
             )
         };
         if p == libc::MAP_FAILED {
-            return Err(format!("cannot map {what}: {}", std::io::Error::last_os_error()));
+            return Err(IsolateError::Io { what, source: std::io::Error::last_os_error() });
         }
         Ok(p as u64)
     };
     let mut regions = RVec::new();
     for &(gpa, len, offset) in &init.ram {
-        let host_addr = map(ram, len, offset, "guest RAM")?;
+        let host_addr = map(ram, len, offset, "cannot map guest RAM")?;
         regions.push(MemoryRegion { gpa, len, host_addr, first_page: offset / crate::memory::PAGE_SIZE });
     }
     let words = init.dirty_pages.div_ceil(64).max(1);
-    let dirty_bitmap = map(bitmap, words * 8, 0, "the dirty bitmap")?;
+    let dirty_bitmap = map(bitmap, words * 8, 0, "cannot map the dirty bitmap")?;
     Ok(GuestMemoryMap { regions, dirty_bitmap, dirty_pages: init.dirty_pages })
 }
 
@@ -262,7 +267,7 @@ impl RemoteHost {
         }
         match socket
             .recv(None)
-            .map_err(|e| e.to_string())
+            .map_err(|source| IsolateError::Wire { what: "host reply", source })
             .and_then(|(b, _)| decode::<HostReply>(&b, "host reply"))
         {
             Ok(HostReply::Done) => RResult::ROk(()),

@@ -210,8 +210,8 @@ pub fn encode<T: Serialize>(message: &T) -> Vec<u8> {
 }
 
 /// Decode a message, naming what it was meant to be if it is not.
-pub fn decode<T: DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, String> {
-    ciborium::from_reader(bytes).map_err(|e| format!("a malformed {what} message: {e}"))
+pub fn decode<T: DeserializeOwned>(bytes: &[u8], what: &'static str) -> Result<T, super::IsolateError> {
+    ciborium::from_reader(bytes).map_err(|e| super::IsolateError::Malformed { what, reason: e.to_string() })
 }
 
 #[cfg(test)]
@@ -223,7 +223,7 @@ mod tests {
         let r = Request::Write { region: 1, offset: 2, data: vec![3, 4] };
         let back: Request = decode(&encode(&r), "request").expect("decode");
         assert!(matches!(back, Request::Write { region: 1, offset: 2, ref data } if data == &[3, 4]));
-        let e = decode::<Request>(&[0xff, 0x00], "request").expect_err("garbage");
+        let e = decode::<Request>(&[0xff, 0x00], "request").expect_err("garbage").to_string();
         assert!(e.starts_with("a malformed request message"), "{e}");
     }
 }

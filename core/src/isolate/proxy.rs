@@ -36,7 +36,7 @@ use super::{
     process,
     protocol::{decode, encode, HostCall, HostReply, Init, Ready, Reply, Request, SandboxSpec},
     wire::{self, Channel, WireError},
-    RamShare,
+    IsolateError, RamShare,
 };
 use crate::{
     plugins::PluginLibrary,
@@ -112,9 +112,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// Start a device process for `s.config`, create the device in it, and
 /// return stand-ins that forward every call to it.
-pub(super) fn spawn(s: Spawn<'_>) -> Result<DeviceParts, String> {
-    let (ours, theirs) = wire::pair().map_err(|e| format!("cannot make the device socket: {e}"))?;
-    let (host_ours, host_theirs) = wire::pair().map_err(|e| format!("cannot make the device socket: {e}"))?;
+pub(super) fn spawn(s: Spawn<'_>) -> Result<DeviceParts, IsolateError> {
+    let io = |what| move |source| IsolateError::Io { what, source };
+    let (ours, theirs) = wire::pair().map_err(io("cannot make the device socket"))?;
+    let (host_ours, host_theirs) = wire::pair().map_err(io("cannot make the device socket"))?;
     let (control_fd, host_fd) = (theirs.raw(), host_theirs.raw());
     let mut cmd = Command::new(s.exe);
     cmd.args(["device-process", "--device", s.config.id.as_str()])
@@ -149,8 +150,9 @@ pub(super) fn spawn(s: Spawn<'_>) -> Result<DeviceParts, String> {
             Ok(())
         });
     }
-    let mut child =
-        cmd.spawn().map_err(|e| format!("cannot start a device process ({}): {e}", s.exe.display()))?;
+    let mut child = cmd.spawn().map_err(|e| {
+        IsolateError::Start(format!("cannot start a device process ({}): {e}", s.exe.display()))
+    })?;
     drop((theirs, host_theirs));
     let pid = child.id();
     let last_words = Arc::new((Mutex::new((VecDeque::new(), false)), std::sync::Condvar::new()));
@@ -187,16 +189,20 @@ pub(super) fn spawn(s: Spawn<'_>) -> Result<DeviceParts, String> {
     };
     let ready = match ready {
         Ok((bytes, _)) => decode::<Ready>(&bytes, "ready"),
-        Err(WireError::Timeout) => {
-            Err(format!("its device process did not start within {} s", START_TIMEOUT.as_secs()))
-        }
-        Err(e) => Err(format!("its device process ended while starting ({e}){}", link.words_suffix())),
+        Err(WireError::Timeout) => Err(IsolateError::Start(format!(
+            "its device process did not start within {} s",
+            START_TIMEOUT.as_secs()
+        ))),
+        Err(e) => Err(IsolateError::Start(format!(
+            "its device process ended while starting ({e}){}",
+            link.words_suffix()
+        ))),
     };
     let (regions, pci) = match ready {
         Ok(Ready::Device { regions, pci }) => (regions, pci),
         Ok(Ready::Failed(why)) => {
             link.retire();
-            return Err(why);
+            return Err(IsolateError::Start(why));
         }
         Err(why) => {
             link.retire();
@@ -207,7 +213,7 @@ pub(super) fn spawn(s: Spawn<'_>) -> Result<DeviceParts, String> {
     std::thread::Builder::new()
         .name(format!("{}-host", link.id))
         .spawn(move || serve_host(&thread_link, &host_ours, &s.host))
-        .map_err(|e| format!("cannot start the device's host thread: {e}"))?;
+        .map_err(io("cannot start the device's host thread"))?;
     crate::log::info(&format!("{}: device process {pid} ready (plugin {})", link.id, link.plugin));
 
     let regions =

@@ -53,9 +53,21 @@ pub enum MigrateError {
     /// The destination said something unexpected or failed.
     #[error("{0}")]
     Protocol(String),
-    /// Saving state failed (a refused downgrade, a KVM error).
-    #[error("{0}")]
-    State(String),
+    /// A message could not be encoded.
+    #[error("encoding a message: {0}")]
+    Encode(#[from] crate::state::StateError),
+    /// KVM's dirty log.
+    #[error(transparent)]
+    Kvm(#[from] crate::kvm::KvmError),
+    /// A device would not pause or resume.
+    #[error(transparent)]
+    Devices(#[from] crate::vmcore::DeviceCallError),
+    /// The unix socket path is taken.
+    #[error(transparent)]
+    Socket(#[from] crate::unix_socket::ClaimError),
+    /// This host's plugins cannot be opened.
+    #[error(transparent)]
+    Plugins(#[from] crate::plugins::PluginError),
     /// The VM's state could not be captured, or what came was wrong.
     #[error(transparent)]
     VmState(#[from] VmStateError),

@@ -128,7 +128,7 @@ impl Listener {
 pub fn accept(
     uri: &str,
     security: Option<&TcpSecurity>,
-    plan_for: impl FnOnce(&Manifest) -> Plan,
+    plan_for: impl FnOnce(&Manifest) -> Result<Plan, MigrateError>,
 ) -> Result<Option<Incoming>, MigrateError> {
     let connect_err = |source| MigrateError::Connect { uri: uri.into(), source };
     let listener = match (Endpoint::parse(uri)?, security) {
@@ -141,7 +141,7 @@ pub fn accept(
         }
         (Endpoint::Tcp(_), None) => return Err(MigrateError::Security(super::conn::NEEDS_SECURITY.into())),
         (Endpoint::Unix(path), _) => {
-            crate::unix_socket::claim(&path, "--incoming").map_err(MigrateError::Protocol)?;
+            crate::unix_socket::claim(&path, "--incoming")?;
             Listener::Unix(std::os::unix::net::UnixListener::bind(&path).map_err(connect_err)?, path)
         }
     };
@@ -175,8 +175,14 @@ pub fn accept(
     }
     let manifest: Manifest =
         state::decode(&payload).map_err(|e| MigrateError::Protocol(format!("manifest: {e}")))?;
-    let plan = plan_for(&manifest);
-    let encoded = state::encode(&plan).map_err(|e| MigrateError::State(e.to_string()))?;
+    let plan = match plan_for(&manifest) {
+        Ok(plan) => plan,
+        Err(e) => {
+            link.fail(&e.to_string());
+            return Err(e);
+        }
+    };
+    let encoded = state::encode(&plan)?;
     link.send(Kind::Plan, "", 1, &encoded).map_err(io("handshake"))?;
     link.flush().map_err(io("handshake"))?;
     if plan.refused() {

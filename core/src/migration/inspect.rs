@@ -184,9 +184,19 @@ fn msr_info(index: u32) -> MsrInfo {
     }
 }
 
+/// A snapshot file that cannot be opened.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot open {path}: {source}")]
+pub struct OpenError {
+    /// The file.
+    pub path: String,
+    /// Why.
+    pub source: std::io::Error,
+}
+
 /// Read and check a snapshot file.
-pub fn inspect(path: &Path) -> Result<Report, String> {
-    let file = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+pub fn inspect(path: &Path) -> Result<Report, OpenError> {
+    let file = File::open(path).map_err(|source| OpenError { path: path.display().to_string(), source })?;
     Ok(inspect_reader(&path.display().to_string(), file))
 }
 

@@ -55,6 +55,25 @@ pub struct HostManifest {
     pub cpu: Option<HostCpu>,
 }
 
+/// Why a VM's manifest on another host cannot be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    /// The host's manifest lacks its CPU.
+    #[error("the source host's manifest has no CPU description")]
+    NoCpu,
+    /// The host cannot give the machine type's CPU.
+    #[error("on the source host: {0}")]
+    Cpu(crate::cpu::CpuError),
+    /// A device's plugin is missing there.
+    #[error("device {id}: plugin {plugin} is not installed on the source host")]
+    NotInstalled {
+        /// Device id.
+        id: String,
+        /// Its plugin.
+        plugin: String,
+    },
+}
+
 /// The manifest a VM of machine type `machine` would carry on host `from`:
 /// every device at its plugin's current state version, with the properties
 /// the machine type sets, as the live handshake would send it.
@@ -63,17 +82,18 @@ pub fn vm_manifest_on(
     from: &HostManifest,
     cpus: u8,
     memory: u64,
-) -> Result<Manifest, String> {
+) -> Result<Manifest, ManifestError> {
     use super::manifest::{DeviceRecord, MachineDevice, MachineRecord};
-    let host_cpu = from.cpu.as_ref().ok_or("the source host's manifest has no CPU description")?;
-    let cpu =
-        VmCpu::for_model(machine.cpu, host_cpu, cpus).map_err(|e| format!("on the source host: {e}"))?;
+    let host_cpu = from.cpu.as_ref().ok_or(ManifestError::NoCpu)?;
+    let cpu = VmCpu::for_model(machine.cpu, host_cpu, cpus).map_err(ManifestError::Cpu)?;
     let mut devices = Vec::new();
     let mut records = Vec::new();
     for d in &machine.devices {
-        let p = from.plugins.iter().find(|p| p.name == d.plugin).ok_or_else(|| {
-            format!("device {}: plugin {} is not installed on the source host", d.id, d.plugin)
-        })?;
+        let p = from
+            .plugins
+            .iter()
+            .find(|p| p.name == d.plugin)
+            .ok_or_else(|| ManifestError::NotInstalled { id: d.id.clone(), plugin: d.plugin.clone() })?;
         let properties = d.properties.iter().map(|(k, v)| (k.clone(), v.as_string())).collect();
         devices.push(MachineDevice { id: d.id.clone(), plugin: d.plugin.clone(), properties });
         records.push(DeviceRecord {

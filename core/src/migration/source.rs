@@ -130,7 +130,7 @@ pub fn migrate(core: &VmCore, opts: &Options, cancel: &Cancel) -> Result<Status,
 
     // Handshake: nothing is paused.
     let manifest = core.manifest();
-    let encoded = state::encode(&manifest).map_err(|e| MigrateError::State(e.to_string()))?;
+    let encoded = state::encode(&manifest)?;
     link.send(Kind::Hello, "", super::manifest::MANIFEST_VERSION, &encoded).map_err(io("handshake"))?;
     link.flush().map_err(io("handshake"))?;
     let (h, payload) = link.receive().map_err(|e| match e {
@@ -188,7 +188,7 @@ pub fn migrate(core: &VmCore, opts: &Options, cancel: &Cancel) -> Result<Status,
 
     // Pre-copy.
     update(core, |s| s.phase = Phase::Precopy);
-    core.kvm.set_dirty_log(&core.ram, true).map_err(|e| MigrateError::State(e.to_string()))?;
+    core.kvm.set_dirty_log(&core.ram, true)?;
     let result =
         precopy_and_switch(core, opts, &plan, &mut link, start, cancel).map_err(|e| cancel.explain(e));
     if result.is_err() {
@@ -311,7 +311,7 @@ fn precopy_and_switch(
 /// Adds the pages dirtied since the last call, by the guest (KVM's log)
 /// and by devices (the device dirty bitmap), to `dirty`: sorted, each once.
 fn take_dirty(core: &VmCore, knobs: &Knobs, dirty: &mut Vec<u64>) -> Result<(), MigrateError> {
-    dirty.extend(core.kvm.dirty_pages(&core.ram).map_err(|e| MigrateError::State(e.to_string()))?);
+    dirty.extend(core.kvm.dirty_pages(&core.ram)?);
     let device_dirty = core.ram.dirty().take();
     if !knobs.ignore_device_dirty {
         dirty.extend(device_dirty);
@@ -334,7 +334,7 @@ fn switch_over(
 ) -> Result<Status, MigrateError> {
     update(core, |s| s.phase = Phase::StopAndCopy);
     let paused_at = Instant::now();
-    core.pause().map_err(MigrateError::State)?;
+    core.pause()?;
     let t_paused = paused_at.elapsed();
     if let Some(knobs) = memory {
         take_dirty(core, knobs, &mut dirty)?;

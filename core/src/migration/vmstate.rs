@@ -82,14 +82,17 @@ pub enum VmStateError {
         /// What the plugin said.
         message: String,
     },
-    /// The vCPUs did not park with their state.
-    #[error("vCPU {index}: {message}")]
+    /// A vCPU did not park with its state.
+    #[error("vCPU {index}: {source}")]
     Vcpu {
         /// Which.
         index: usize,
         /// Why.
-        message: String,
+        source: crate::vcpu::VcpuError,
     },
+    /// The devices would not resume after loading.
+    #[error(transparent)]
+    Resume(#[from] crate::vmcore::DeviceCallError),
     /// Writing the sections.
     #[error(transparent)]
     Stream(#[from] StreamError),
@@ -152,7 +155,7 @@ impl VmState {
         }
         let mut vcpus = Vec::with_capacity(usize::from(core.cpus));
         for (index, s) in core.control.take_vcpu_states().into_iter().enumerate() {
-            vcpus.push(s.map_err(|message| VmStateError::Vcpu { index, message })?);
+            vcpus.push(s.map_err(|source| VmStateError::Vcpu { index, source })?);
         }
         let machine = state::save_machine(&core.kvm.vm)
             .map_err(|source| VmStateError::Kvm { section: "machine section".into(), source })?;
@@ -161,7 +164,7 @@ impl VmState {
 
     /// Write it as MACHINE, VCPU ("cpu0".."cpuN-1") and DEVICE sections.
     pub fn write(&self, sink: &mut impl SectionSink) -> Result<(), VmStateError> {
-        let encoded = |section: String, bytes: Result<Vec<u8>, String>| {
+        let encoded = |section: String, bytes: Result<Vec<u8>, _>| {
             bytes.map_err(|message| VmStateError::Section { section, message })
         };
         let machine = encoded("machine section".into(), self.machine.save_version(MachineStateV1::CURRENT))?;
@@ -212,7 +215,7 @@ impl VmState {
             dev.load_state(blob).into_result().map_err(|e| failed(e.to_string()))?;
         }
         core.bus.refresh_pci();
-        core.set_devices_paused(false).map_err(|e| VmStateError::Missing(e.to_string()))
+        Ok(core.set_devices_paused(false)?)
     }
 }
 

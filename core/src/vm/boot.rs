@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use super::{build, BootConfig, RamSource, Vm, VmError, DEFAULT_MEMORY};
+use super::{build, open_plugins, BootConfig, RamSource, Vm, VmError, DEFAULT_MEMORY};
 use crate::{
     boot::{self, cpu, Entry, Kernel},
     cpu::{HostCpu, VmCpu},
@@ -29,8 +29,9 @@ pub fn boot(config: BootConfig) -> Result<Vm, VmError> {
     }
     let host = HostCpu::probe()?;
     let guest_cpu = VmCpu::for_model(config.machine.cpu, &host, cpus)?;
+    let registry = open_plugins(&config.plugins, &config.machine)?;
     let mut vm =
-        build(config.machine, &config.plugins, cpus, guest_cpu, RamSource::Fresh(memory), &config.isolation)?;
+        build(config.machine, registry, cpus, guest_cpu, RamSource::Fresh(memory), &config.isolation)?;
     let cmdline = match (&config.cmdline, &config.kernel) {
         (Some(c), _) => c.clone(),
         (None, Kernel::TestGuest) => boot::TEST_GUEST_CMDLINE.to_string(),

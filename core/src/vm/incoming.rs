@@ -7,7 +7,7 @@ use super::{build, restore::cpu_here, RamSource, Vm, VmError};
 use crate::{
     cpu::HostCpu,
     migration::{
-        conn::TcpSecurity,
+        conn::{MigrateError, TcpSecurity},
         destination::{self, IncomingLink},
         hostinfo::host_plugins,
         plan::{self, LIVE_ORIGIN},
@@ -26,42 +26,45 @@ pub fn incoming(
     plugins: &Path,
     isolation: &crate::isolate::Isolation,
 ) -> Result<Option<(Vm, IncomingLink)>, VmError> {
-    let fail = |m: String| VmError::Failed(format!("incoming migration: {m}"));
-    let registry = Registry::load_dir(plugins)?;
-    let host = host_plugins(&registry);
+    // A directory that cannot be read is refused before waiting; the
+    // plugins themselves are opened once the source says which it needs.
+    Registry::check_dir(plugins)?;
     let host_cpu = HostCpu::probe()?;
+    let mut opened = None;
     // The same computation `ferry compat` makes from this host's manifest.
-    let accepted = destination::accept(uri, security, |m| plan::make_plan(m, &host, Some(&host_cpu)))
-        .map_err(|e| fail(e.to_string()))?;
-    drop(registry);
-    let Some(mut incoming) = accepted else { return Ok(None) };
+    let accepted = destination::accept(uri, security, |m| {
+        let names: Vec<&str> = m.devices.iter().map(|d| d.plugin.as_str()).collect();
+        let registry = Registry::open(plugins, &names)?;
+        let plan = plan::make_plan(m, &host_plugins(&registry), Some(&host_cpu));
+        opened = Some(registry);
+        Ok(plan)
+    })
+    .map_err(VmError::Incoming)?;
+    let (Some(mut incoming), Some(registry)) = (accepted, opened) else { return Ok(None) };
     let m = incoming.manifest.clone();
     let cpu = match cpu_here(&m, &m.msr_indexes(), LIVE_ORIGIN, &host_cpu) {
         Ok(cpu) => cpu,
         // The plan refused these already; a source that went on anyway
         // is told again.
         Err(problems) => {
-            let reason = problems.join("; ");
-            incoming.link.failed(&reason);
-            return Err(fail(reason));
+            incoming.link.failed(&problems.join("; "));
+            return Err(VmError::Incoming(MigrateError::Refused(problems)));
         }
     };
     let mut machine = m.machine.to_machine_type(m.cpus, m.memory);
     // Properties this host's (older) plugins do not know switch on features
     // they lack; the plan allowed them only for downgrades, whose functions
     // refused if the guest used the feature. Leave them out here.
-    let registry = Registry::load_dir(plugins)?;
     for d in &mut machine.devices {
         if let Some(lib) = registry.get(&d.plugin) {
             d.properties.retain(|k, _| lib.descriptor.properties.iter().any(|p| p.name.as_str() == k));
         }
     }
-    drop(registry);
     let ram = match incoming.memfd.take() {
         Some(file) => RamSource::Memfd(m.memory, file),
         None => RamSource::Fresh(m.memory),
     };
-    let vm = match build(machine, plugins, m.cpus, cpu, ram, isolation) {
+    let vm = match build(machine, registry, m.cpus, cpu, ram, isolation) {
         Ok(vm) => vm,
         Err(e) => {
             incoming.link.failed(&e.to_string());
@@ -71,15 +74,13 @@ pub fn incoming(
     let device_ids = vm.bus.devices().iter().map(|d| d.id.clone()).collect();
     let received = incoming.link.receive_vm(&vm.ram, StateReader::new(vm.cpus, device_ids));
     let t = std::time::Instant::now();
-    let loaded = received
-        .map_err(|e| e.to_string())
-        .and_then(|state| state.load(&vm, &vm.vcpus).map_err(|e| e.to_string()));
+    let loaded = received.and_then(|state| Ok(state.load(&vm, &vm.vcpus)?));
     crate::log::info(&format!("incoming: state loaded in {:.2} ms", t.elapsed().as_secs_f64() * 1e3));
     match loaded {
         Ok(()) => Ok(Some((vm, incoming.link))),
         Err(e) => {
-            incoming.link.failed(&e);
-            Err(fail(e))
+            incoming.link.failed(&e.to_string());
+            Err(VmError::Incoming(e))
         }
     }
 }

@@ -32,6 +32,8 @@ pub use reset::OnReset;
 pub use restore::restore;
 pub use snapshot::SnapshotReport;
 
+mod control;
+
 use crate::{
     boot::{cpu as boot_cpu, BootError, Kernel},
     bus::{Bus, BusError},
@@ -119,28 +121,14 @@ pub enum VmError {
     /// The vCPU count is zero.
     #[error("--cpus must be at least 1")]
     NoCpus,
-    /// A snapshot cannot be read or used.
+    /// A snapshot cannot be read, written or used; its kind says which.
     #[error("snapshot {path}: {message}")]
     Snapshot {
         /// The file.
         path: String,
+        /// What kind of problem (it chooses the API's status).
+        fault: SnapshotFault,
         /// What is wrong.
-        message: String,
-    },
-    /// A snapshot the guest's state or its target host does not allow now.
-    #[error("snapshot {path}: {message}")]
-    SnapshotRefused {
-        /// The file.
-        path: String,
-        /// Why.
-        message: String,
-    },
-    /// A snapshot file that cannot be created where asked.
-    #[error("snapshot {path}: {message}")]
-    SnapshotPath {
-        /// The file.
-        path: String,
-        /// Why.
         message: String,
     },
     /// KVM state.
@@ -149,12 +137,60 @@ pub enum VmError {
     /// The guest's CPU.
     #[error(transparent)]
     Cpu(#[from] CpuError),
-    /// Starting threads, signals, the API socket.
+    /// The guest's CPU cannot run on this host (every reason, one per line).
+    #[error("this host cannot run the guest's CPU; nothing was created:\n  {}", .0.join("\n  "))]
+    CpuRefused(Vec<String>),
+    /// vCPU threads and their signal.
+    #[error(transparent)]
+    Vcpu(#[from] crate::vcpu::VcpuError),
+    /// Device processes.
+    #[error(transparent)]
+    Isolate(#[from] crate::isolate::IsolateError),
+    /// A device would not pause or resume.
+    #[error(transparent)]
+    Devices(#[from] crate::vmcore::DeviceCallError),
+    /// The guest is resetting or ending: it cannot be paused for this.
+    #[error("the guest is resetting or ending: {0}")]
+    Ending(&'static str),
+    /// A reboot failed.
+    #[error("reboot: {0}")]
+    Reboot(#[from] reset::ResetError),
+    /// An incoming migration failed.
+    #[error("incoming migration: {0}")]
+    Incoming(#[from] crate::migration::conn::MigrateError),
+    /// The VM stopped because something failed while it ran (a vCPU's
+    /// KVM error, a failed device: the line says which).
     #[error("{0}")]
-    Runtime(String),
-    /// The VM stopped because something failed while it ran.
-    #[error("{0}")]
-    Failed(String),
+    Stopped(String),
+    /// The control API's socket.
+    #[error(transparent)]
+    Api(#[from] crate::api::ServeError),
+}
+
+/// What kind of snapshot problem: the file cannot be used, the guest's
+/// state or the target host refuses it now, or the path cannot be
+/// created.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotFault {
+    /// Unreadable, damaged, or not loadable here.
+    Unusable,
+    /// The guest's state or the target host does not allow it now.
+    Refused,
+    /// The file cannot be created where asked.
+    Path,
+}
+
+impl VmError {
+    /// The control API's view of this error: its kind chooses the status.
+    pub fn to_api(&self) -> crate::api::ApiError {
+        use crate::api::ApiError;
+        let message = self.to_string();
+        match self {
+            VmError::Snapshot { fault: SnapshotFault::Refused, .. } => ApiError::Conflict(message),
+            VmError::Snapshot { fault: SnapshotFault::Path, .. } => ApiError::BadRequest(message),
+            _ => ApiError::Failed(message),
+        }
+    }
 }
 
 /// Where guest RAM comes from.
@@ -165,14 +201,18 @@ enum RamSource<'a> {
 }
 /// A built VM: everything created, vCPUs not started yet.
 pub struct Vm {
-    core: Arc<VmCore>,
-    stop_rx: crossbeam_channel::Receiver<StopEvent>,
+    // Dropped in this order: the vCPU fds (their threads joined by
+    // `run`), what a reboot would need (device configurations, services),
+    // then the core, which tears down devices, the VM fd and RAM in that
+    // order (see `VmCore`).
     vcpus: Vec<VcpuFd>,
     /// The machine as built, for a reboot (or why it could not be kept).
-    reset: Result<reset::ResetPoint, String>,
+    reset: Result<reset::ResetPoint, StateError>,
     /// What a reboot loads (None: restored or migrated in).
     image: Option<boot::BootImage>,
     on_reset: OnReset,
+    stop_rx: crossbeam_channel::Receiver<StopEvent>,
+    core: Arc<VmCore>,
 }
 
 impl Vm {
@@ -190,24 +230,30 @@ impl std::ops::Deref for Vm {
         &self.core
     }
 }
+/// Open the plugins `machine` names from `dir` (the one registry of this
+/// process: the VM keeps it).
+fn open_plugins(dir: &Path, machine: &MachineType) -> Result<Registry, VmError> {
+    let names: Vec<&str> = machine.devices.iter().map(|d| d.plugin.as_str()).collect();
+    Ok(Registry::open(dir, &names)?)
+}
+
 /// Build a VM of machine type `machine` with `cpus` vCPUs, each given
 /// `cpu`, and guest RAM from `ram`. Devices are created from the plugins
-/// in `plugins`; nothing runs yet.
+/// in `registry`; nothing runs yet.
 fn build(
     machine: MachineType,
-    plugins: &Path,
+    registry: Registry,
     cpus: u8,
     mut cpu: VmCpu,
     ram: RamSource<'_>,
     isolation: &Isolation,
 ) -> Result<Vm, VmError> {
-    let registry = Registry::load_dir(plugins)?;
     let plans = machine::resolve(&machine, &registry)?;
     if cpus == 0 {
         return Err(VmError::NoCpus);
     }
     let ids: Vec<String> = plans.iter().map(|p| p.id.clone()).collect();
-    isolation.devices.check(&ids).map_err(VmError::Runtime)?;
+    isolation.devices.check(&ids)?;
     let ram = match ram {
         RamSource::Fresh(size) => GuestRam::new(size)?,
         RamSource::Memfd(size, file) => GuestRam::from_memfd(size, file)?,
@@ -230,8 +276,7 @@ fn build(
         memory: ram.device_map(),
         status: Arc::default(),
     };
-    let placement =
-        Arc::new(Placement::new(isolation.clone(), &ram, control.clone()).map_err(VmError::Runtime)?);
+    let placement = Arc::new(Placement::new(isolation.clone(), &ram, control.clone())?);
     let mut bus = Bus::new();
     let mut configs = Vec::with_capacity(plans.len());
     for plan in &plans {
@@ -243,10 +288,10 @@ fn build(
             properties: plan.properties.iter().cloned().collect::<RVec<_>>(),
         };
         configs.push(config.clone());
-        let parts = placement.create(lib, config, host, index).map_err(|message| VmError::Device {
+        let parts = placement.create(lib, config, host, index).map_err(|e| VmError::Device {
             id: plan.id.clone(),
             plugin: plan.plugin.clone(),
-            message,
+            message: e.to_string(),
         })?;
         bus.add_device(&plan.id, &plan.plugin, parts.device, parts.pci.into_option())?;
     }

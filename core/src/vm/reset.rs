@@ -23,8 +23,9 @@ use kvm_ioctls::{VcpuFd, VmFd};
 
 use super::{Vm, VmError};
 use crate::{
+    bus::RecreateError,
     host::{DeviceHost, VmServices},
-    state::{self, MachineStateV1, VcpuStateV2},
+    state::{self, MachineStateV1, StateError, VcpuStateV2},
 };
 
 /// What to do when the guest resets the machine.
@@ -35,6 +36,47 @@ pub enum OnReset {
     Reboot,
     /// End ferry with status 0.
     Exit,
+}
+
+/// Why a guest cannot reboot, or its reboot failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ResetError {
+    /// The machine as built could not be recorded.
+    #[error("the machine as built could not be recorded ({0})")]
+    NotRecorded(StateError),
+    /// Restored or migrated in: no kernel to load.
+    #[error("it was restored or migrated in, and ferry does not have its kernel")]
+    NoKernel,
+    /// A vCPU thread ended without handing its vCPU back.
+    #[error("a vCPU thread failed")]
+    VcpuLost,
+    /// A device could not be reset or recreated.
+    #[error("device {id} ({plugin}): {message}")]
+    Device {
+        /// Device id.
+        id: String,
+        /// Its plugin.
+        plugin: String,
+        /// Why.
+        message: String,
+    },
+    /// Guest RAM could not be cleared.
+    #[error(transparent)]
+    Memory(#[from] crate::memory::MemoryError),
+    /// Loading the recorded KVM state.
+    #[error("{what}: {source}")]
+    State {
+        /// The machine or a vCPU.
+        what: String,
+        /// KVM's error.
+        source: StateError,
+    },
+    /// The kernel could not be loaded again.
+    #[error(transparent)]
+    Boot(#[from] crate::boot::BootError),
+    /// The devices would not resume.
+    #[error(transparent)]
+    Devices(#[from] crate::vmcore::DeviceCallError),
 }
 
 /// The machine as it was built, before anything ran: what a reboot puts
@@ -58,45 +100,47 @@ impl ResetPoint {
         devices: Vec<DeviceConfig>,
         services: VmServices,
         placement: std::sync::Arc<crate::isolate::Placement>,
-    ) -> Result<Self, String> {
-        let vcpus = vcpus
-            .iter()
-            .map(|fd| state::save_vcpu(fd, msrs).map_err(|e| e.to_string()))
-            .collect::<Result<Vec<_>, _>>()?;
-        let machine = state::save_machine(vm).map_err(|e| e.to_string())?;
+    ) -> Result<Self, StateError> {
+        let vcpus = vcpus.iter().map(|fd| state::save_vcpu(fd, msrs)).collect::<Result<Vec<_>, _>>()?;
+        let machine = state::save_machine(vm)?;
         Ok(ResetPoint { vcpus, machine, devices, services, placement })
     }
 }
 
 impl Vm {
     /// Can this VM reboot? `Err` says why not (then a reset ends it).
-    pub(super) fn can_reboot(&self) -> Result<(), String> {
-        self.reset.as_ref().map_err(Clone::clone)?;
+    pub(super) fn can_reboot(&self) -> Result<(), ResetError> {
+        self.point()?;
         if self.image.is_none() {
-            return Err("it was restored or migrated in, and ferry does not have its kernel".into());
+            return Err(ResetError::NoKernel);
         }
         if self.vcpus.len() != usize::from(self.cpus) {
-            return Err("a vCPU thread failed".into());
+            return Err(ResetError::VcpuLost);
         }
         Ok(())
+    }
+
+    fn point(&self) -> Result<&ResetPoint, ResetError> {
+        self.reset.as_ref().map_err(|e| ResetError::NotRecorded(e.clone()))
     }
 
     /// Reboot in place (the vCPU threads joined, their fds back in
     /// `self.vcpus`, the devices paused). On success the devices run again
     /// and the control is re-armed; the caller starts the vCPUs.
     pub(super) fn reboot(&mut self) -> Result<(), VmError> {
-        let failed = |what: String| VmError::Failed(format!("reboot: {what}"));
-        self.reset_devices().map_err(failed)?;
-        self.ram.clear().map_err(|e| failed(e.to_string()))?;
-        let point = self.reset.as_ref().map_err(|e| failed(e.clone()))?;
-        state::restore_machine(&self.kvm.vm, &point.machine).map_err(|e| failed(e.to_string()))?;
+        self.reset_devices()?;
+        self.ram.clear().map_err(ResetError::from)?;
+        let point = self.point()?;
+        state::restore_machine(&self.kvm.vm, &point.machine)
+            .map_err(|source| ResetError::State { what: "machine".into(), source })?;
         for (index, (fd, s)) in self.vcpus.iter().zip(&point.vcpus).enumerate() {
-            state::restore_vcpu(fd, s).map_err(|e| failed(format!("vCPU {index}: {e}")))?;
+            state::restore_vcpu(fd, s)
+                .map_err(|source| ResetError::State { what: format!("vCPU {index}"), source })?;
         }
-        let image = self.image.clone().ok_or_else(|| failed("no kernel to load".into()))?;
+        let image = self.image.clone().ok_or(ResetError::NoKernel)?;
         super::boot::load_image(self, &image)?;
         self.control.rearm();
-        self.set_devices_paused(false).map_err(failed)?;
+        self.set_devices_paused(false).map_err(ResetError::from)?;
         let n = self.reboots.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
         crate::log::info(&format!("the guest rebooted (reboot {n})"));
         Ok(())
@@ -104,7 +148,7 @@ impl Vm {
 
     /// Step 1: reset or recreate every device, then replay firmware's PCI
     /// programming.
-    fn reset_devices(&self) -> Result<(), String> {
+    fn reset_devices(&self) -> Result<(), ResetError> {
         for (index, slot) in self.bus.devices().iter().enumerate() {
             let result = slot.device.lock().unwrap_or_else(|e| e.into_inner()).reset().into_result();
             match result {
@@ -117,7 +161,13 @@ impl Vm {
                     ));
                     self.recreate_device(index)?;
                 }
-                Err(e) => return Err(format!("device {} ({}): {e}", slot.id, slot.plugin)),
+                Err(e) => {
+                    return Err(ResetError::Device {
+                        id: slot.id.clone(),
+                        plugin: slot.plugin.clone(),
+                        message: e.to_string(),
+                    })
+                }
             }
             self.bus.reprogram_pci(index);
         }
@@ -125,10 +175,14 @@ impl Vm {
     }
 
     /// The fallback for a device that cannot reset itself.
-    fn recreate_device(&self, index: usize) -> Result<(), String> {
-        let point = self.reset.as_ref().map_err(Clone::clone)?;
+    fn recreate_device(&self, index: usize) -> Result<(), ResetError> {
+        let point = self.point()?;
         let slot = &self.bus.devices()[index];
-        let named = |m: String| format!("device {} ({}): {m}", slot.id, slot.plugin);
+        let named = |message: String| ResetError::Device {
+            id: slot.id.clone(),
+            plugin: slot.plugin.clone(),
+            message,
+        };
         let lib = self.registry.get(&slot.plugin).ok_or_else(|| named("its plugin vanished".into()))?;
         let config =
             point.devices.get(index).cloned().ok_or_else(|| named("no configuration kept".into()))?;
@@ -138,12 +192,15 @@ impl Vm {
         self.bus
             .recreate_device(index, || {
                 let host = DeviceHost::new_box(&slot.id, index, services);
-                let parts = point.placement.create(lib, config, host, index)?;
+                let parts = point
+                    .placement
+                    .create(lib, config, host, index)
+                    .map_err(|e| RecreateError::Create(e.to_string()))?;
                 let mut device = parts.device;
                 // Paused like every other device until the reboot is done.
-                device.pause().into_result().map_err(String::from)?;
+                device.pause().into_result().map_err(|e| RecreateError::Create(e.to_string()))?;
                 Ok((device, parts.pci.into_option()))
             })
-            .map_err(named)
+            .map_err(|e| named(e.to_string()))
     }
 }

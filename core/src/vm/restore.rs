@@ -5,7 +5,9 @@
 
 use std::{fs::File, path::Path};
 
-use super::{build, RamSource, Vm, VmError};
+use ferry_plugin_api::state::check_load;
+
+use super::{build, RamSource, SnapshotFault, Vm, VmError};
 use crate::{
     boot,
     cpu::{models::CpuModel, verdict, HostCpu, VmCpu},
@@ -26,7 +28,8 @@ struct SnapshotContents {
 }
 
 fn read_snapshot(file: &File, path: &str, verify_memory: bool) -> Result<SnapshotContents, VmError> {
-    let bad = |m: String| VmError::Snapshot { path: path.to_string(), message: m };
+    let bad =
+        |m: String| VmError::Snapshot { path: path.to_string(), fault: SnapshotFault::Unusable, message: m };
     let err = |e: StreamError| bad(e.to_string());
     let mut r = stream::Reader::new(file).map_err(err)?;
     let h = r.next_header().map_err(err)?;
@@ -111,14 +114,12 @@ pub(super) fn cpu_here(
 
 /// The CPU the restored guest gets on `host`, or every reason it cannot
 /// run here (one per line).
-fn restored_cpu(c: &SnapshotContents, host: &HostCpu) -> Result<VmCpu, String> {
+fn restored_cpu(c: &SnapshotContents, host: &HostCpu) -> Result<VmCpu, VmError> {
     // Every MSR any vCPU section holds (a v1 manifest does not list them).
     let mut msrs: Vec<u32> = c.state.vcpus.iter().flat_map(|v| v.msrs().iter().map(|m| m.index)).collect();
     msrs.sort_by_key(|&i| crate::cpu::msrs::restore_rank(i));
     msrs.dedup();
-    cpu_here(&c.manifest, &msrs, ORIGIN, host).map_err(|problems| {
-        format!("this host cannot run the guest's CPU; nothing was created:\n  {}", problems.join("\n  "))
-    })
+    cpu_here(&c.manifest, &msrs, ORIGIN, host).map_err(VmError::CpuRefused)
 }
 
 /// Build a VM from a snapshot: the machine type comes from the file; memory
@@ -130,17 +131,19 @@ pub fn restore(
     isolation: &crate::isolate::Isolation,
 ) -> Result<Vm, VmError> {
     let shown = path.display().to_string();
-    let bad = |m: String| VmError::Snapshot { path: shown.clone(), message: m };
+    let bad =
+        |m: String| VmError::Snapshot { path: shown.clone(), fault: SnapshotFault::Unusable, message: m };
     let file = File::open(path).map_err(|e| bad(format!("cannot open: {e}")))?;
     let c = read_snapshot(&file, &shown, verify_memory)?;
     let m = &c.manifest;
     let machine = m.machine.to_machine_type(m.cpus, m.memory);
     let host = HostCpu::probe()?;
-    let cpu = restored_cpu(&c, &host).map_err(bad)?;
+    let cpu = restored_cpu(&c, &host).map_err(|e| bad(e.to_string()))?;
 
     // Versions first: a state this host cannot load is named before any
     // device is created.
-    let registry = Registry::load_dir(plugins)?;
+    let names: Vec<&str> = m.devices.iter().map(|d| d.plugin.as_str()).collect();
+    let registry = Registry::open(plugins, &names)?;
     for d in &m.devices {
         let Some(lib) = registry.get(&d.plugin) else {
             return Err(bad(format!(
@@ -151,19 +154,13 @@ pub fn restore(
                 registry.dir.display()
             )));
         };
-        let v = lib.descriptor.state;
-        if d.state_version < v.oldest_load || d.state_version > v.current {
-            return Err(bad(format!(
-                "device {}: {} state v{}, this host loads v{}..v{}",
-                d.id, d.plugin, d.state_version, v.oldest_load, v.current
-            )));
-        }
+        check_load(lib.descriptor.state, d.state_version, "this host")
+            .map_err(|e| bad(format!("device {} ({}): {e}", d.id, d.plugin)))?;
     }
-    drop(registry);
 
     let vm = build(
         machine,
-        plugins,
+        registry,
         m.cpus,
         cpu,
         RamSource::Snapshot { size: m.memory, file: &file, runs: c.runs.clone() },

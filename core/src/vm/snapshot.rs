@@ -3,7 +3,7 @@
 
 use std::{fs::File, io::BufWriter, path::Path, time::Instant};
 
-use super::VmError;
+use super::{SnapshotFault, VmError};
 use crate::{
     migration::{
         manifest::MANIFEST_VERSION,
@@ -46,17 +46,17 @@ impl VmCore {
     ) -> Result<SnapshotReport, VmError> {
         let start = Instant::now();
         let was_running = !self.control.is_paused();
-        self.pause().map_err(VmError::Runtime)?;
+        self.pause()?;
         let result = if self.control.is_stopping() {
             // A reset (or the end) came first: the vCPUs are leaving, not
             // parked, and a reboot may be about to clear RAM.
-            Err(VmError::Runtime("the guest is resetting or ending: no snapshot was written".into()))
+            Err(VmError::Ending("no snapshot was written"))
         } else {
             self.write_snapshot(path, target)
         };
         let paused_ms = start.elapsed().as_secs_f64() * 1e3;
         if was_running {
-            self.resume().map_err(VmError::Runtime)?;
+            self.resume()?;
         }
         let (bytes, memory_bytes) = result?;
         Ok(SnapshotReport { path: path.display().to_string(), bytes, memory_bytes, paused_ms })
@@ -68,8 +68,10 @@ impl VmCore {
         target: Option<&crate::migration::plan::HostManifest>,
     ) -> Result<(u64, u64), VmError> {
         let shown = path.display().to_string();
-        let fail = |m: String| VmError::Snapshot { path: shown.clone(), message: m };
-        let refused = |m: String| VmError::SnapshotRefused { path: shown.clone(), message: m };
+        let fail =
+            |m: String| VmError::Snapshot { path: shown.clone(), fault: SnapshotFault::Unusable, message: m };
+        let refused =
+            |m: String| VmError::Snapshot { path: shown.clone(), fault: SnapshotFault::Refused, message: m };
         let mut manifest = self.manifest();
         let plan = target.map(|t| crate::migration::plan::make_plan(&manifest, &t.plugins, t.cpu.as_ref()));
         if let Some(p) = plan.as_ref().filter(|p| p.refused()) {
@@ -94,8 +96,9 @@ impl VmCore {
         }
 
         let tmp = path.with_extension("partial");
-        let file = File::create(&tmp).map_err(|e| VmError::SnapshotPath {
+        let file = File::create(&tmp).map_err(|e| VmError::Snapshot {
             path: shown.clone(),
+            fault: SnapshotFault::Path,
             message: format!("cannot create {}: {e}", tmp.display()),
         })?;
         let write = || -> Result<u64, VmStateError> {

@@ -65,7 +65,7 @@ pub fn describe() -> PluginDescriptor {
         "MC146818 CMOS real-time clock with the host's date and time (UTC)",
     )
     .property("port", PropertyKind::INTEGER, Some("0x70"), "index port; data is port + 1")
-    .state(RtcStateV1::CURRENT, RtcStateV1::OLDEST_LOAD, RtcStateV1::OLDEST_SAVE)
+    .versioned::<RtcStateV1>()
     .build()
 }
 

@@ -15,6 +15,7 @@ pub fn describe() -> PluginDescriptor {
         "I/O port that ends the VM with the exit status the guest writes",
     )
     .property("port", PropertyKind::INTEGER, Some("0xf4"), "I/O port (one byte)")
+    .versioned::<NoState>()
     .build()
 }
 

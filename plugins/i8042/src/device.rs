@@ -20,6 +20,7 @@ pub fn describe() -> PluginDescriptor {
         env!("CARGO_PKG_VERSION"),
         "PS/2 controller command port: guest reset (0xFE) reboots or ends the VM",
     )
+    .versioned::<NoState>()
     .build()
 }
 

@@ -4,6 +4,7 @@
 
 mod backend;
 mod device;
+mod state;
 
 ferry_plugin_api::export_plugin! {
     describe: device::describe,

@@ -15,11 +15,14 @@ use std::{
     os::unix::fs::FileExt,
 };
 
+use ferry_plugin_api::state::Versioned;
 use ferry_plugin_api::{
     sdk::{DescriptorBuilder, Properties},
     DeviceConfig, ErrorKind, HostBox, LogLevel, PluginDescriptor, PropertyKind,
 };
 use ferry_virtio_pci::{DescriptorChain, GuestMemory, Queues, VirtioDevice, VirtioPci};
+
+use crate::state::BlkState;
 
 const SECTOR: u64 = 512;
 const CHUNK: usize = 128 * 1024;
@@ -43,32 +46,15 @@ const F_CONFIG_WCE: u64 = 1 << 11;
 const CONFIG_WRITEBACK: u64 = 32;
 
 /// This build's release, or the previous one (0.1.0, state v1, no
-/// `config-wce`) with the `previous-release` feature.
+/// `config-wce`) with the `previous-release` feature; the state versions
+/// are `BlkState`'s (`state.rs`).
 #[cfg(feature = "previous-release")]
-const RELEASE: (&str, u32) = ("0.1.0", 1);
+const RELEASE: &str = "0.1.0";
 #[cfg(not(feature = "previous-release"))]
-const RELEASE: (&str, u32) = (env!("CARGO_PKG_VERSION"), 2);
-
-/// State v2 (release 0.2): whether the guest negotiated
-/// VIRTIO_BLK_F_CONFIG_WCE and the cache mode it chose. v1 had no device
-/// state beyond the transport's; it cannot express a negotiated WCE.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    ferry_plugin_api::serde::Serialize,
-    ferry_plugin_api::serde::Deserialize,
-)]
-#[serde(crate = "ferry_plugin_api::serde")]
-struct BlkStateV2 {
-    wce_negotiated: bool,
-    writeback: u8,
-}
+const RELEASE: &str = env!("CARGO_PKG_VERSION");
 
 pub fn describe() -> PluginDescriptor {
-    let b = DescriptorBuilder::new("virtio-blk", RELEASE.0, "virtio block device on a raw image file")
+    let b = DescriptorBuilder::new("virtio-blk", RELEASE, "virtio block device on a raw image file")
         .property("path", PropertyKind::STRING, None, "raw disk image")
         .property("readonly", PropertyKind::BOOL, Some("false"), "refuse guest writes")
         .property(
@@ -77,8 +63,8 @@ pub fn describe() -> PluginDescriptor {
             Some(""),
             "id string the guest reads (default: the device id)",
         )
-        .state(RELEASE.1, 1, 1);
-    if RELEASE.1 >= 2 {
+        .versioned::<BlkState>();
+    if BlkState::CURRENT >= 2 {
         b.property(
             "config-wce",
             PropertyKind::BOOL,
@@ -108,7 +94,7 @@ pub fn create(config: &DeviceConfig, host: HostBox) -> Result<VirtioPci<Block>, 
     let mut id = [0u8; ID_BYTES];
     let n = serial.len().min(ID_BYTES);
     id[..n].copy_from_slice(&serial.as_bytes()[..n]);
-    let offer_wce = RELEASE.1 >= 2 && props.boolean("config-wce")?;
+    let offer_wce = BlkState::CURRENT >= 2 && props.boolean("config-wce")?;
     VirtioPci::new(
         Block {
             file,
@@ -294,6 +280,8 @@ impl Block {
 }
 
 impl VirtioDevice for Block {
+    type State = BlkState;
+
     fn device_type(&self) -> u32 {
         2
     }
@@ -330,35 +318,18 @@ impl VirtioDevice for Block {
         self.writeback = 1;
     }
 
-    fn state_versions(&self) -> (u32, u32, u32) {
-        (RELEASE.1, 1, 1)
+    fn state(&self) -> BlkState {
+        BlkState { wce_negotiated: self.wce_negotiated, writeback: self.writeback }
     }
 
-    fn save(&self, version: u32) -> Result<Vec<u8>, String> {
-        match version {
-            1 if self.wce_negotiated => {
-                Err("guest negotiated VIRTIO_BLK_F_CONFIG_WCE; v1 cannot express it".to_string())
-            }
-            1 => Ok(Vec::new()),
-            _ => ferry_plugin_api::state::encode(&BlkStateV2 {
-                wce_negotiated: self.wce_negotiated,
-                writeback: self.writeback,
-            }),
-        }
-    }
-
-    fn restore(&mut self, version: u32, bytes: &[u8]) -> Result<(), String> {
-        let s = match version {
-            1 => BlkStateV2 { wce_negotiated: false, writeback: 1 },
-            _ => ferry_plugin_api::state::decode(bytes)?,
-        };
+    fn set_state(&mut self, s: BlkState) -> Result<(), String> {
         if s.wce_negotiated && !self.offer_wce {
             return Err(
                 "the guest negotiated VIRTIO_BLK_F_CONFIG_WCE, which this machine type does not offer".into(),
             );
         }
         self.wce_negotiated = s.wce_negotiated;
-        self.writeback = u8::from(s.writeback != 0);
+        self.writeback = s.writeback;
         Ok(())
     }
 
@@ -576,18 +547,18 @@ mod state_tests {
             buf: Vec::new(),
             status: Status::default(),
         };
-        assert_eq!(blk.save(1).unwrap(), Vec::<u8>::new(), "unused: v1 is fine");
+        assert_eq!(blk.state().save_version(1).unwrap(), Vec::<u8>::new(), "unused: v1 is fine");
         blk.activate(F_CONFIG_WCE | ferry_virtio_pci::VIRTIO_F_VERSION_1).unwrap();
         blk.write_config(CONFIG_WRITEBACK, &[0]);
         assert_eq!(
-            blk.save(1).unwrap_err(),
+            blk.state().save_version(1).unwrap_err(),
             "guest negotiated VIRTIO_BLK_F_CONFIG_WCE; v1 cannot express it"
         );
-        let v2 = blk.save(2).unwrap();
+        let v2 = blk.state().save_version(2).unwrap();
         let mut other = Block { writeback: 1, wce_negotiated: false, ..blk };
-        other.restore(2, &v2).unwrap();
+        other.set_state(BlkState::load_version(2, &v2).unwrap()).unwrap();
         assert_eq!((other.wce_negotiated, other.writeback), (true, 0));
-        other.restore(1, &[]).unwrap();
+        other.set_state(BlkState::load_version(1, &[]).unwrap()).unwrap();
         assert_eq!(
             (other.wce_negotiated, other.writeback),
             (false, 1),

@@ -1,6 +1,7 @@
 //! `virtio-blk`: a virtio block device backed by a raw image file.
 
 mod device;
+mod state;
 
 ferry_plugin_api::export_plugin! {
     describe: device::describe,

@@ -7,7 +7,7 @@ use ferry_plugin_api::{
     sdk::{DescriptorBuilder, Properties},
     DeviceConfig, HostBox, PluginDescriptor, PropertyKind,
 };
-use ferry_virtio_pci::{Queues, VirtioDevice, VirtioPci};
+use ferry_virtio_pci::{NoDeviceState, Queues, VirtioDevice, VirtioPci};
 
 use crate::tap::{Tap, VNET_HDR_LEN};
 
@@ -30,6 +30,7 @@ pub fn describe() -> PluginDescriptor {
         Some(""),
         "guest MAC address (default: derived from the device id)",
     )
+    .versioned::<NoDeviceState>()
     .build()
 }
 
@@ -135,6 +136,16 @@ impl Net {
 }
 
 impl VirtioDevice for Net {
+    type State = NoDeviceState;
+
+    fn state(&self) -> NoDeviceState {
+        NoDeviceState
+    }
+
+    fn set_state(&mut self, _state: NoDeviceState) -> Result<(), String> {
+        Ok(())
+    }
+
     fn device_type(&self) -> u32 {
         1
     }

@@ -23,6 +23,8 @@ mod worker;
 
 use std::os::fd::RawFd;
 
+use ferry_plugin_api::state::Versioned;
+
 pub use memory::{from_host as guest_memory_from_host, DirtyMarker, GuestMemory};
 pub use transport::VirtioPci;
 pub use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
@@ -72,23 +74,39 @@ pub trait VirtioDevice: Send + 'static {
     /// The driver reset the device.
     fn reset(&mut self) {}
 
-    /// The device's state versions: (current, oldest loadable, oldest
-    /// writable). They are the plugin's state versions; the transport's own
-    /// part of the state does not change between them.
-    fn state_versions(&self) -> (u32, u32, u32) {
-        (1, 1, 1)
+    /// The device's own state, beyond the transport's: a type with its
+    /// version history (plugin-api's `Versioned`). Its versions are the
+    /// plugin's state versions (declare them with
+    /// `DescriptorBuilder::versioned::<Self::State>()`); the transport's
+    /// part of the state is the same in each. A device with none uses
+    /// [`NoDeviceState`].
+    type State: Versioned;
+
+    /// The device's state now, for snapshots and migration. Called while
+    /// the device is paused; the transport writes it at the version asked
+    /// (a downgrade may refuse with the reason).
+    fn state(&self) -> Self::State;
+
+    /// Put back a state (any loadable version, already upgraded to
+    /// `State`). Called while the device is paused.
+    fn set_state(&mut self, state: Self::State) -> Result<(), String>;
+}
+
+/// The state of a virtio device that keeps none beyond the transport's:
+/// version 1, no bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NoDeviceState;
+
+impl Versioned for NoDeviceState {
+    const CURRENT: u32 = 1;
+    const OLDEST_LOAD: u32 = 1;
+
+    fn load_version(_version: u32, _bytes: &[u8]) -> Result<Self, String> {
+        Ok(NoDeviceState)
     }
 
-    /// Device-specific state beyond the transport's, written at `version`
-    /// (within `state_versions`), for snapshots and migration. Called while
-    /// the device is paused. May refuse a downgrade with the reason.
-    fn save(&self, _version: u32) -> Result<Vec<u8>, String> {
+    fn save_version(&self, _version: u32) -> Result<Vec<u8>, String> {
         Ok(Vec::new())
-    }
-
-    /// Load what `save` wrote at `version`. Called while the device is paused.
-    fn restore(&mut self, _version: u32, _bytes: &[u8]) -> Result<(), String> {
-        Ok(())
     }
 }
 

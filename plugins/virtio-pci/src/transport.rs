@@ -11,7 +11,8 @@ use std::{
 
 use ferry_plugin_api::{
     sdk::{PciConfigSpace, PluginDevice},
-    state, AddressSpace, HostBox, LogLevel, PciBar, PluginError, Region, StateBlob, PCI_BAR_REGION,
+    state::{self, Versioned},
+    AddressSpace, HostBox, LogLevel, PciBar, PluginError, Region, StateBlob, PCI_BAR_REGION,
 };
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -502,7 +503,7 @@ impl<D: VirtioDevice> State<D> {
                 })
                 .collect(),
             msix: self.msix.snapshot(),
-            device: self.device.save(version)?,
+            device: self.device.state().save_version(version)?,
         })
     }
 
@@ -539,7 +540,7 @@ impl<D: VirtioDevice> State<D> {
             slot.vector = q.vector;
         }
         self.msix.restore(&s.msix)?;
-        self.device.restore(version, &s.device)?;
+        self.device.set_state(D::State::load_version(version, &s.device)?)?;
         self.activated = s.activated;
         if self.activated {
             self.register_notifies()?;
@@ -608,29 +609,15 @@ impl<D: VirtioDevice> PluginDevice for VirtioPci<D> {
     }
 
     fn save_state(&mut self, version: u32) -> Result<StateBlob, String> {
-        let st = self.shared.lock();
-        let (current, _, oldest_save) = st.device.state_versions();
-        if version < oldest_save || version > current {
-            return Err(format!(
-                "cannot write state v{version}: this plugin writes v{oldest_save}..v{current}"
-            ));
-        }
-        let s = st.save(version)?;
+        state::check_save(state::versions::<D::State>(), version, "this plugin")?;
+        let s = self.shared.lock().save(version)?;
         Ok(StateBlob { version, bytes: state::encode(&s)?.into() })
     }
 
     fn load_state(&mut self, blob: StateBlob) -> Result<(), String> {
-        let mut st = self.shared.lock();
-        let (current, oldest_load, _) = st.device.state_versions();
-        if blob.version < oldest_load || blob.version > current {
-            return Err(format!(
-                "state v{} is {} than this plugin loads (v{oldest_load}..v{current})",
-                blob.version,
-                if blob.version > current { "newer" } else { "older" }
-            ));
-        }
+        state::check_load(state::versions::<D::State>(), blob.version, "this plugin")?;
         let s: VirtioStateV1 = state::decode(blob.bytes.as_slice())?;
-        st.restore(blob.version, &s)
+        self.shared.lock().restore(blob.version, &s)
     }
 
     fn take_pci_function(&mut self) -> Option<Box<dyn PciConfigSpace>> {

@@ -1,7 +1,7 @@
 //! One queue; every chain's writable buffers are filled with random bytes.
 
 use ferry_plugin_api::{sdk::DescriptorBuilder, DeviceConfig, HostBox, PluginDescriptor};
-use ferry_virtio_pci::{Queues, VirtioDevice, VirtioPci};
+use ferry_virtio_pci::{NoDeviceState, Queues, VirtioDevice, VirtioPci};
 use vm_memory_bytes::fill_writable;
 
 /// Largest request served at once; bigger chains get this much.
@@ -9,6 +9,7 @@ const MAX_REQUEST: usize = 64 * 1024;
 
 pub fn describe() -> PluginDescriptor {
     DescriptorBuilder::new("virtio-rng", env!("CARGO_PKG_VERSION"), "virtio entropy device (host getrandom)")
+        .versioned::<NoDeviceState>()
         .build()
 }
 
@@ -37,6 +38,16 @@ fn getrandom(buf: &mut [u8]) -> Result<(), String> {
 }
 
 impl VirtioDevice for Rng {
+    type State = NoDeviceState;
+
+    fn state(&self) -> NoDeviceState {
+        NoDeviceState
+    }
+
+    fn set_state(&mut self, _state: NoDeviceState) -> Result<(), String> {
+        Ok(())
+    }
+
     fn device_type(&self) -> u32 {
         4
     }
