@@ -2,11 +2,7 @@
 //! and RTC year, ticks, guest-chosen exit status, SMP bring-up, reset with
 //! `--on-reset exit` (rebooting is in tests/reboot.rs).
 
-use std::time::Duration;
-
-use ferry_tests::{ferry, host_year, kvm_or_skip, test_guest_as, ElfClass, TempDir};
-
-const DEADLINE: Duration = Duration::from_secs(60);
+use ferry_tests::{ferry, host_year, kvm_or_skip, test_guest_as, ElfClass, TempDir, DEADLINE};
 
 fn marker_line(stdout: &str) -> &str {
     stdout

@@ -10,15 +10,13 @@ use std::{
     path::{Path, PathBuf},
     process::Command,
     sync::OnceLock,
-    time::Duration,
 };
 
 use ferry_tests::{
-    ctl, ferry_bin, fixture_plugin_with, free_port, kvm_or_skip, migrate, plugin_dir_copy, spawn_ferry,
-    spawn_ferry_env, tick_number, wait_for_path, Running, TempDir,
+    ctl, ferry_bin, fixture_plugin_with, free_port, host_cpu, kvm_or_skip, migrate, plugin_dir_copy,
+    spawn_ferry, start_with_api, wait_for_path, wait_tick, Running, TempDir, DEADLINE,
 };
 
-const DEADLINE: Duration = Duration::from_secs(120);
 const WRITES: &str = "dev-write=0:0x11 dev-write=1:0x22 dev-write=0x10:0x33 dev-write=0x17:0x44";
 const CHECKS: &str = "dev-check=0:0x11 dev-check=1:0x22 dev-check=0x10:0x33 dev-check=0x17:0x44";
 
@@ -62,10 +60,6 @@ fn plugins_arg(v: usize) -> String {
     hosts()[v - 1].plugins.path().display().to_string()
 }
 
-fn wait_tick(vm: &mut Running) -> u64 {
-    vm.wait_line("TICK", DEADLINE).and_then(|l| tick_number(&l)).expect("the guest ticks")
-}
-
 /// Start a source on release `from` with `cmdline`; returns it and its socket.
 fn source(
     dir: &TempDir,
@@ -74,14 +68,8 @@ fn source(
     cmdline: &str,
     env: &[(&str, &str)],
 ) -> (Running, PathBuf) {
-    let socket = dir.path().join("src.sock");
-    let (s, m, p) = (socket.display().to_string(), machine(turbo), plugins_arg(from));
-    let vm = Running::new(spawn_ferry_env(
-        &["run", "--plugins", &p, "--api-socket", &s, "--machine", &m, "--cmdline", cmdline],
-        env,
-    ));
-    assert!(wait_for_path(&socket, DEADLINE), "no API socket");
-    (vm, socket)
+    let (m, p) = (machine(turbo), plugins_arg(from));
+    start_with_api(dir.path(), "src", &["--plugins", &p, "--machine", &m, "--cmdline", cmdline], env)
 }
 
 fn migrate_pair(from: usize, to: usize) {
@@ -280,14 +268,6 @@ fn regenerate_golden_snapshots() {
         ctl(&socket, &["shutdown"]);
         src.finish(DEADLINE);
     }
-}
-
-/// This host's CPU, from its manifest.
-fn host_cpu() -> ferry::cpu::HostCpu {
-    let m: ferry::migration::plan::HostManifest =
-        serde_json::from_str(&std::fs::read_to_string(&hosts()[0].manifest).expect("manifest"))
-            .expect("JSON");
-    m.cpu.expect("the host's CPU")
 }
 
 #[test]

@@ -15,9 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ferry_tests::{ctl, kvm_or_skip, spawn_ferry, Finished, Running, TempDir};
-
-const DEADLINE: Duration = Duration::from_secs(60);
+use ferry_tests::{ctl, kvm_or_skip, spawn_ferry, Finished, Running, TempDir, DEADLINE};
 
 /// The test guest reads the faulty device's data port, which answers 1
 /// when nothing goes wrong.

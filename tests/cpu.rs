@@ -11,33 +11,18 @@ use std::{
     path::{Path, PathBuf},
     process::Command,
     sync::OnceLock,
-    time::Duration,
 };
 
 use ferry::cpu::{
     cpuid::{self, Reg, AMD, INTEL},
     models::CpuModel,
-    HostCpu,
 };
 use ferry_tests::{
-    ctl, ferry_bin, free_port, kvm_or_skip, migrate, skip, spawn_ferry, spawn_ferry_env, tick_number,
-    wait_for_path, Running, TempDir,
+    ctl, ferry_bin, free_port, host_cpu, kvm_or_skip, migrate, skip, spawn_ferry, spawn_ferry_env,
+    start_with_api, wait_for_path, wait_tick, Running, TempDir, DEADLINE,
 };
 
-const DEADLINE: Duration = Duration::from_secs(120);
 const PORTABLE: &str = "x86-64-v1@1";
-
-/// This host's CPU, as `ferry plugins --manifest` describes it.
-fn host_cpu() -> &'static HostCpu {
-    static HOST: OnceLock<HostCpu> = OnceLock::new();
-    HOST.get_or_init(|| {
-        let out = Command::new(ferry_bin()).args(["plugins", "--manifest"]).output().expect("ferry plugins");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let m: ferry::migration::plan::HostManifest =
-            serde_json::from_slice(&out.stdout).expect("a host manifest");
-        m.cpu.expect("this host's manifest describes its CPU")
-    })
-}
 
 /// The vendor this host is not.
 fn other_vendor() -> &'static str {
@@ -54,19 +39,10 @@ fn other_tsc_khz() -> u32 {
     khz + khz / 100
 }
 
-fn wait_tick(vm: &mut Running) -> u64 {
-    vm.wait_line("TICK", DEADLINE).and_then(|l| tick_number(&l)).expect("the guest ticks")
-}
-
 /// A ticking guest on the default machine type (pc-2) with an API socket,
 /// logging what it does (so a test can tell it never paused).
 fn source(dir: &TempDir) -> (Running, PathBuf) {
-    let socket = dir.path().join("src.sock");
-    let s = socket.display().to_string();
-    let args = ["run", "--api-socket", &s, "--cmdline", "ticks=0"];
-    let vm = Running::new(spawn_ferry_env(&args, &[("FERRY_LOG", "info")]));
-    assert!(wait_for_path(&socket, DEADLINE), "no API socket");
-    (vm, socket)
+    start_with_api(dir.path(), "src", &["--cmdline", "ticks=0"], &[("FERRY_LOG", "info")])
 }
 
 /// One snapshot of a ticking pc-2 guest for the whole run, and what the

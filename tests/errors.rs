@@ -1,11 +1,11 @@
 //! Bad input gets a clear one-line error and a non-zero exit, before any
 //! vCPU runs.
 
-use std::{path::Path, time::Duration};
+use std::path::Path;
 
-use ferry_tests::{ferry, fixture_plugin, plugin_dir_copy, spawn_ferry_env, Finished, Running, TempDir};
-
-const DEADLINE: Duration = Duration::from_secs(60);
+use ferry_tests::{
+    ferry, fixture_plugin, plugin_dir_copy, spawn_ferry_env, Finished, Running, TempDir, DEADLINE,
+};
 
 /// ferry failed with exactly one line on stderr that contains every
 /// fragment, and the guest never ran.

@@ -9,9 +9,8 @@ use std::{path::Path, time::Duration};
 
 use ferry_tests::{
     ctl, kvm_or_skip, migrate, netns::TwoHosts, spawn_ferry, tick_number, wait_for_path, Running, TempDir,
+    DEADLINE,
 };
-
-const DEADLINE: Duration = Duration::from_secs(120);
 
 /// Rounds of: write 8 sectors, read them back, send a frame, tick.
 const ROUNDS: usize = 40;

@@ -10,11 +10,9 @@ use std::{
 };
 
 use ferry_tests::{
-    ferry_bin, free_port, kind, kvm_or_skip, migrate, plugin_dir_copy, spawn_ferry, tick_number,
-    wait_for_path, Fault, Finished, MigrationProxy, Running, TempDir,
+    ferry_bin, free_port, kvm_or_skip, migrate, plugin_dir_copy, spawn_ferry, start_with_api, wait_for_path,
+    wait_tick, Fault, Finished, Kind, MigrationProxy, Running, TempDir, DEADLINE,
 };
-
-const DEADLINE: Duration = Duration::from_secs(120);
 
 struct Source {
     vm: Running,
@@ -22,12 +20,7 @@ struct Source {
 }
 
 fn source(dir: &TempDir, name: &str, args: &[&str]) -> Source {
-    let socket = dir.path().join(format!("{name}.sock"));
-    let s = socket.display().to_string();
-    let mut all = vec!["run", "--api-socket", &s];
-    all.extend_from_slice(args);
-    let vm = Running::new(spawn_ferry(&all));
-    assert!(wait_for_path(&socket, DEADLINE), "no API socket for {name}");
+    let (vm, socket) = start_with_api(dir.path(), name, args, &[]);
     Source { vm, socket }
 }
 
@@ -41,10 +34,6 @@ fn destination(uri: &str, plugins: Option<&Path>) -> Running {
     let vm = Running::new(spawn_ferry(&argv));
     ferry_tests::wait_for_incoming(uri);
     vm
-}
-
-fn wait_tick(vm: &mut Running) -> u64 {
-    vm.wait_line("TICK", DEADLINE).and_then(|l| tick_number(&l)).expect("the guest ticks")
 }
 
 /// Migrate a ticking guest and check both sides.
@@ -259,28 +248,28 @@ fn fault(fault: Fault, then: Then) {
 #[test]
 fn cut_during_the_handshake() {
     if kvm_or_skip("cut_during_the_handshake") {
-        fault(Fault::CutAt { kind: kind::HELLO, nth: 1 }, Then::Waits);
+        fault(Fault::CutAt { kind: Kind::Hello, nth: 1 }, Then::Waits);
     }
 }
 
 #[test]
 fn cut_during_the_first_pass() {
     if kvm_or_skip("cut_during_the_first_pass") {
-        fault(Fault::CutAt { kind: kind::PAGES, nth: 2 }, Then::Exits);
+        fault(Fault::CutAt { kind: Kind::Pages, nth: 2 }, Then::Exits);
     }
 }
 
 #[test]
 fn cut_during_stop_and_copy() {
     if kvm_or_skip("cut_during_stop_and_copy") {
-        fault(Fault::CutAt { kind: kind::VCPU, nth: 1 }, Then::Exits);
+        fault(Fault::CutAt { kind: Kind::Vcpu, nth: 1 }, Then::Exits);
     }
 }
 
 #[test]
 fn cut_before_the_confirm() {
     if kvm_or_skip("cut_before_the_confirm") {
-        fault(Fault::CutReply { kind: kind::RESUMED }, Then::Runs);
+        fault(Fault::CutReply { kind: Kind::Resumed }, Then::Runs);
     }
 }
 

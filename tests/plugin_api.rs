@@ -5,14 +5,13 @@
 //! plugin-api each plugin was built against. The refusals (0.x, 2.0, a
 //! newer 1.y needing what this core lacks) are in tests/errors.rs.
 
-use std::{path::PathBuf, process::Command, sync::OnceLock, time::Duration};
+use std::{path::PathBuf, process::Command, sync::OnceLock};
 
 use ferry_tests::{
     ctl, ferry_bin, fixture_plugin_with, free_port, kvm_or_skip, migrate, plugin_dir_copy, repo_root,
-    spawn_ferry, spawn_ferry_env, tick_number, wait_for_path, Running, TempDir,
+    spawn_ferry, spawn_ferry_env, start_with_api, wait_tick, Running, TempDir, DEADLINE,
 };
 
-const DEADLINE: Duration = Duration::from_secs(120);
 const WRITES: &str = "dev-write=0:0x11 dev-write=1:0x22 dev-write=0x10:0x33 dev-write=0x17:0x44";
 const CHECKS: &str = "dev-check=0:0x11 dev-check=1:0x22 dev-check=0x10:0x33 dev-check=0x17:0x44";
 
@@ -42,28 +41,13 @@ fn reboot_machine() -> String {
     repo_root().join("tests").join("machines").join("testdev-reboot.toml").display().to_string()
 }
 
-fn wait_tick(vm: &mut Running) -> u64 {
-    vm.wait_line("TICK", DEADLINE).and_then(|l| tick_number(&l)).expect("the guest ticks")
-}
-
 /// A guest on the 1.0 plugin that wrote testdev's registers and ticks;
 /// returns it and its API socket.
 fn source(dir: &TempDir) -> (Running, PathBuf) {
-    let socket = dir.path().join("src.sock");
-    let (s, m, p) = (socket.display().to_string(), machine(), plugins());
+    let (m, p) = (machine(), plugins());
     let cmdline = format!("{WRITES} ticks=25 {CHECKS} exit=0");
-    let mut src = Running::new(spawn_ferry(&[
-        "run",
-        "--plugins",
-        &p,
-        "--api-socket",
-        &s,
-        "--machine",
-        &m,
-        "--cmdline",
-        &cmdline,
-    ]));
-    assert!(wait_for_path(&socket, DEADLINE), "no API socket");
+    let (mut src, socket) =
+        start_with_api(dir.path(), "src", &["--plugins", &p, "--machine", &m, "--cmdline", &cmdline], &[]);
     while wait_tick(&mut src) < 3 {}
     (src, socket)
 }

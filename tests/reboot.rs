@@ -12,9 +12,8 @@ use std::{io::Write, time::Duration};
 
 use ferry_tests::{
     ctl, free_port, kvm_or_skip, migrate, spawn_ferry, spawn_ferry_env, wait_for_path, Running, TempDir,
+    DEADLINE,
 };
-
-const DEADLINE: Duration = Duration::from_secs(120);
 
 /// The lines of boot `n` (from `BOOT n` to the next `BOOT`).
 fn boot_lines(stdout: &str, n: u32) -> Vec<&str> {

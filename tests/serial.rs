@@ -7,9 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ferry_tests::{ferry, ferry_with_stdin, kvm_or_skip, spawn_ferry, wait_ferry, TempDir};
-
-const DEADLINE: Duration = Duration::from_secs(60);
+use ferry_tests::{ferry, ferry_with_stdin, kvm_or_skip, spawn_ferry, wait_ferry, TempDir, DEADLINE};
 
 fn machine_with_console(dir: &TempDir, console: &str) -> String {
     let path = dir.path().join("m.toml");

@@ -5,9 +5,7 @@
 
 use std::{io::Write, time::Duration};
 
-use ferry_tests::{ctl, kvm_or_skip, spawn_ferry, tick_number, wait_for_path, Running, TempDir};
-
-const DEADLINE: Duration = Duration::from_secs(120);
+use ferry_tests::{ctl, kvm_or_skip, spawn_ferry, tick_number, wait_for_path, Running, TempDir, DEADLINE};
 
 /// Start `args`, wait for `TICK <after>` or later, snapshot to `snap`, shut
 /// down; returns what the first process printed.

@@ -4,7 +4,6 @@
 use std::{
     path::{Path, PathBuf},
     sync::OnceLock,
-    time::Duration,
 };
 
 use ferry::migration::{
@@ -13,9 +12,8 @@ use ferry::migration::{
 };
 use ferry_tests::{
     ctl, ferry, kvm_or_skip, plugin_dir_copy, spawn_ferry, wait_for_path, Finished, Running, TempDir,
+    DEADLINE,
 };
-
-const DEADLINE: Duration = Duration::from_secs(60);
 
 /// One good snapshot of a ticking guest, made once per test run.
 fn good_snapshot() -> &'static Path {
@@ -182,22 +180,10 @@ fn wrong_magic_and_a_future_format_are_refused() {
     refused(&path, &[], &["not a ferry snapshot"]);
     let (_d2, path) = corrupt("future", |b| {
         b[8..12].copy_from_slice(&7u32.to_le_bytes());
-        let crc = crc(&b[..12]);
+        let crc = crc32fast::hash(&b[..12]);
         b[12..16].copy_from_slice(&crc.to_le_bytes());
     });
     refused(&path, &[], &["stream format version 7 is newer than this ferry reads (1)"]);
-}
-
-fn crc(bytes: &[u8]) -> u32 {
-    // CRC-32 (IEEE), bitwise: the tests need no crate for it.
-    let mut c = 0xffff_ffffu32;
-    for b in bytes {
-        c ^= u32::from(*b);
-        for _ in 0..8 {
-            c = if c & 1 != 0 { (c >> 1) ^ 0xedb8_8320 } else { c >> 1 };
-        }
-    }
-    !c
 }
 
 #[test]
@@ -213,7 +199,7 @@ fn a_section_longer_than_the_file_is_refused() {
         b[h + 8..h + 16].copy_from_slice(&(60u64 << 20).to_le_bytes());
         let mut covered = b[h..h + 20].to_vec();
         covered.extend_from_slice(&b[h + 24..h + 24 + id_len]);
-        let c = crc(&covered);
+        let c = crc32fast::hash(&covered);
         b[h + 20..h + 24].copy_from_slice(&c.to_le_bytes());
     });
     refused(&path, &[], &["truncated", "(device rtc) payload needs 62914560 bytes"]);

@@ -11,10 +11,9 @@ use std::{path::Path, time::Duration};
 
 use ferry_tests::{
     ctl, device_processes, free_port, kvm_or_skip, migrate, spawn_ferry, spawn_ferry_env, wait_for_incoming,
-    wait_for_path, Finished, Running, TempDir,
+    wait_for_path, Finished, Running, TempDir, DEADLINE,
 };
 
-const DEADLINE: Duration = Duration::from_secs(60);
 const ENDS_PER_MODE: usize = 50;
 /// Writes enough to be still going at every end below.
 const BUSY: &str = "ready blk-bench=w:100000 exit=3";

@@ -14,10 +14,8 @@ use std::{
 
 use ferry_tests::{
     ctl, ferry, ferry_bin, free_port, kvm_or_skip, migrate, netns::TwoHosts, spawn_ferry, spawn_ferry_env,
-    tick_number, ticks_carry_on, wait_for_incoming, wait_for_path, Running, TempDir,
+    start_with_api, ticks_carry_on, wait_for_incoming, wait_for_path, wait_tick, Running, TempDir, DEADLINE,
 };
-
-const DEADLINE: Duration = Duration::from_secs(120);
 
 /// `ferry tls init DIR --host H...`; returns each host's TLS directory.
 fn tls_init(dir: &Path, hosts: &[&str]) -> Vec<PathBuf> {
@@ -37,14 +35,7 @@ fn path(p: &Path) -> String {
 
 /// A guest that ticks for a long time, with its API socket.
 fn source(dir: &Path, name: &str) -> (Running, PathBuf) {
-    let socket = dir.join(format!("{name}.sock"));
-    let vm = Running::new(spawn_ferry(&["run", "--api-socket", &path(&socket), "--cmdline", "ticks=0"]));
-    assert!(wait_for_path(&socket, DEADLINE), "no API socket");
-    (vm, socket)
-}
-
-fn wait_tick(vm: &mut Running) -> u64 {
-    vm.wait_line("TICK", DEADLINE).and_then(|l| tick_number(&l)).expect("the guest ticks")
+    start_with_api(dir, name, &["--cmdline", "ticks=0"], &[])
 }
 
 #[test]

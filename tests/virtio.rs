@@ -4,9 +4,7 @@
 
 use std::time::Duration;
 
-use ferry_tests::{ctl, ferry, kvm_or_skip, netns, spawn_ferry, wait_for_path, Running, TempDir};
-
-const DEADLINE: Duration = Duration::from_secs(90);
+use ferry_tests::{ctl, ferry, kvm_or_skip, netns, spawn_ferry, wait_for_path, Running, TempDir, DEADLINE};
 
 /// The test guest's blk-write pattern: 8-byte words, word at byte offset `o`
 /// of sector `s` is `(s << 32) ^ o ^ (seed * 0x9E3779B97F4A7C15)`.

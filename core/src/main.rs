@@ -58,8 +58,8 @@ enum Command {
         #[arg(long, value_name = "N", value_parser = cpus_parser())]
         cpus: Option<u8>,
         /// Memory (default: the machine type's, or 256M).
-        #[arg(long)]
-        memory: Option<String>,
+        #[arg(long, value_name = "SIZE", value_parser = memory_size)]
+        memory: Option<u64>,
     },
     /// List the built-in machine types.
     Machines,
@@ -163,8 +163,13 @@ enum CtlAction {
     MigrateCancel,
 }
 
+/// What a boot builds: the machine type, the kernel and the devices added
+/// on the command line. A restore or an incoming migration takes all of
+/// it from the snapshot or the source, so `--restore` and `--incoming`
+/// exclude the whole group.
 #[derive(clap::Args)]
-struct RunArgs {
+#[group(id = "boot", multiple = true)]
+struct BootArgs {
     /// Machine type: a built-in name or a path to a .toml file.
     #[arg(long, value_name = "NAME|PATH", default_value = DEFAULT_MACHINE)]
     machine: String,
@@ -181,11 +186,8 @@ struct RunArgs {
     #[arg(long, value_name = "N", value_parser = cpus_parser())]
     cpus: Option<u8>,
     /// Guest RAM, e.g. 256M or 2G (default: the machine type's).
-    #[arg(long, value_name = "SIZE")]
-    memory: Option<String>,
-    /// Plugin directory (default: beside the ferry binary).
-    #[arg(long, value_name = "DIR")]
-    plugins: Option<PathBuf>,
+    #[arg(long, value_name = "SIZE", value_parser = memory_size)]
+    memory: Option<u64>,
     /// Add a virtio-blk disk: path=FILE[,readonly=on][,serial=ID]. Repeatable.
     #[arg(long, value_name = "path=FILE[,readonly=on]")]
     disk: Vec<String>,
@@ -195,9 +197,18 @@ struct RunArgs {
     /// Add a virtio-rng entropy device.
     #[arg(long)]
     rng: bool,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    #[command(flatten)]
+    boot: BootArgs,
+    /// Plugin directory (default: beside the ferry binary).
+    #[arg(long, value_name = "DIR")]
+    plugins: Option<PathBuf>,
     /// Restore a snapshot instead of booting (its machine type, devices,
     /// vCPUs and memory come from the file).
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["machine", "kernel", "initramfs", "cmdline", "cpus", "memory", "disk", "net", "rng"])]
+    #[arg(long, value_name = "FILE", conflicts_with = "boot")]
     restore: Option<PathBuf>,
     /// With --restore: check every memory page's CRC before running.
     #[arg(long, requires = "restore")]
@@ -212,7 +223,7 @@ struct RunArgs {
     api_socket: Option<PathBuf>,
     /// Wait for a live migration on tcp:ADDR:PORT or unix:PATH instead of
     /// booting (the machine type and devices come from the source).
-    #[arg(long, value_name = "URI", conflicts_with_all = ["machine", "kernel", "initramfs", "cmdline", "cpus", "memory", "disk", "net", "rng", "restore"])]
+    #[arg(long, value_name = "URI", conflicts_with_all = ["boot", "restore"])]
     incoming: Option<String>,
     /// Run these devices (ids from the machine type, or all) each in a
     /// sandboxed device process of its own: a device that crashes or hangs
@@ -265,16 +276,22 @@ fn cpus_parser() -> clap::builder::RangedI64ValueParser<u8> {
     clap::value_parser!(u8).range(1..=i64::from(ferry::boot::mptable::MAX_CPUS))
 }
 
-fn default_plugin_dir() -> Result<PathBuf> {
+/// `--memory`: a size such as 256M or 2G.
+fn memory_size(s: &str) -> Result<u64, String> {
+    parse_size(s).ok_or_else(|| format!("'{s}' is not a size such as 256M or 2G"))
+}
+
+/// The plugin directory: the one given, or the ferry binary's own.
+fn plugin_dir(given: Option<PathBuf>) -> Result<PathBuf> {
+    if let Some(dir) = given {
+        return Ok(dir);
+    }
     let exe = std::env::current_exe().context("cannot find the ferry binary")?;
     exe.parent().map(PathBuf::from).ok_or_else(|| anyhow!("ferry binary has no directory"))
 }
 
 fn run(args: RunArgs) -> Result<ExitCode> {
-    let plugins = match &args.plugins {
-        Some(dir) => dir.clone(),
-        None => default_plugin_dir()?,
-    };
+    let plugins = plugin_dir(args.plugins.clone())?;
     // The API socket first: one another process serves is refused before
     // anything is built.
     let served = match &args.api_socket {
@@ -302,7 +319,7 @@ fn run(args: RunArgs) -> Result<ExitCode> {
                 return Ok(ExitCode::SUCCESS);
             }
         },
-        (None, None) => (vm::boot(boot_config(&args, plugins)?)?, None),
+        (None, None) => (vm::boot(boot_config(&args.boot, plugins, args.isolation())?)?, None),
     };
     let policy = match args.on_reset {
         OnResetArg::Reboot => vm::OnReset::Reboot,
@@ -322,7 +339,11 @@ fn run(args: RunArgs) -> Result<ExitCode> {
     })
 }
 
-fn boot_config(args: &RunArgs, plugins: PathBuf) -> Result<BootConfig> {
+fn boot_config(
+    args: &BootArgs,
+    plugins: PathBuf,
+    isolation: ferry::isolate::Isolation,
+) -> Result<BootConfig> {
     let mut machine = machine::load(&args.machine)?;
     for spec in &args.disk {
         let id = machine.free_id("disk");
@@ -336,12 +357,6 @@ fn boot_config(args: &RunArgs, plugins: PathBuf) -> Result<BootConfig> {
         let id = machine.free_id("rng");
         machine.add_device(machine::device_from_option("--rng", id, "virtio-rng", "")?)?;
     }
-    let memory = match &args.memory {
-        Some(s) => {
-            Some(parse_size(s).ok_or_else(|| anyhow!("--memory '{s}' is not a size such as 256M or 2G"))?)
-        }
-        None => None,
-    };
     let kernel = match &args.kernel {
         Some(path) => Kernel::File(path.clone()),
         None => Kernel::TestGuest,
@@ -352,9 +367,9 @@ fn boot_config(args: &RunArgs, plugins: PathBuf) -> Result<BootConfig> {
         initramfs: args.initramfs.clone(),
         cmdline: args.cmdline.clone(),
         cpus: args.cpus,
-        memory,
+        memory: args.memory,
         plugins,
-        isolation: args.isolation(),
+        isolation,
     })
 }
 
@@ -452,7 +467,7 @@ fn compat(
     to: &std::path::Path,
     machine: &str,
     cpus: Option<u8>,
-    memory: Option<&str>,
+    memory: Option<u64>,
 ) -> Result<ExitCode> {
     let (from_host, to_host) = (read_host_manifest(from)?, read_host_manifest(to)?);
     if to_host.cpu.is_none() {
@@ -462,10 +477,7 @@ fn compat(
         ));
     }
     let m = machine::load(machine)?;
-    let memory = match memory {
-        Some(s) => parse_size(s).ok_or_else(|| anyhow!("--memory '{s}' is not a size such as 256M or 2G"))?,
-        None => m.memory.unwrap_or(vm::DEFAULT_MEMORY),
-    };
+    let memory = memory.or(m.memory).unwrap_or(vm::DEFAULT_MEMORY);
     let cpus = cpus.or(m.cpus).unwrap_or(1);
     let manifest =
         ferry::migration::plan::vm_manifest_on(&m, &from_host, cpus, memory).map_err(|e| anyhow!(e))?;
@@ -480,10 +492,7 @@ fn compat(
 }
 
 fn plugins(dir: Option<PathBuf>, manifest: bool) -> Result<ExitCode> {
-    let dir = match dir {
-        Some(d) => d,
-        None => default_plugin_dir()?,
-    };
+    let dir = plugin_dir(dir)?;
     let registry = Registry::load_dir(&dir)?;
     if manifest {
         let host = ferry::migration::hostinfo::host_manifest(&registry)?;
@@ -567,7 +576,7 @@ fn main() -> ExitCode {
         Command::Plugins { plugins: dir, manifest } => plugins(dir, manifest),
         Command::Compat { cpu_models: hosts, .. } if !hosts.is_empty() => cpu_models(&hosts),
         Command::Compat { from: Some(from), to: Some(to), machine, cpus, memory, .. } => {
-            compat(&from, &to, &machine, cpus, memory.as_deref())
+            compat(&from, &to, &machine, cpus, memory)
         }
         Command::Compat { .. } => Err(anyhow!("give --from and --to, or --cpu-models")),
         Command::Machines => machines(),

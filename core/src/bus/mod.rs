@@ -6,7 +6,9 @@
 //! APIC) answer are reserved up front, so a plugin cannot claim ports it
 //! would never see. The PCI host bridge (ports 0xCF8-0xCFF) is part of the
 //! bus: it forwards configuration accesses to the devices' PCI functions
-//! and maps their BARs, remapping whenever a configuration write moves one.
+//! and maps their BARs, remapping whenever a configuration write moves one
+//! (`pci.rs` here: configuration cycles and BAR mapping; `vacant.rs`: the
+//! stand-in while a device is recreated).
 
 use std::{
     collections::BTreeMap,
@@ -18,7 +20,10 @@ use abi_stable::std_types::{RSlice, RSliceMut};
 use ferry_plugin_api::{AddressSpace, DeviceBox, PciBar, PciFunctionBox, PCI_BAR_REGION};
 use thiserror::Error;
 
-use crate::pci::{self, BarAllocator, ConfigAddress};
+use crate::pci::BarAllocator;
+
+mod pci;
+mod vacant;
 
 /// One device instance on the bus.
 pub struct DeviceSlot {
@@ -185,8 +190,13 @@ impl Bus {
         for (space, base, len, name) in IN_KERNEL {
             bus.claim(*space, *base, *len, Owner::InKernel(name)).expect("in-kernel ranges are disjoint");
         }
-        bus.claim(AddressSpace::PIO, pci::CONFIG_ADDRESS_PORT.into(), pci::CONFIG_PORTS, Owner::PciConfig)
-            .expect("PCI ports are free");
+        bus.claim(
+            AddressSpace::PIO,
+            crate::pci::CONFIG_ADDRESS_PORT.into(),
+            crate::pci::CONFIG_PORTS,
+            Owner::PciConfig,
+        )
+        .expect("PCI ports are free");
         bus
     }
 
@@ -266,9 +276,13 @@ impl Bus {
         let pci = match pci {
             Some(function) => {
                 let used = self.devices.iter().filter(|d| d.pci.is_some()).count();
-                let slot = u8::try_from(used + 1).ok().filter(|s| *s < pci::SLOTS).ok_or_else(|| {
-                    BusError::Pci { device: id.to_string(), reason: "no free PCI slot on bus 0".to_string() }
-                })?;
+                let slot =
+                    u8::try_from(used + 1).ok().filter(|s| *s < crate::pci::SLOTS).ok_or_else(|| {
+                        BusError::Pci {
+                            device: id.to_string(),
+                            reason: "no free PCI slot on bus 0".to_string(),
+                        }
+                    })?;
                 Some(PciSlot {
                     slot,
                     function: Mutex::new(function),
@@ -310,51 +324,6 @@ impl Bus {
         Ok(())
     }
 
-    /// Program every BAR of device `index`'s PCI function, as firmware would,
-    /// enable memory decoding and bus mastering, and map the BARs.
-    fn assign_bars(&mut self, index: usize) -> Result<(), BusError> {
-        let Some(pci) = &self.devices[index].pci else { return Ok(()) };
-        let mut function = lock(&pci.function);
-        let mut bars: Vec<PciBar> = function.bars().into_iter().collect();
-        bars.sort_by_key(|b| std::cmp::Reverse(b.size));
-        let mut writes = Vec::new();
-        for bar in &bars {
-            let address = self.bars.allocate(bar.size).ok_or_else(|| BusError::Pci {
-                device: self.devices[index].id.clone(),
-                reason: format!("BAR {} ({} bytes) does not fit in the PCI MMIO window", bar.index, bar.size),
-            })?;
-            for (reg, value) in pci::bar_writes(bar, address) {
-                writes.push((reg, value.to_le_bytes().to_vec()));
-            }
-        }
-        let mut command = [0u8; 2];
-        function.config_read(4, RSliceMut::from_mut_slice(&mut command));
-        let command = u16::from_le_bytes(command) | 0x6; // memory space, bus master
-        writes.push((4, command.to_le_bytes().to_vec()));
-        for (reg, bytes) in &writes {
-            let _ = function.config_write(*reg, RSlice::from_slice(bytes));
-        }
-        drop(function);
-        *lock(&pci.firmware) = writes;
-        self.remap_bars(index);
-        Ok(())
-    }
-
-    /// After a reboot reset device `index`: program its PCI function as
-    /// firmware did when it was added (the same BAR addresses, decoding
-    /// and bus mastering on) and map its BARs again.
-    pub fn reprogram_pci(&self, index: usize) {
-        let Some(pci) = &self.devices[index].pci else { return };
-        let writes = lock(&pci.firmware).clone();
-        {
-            let mut function = lock(&pci.function);
-            for (reg, bytes) in &writes {
-                let _ = function.config_write(*reg, RSlice::from_slice(bytes));
-            }
-        }
-        self.remap_bars(index);
-    }
-
     /// Swap device `index` for a new instance of its plugin (see
     /// [`RecreateError`] for what may go wrong) (a reboot
     /// recreating a device that cannot reset itself). `make` runs after the
@@ -386,36 +355,6 @@ impl Bus {
         }
         *slot.lock() = device;
         Ok(())
-    }
-
-    /// Map the BARs device `index` decodes now, dropping the old mappings.
-    /// A BAR the guest moved onto another device's range stays unmapped.
-    fn remap_bars(&self, index: usize) {
-        let d = &self.devices[index];
-        let Some(pci) = &d.pci else { return };
-        let now: Vec<PciBar> =
-            lock(&pci.function).bars().into_iter().filter(|b| b.enabled && b.address != 0).collect();
-        let mut mapped = lock(&pci.mapped);
-        if *mapped == now {
-            return;
-        }
-        self.release_device(index, true);
-        mapped.clear();
-        for bar in now {
-            let owner = Owner::Device { index, region: PCI_BAR_REGION + bar.index };
-            match self.claim(AddressSpace::MMIO, bar.address, bar.size, owner) {
-                Ok(()) => mapped.push(bar),
-                Err(e) => crate::log::warn(&format!("BAR {} of device {} not mapped: {e}", bar.index, d.id)),
-            }
-        }
-    }
-
-    /// Map every PCI function's BARs as they are now (after device state
-    /// was loaded, the guest's BAR addresses may differ from fresh ones).
-    pub fn refresh_pci(&self) {
-        for index in 0..self.devices.len() {
-            self.remap_bars(index);
-        }
     }
 
     /// The devices, in the order they were added.
@@ -464,59 +403,6 @@ impl Bus {
         }
     }
 
-    /// The device at `slot` of bus 0, by index.
-    fn pci_device(&self, slot: u8) -> Option<usize> {
-        self.devices.iter().position(|d| d.pci.as_ref().is_some_and(|p| p.slot == slot))
-    }
-
-    /// A read of the configuration ports (offset 0 = 0xCF8).
-    fn config_read(&self, offset: u32, data: &mut [u8]) {
-        let latch = *lock(&self.config_address);
-        if offset < 4 {
-            let bytes = latch.to_le_bytes();
-            for (i, b) in data.iter_mut().enumerate() {
-                *b = bytes.get(offset as usize + i).copied().unwrap_or(0xff);
-            }
-            return;
-        }
-        data.fill(0xff);
-        let Some(a) = ConfigAddress::decode(latch) else { return };
-        let register = a.register + (offset - 4);
-        if a.bus != 0 || a.function != 0 {
-            return;
-        }
-        if a.device == 0 {
-            pci::host_bridge_read(register, data);
-        } else if let Some(index) = self.pci_device(a.device) {
-            if let Some(pci) = &self.devices[index].pci {
-                lock(&pci.function).config_read(register, RSliceMut::from_mut_slice(data));
-            }
-        }
-    }
-
-    /// A write to the configuration ports.
-    fn config_write(&self, offset: u32, data: &[u8]) -> Result<(), DeviceFault> {
-        if offset == 0 && data.len() == 4 {
-            *lock(&self.config_address) = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
-            return Ok(());
-        }
-        if offset < 4 {
-            return Ok(()); // partial writes of CONFIG_ADDRESS are not config cycles
-        }
-        let latch = *lock(&self.config_address);
-        let Some(a) = ConfigAddress::decode(latch) else { return Ok(()) };
-        if a.bus != 0 || a.function != 0 || a.device == 0 {
-            return Ok(());
-        }
-        let Some(index) = self.pci_device(a.device) else { return Ok(()) };
-        let Some(pci) = &self.devices[index].pci else { return Ok(()) };
-        let register = a.register + (offset - 4);
-        let result = lock(&pci.function).config_write(register, RSlice::from_slice(data));
-        result.into_result().map_err(|e| self.fault(index, e.into()))?;
-        self.remap_bars(index);
-        Ok(())
-    }
-
     /// A guest port read.
     pub fn pio_read(&self, port: u16, data: &mut [u8]) -> Result<(), DeviceFault> {
         self.read(AddressSpace::PIO, port.into(), data)
@@ -538,78 +424,19 @@ impl Bus {
     }
 }
 
-/// What a device slot holds while its device is recreated: nothing
-/// answers (reads all-ones, writes ignored), as for an empty slot.
-mod vacant {
-    use abi_stable::{
-        sabi_trait::TD_Opaque,
-        std_types::{RResult, RSlice, RSliceMut, RVec},
-    };
-    use ferry_plugin_api::{
-        Device, DeviceBox, PciBar, PciFunction, PciFunctionBox, PluginError, Region, StateBlob,
-    };
-
-    struct Vacant;
-
-    impl Device for Vacant {
-        fn regions(&self) -> RVec<Region> {
-            RVec::new()
-        }
-        fn read(&mut self, _: u32, _: u64, mut data: RSliceMut<'_, u8>) -> RResult<(), PluginError> {
-            data.as_mut_slice().fill(0xff);
-            RResult::ROk(())
-        }
-        fn write(&mut self, _: u32, _: u64, _: RSlice<'_, u8>) -> RResult<(), PluginError> {
-            RResult::ROk(())
-        }
-        fn pause(&mut self) -> RResult<(), PluginError> {
-            RResult::ROk(())
-        }
-        fn resume(&mut self) -> RResult<(), PluginError> {
-            RResult::ROk(())
-        }
-        fn save_state(&mut self, _: u32) -> RResult<StateBlob, PluginError> {
-            RResult::RErr(PluginError::other("the device is being recreated"))
-        }
-        fn load_state(&mut self, _: StateBlob) -> RResult<(), PluginError> {
-            RResult::RErr(PluginError::other("the device is being recreated"))
-        }
-    }
-
-    impl PciFunction for Vacant {
-        fn config_read(&mut self, _: u32, mut data: RSliceMut<'_, u8>) {
-            data.as_mut_slice().fill(0xff);
-        }
-        fn config_write(&mut self, _: u32, _: RSlice<'_, u8>) -> RResult<(), PluginError> {
-            RResult::ROk(())
-        }
-        fn bars(&self) -> RVec<PciBar> {
-            RVec::new()
-        }
-    }
-
-    pub(super) fn device() -> DeviceBox {
-        DeviceBox::from_value(Vacant, TD_Opaque)
-    }
-
-    pub(super) fn function() -> PciFunctionBox {
-        PciFunctionBox::from_value(Vacant, TD_Opaque)
-    }
-}
-
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use abi_stable::{
         sabi_trait::TD_Opaque,
         std_types::{RResult, RVec},
     };
-    use ferry_plugin_api::{Device, PciFunction, PluginError, Region, StateBlob};
+    use ferry_plugin_api::{Device, PluginError, Region, StateBlob};
 
     /// Remembers the last write; reads return the region index.
-    struct Fake {
-        regions: Vec<Region>,
-        fail: bool,
+    pub(super) struct Fake {
+        pub(super) regions: Vec<Region>,
+        pub(super) fail: bool,
     }
 
     impl Device for Fake {
@@ -650,7 +477,7 @@ mod tests {
         Region { space: AddressSpace::PIO, base, len }
     }
 
-    fn fake(regions: Vec<Region>) -> DeviceBox {
+    pub(super) fn fake(regions: Vec<Region>) -> DeviceBox {
         DeviceBox::from_value(Fake { regions, fail: false }, TD_Opaque)
     }
 
@@ -695,85 +522,5 @@ mod tests {
         .unwrap();
         let err = bus.pio_write(0x3f8, &[1]).unwrap_err();
         assert_eq!(err.to_string(), "device com1 (serial-16550): register jammed");
-    }
-
-    /// A PCI function with one 4 KiB memory BAR, decoding when memory space
-    /// is enabled (command bit 1), like a real header.
-    struct FakePci {
-        bar: u32,
-        command: u16,
-    }
-
-    impl PciFunction for FakePci {
-        fn config_read(&mut self, offset: u32, mut data: RSliceMut<'_, u8>) {
-            let mut space = [0u8; 64];
-            space[0..4].copy_from_slice(&0x1042_1af4u32.to_le_bytes());
-            space[4..6].copy_from_slice(&self.command.to_le_bytes());
-            space[0x10..0x14].copy_from_slice(&self.bar.to_le_bytes());
-            for (i, b) in data.as_mut_slice().iter_mut().enumerate() {
-                *b = space.get(offset as usize + i).copied().unwrap_or(0);
-            }
-        }
-        fn config_write(&mut self, offset: u32, data: RSlice<'_, u8>) -> RResult<(), PluginError> {
-            let d = data.as_slice();
-            match (offset, d.len()) {
-                (4, 2) => self.command = u16::from_le_bytes([d[0], d[1]]),
-                (0x10, 4) => self.bar = u32::from_le_bytes([d[0], d[1], d[2], d[3]]) & !0xfff,
-                _ => {}
-            }
-            RResult::ROk(())
-        }
-        fn bars(&self) -> RVec<PciBar> {
-            vec![PciBar {
-                index: 0,
-                size: 0x1000,
-                address: u64::from(self.bar),
-                is_64bit: false,
-                enabled: self.command & 2 != 0,
-            }]
-            .into()
-        }
-    }
-
-    fn config_addr(slot: u8, reg: u32) -> [u8; 4] {
-        (0x8000_0000u32 | u32::from(slot) << 11 | reg).to_le_bytes()
-    }
-
-    #[test]
-    fn pci_functions_get_a_slot_bars_and_follow_bar_moves() {
-        let mut bus = Bus::new();
-        let function = PciFunctionBox::from_value(FakePci { bar: 0, command: 0 }, TD_Opaque);
-        bus.add_device("blk0", "fake", fake(vec![]), Some(function)).unwrap();
-
-        // Slot 0 is the host bridge, the device is slot 1.
-        let mut id = [0u8; 4];
-        bus.pio_write(0xcf8, &config_addr(0, 0)).unwrap();
-        bus.pio_read(0xcfc, &mut id).unwrap();
-        assert_eq!(u32::from_le_bytes(id), 0x1237_8086);
-        bus.pio_write(0xcf8, &config_addr(1, 0)).unwrap();
-        bus.pio_read(0xcfc, &mut id).unwrap();
-        assert_eq!(u32::from_le_bytes(id), 0x1042_1af4);
-        bus.pio_write(0xcf8, &config_addr(2, 0)).unwrap();
-        bus.pio_read(0xcfc, &mut id).unwrap();
-        assert_eq!(id, [0xff; 4], "empty slot");
-
-        // The BAR was assigned and is mapped: region PCI_BAR_REGION + 0.
-        let mut b = [0u8; 1];
-        bus.mmio_read(pci::MMIO_WINDOW_START + 5, &mut b).unwrap();
-        assert_eq!(b[0], ((PCI_BAR_REGION as u8) << 4) | 5);
-
-        // The guest moves the BAR: the old address goes dead, the new one answers.
-        bus.pio_write(0xcf8, &config_addr(1, 0x10)).unwrap();
-        bus.pio_write(0xcfc, &0xd000_0000u32.to_le_bytes()).unwrap();
-        bus.mmio_read(pci::MMIO_WINDOW_START + 5, &mut b).unwrap();
-        assert_eq!(b[0], 0xff);
-        bus.mmio_read(0xd000_0005, &mut b).unwrap();
-        assert_eq!(b[0], ((PCI_BAR_REGION as u8) << 4) | 5);
-
-        // Memory space off: unmapped.
-        bus.pio_write(0xcf8, &config_addr(1, 4)).unwrap();
-        bus.pio_write(0xcfc, &0u16.to_le_bytes()).unwrap();
-        bus.mmio_read(0xd000_0005, &mut b).unwrap();
-        assert_eq!(b[0], 0xff);
     }
 }

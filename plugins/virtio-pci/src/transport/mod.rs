@@ -11,17 +11,20 @@ use std::{
 
 use ferry_plugin_api::{
     sdk::{PciConfigSpace, PluginDevice},
-    state::{self, Versioned},
+    state::{self},
     AddressSpace, HostBox, LogLevel, PciBar, PluginError, Region, StateBlob, PCI_BAR_REGION,
 };
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+mod common_config;
+mod snapshot;
+
 use crate::{
-    layout::{self, common, status},
+    layout::{self},
     memory::GuestMemory,
     msix::Msix,
-    state::{QueueStateV1, VirtioStateV1},
+    state::VirtioStateV1,
     worker, QueueSlot, Queues, VirtioDevice, VIRTIO_F_VERSION_1,
 };
 
@@ -151,124 +154,6 @@ impl<D: VirtioDevice> State<D> {
 
     fn log(&self, level: LogLevel, msg: &str) {
         self.host.log(level, msg.into());
-    }
-
-    fn selected(&mut self) -> Option<&mut QueueSlot> {
-        self.queues.get_mut(usize::from(self.queue_select))
-    }
-
-    fn common_read(&mut self, offset: u64, data: &mut [u8]) {
-        let v: u64 = match offset {
-            common::DEVICE_FEATURE_SELECT => self.device_feature_select.into(),
-            common::DEVICE_FEATURE => match self.device_feature_select {
-                0 => self.device_features & 0xffff_ffff,
-                1 => self.device_features >> 32,
-                _ => 0,
-            },
-            common::DRIVER_FEATURE_SELECT => self.driver_feature_select.into(),
-            common::DRIVER_FEATURE => match self.driver_feature_select {
-                0 => self.driver_features & 0xffff_ffff,
-                1 => self.driver_features >> 32,
-                _ => 0,
-            },
-            common::CONFIG_MSIX_VECTOR => self.config_vector.into(),
-            common::NUM_QUEUES => self.queues.len() as u64,
-            common::DEVICE_STATUS => self.status.into(),
-            common::CONFIG_GENERATION => 0,
-            common::QUEUE_SELECT => self.queue_select.into(),
-            _ => {
-                let Some(q) = self.selected() else {
-                    read_le(&[], data);
-                    return;
-                };
-                let state = q.queue.state();
-                match offset {
-                    common::QUEUE_SIZE => state.size.into(),
-                    common::QUEUE_MSIX_VECTOR => q.vector.into(),
-                    common::QUEUE_ENABLE => u64::from(state.ready),
-                    common::QUEUE_NOTIFY_OFF => u64::from(self.queue_select),
-                    common::QUEUE_DESC_LO => state.desc_table & 0xffff_ffff,
-                    common::QUEUE_DESC_HI => state.desc_table >> 32,
-                    common::QUEUE_DRIVER_LO => state.avail_ring & 0xffff_ffff,
-                    common::QUEUE_DRIVER_HI => state.avail_ring >> 32,
-                    common::QUEUE_DEVICE_LO => state.used_ring & 0xffff_ffff,
-                    common::QUEUE_DEVICE_HI => state.used_ring >> 32,
-                    _ => 0,
-                }
-            }
-        };
-        read_le(&v.to_le_bytes(), data);
-    }
-
-    fn common_write(&mut self, offset: u64, data: &[u8]) -> Result<(), String> {
-        let v = value_of(data);
-        match offset {
-            common::DEVICE_FEATURE_SELECT => self.device_feature_select = v as u32,
-            common::DRIVER_FEATURE_SELECT => self.driver_feature_select = v as u32,
-            common::DRIVER_FEATURE if self.status & status::FEATURES_OK == 0 => {
-                match self.driver_feature_select {
-                    0 => self.driver_features = (self.driver_features & !0xffff_ffff) | (v & 0xffff_ffff),
-                    1 => self.driver_features = (self.driver_features & 0xffff_ffff) | (v << 32),
-                    _ => {}
-                }
-            }
-            common::CONFIG_MSIX_VECTOR => {
-                self.config_vector = if (v as usize) < self.msix.len() { v as u16 } else { layout::NO_VECTOR }
-            }
-            common::DEVICE_STATUS => return self.set_status(v as u8),
-            common::QUEUE_SELECT => self.queue_select = v as u16,
-            _ => {
-                let msix_len = self.msix.len();
-                let activated = self.activated;
-                let Some(q) = self.selected() else { return Ok(()) };
-                // Queue registers are frozen once the queue is enabled.
-                let enabled = q.queue.ready();
-                match offset {
-                    common::QUEUE_SIZE if !enabled => q.queue.set_size(v as u16),
-                    common::QUEUE_MSIX_VECTOR => {
-                        q.vector = if (v as usize) < msix_len { v as u16 } else { layout::NO_VECTOR }
-                    }
-                    common::QUEUE_ENABLE if v == 1 && !activated => q.queue.set_ready(true),
-                    common::QUEUE_DESC_LO if !enabled => q.queue.set_desc_table_address(Some(v as u32), None),
-                    common::QUEUE_DESC_HI if !enabled => q.queue.set_desc_table_address(None, Some(v as u32)),
-                    common::QUEUE_DRIVER_LO if !enabled => {
-                        q.queue.set_avail_ring_address(Some(v as u32), None)
-                    }
-                    common::QUEUE_DRIVER_HI if !enabled => {
-                        q.queue.set_avail_ring_address(None, Some(v as u32))
-                    }
-                    common::QUEUE_DEVICE_LO if !enabled => {
-                        q.queue.set_used_ring_address(Some(v as u32), None)
-                    }
-                    common::QUEUE_DEVICE_HI if !enabled => {
-                        q.queue.set_used_ring_address(None, Some(v as u32))
-                    }
-                    _ => {}
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn set_status(&mut self, new: u8) -> Result<(), String> {
-        if new == 0 {
-            self.reset();
-            return Ok(());
-        }
-        let mut new = new;
-        if new & status::FEATURES_OK != 0 && self.status & status::FEATURES_OK == 0 {
-            let unknown = self.driver_features & !self.device_features;
-            if unknown != 0 || self.driver_features & VIRTIO_F_VERSION_1 == 0 {
-                // The driver must accept only what we offer, and VERSION_1.
-                new &= !status::FEATURES_OK;
-            }
-        }
-        let newly_ok = new & status::DRIVER_OK != 0 && self.status & status::DRIVER_OK == 0;
-        self.status = new;
-        if newly_ok {
-            self.activate()?;
-        }
-        Ok(())
     }
 
     fn activate(&mut self) -> Result<(), String> {
@@ -473,87 +358,6 @@ impl<D: VirtioDevice> State<D> {
         Ok(())
     }
 
-    fn save(&self, version: u32) -> Result<VirtioStateV1, String> {
-        Ok(VirtioStateV1 {
-            command: self.command,
-            bar0: self.bar0,
-            status: self.status,
-            driver_features: self.driver_features,
-            device_feature_select: self.device_feature_select,
-            driver_feature_select: self.driver_feature_select,
-            queue_select: self.queue_select,
-            config_vector: self.config_vector,
-            isr: self.isr,
-            activated: self.activated,
-            queues: self
-                .queues
-                .iter()
-                .map(|q| {
-                    let s = q.queue.state();
-                    QueueStateV1 {
-                        size: s.size,
-                        ready: s.ready,
-                        desc: s.desc_table,
-                        avail: s.avail_ring,
-                        used: s.used_ring,
-                        next_avail: s.next_avail,
-                        next_used: s.next_used,
-                        vector: q.vector,
-                    }
-                })
-                .collect(),
-            msix: self.msix.snapshot(),
-            device: self.device.state().save_version(version)?,
-        })
-    }
-
-    fn restore(&mut self, version: u32, s: &VirtioStateV1) -> Result<(), String> {
-        if s.queues.len() != self.queues.len() {
-            return Err(format!(
-                "state has {} queues, this device has {}",
-                s.queues.len(),
-                self.queues.len()
-            ));
-        }
-        self.unregister_notifies();
-        self.command = s.command & 0x0406;
-        self.bar0 = s.bar0 & !(layout::BAR0_SIZE as u32 - 1);
-        self.status = s.status;
-        self.driver_features = s.driver_features & self.device_features;
-        self.device_feature_select = s.device_feature_select;
-        self.driver_feature_select = s.driver_feature_select;
-        self.queue_select = s.queue_select;
-        self.config_vector = s.config_vector;
-        self.isr = s.isr;
-        for (slot, q) in self.queues.iter_mut().zip(&s.queues) {
-            if q.size > slot.queue.max_size() || (q.size != 0 && !q.size.is_power_of_two()) {
-                return Err(format!("queue size {} (max {})", q.size, slot.queue.max_size()));
-            }
-            slot.queue.reset();
-            slot.queue.set_size(q.size);
-            slot.queue.set_desc_table_address(Some(q.desc as u32), Some((q.desc >> 32) as u32));
-            slot.queue.set_avail_ring_address(Some(q.avail as u32), Some((q.avail >> 32) as u32));
-            slot.queue.set_used_ring_address(Some(q.used as u32), Some((q.used >> 32) as u32));
-            slot.queue.set_next_avail(q.next_avail);
-            slot.queue.set_next_used(q.next_used);
-            slot.queue.set_ready(q.ready);
-            slot.vector = q.vector;
-        }
-        self.msix.restore(&s.msix)?;
-        self.device.set_state(D::State::load_version(version, &s.device)?)?;
-        self.activated = s.activated;
-        if self.activated {
-            self.register_notifies()?;
-            // Serve whatever the driver made available before the save.
-            for slot in &self.queues {
-                if slot.queue.ready() {
-                    let _ = slot.kick.write(1);
-                }
-            }
-        }
-        Ok(())
-    }
-
     fn bar(&self) -> PciBar {
         PciBar {
             index: 0,
@@ -653,3 +457,6 @@ impl<D: VirtioDevice> State<D> {
         self.log(LogLevel::ERROR, msg);
     }
 }
+
+#[cfg(test)]
+mod tests;
