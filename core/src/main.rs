@@ -218,9 +218,14 @@ struct RunArgs {
     /// cannot reboot (ferry does not have its kernel) and ends.
     #[arg(long, value_enum, value_name = "WHAT", default_value_t = OnResetArg::Reboot)]
     on_reset: OnResetArg,
-    /// Serve the control API (REST/JSON) on this unix socket.
+    /// Serve the control API (REST/JSON) on this unix socket (mode 0600;
+    /// only root and ferry's own uid may connect, and --api-allow-uid).
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
+    /// Further uids that may use the API socket and a unix: migration
+    /// socket.
+    #[arg(long, value_name = "UID[,UID...]", value_delimiter = ',')]
+    api_allow_uid: Vec<u32>,
     /// Wait for a live migration on tcp:ADDR:PORT or unix:PATH instead of
     /// booting (the machine type and devices come from the source).
     #[arg(long, value_name = "URI", conflicts_with_all = ["boot", "restore"])]
@@ -256,6 +261,10 @@ fn parse_isolate(s: &str) -> Result<ferry::isolate::Isolate, String> {
 }
 
 impl RunArgs {
+    fn peers(&self) -> ferry::unix_socket::Peers {
+        ferry::unix_socket::Peers { allowed: self.api_allow_uid.clone() }
+    }
+
     fn isolation(&self) -> ferry::isolate::Isolation {
         ferry::isolate::Isolation {
             devices: self.isolate.clone().unwrap_or_default(),
@@ -295,7 +304,7 @@ fn run(args: RunArgs) -> Result<ExitCode> {
     // The API socket first: one another process serves is refused before
     // anything is built.
     let served = match &args.api_socket {
-        Some(path) => Some(ferry::api::serve(path).map_err(|e| anyhow!(e))?),
+        Some(path) => Some(ferry::api::serve(path, args.peers()).map_err(|e| anyhow!(e))?),
         None => None,
     };
     let security = match &args.incoming {
@@ -312,13 +321,15 @@ fn run(args: RunArgs) -> Result<ExitCode> {
     };
     let (vm, confirm) = match (&args.restore, &args.incoming) {
         (Some(file), _) => (vm::restore(file, &plugins, args.verify_memory, &args.isolation())?, None),
-        (None, Some(uri)) => match vm::incoming(uri, security.as_ref(), &plugins, &args.isolation())? {
-            Some((vm, link)) => (vm, Some(link)),
-            None => {
-                eprintln!("ferry: dry run: the source only asked for the plan");
-                return Ok(ExitCode::SUCCESS);
+        (None, Some(uri)) => {
+            match vm::incoming(uri, security.as_ref(), &args.peers(), &plugins, &args.isolation())? {
+                Some((vm, link)) => (vm, Some(link)),
+                None => {
+                    eprintln!("ferry: dry run: the source only asked for the plan");
+                    return Ok(ExitCode::SUCCESS);
+                }
             }
-        },
+        }
         (None, None) => (vm::boot(boot_config(&args.boot, plugins, args.isolation())?)?, None),
     };
     let policy = match args.on_reset {

@@ -4,7 +4,12 @@
 //! on is stale (its process died) and is removed; anything else at the
 //! path is left alone and refused.
 
-use std::{io::ErrorKind, os::unix::fs::FileTypeExt, os::unix::net::UnixStream, path::Path};
+use std::{
+    io::ErrorKind,
+    os::unix::fs::FileTypeExt,
+    os::unix::net::{UnixListener, UnixStream},
+    path::Path,
+};
 
 /// Why a socket path cannot be claimed; each names the option and path.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +50,16 @@ pub enum ClaimError {
         /// Why.
         source: std::io::Error,
     },
+    /// Binding the new socket failed.
+    #[error("{what} {path}: cannot listen: {source}")]
+    Bind {
+        /// The option.
+        what: String,
+        /// The path.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
     /// Whether it is in use cannot be told.
     #[error("{what} {path}: cannot tell whether it is in use: {source}")]
     Unknown {
@@ -76,6 +91,87 @@ pub fn claim(path: &Path, what: &str) -> Result<(), ClaimError> {
         }
         Err(source) => Err(ClaimError::Unknown { what, path: path_shown, source }),
     }
+}
+
+/// Who may talk to ferry's sockets (the control API, a `unix:` migration):
+/// root, ferry's own user, and the uids `--api-allow-uid` names. Checked
+/// on every connection with `SO_PEERCRED`; the sockets are created
+/// owner-only besides (mode 0600).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Peers {
+    /// Further uids allowed.
+    pub allowed: Vec<u32>,
+}
+
+/// A peer the socket turned away.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    /// Its credentials could not be read.
+    #[error("cannot read the peer's credentials: {0}")]
+    Credentials(std::io::Error),
+    /// Its uid is not allowed.
+    #[error("uid {uid} (pid {pid}) is not root, ferry's own uid or one --api-allow-uid names")]
+    NotAllowed {
+        /// Its uid.
+        uid: u32,
+        /// Its pid.
+        pid: i32,
+    },
+}
+
+impl Peers {
+    /// Check the process at the other end of `stream`.
+    pub fn check(&self, stream: &UnixStream) -> Result<(), PeerError> {
+        let (uid, pid) = peer_credentials(stream).map_err(PeerError::Credentials)?;
+        // SAFETY: geteuid has no preconditions.
+        let own = unsafe { libc::geteuid() };
+        if uid == 0 || uid == own || self.allowed.contains(&uid) {
+            return Ok(());
+        }
+        Err(PeerError::NotAllowed { uid, pid })
+    }
+}
+
+/// The uid and pid of the process at the other end (`SO_PEERCRED`).
+fn peer_credentials(stream: &UnixStream) -> std::io::Result<(u32, i32)> {
+    use std::os::fd::AsRawFd;
+    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`, a ucred
+    // of that size, for a socket this process owns.
+    let r = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((cred.uid, cred.pid))
+}
+
+/// Claim `path` and listen on it, the socket file owner-only (0600) from
+/// the moment it exists: created under a umask that keeps group and
+/// others out.
+pub fn bind_owner_only(path: &Path, what: &str) -> Result<UnixListener, ClaimError> {
+    claim(path, what)?;
+    static UMASK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = UMASK.lock().unwrap_or_else(|e| e.into_inner());
+    // SAFETY: umask has no preconditions; the previous mask is put back
+    // right after the bind (the lock keeps two binds from interleaving).
+    let previous = unsafe { libc::umask(0o177) };
+    let bound = UnixListener::bind(path);
+    // SAFETY: as above.
+    unsafe { libc::umask(previous) };
+    bound.map_err(|source| ClaimError::Bind {
+        what: what.to_string(),
+        path: path.display().to_string(),
+        source,
+    })
 }
 
 #[cfg(test)]

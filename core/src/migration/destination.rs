@@ -14,7 +14,7 @@ use super::{
     stream::{self, Kind},
     vmstate::{StateReader, VmState},
 };
-use crate::{memory::GuestRam, state};
+use crate::{memory::GuestRam, state, unix_socket::Peers};
 
 /// What the destination received before it builds the VM.
 pub struct Incoming {
@@ -77,7 +77,7 @@ impl IncomingLink {
 /// Where an incoming migration is awaited.
 enum Listener {
     Tcp(std::net::TcpListener, Option<super::tls::Server>),
-    Unix(std::os::unix::net::UnixListener, std::path::PathBuf),
+    Unix(std::os::unix::net::UnixListener, std::path::PathBuf, Peers),
 }
 
 impl Listener {
@@ -116,18 +116,26 @@ impl Listener {
                     }
                 }
             }
-            Listener::Unix(l, _) => Ok(Conn::Unix(l.accept().map_err(Some)?.0)),
+            Listener::Unix(l, _, peers) => {
+                let stream = l.accept().map_err(Some)?.0;
+                if let Err(e) = peers.check(&stream) {
+                    crate::log::warn(&format!("refused a migration peer: {e}; still waiting"));
+                    return Err(None);
+                }
+                Ok(Conn::Unix(stream))
+            }
         }
     }
 }
 
 /// Accept one migration on `uri` and run the handshake: returns the
 /// manifest and the plan once the source said "go" (None for a dry run).
-/// A TCP peer that fails the TLS handshake is turned away and the next one
-/// awaited.
+/// A TCP peer that fails the TLS handshake, or a unix-socket peer
+/// `peers` does not allow, is turned away and the next one awaited.
 pub fn accept(
     uri: &str,
     security: Option<&TcpSecurity>,
+    peers: &Peers,
     plan_for: impl FnOnce(&Manifest) -> Result<Plan, MigrateError>,
 ) -> Result<Option<Incoming>, MigrateError> {
     let connect_err = |source| MigrateError::Connect { uri: uri.into(), source };
@@ -141,8 +149,8 @@ pub fn accept(
         }
         (Endpoint::Tcp(_), None) => return Err(MigrateError::Security(super::conn::NEEDS_SECURITY.into())),
         (Endpoint::Unix(path), _) => {
-            crate::unix_socket::claim(&path, "--incoming")?;
-            Listener::Unix(std::os::unix::net::UnixListener::bind(&path).map_err(connect_err)?, path)
+            let listener = crate::unix_socket::bind_owner_only(&path, "--incoming")?;
+            Listener::Unix(listener, path, peers.clone())
         }
     };
     crate::log::info(&format!("waiting for a migration on {uri} ({})", TcpSecurity::describe(security)));
@@ -161,7 +169,7 @@ pub fn accept(
             _ => crate::log::debug("a connection ended before sending anything; still waiting"),
         }
     };
-    if let Listener::Unix(_, path) = &listener {
+    if let Listener::Unix(_, path, _) = &listener {
         let _ = std::fs::remove_file(path);
     }
     let (h, payload) = link.receive().map_err(st("handshake"))?;

@@ -23,6 +23,7 @@ use crate::{
 pub fn incoming(
     uri: &str,
     security: Option<&TcpSecurity>,
+    peers: &crate::unix_socket::Peers,
     plugins: &Path,
     isolation: &crate::isolate::Isolation,
 ) -> Result<Option<(Vm, IncomingLink)>, VmError> {
@@ -32,7 +33,7 @@ pub fn incoming(
     let host_cpu = HostCpu::probe()?;
     let mut opened = None;
     // The same computation `ferry compat` makes from this host's manifest.
-    let accepted = destination::accept(uri, security, |m| {
+    let accepted = destination::accept(uri, security, peers, |m| {
         let names: Vec<&str> = m.devices.iter().map(|d| d.plugin.as_str()).collect();
         let registry = Registry::open(plugins, &names)?;
         let plan = plan::make_plan(m, &host_plugins(&registry), Some(&host_cpu));

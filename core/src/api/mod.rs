@@ -26,8 +26,9 @@
 //! host refuses a snapshot), 500 (the operation failed in ferry or KVM)
 //! or 503 (the VM has ended).
 
+pub mod http;
+
 use std::{
-    io::{Read, Write},
     os::unix::net::UnixStream,
     path::{Path, PathBuf},
 };
@@ -43,6 +44,7 @@ use crate::migration::{
     source::{Options, DEFAULT_MAX_DOWNTIME_MS},
     tls::TlsSettings,
 };
+use crate::unix_socket::Peers;
 
 /// Why a request failed; its kind chooses the HTTP status.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -268,17 +270,9 @@ pub type Call = (ApiRequest, Sender<Result<Value, ApiError>>);
 /// Why the API cannot be served.
 #[derive(Debug, Error)]
 pub enum ServeError {
-    /// The socket path is taken.
+    /// The socket path is taken, or cannot be bound.
     #[error(transparent)]
     Claim(#[from] crate::unix_socket::ClaimError),
-    /// Binding it failed.
-    #[error("cannot serve the API on {path}: {reason}")]
-    Bind {
-        /// The socket.
-        path: String,
-        /// Why.
-        reason: String,
-    },
     /// The server thread did not start.
     #[error("cannot start the API thread: {0}")]
     Thread(std::io::Error),
@@ -301,40 +295,43 @@ impl Drop for Served {
     }
 }
 
-/// Serve the API on `path`; requests arrive on the returned channel and
-/// wait there until the VM's main loop runs. A socket another process
-/// answers on is refused, a stale one replaced (`unix_socket::claim`).
-pub fn serve(path: &Path) -> Result<Served, ServeError> {
-    crate::unix_socket::claim(path, "--api-socket")?;
-    let server = tiny_http::Server::http_unix(path)
-        .map_err(|e| ServeError::Bind { path: path.display().to_string(), reason: e.to_string() })?;
+/// How long a client may take to send its request.
+const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Serve the API on `path`, created owner-only (0600); requests arrive on
+/// the returned channel and wait there until the VM's main loop runs. A
+/// socket another process answers on is refused, a stale one replaced
+/// (`unix_socket::claim`). A peer `peers` does not allow is logged and
+/// closed without an answer.
+pub fn serve(path: &Path, peers: Peers) -> Result<Served, ServeError> {
+    let listener = crate::unix_socket::bind_owner_only(path, "--api-socket")?;
     let (tx, rx) = crossbeam_channel::unbounded::<Call>();
     let (answered_tx, answered) = crossbeam_channel::unbounded::<()>();
+    let shown = path.display().to_string();
     std::thread::Builder::new()
         .name("api".into())
         .spawn(move || {
-            for mut request in server.incoming_requests() {
-                let mut body = String::new();
-                let read = request.as_reader().take(1 << 20).read_to_string(&mut body);
-                let method = request.method().as_str().to_string();
-                let answer = read
-                    .map_err(|e| ApiError::BadRequest(e.to_string()))
-                    .and_then(|_| route(&method, request.url(), &body))
-                    .and_then(|req| {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                if let Err(e) = peers.check(&stream) {
+                    crate::log::warn(&format!("--api-socket {shown}: refused a connection: {e}"));
+                    continue;
+                }
+                let _ = stream.set_read_timeout(Some(REQUEST_TIMEOUT));
+                let answer = match http::read_request(&mut std::io::BufReader::new(&stream)) {
+                    Err(http::HttpError::Io(_)) => continue, // gone, or silent too long
+                    Err(e) => Err(ApiError::BadRequest(e.to_string())),
+                    Ok(req) => route(&req.method, &req.path, &req.body).and_then(|req| {
                         let (reply_tx, reply_rx) = crossbeam_channel::bounded(1);
                         tx.send((req, reply_tx)).map_err(|_| ApiError::Ended)?;
                         reply_rx.recv().map_err(|_| ApiError::Ended)?
-                    });
+                    }),
+                };
                 let (status, value) = match answer {
                     Ok(v) => (200, v),
                     Err(e) => (e.status(), serde_json::json!({ "error": e.to_string() })),
                 };
-                let header = tiny_http::Header::from_bytes(&b"Content-Type"[..], &b"application/json"[..])
-                    .expect("static header");
-                let response = tiny_http::Response::from_string(value.to_string() + "\n")
-                    .with_status_code(status)
-                    .with_header(header);
-                let _ = request.respond(response);
+                let _ = http::write_response(&mut stream, status, &value);
                 let _ = answered_tx.send(());
             }
         })
@@ -353,17 +350,9 @@ pub enum CallError {
         /// Why.
         source: std::io::Error,
     },
-    /// The exchange broke.
-    #[error("API {what}: {source}")]
-    Io {
-        /// Request or response.
-        what: &'static str,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// The answer is not HTTP with a JSON body.
+    /// The exchange broke or the answer was not the API's.
     #[error("API answer: {0}")]
-    Malformed(String),
+    Answer(#[from] http::HttpError),
 }
 
 /// Send `req` to the API at `socket`; the status and the JSON answer.
@@ -382,28 +371,8 @@ pub fn call(
     let mut stream = UnixStream::connect(socket)
         .map_err(|source| CallError::Connect { socket: socket.display().to_string(), source })?;
     let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).map_err(|source| CallError::Io { what: "request", source })?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).map_err(|source| CallError::Io { what: "response", source })?;
-    let (head, payload) =
-        response.split_once("\r\n\r\n").ok_or_else(|| CallError::Malformed("no body".into()))?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse::<u16>().ok())
-        .ok_or_else(|| CallError::Malformed(format!("no status: {head}")))?;
-    // tiny_http may use chunked encoding; take the JSON object inside.
-    let json = match (payload.find('{'), payload.rfind('}')) {
-        (Some(a), Some(b)) if b >= a => &payload[a..=b],
-        _ => "null",
-    };
-    let value =
-        serde_json::from_str(json).map_err(|e| CallError::Malformed(format!("not JSON ({e}): {payload}")))?;
-    Ok((status, value))
+    http::write_request(&mut stream, method, path, &body).map_err(http::HttpError::Io)?;
+    Ok(http::read_response(&mut std::io::BufReader::new(&stream))?)
 }
 
 #[cfg(test)]
