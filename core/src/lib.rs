@@ -2,6 +2,7 @@
 //! the plugin loader and machine types. `main.rs` is the CLI on top.
 
 pub mod api;
+pub mod bindings;
 pub mod boot;
 pub mod bus;
 pub mod cpu;

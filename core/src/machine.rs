@@ -327,9 +327,9 @@ fn check_value(kind: PropertyKind, value: &PropValue) -> Result<String, ValueErr
             Ok((s == "true" || s == "on").to_string())
         }
         (PropertyKind::BOOL, other) => Err(wrong("true or false", other)),
-        (PropertyKind::STRING, PropValue::Str(s)) => Ok(s.clone()),
-        (PropertyKind::STRING, PropValue::Int(i)) => Ok(i.to_string()),
-        (PropertyKind::STRING, PropValue::Bool(b)) => Ok(b.to_string()),
+        (PropertyKind::STRING | PropertyKind::BINDING, PropValue::Str(s)) => Ok(s.clone()),
+        (PropertyKind::STRING | PropertyKind::BINDING, PropValue::Int(i)) => Ok(i.to_string()),
+        (PropertyKind::STRING | PropertyKind::BINDING, PropValue::Bool(b)) => Ok(b.to_string()),
         // Plugins with kinds this core does not know are refused at load.
         (PropertyKind(other), _) => Err(ValueError::UnknownKind(other)),
     }

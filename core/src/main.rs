@@ -188,12 +188,6 @@ struct BootArgs {
     /// Guest RAM, e.g. 256M or 2G (default: the machine type's).
     #[arg(long, value_name = "SIZE", value_parser = memory_size)]
     memory: Option<u64>,
-    /// Add a virtio-blk disk: path=FILE[,readonly=on][,serial=ID]. Repeatable.
-    #[arg(long, value_name = "path=FILE[,readonly=on]")]
-    disk: Vec<String>,
-    /// Add a virtio-net NIC on a tap device: tap=NAME[,mac=MAC]. Repeatable.
-    #[arg(long, value_name = "tap=NAME[,mac=MAC]")]
-    net: Vec<String>,
     /// Add a virtio-rng entropy device.
     #[arg(long)]
     rng: bool,
@@ -203,6 +197,25 @@ struct BootArgs {
 struct RunArgs {
     #[command(flatten)]
     boot: BootArgs,
+    /// Booting: add a virtio-blk disk, path=FILE[,readonly=on][,serial=ID].
+    /// With --restore or --incoming: bind an existing disk to this host's
+    /// image, id=DEVICE,path=FILE. Repeatable.
+    #[arg(long, value_name = "path=FILE[,readonly=on]|id=DEVICE,path=FILE")]
+    disk: Vec<String>,
+    /// Booting: add a virtio-net NIC on a tap device, tap=NAME[,mac=MAC].
+    /// With --restore or --incoming: bind an existing NIC to this host's
+    /// tap, id=DEVICE,tap=NAME. Repeatable.
+    #[arg(long, value_name = "tap=NAME[,mac=MAC]|id=DEVICE,tap=NAME")]
+    net: Vec<String>,
+    /// With --restore or --incoming: set a host binding of a device
+    /// (its image, tap, console file). Repeatable.
+    #[arg(long, value_name = "DEVICE:PROPERTY=VALUE")]
+    bind: Vec<String>,
+    /// With --restore or --incoming: take the bindings this host does not
+    /// give from the snapshot (from-snapshot) or the migration source
+    /// (from-source; trusted fleets only) instead of refusing.
+    #[arg(long, value_enum, value_name = "WHOSE", default_value_t = BindingsArg::Host)]
+    bindings: BindingsArg,
     /// Plugin directory (default: beside the ferry binary).
     #[arg(long, value_name = "DIR")]
     plugins: Option<PathBuf>,
@@ -261,6 +274,33 @@ fn parse_isolate(s: &str) -> Result<ferry::isolate::Isolate, String> {
 }
 
 impl RunArgs {
+    /// The host bindings given for a restore or an incoming migration.
+    fn host_bindings(&self) -> Result<ferry::bindings::HostBindings> {
+        use ferry::bindings::{parse_bind, parse_device_option, HostBindings, Reuse};
+        let mut supplied = ferry::bindings::Bindings::new();
+        for spec in &self.disk {
+            parse_device_option("--disk", spec, &mut supplied).map_err(|e| anyhow!(e))?;
+        }
+        for spec in &self.net {
+            parse_device_option("--net", spec, &mut supplied).map_err(|e| anyhow!(e))?;
+        }
+        for spec in &self.bind {
+            parse_bind(spec, &mut supplied).map_err(|e| anyhow!(e))?;
+        }
+        let reuse = match (self.bindings, self.restore.is_some(), self.incoming.is_some()) {
+            (BindingsArg::Host, _, _) => Reuse::Host,
+            (BindingsArg::FromSnapshot, true, _) => Reuse::FromSnapshot,
+            (BindingsArg::FromSource, _, true) => Reuse::FromSource,
+            (BindingsArg::FromSnapshot, _, _) => {
+                return Err(anyhow!("--bindings from-snapshot is for --restore"))
+            }
+            (BindingsArg::FromSource, _, _) => {
+                return Err(anyhow!("--bindings from-source is for --incoming"))
+            }
+        };
+        Ok(HostBindings { supplied, reuse })
+    }
+
     fn peers(&self) -> ferry::unix_socket::Peers {
         ferry::unix_socket::Peers { allowed: self.api_allow_uid.clone() }
     }
@@ -271,6 +311,17 @@ impl RunArgs {
             timeout: std::time::Duration::from_millis(self.device_timeout.max(1)),
         }
     }
+}
+
+/// `--bindings`.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum BindingsArg {
+    /// Only what this host's command line gives.
+    Host,
+    /// The snapshot's, where this host gives none (--restore).
+    FromSnapshot,
+    /// The migration source's, where this host gives none (--incoming).
+    FromSource,
 }
 
 /// `--on-reset`.
@@ -320,9 +371,19 @@ fn run(args: RunArgs) -> Result<ExitCode> {
         None => None,
     };
     let (vm, confirm) = match (&args.restore, &args.incoming) {
-        (Some(file), _) => (vm::restore(file, &plugins, args.verify_memory, &args.isolation())?, None),
+        (Some(file), _) => (
+            vm::restore(file, &plugins, args.verify_memory, &args.host_bindings()?, &args.isolation())?,
+            None,
+        ),
         (None, Some(uri)) => {
-            match vm::incoming(uri, security.as_ref(), &args.peers(), &plugins, &args.isolation())? {
+            match vm::incoming(
+                uri,
+                security.as_ref(),
+                &args.peers(),
+                &args.host_bindings()?,
+                &plugins,
+                &args.isolation(),
+            )? {
                 Some((vm, link)) => (vm, Some(link)),
                 None => {
                     eprintln!("ferry: dry run: the source only asked for the plan");
@@ -330,7 +391,14 @@ fn run(args: RunArgs) -> Result<ExitCode> {
                 }
             }
         }
-        (None, None) => (vm::boot(boot_config(&args.boot, plugins, args.isolation())?)?, None),
+        (None, None) => {
+            if !args.bind.is_empty() || args.bindings != BindingsArg::Host {
+                return Err(anyhow!(
+                    "--bind and --bindings are for --restore and --incoming; a boot gives --disk and --net"
+                ));
+            }
+            (vm::boot(boot_config(&args, plugins)?)?, None)
+        }
     };
     let policy = match args.on_reset {
         OnResetArg::Reboot => vm::OnReset::Reboot,
@@ -350,17 +418,14 @@ fn run(args: RunArgs) -> Result<ExitCode> {
     })
 }
 
-fn boot_config(
-    args: &BootArgs,
-    plugins: PathBuf,
-    isolation: ferry::isolate::Isolation,
-) -> Result<BootConfig> {
+fn boot_config(run: &RunArgs, plugins: PathBuf) -> Result<BootConfig> {
+    let args = &run.boot;
     let mut machine = machine::load(&args.machine)?;
-    for spec in &args.disk {
+    for spec in &run.disk {
         let id = machine.free_id("disk");
         machine.add_device(machine::device_from_option("--disk", id, "virtio-blk", spec)?)?;
     }
-    for spec in &args.net {
+    for spec in &run.net {
         let id = machine.free_id("net");
         machine.add_device(machine::device_from_option("--net", id, "virtio-net", spec)?)?;
     }
@@ -380,7 +445,7 @@ fn boot_config(
         cpus: args.cpus,
         memory: args.memory,
         plugins,
-        isolation,
+        isolation: run.isolation(),
     })
 }
 

@@ -298,7 +298,7 @@ pub fn load_one(path: &Path) -> Result<PluginLibrary, PluginError> {
             member: member.to_string(),
         });
     }
-    let known = [PropertyKind::INTEGER, PropertyKind::BOOL, PropertyKind::STRING];
+    let known = [PropertyKind::INTEGER, PropertyKind::BOOL, PropertyKind::STRING, PropertyKind::BINDING];
     if let Some(p) = descriptor.properties.iter().find(|p| !known.contains(&p.kind)) {
         return Err(PluginError::PropertyKind {
             path: shown,

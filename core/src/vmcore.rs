@@ -110,15 +110,20 @@ impl VmCore {
                 }
             })
             .collect();
+        let mut machine = MachineRecord::new(&self.machine);
+        let bindings = crate::bindings::split(&mut machine, |plugin, property| {
+            crate::bindings::is_binding(&self.registry, plugin, property)
+        });
         Manifest {
             ferry_version: env!("CARGO_PKG_VERSION").to_string(),
-            machine: MachineRecord::new(&self.machine),
+            machine,
             devices: records,
             cpus: self.cpus,
             memory: self.ram.size(),
             ram: self.ram.ranges().iter().map(|r| (r.gpa, r.len)).collect(),
             cpuid: self.cpu.cpuid.clone(),
             cpu: Some(cpu_record(&self.cpu)),
+            bindings,
         }
     }
     /// What `ferry ctl info` shows.

@@ -124,6 +124,15 @@ impl PropertyKind {
     pub const BOOL: PropertyKind = PropertyKind(1);
     /// Any string.
     pub const STRING: PropertyKind = PropertyKind(2);
+    /// A host resource the device uses (an image file, a tap, a console
+    /// file or socket), given as a string: a *binding* of the host, not a
+    /// property of the guest. Each host supplies its own (plugin-api 1.2):
+    /// the core never carries one in a snapshot or a migration stream as
+    /// part of the machine type, and a destination without it refuses the
+    /// move before the guest pauses. A plugin using it lists
+    /// `"PropertyKind::BINDING"` in its needs (`DescriptorBuilder::binding`
+    /// does), so a core without bindings refuses it by name.
+    pub const BINDING: PropertyKind = PropertyKind(3);
 }
 
 /// One property a plugin accepts.

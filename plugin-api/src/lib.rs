@@ -57,4 +57,6 @@ pub const MEMBERS: &[&str] = &[
     // 1.1
     "Device::reset",
     "Host::set_status",
+    // 1.2
+    "PropertyKind::BINDING",
 ];

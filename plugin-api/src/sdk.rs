@@ -163,6 +163,16 @@ impl DescriptorBuilder {
         self
     }
 
+    /// Add a host binding ([`PropertyKind::BINDING`]): a resource each
+    /// host supplies (`default: None` makes it required), and the need
+    /// that keeps cores without bindings from loading the plugin.
+    pub fn binding(mut self, name: &str, default: Option<&str>, help: &str) -> Self {
+        if !self.descriptor.needs.iter().any(|n| n.as_str() == "PropertyKind::BINDING") {
+            self.descriptor.needs.push("PropertyKind::BINDING".into());
+        }
+        self.property(name, PropertyKind::BINDING, default, help)
+    }
+
     /// Add a property; `default: None` makes it required.
     pub fn property(mut self, name: &str, kind: PropertyKind, default: Option<&str>, help: &str) -> Self {
         self.descriptor.properties.push(PropertySpec {

@@ -114,13 +114,23 @@ pub fn isolating() -> bool {
 
 /// `args` as this binary runs them: `--isolate all` after `run` when
 /// [`isolating`]; `--insecure-tcp` for an `--incoming tcp:` that names
-/// neither it nor `--tls-dir` (see [`plaintext_unless_tls`]).
+/// neither it nor `--tls-dir` (see [`plaintext_unless_tls`]); and, for a
+/// restore or an incoming migration that binds nothing itself, the
+/// writer's host bindings (`--bindings from-snapshot|from-source`): tests
+/// about something else move guests between hosts that share their files
+/// (tests/bindings.rs tests the bindings themselves).
 pub fn run_args<'a>(args: &[&'a str]) -> Vec<&'a str> {
     let mut all = args.to_vec();
     if all.first() == Some(&"run") {
         let incoming_tcp = all.windows(2).any(|w| w[0] == "--incoming" && w[1].starts_with("tcp:"));
         if incoming_tcp && plaintext_unless_tls(&all) {
             all.push("--insecure-tcp");
+        }
+        let binds = all.iter().any(|a| ["--bindings", "--bind", "--disk", "--net"].contains(a));
+        if !binds && all.contains(&"--incoming") {
+            all.extend(["--bindings", "from-source"]);
+        } else if !binds && all.contains(&"--restore") {
+            all.extend(["--bindings", "from-snapshot"]);
         }
         if isolating() {
             all.splice(1..1, ["--isolate", "all"]);

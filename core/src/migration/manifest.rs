@@ -9,6 +9,7 @@
 //! |---|---|
 //! | 1 | the CPUID only (it was the host's; no model, vendor field, MSR list or TSC) |
 //! | 2 | `cpu`: model, vendor, TSC kHz, MSRs by index and name, beside the CPUID |
+//! | 3 | `bindings`: the writer's host bindings (disk paths, taps), apart from the machine type, which has none |
 
 use std::collections::BTreeMap;
 
@@ -21,7 +22,7 @@ use crate::{
 };
 
 /// Version of [`Manifest`]'s encoding.
-pub const MANIFEST_VERSION: u32 = 2;
+pub const MANIFEST_VERSION: u32 = 3;
 
 /// One device of the machine type, properties resolved.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -103,6 +104,12 @@ pub struct Manifest {
     /// The guest's CPU (absent in v1 manifests).
     #[serde(default)]
     pub cpu: Option<CpuRecord>,
+    /// The writer's host bindings, by device and property (v3; a v2
+    /// manifest has them among the machine type's properties, which
+    /// `bindings::split` moves here). A reader uses them only when told
+    /// to (`--bindings from-snapshot|from-source`).
+    #[serde(default)]
+    pub bindings: crate::bindings::Bindings,
 }
 
 impl Manifest {

@@ -117,6 +117,7 @@ pub fn vm_manifest_on(
         ram: crate::memory::layout(memory).iter().map(|r| (r.gpa, r.len)).collect(),
         cpu: Some(cpu_record(&cpu)),
         cpuid: cpu.cpuid,
+        bindings: Default::default(),
     })
 }
 
@@ -324,6 +325,7 @@ mod tests {
                 tsc_khz: Some(2_000_000),
                 msrs: vec![MsrName { index: 0x10, name: "IA32_TSC".into() }],
             }),
+            bindings: Default::default(),
         }
     }
 

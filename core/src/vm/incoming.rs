@@ -3,14 +3,20 @@
 
 use std::path::Path;
 
-use super::{build, restore::cpu_here, RamSource, Vm, VmError};
+use super::{
+    build,
+    restore::{bind, cpu_here, unbound_machine},
+    RamSource, Vm, VmError,
+};
 use crate::{
+    bindings::{self, HostBindings},
     cpu::HostCpu,
     migration::{
         conn::{MigrateError, TcpSecurity},
         destination::{self, IncomingLink},
         hostinfo::host_plugins,
-        plan::{self, LIVE_ORIGIN},
+        manifest::Manifest,
+        plan::{self, Plan, Verdict, LIVE_ORIGIN},
         vmstate::StateReader,
     },
     plugins::Registry,
@@ -24,6 +30,7 @@ pub fn incoming(
     uri: &str,
     security: Option<&TcpSecurity>,
     peers: &crate::unix_socket::Peers,
+    bindings: &HostBindings,
     plugins: &Path,
     isolation: &crate::isolate::Isolation,
 ) -> Result<Option<(Vm, IncomingLink)>, VmError> {
@@ -36,7 +43,8 @@ pub fn incoming(
     let accepted = destination::accept(uri, security, peers, |m| {
         let names: Vec<&str> = m.devices.iter().map(|d| d.plugin.as_str()).collect();
         let registry = Registry::open(plugins, &names)?;
-        let plan = plan::make_plan(m, &host_plugins(&registry), Some(&host_cpu));
+        let mut plan = plan::make_plan(m, &host_plugins(&registry), Some(&host_cpu));
+        refuse_unbound(&mut plan, m, &registry, bindings);
         opened = Some(registry);
         Ok(plan)
     })
@@ -52,7 +60,13 @@ pub fn incoming(
             return Err(VmError::Incoming(MigrateError::Refused(problems)));
         }
     };
-    let mut machine = m.machine.to_machine_type(m.cpus, m.memory);
+    let (mut machine, carried) = unbound_machine(&m, &registry);
+    if let Err(e) = bind(&mut machine, &registry, bindings, &carried) {
+        // The plan refused these already; a source that went on anyway
+        // is told again.
+        incoming.link.failed(&e);
+        return Err(VmError::Incoming(MigrateError::Protocol(e)));
+    }
     // Properties this host's (older) plugins do not know switch on features
     // they lack; the plan allowed them only for downgrades, whose functions
     // refused if the guest used the feature. Leave them out here.
@@ -82,6 +96,30 @@ pub fn incoming(
         Err(e) => {
             incoming.link.failed(&e.to_string());
             Err(VmError::Incoming(e))
+        }
+    }
+}
+
+/// Turn every device line whose required host binding this host does not
+/// supply (nor reuse) into a refusal: the source stops before it pauses,
+/// told which device and which binding. Values naming a device or a
+/// property the VM does not have refuse the whole plan.
+fn refuse_unbound(plan: &mut Plan, m: &Manifest, registry: &Registry, host: &HostBindings) {
+    let (machine, carried) = unbound_machine(m, registry);
+    if let Err(e) = bindings::check_supplied(&machine, registry, host) {
+        for line in &mut plan.devices {
+            line.verdict = Verdict::Refused { reason: format!("this host's bindings: {e}") };
+        }
+        return;
+    }
+    for e in bindings::missing(&machine, registry, host, &carried) {
+        let bindings::BindingError::Missing { device, property, sugar, .. } = e else { continue };
+        if let Some(line) = plan.devices.iter_mut().find(|l| l.id == device) {
+            line.verdict = Verdict::Refused {
+                reason: format!(
+                    "host binding {property} is not supplied on this host (--bind {device}:{property}=VALUE{sugar}, or --bindings from-source)"
+                ),
+            };
         }
     }
 }

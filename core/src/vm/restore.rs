@@ -9,8 +9,10 @@ use ferry_plugin_api::state::check_load;
 
 use super::{build, RamSource, SnapshotFault, Vm, VmError};
 use crate::{
+    bindings::{self, Bindings, HostBindings},
     boot,
     cpu::{models::CpuModel, verdict, HostCpu, VmCpu},
+    machine::MachineType,
     migration::{
         manifest::{Manifest, MANIFEST_VERSION},
         stream::{self, Kind, StreamError},
@@ -122,12 +124,37 @@ fn restored_cpu(c: &SnapshotContents, host: &HostCpu) -> Result<VmCpu, VmError> 
     cpu_here(&c.manifest, &msrs, ORIGIN, host).map_err(VmError::CpuRefused)
 }
 
+/// The manifest's machine type without host bindings, and the writer's
+/// binding values (from a v3 manifest's `bindings`, or moved out of a v2
+/// manifest's machine type).
+pub(super) fn unbound_machine(m: &Manifest, registry: &Registry) -> (MachineType, Bindings) {
+    let mut record = m.machine.clone();
+    let mut carried = m.bindings.clone();
+    for (device, values) in bindings::split(&mut record, |p, k| bindings::is_binding(registry, p, k)) {
+        carried.entry(device).or_default().extend(values);
+    }
+    (record.to_machine_type(m.cpus, m.memory), carried)
+}
+
+/// Set `machine`'s host bindings from `host` (and `carried` where it
+/// reuses them); every binding that cannot be made, in one line.
+pub(super) fn bind(
+    machine: &mut MachineType,
+    registry: &Registry,
+    host: &HostBindings,
+    carried: &Bindings,
+) -> Result<(), String> {
+    bindings::apply(machine, registry, host, carried)
+        .map_err(|errors| errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))
+}
+
 /// Build a VM from a snapshot: the machine type comes from the file; memory
 /// is mapped from it lazily. Every section is checked before the VM runs.
 pub fn restore(
     path: &Path,
     plugins: &Path,
     verify_memory: bool,
+    bindings: &HostBindings,
     isolation: &crate::isolate::Isolation,
 ) -> Result<Vm, VmError> {
     let shown = path.display().to_string();
@@ -136,7 +163,6 @@ pub fn restore(
     let file = File::open(path).map_err(|e| bad(format!("cannot open: {e}")))?;
     let c = read_snapshot(&file, &shown, verify_memory)?;
     let m = &c.manifest;
-    let machine = m.machine.to_machine_type(m.cpus, m.memory);
     let host = HostCpu::probe()?;
     let cpu = restored_cpu(&c, &host).map_err(|e| bad(e.to_string()))?;
 
@@ -157,6 +183,11 @@ pub fn restore(
         check_load(lib.descriptor.state, d.state_version, "this host")
             .map_err(|e| bad(format!("device {} ({}): {e}", d.id, d.plugin)))?;
     }
+    // Then the host's resources: this host's bindings (or, when told, the
+    // snapshot's), every required one present.
+    let (machine, carried) = unbound_machine(m, &registry);
+    let mut machine = machine;
+    bind(&mut machine, &registry, bindings, &carried).map_err(bad)?;
 
     let vm = build(
         machine,

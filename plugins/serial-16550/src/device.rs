@@ -42,7 +42,7 @@ pub fn describe() -> PluginDescriptor {
     .property("port", PropertyKind::INTEGER, Some("0x3f8"), "base I/O port (8 ports)")
     .property("irq", PropertyKind::INTEGER, Some("4"), "interrupt line (GSI)")
     .property("output", PropertyKind::STRING, Some("stdout"), "stdout | file | socket | none")
-    .property("path", PropertyKind::STRING, Some(""), "file or socket path for output=file|socket")
+    .binding("path", Some(""), "file or socket path for output=file|socket (a host binding)")
     .property("input", PropertyKind::STRING, Some("stdin"), "stdin | none (socket output reads the socket)")
     .versioned::<UartState>()
     .build()

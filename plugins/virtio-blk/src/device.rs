@@ -55,7 +55,7 @@ const RELEASE: &str = env!("CARGO_PKG_VERSION");
 
 pub fn describe() -> PluginDescriptor {
     let b = DescriptorBuilder::new("virtio-blk", RELEASE, "virtio block device on a raw image file")
-        .property("path", PropertyKind::STRING, None, "raw disk image")
+        .binding("path", None, "raw disk image (a host binding)")
         .property("readonly", PropertyKind::BOOL, Some("false"), "refuse guest writes")
         .property(
             "serial",

@@ -23,7 +23,7 @@ pub fn describe() -> PluginDescriptor {
         env!("CARGO_PKG_VERSION"),
         "virtio network device on a tap interface",
     )
-    .property("tap", PropertyKind::STRING, None, "host tap interface name")
+    .binding("tap", None, "host tap interface name (a host binding)")
     .property(
         "mac",
         PropertyKind::STRING,
