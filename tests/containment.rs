@@ -54,10 +54,10 @@ impl Setup {
     /// Start ferry on the machine running [`CMDLINE`]; `isolate` is passed
     /// to `--isolate`.
     fn spawn(&self, isolate: Option<&str>) -> Running {
-        self.spawn_with(isolate, CMDLINE)
+        self.spawn_with(isolate, CMDLINE, &[])
     }
 
-    fn spawn_with(&self, isolate: Option<&str>, cmdline: &str) -> Running {
+    fn spawn_with(&self, isolate: Option<&str>, cmdline: &str, extra: &[&str]) -> Running {
         let plugins = self.dir.path().display().to_string();
         let machine = self.machine.display().to_string();
         let socket = self.socket().display().to_string();
@@ -75,6 +75,7 @@ impl Setup {
             "--cmdline",
             cmdline,
         ]);
+        args.extend_from_slice(extra);
         let mut vm = Running::new(spawn_ferry(&args));
         assert!(
             vm.wait_line("FERRY-GUEST READY", DEADLINE).is_some(),
@@ -200,7 +201,7 @@ fn a_device_process_killed_from_outside_is_contained() {
         return;
     }
     let setup = Setup::new("none");
-    let mut vm = setup.spawn_with(Some("bad0"), "ready ticks=0");
+    let mut vm = setup.spawn_with(Some("bad0"), "ready ticks=0", &[]);
     if vm.wait_line("TICK 2", DEADLINE).is_none() {
         panic!("the guest does not tick: {:?}", vm.finish(Duration::ZERO));
     }
@@ -227,12 +228,17 @@ fn opening_a_file_no_property_names_fails_naming_the_path() {
 
 /// Run the fault in-process until ferry ends (or `deadline`).
 fn in_process(fault: &str, deadline: Duration) -> Option<Finished> {
+    in_process_with(fault, deadline, &[])
+}
+
+/// The same with more arguments (`--seccomp off`).
+fn in_process_with(fault: &str, deadline: Duration, extra: &[&str]) -> Option<Finished> {
     if !kvm_or_skip(&format!("in_process_{fault}")) {
         return None;
     }
     no_core_files();
     let setup = Setup::new(fault);
-    Some(setup.spawn(None).finish(deadline))
+    Some(setup.spawn_with(None, CMDLINE, extra).finish(deadline))
 }
 
 /// A ferry this binary starts and a fault kills writes no core file (of
@@ -274,17 +280,43 @@ fn in_process_an_exit_ends_ferry_without_a_word() {
     }
 }
 
+/// ferry's own seccomp filter (on by default) ends ferry at the call, with
+/// one line naming the thread and the call, and status 159.
+fn assert_seccomp_ends(end: &Finished, call: &str) {
+    assert_eq!(end.status, Some(ferry::seccomp::EXIT_STATUS), "{end:?}");
+    assert_eq!(end.signal, None, "ended by ferry, not by a bare signal");
+    let line = format!("ferry: error: thread vcpu0 made a system call its seccomp filter does not allow: {call}");
+    let lines: Vec<&str> = end.stderr.lines().filter(|l| l.contains("seccomp")).collect();
+    assert_eq!(lines.len(), 1, "one line:\n{}", end.stderr);
+    assert!(lines[0].starts_with(&line), "{}", end.stderr);
+}
+
 #[test]
-fn in_process_an_execve_replaces_ferry() {
+fn in_process_an_execve_is_stopped_by_ferry_s_seccomp_filter() {
     if let Some(end) = in_process("execve", DEADLINE) {
+        assert_seccomp_ends(&end, "execve (59)");
+        assert!(!end.stdout.contains("this process is now /bin/echo"), "{}", end.stdout);
+    }
+}
+
+#[test]
+fn in_process_opening_a_file_on_a_vcpu_thread_is_stopped_by_ferry_s_seccomp_filter() {
+    if let Some(end) = in_process("open", DEADLINE) {
+        assert_seccomp_ends(&end, "openat (257)");
+    }
+}
+
+#[test]
+fn with_seccomp_off_an_in_process_execve_replaces_ferry() {
+    if let Some(end) = in_process_with("execve", DEADLINE, &["--seccomp", "off"]) {
         assert_eq!(end.status, Some(0), "{end:?}");
         assert!(end.stdout.contains("faulty-plugin: this process is now /bin/echo"), "{}", end.stdout);
     }
 }
 
 #[test]
-fn in_process_a_plugin_opens_any_file() {
-    if let Some(end) = in_process("open", DEADLINE) {
+fn with_seccomp_log_an_in_process_plugin_opens_any_file() {
+    if let Some(end) = in_process_with("open", DEADLINE, &["--seccomp", "log"]) {
         assert_eq!(end.status, Some(0), "{end:?}");
         assert!(end.stdout.contains("DEV OK reg=0x00 value=0x01"), "{}", end.stdout);
     }

@@ -17,6 +17,7 @@ pub mod memory;
 pub mod migration;
 pub mod pci;
 pub mod plugins;
+pub mod seccomp;
 pub mod state;
 pub mod unix_socket;
 pub mod vcpu;

@@ -263,6 +263,11 @@ struct RunArgs {
     /// networks only.
     #[arg(long, requires = "incoming")]
     insecure_tcp: bool,
+    /// seccomp for ferry's own threads: on (a call outside the allowlists
+    /// ends ferry with one line naming the thread and the call), log (the
+    /// kernel logs such calls, dmesg shows them), or off.
+    #[arg(long, value_enum, value_name = "MODE", default_value_t = SeccompArg::On)]
+    seccomp: SeccompArg,
     /// How long an isolated device may take to answer a register access
     /// before it counts as failed, in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = ferry::isolate::DEFAULT_TIMEOUT.as_millis() as u64, requires = "isolate")]
@@ -313,6 +318,14 @@ impl RunArgs {
     }
 }
 
+/// `--seccomp`.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum SeccompArg {
+    On,
+    Log,
+    Off,
+}
+
 /// `--bindings`.
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum BindingsArg {
@@ -351,6 +364,16 @@ fn plugin_dir(given: Option<PathBuf>) -> Result<PathBuf> {
 }
 
 fn run(args: RunArgs) -> Result<ExitCode> {
+    let mode = match args.seccomp {
+        SeccompArg::On => ferry::seccomp::Mode::On,
+        SeccompArg::Log => ferry::seccomp::Mode::Log,
+        SeccompArg::Off => ferry::seccomp::Mode::Off,
+    };
+    ferry::seccomp::set_mode(mode);
+    if mode == ferry::seccomp::Mode::On {
+        ferry::seccomp::drop_backtrace_request();
+        ferry::seccomp::install_sigsys_handler(ferry::seccomp::Style::Ferry).map_err(|e| anyhow!(e))?;
+    }
     let plugins = plugin_dir(args.plugins.clone())?;
     // The API socket first: one another process serves is refused before
     // anything is built.

@@ -275,6 +275,12 @@ fn run_vcpu(
     control: &VmControl,
     msrs: &[(u32, &'static str)],
 ) -> VcpuFd {
+    // Before the guest runs here: the vCPU thread's own allowlist.
+    let filtered = crate::seccomp::lists::vcpu().and_then(|rules| crate::seccomp::install(rules, false));
+    if let Err(e) = filtered {
+        control.stop(StopEvent::Error(format!("vCPU {index}: {e}")));
+        return vcpu;
+    }
     let flag: *mut u8 = &mut vcpu.get_kvm_run().immediate_exit;
     IMMEDIATE_EXIT.with(|f| f.set(flag));
     // Registered from the thread itself, under the control's lock: a stop

@@ -22,7 +22,6 @@ pub mod process;
 mod protocol;
 mod proxy;
 pub mod sandbox;
-mod syscalls;
 mod wire;
 
 use std::{fs::File, path::PathBuf, sync::Arc, time::Duration};
@@ -207,6 +206,11 @@ impl Placement {
         };
         let exe = std::env::current_exe().map_err(io("cannot find the ferry binary"))?;
         Ok(Placement { policy, share, control, exe })
+    }
+
+    /// Is any device isolated?
+    pub fn any(&self) -> bool {
+        self.policy.devices.any()
     }
 
     /// Is device `id` isolated?

@@ -39,8 +39,7 @@ use super::{
 pub const CONTROL_FD: i32 = 3;
 /// Where ferry puts the host socket in the child.
 pub const HOST_FD: i32 = 4;
-/// How the sandbox's own lines on stderr start (ferry quotes them).
-pub const SANDBOX_PREFIX: &str = "ferry-sandbox:";
+pub use crate::seccomp::SANDBOX_PREFIX;
 
 /// Run the device process; returns its exit status.
 pub fn main() -> i32 {

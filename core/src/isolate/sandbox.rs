@@ -22,12 +22,10 @@ use std::{collections::BTreeMap, path::Path};
 use landlock::{
     path_beneath_rules, Access, AccessFs, Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetStatus, ABI,
 };
-use seccompiler::{
-    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule,
-    TargetArch,
-};
+use seccompiler::{BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule};
 
-use super::{process::SANDBOX_PREFIX, protocol::SandboxSpec, syscalls};
+use super::protocol::SandboxSpec;
+use crate::seccomp::{self, Rules, SANDBOX_PREFIX};
 
 /// Address space a device process may use beyond guest RAM (its code,
 /// heap, thread stacks and allocator arenas).
@@ -124,7 +122,8 @@ fn landlock_files(spec: &SandboxSpec, plugin: &Path) -> Result<(), SandboxError>
 pub fn after_create() -> Result<(), SandboxError> {
     // SAFETY: unshare with a namespace flag; affects this process only.
     os("unsharing the network namespace", unsafe { libc::unshare(libc::CLONE_NEWNET) })?;
-    install_sigsys_handler()?;
+    seccomp::install_sigsys_handler(seccomp::Style::DeviceProcess)
+        .map_err(|e| SandboxError::Seccomp(e.to_string()))?;
     // clone3 cannot be checked (its flags are behind a pointer): it fails
     // with ENOSYS, and the C library falls back to clone, which is checked.
     let no_clone3 = filter(
@@ -137,19 +136,13 @@ pub fn after_create() -> Result<(), SandboxError> {
     seccompiler::apply_filter_all_threads(&allow).map_err(|e| SandboxError::Seccomp(e.to_string()))
 }
 
-fn filter(
-    rules: BTreeMap<i64, Vec<SeccompRule>>,
-    mismatch: SeccompAction,
-    matched: SeccompAction,
-) -> Result<BpfProgram, SandboxError> {
-    let f = SeccompFilter::new(rules, mismatch, matched, TargetArch::x86_64)
-        .map_err(|e| SandboxError::Seccomp(e.to_string()))?;
-    BpfProgram::try_from(f).map_err(|e| SandboxError::Seccomp(e.to_string()))
+fn filter(rules: Rules, mismatch: SeccompAction, matched: SeccompAction) -> Result<BpfProgram, SandboxError> {
+    seccomp::build(rules, mismatch, matched).map_err(|e| SandboxError::Seccomp(e.to_string()))
 }
 
 /// The system calls a device may make once it runs, with the conditions
 /// on the arguments of the few that could reach beyond the process.
-fn allowlist() -> Result<BTreeMap<i64, Vec<SeccompRule>>, SandboxError> {
+fn allowlist() -> Result<Rules, SandboxError> {
     let plain = [
         // Descriptors it holds: its files, eventfds, tap, sockets to ferry.
         libc::SYS_read,
@@ -258,60 +251,4 @@ fn allowlist() -> Result<BTreeMap<i64, Vec<SeccompRule>>, SandboxError> {
     }
     rules.insert(libc::SYS_ioctl, ioctl_rules);
     Ok(rules)
-}
-
-fn install_sigsys_handler() -> Result<(), SandboxError> {
-    // SAFETY: a zeroed sigaction with our handler and SA_SIGINFO; the
-    // handler only calls async-signal-safe functions.
-    unsafe {
-        let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = on_sigsys as *const () as usize;
-        sa.sa_flags = libc::SA_SIGINFO;
-        libc::sigemptyset(&mut sa.sa_mask);
-        os("installing the SIGSYS handler", libc::sigaction(libc::SIGSYS, &sa, std::ptr::null_mut()))
-    }
-}
-
-/// Write "ferry-sandbox: refused system call NAME (NR)" to stderr, then end
-/// the process by SIGSYS (pending until this handler returns).
-extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
-    // SAFETY: the kernel passes a valid siginfo for SIGSYS; `si_syscall`
-    // is the int at byte 24 (after signo, errno, code, padding and the
-    // call address) in the x86_64 layout.
-    let nr = unsafe { std::ptr::read_unaligned((info as *const u8).add(24) as *const i32) };
-    let mut line = [0u8; 160];
-    let mut n = 0;
-    let mut put = |b: &[u8]| {
-        for &c in b {
-            if n < line.len() {
-                line[n] = c;
-                n += 1;
-            }
-        }
-    };
-    put(SANDBOX_PREFIX.as_bytes());
-    put(b" refused system call ");
-    put(syscalls::name(i64::from(nr)).unwrap_or("?").as_bytes());
-    put(b" (");
-    let mut digits = [0u8; 12];
-    let mut d = digits.len();
-    let mut v = nr.unsigned_abs();
-    loop {
-        d -= 1;
-        digits[d] = b'0' + (v % 10) as u8;
-        v /= 10;
-        if v == 0 {
-            break;
-        }
-    }
-    put(&digits[d..]);
-    put(b")\n");
-    // SAFETY: write, signal and the tgkill system call are async-signal-
-    // safe; the buffer is ours; SIGSYS stays blocked until we return, and
-    // then kills the process with its default action.
-    unsafe {
-        libc::write(2, line.as_ptr() as *const libc::c_void, n);
-        libc::signal(libc::SIGSYS, libc::SIG_DFL);
-        libc::syscall(libc::SYS_tgkill, libc::getpid(), libc::gettid(), libc::SIGSYS);
-    }
 }

@@ -155,7 +155,12 @@ impl Controller {
         std::thread::Builder::new()
             .name("migration".into())
             .spawn(move || {
-                let _ = tx.send(source::migrate(&core, &opts, &cancel));
+                let filtered = crate::seccomp::lists::migration().and_then(|r| crate::seccomp::install(r, false));
+                let result = match filtered {
+                    Ok(()) => source::migrate(&core, &opts, &cancel),
+                    Err(e) => Err(MigrateError::Protocol(e.to_string())),
+                };
+                let _ = tx.send(result);
             })
             .map(|_| serde_json::json!({"state": "started"}))
             .map_err(|e| {

@@ -165,6 +165,9 @@ pub enum VmError {
     /// The control API's socket.
     #[error(transparent)]
     Api(#[from] crate::api::ServeError),
+    /// ferry's own seccomp filter.
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
 }
 
 /// What kind of snapshot problem: the file cannot be used, the guest's

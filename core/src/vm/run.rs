@@ -39,6 +39,9 @@ impl Vm {
                 self.cpu.kvm_rewrote.len()
             ));
         }
+        // Everything is built: from here every thread runs under ferry's
+        // process allowlist (vCPU and migration threads add their own).
+        crate::seccomp::install(crate::seccomp::lists::process(self.placement.any())?, true)?;
         let never = crossbeam_channel::never();
         let api = served.as_ref().map(|s| &s.calls).unwrap_or(&never);
         let mut ctl = Controller::new();
