@@ -111,6 +111,24 @@ pub fn create(config: &DeviceConfig, host: HostBox) -> Result<VirtioPci<Block>, 
     )
 }
 
+/// A device over `file` with no host to publish to, outside a transport:
+/// the fuzz target's (tests/fuzz/fuzz_targets/virtqueue.rs).
+#[cfg(feature = "fuzzing")]
+pub fn fuzzing_block(file: File, readonly: bool) -> Result<Block, String> {
+    let sectors = file.metadata().map_err(|e| e.to_string())?.len() / SECTOR;
+    Ok(Block {
+        file,
+        sectors,
+        readonly,
+        id: [0; ID_BYTES],
+        offer_wce: true,
+        wce_negotiated: true,
+        writeback: 1,
+        buf: Vec::new(),
+        status: Status::default(),
+    })
+}
+
 /// Request counts, published as the device's status line (`ferry ctl
 /// info`) through `Host::set_status`. On a core without it (plugin-api
 /// 1.0) the first failed request is logged instead.

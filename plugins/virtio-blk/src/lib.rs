@@ -1,14 +1,22 @@
 //! `virtio-blk`: a virtio block device backed by a raw image file.
 
+#[cfg_attr(feature = "fuzzing", allow(dead_code))]
 mod device;
 mod state;
 
+#[cfg(not(feature = "fuzzing"))]
 ferry_plugin_api::export_plugin! {
     describe: device::describe,
     create: device::create,
 }
 
-#[cfg(test)]
+/// The device as the descriptor-chain fuzz target drives it.
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing {
+    pub use crate::device::{fuzzing_block as block, Block};
+}
+
+#[cfg(all(test, not(feature = "fuzzing")))]
 mod abi_tests {
     #[test]
     fn the_plugin_works_through_the_abi() {
