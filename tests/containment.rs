@@ -285,7 +285,8 @@ fn in_process_an_exit_ends_ferry_without_a_word() {
 fn assert_seccomp_ends(end: &Finished, call: &str) {
     assert_eq!(end.status, Some(ferry::seccomp::EXIT_STATUS), "{end:?}");
     assert_eq!(end.signal, None, "ended by ferry, not by a bare signal");
-    let line = format!("ferry: error: thread vcpu0 made a system call its seccomp filter does not allow: {call}");
+    let line =
+        format!("ferry: error: thread vcpu0 made a system call its seccomp filter does not allow: {call}");
     let lines: Vec<&str> = end.stderr.lines().filter(|l| l.contains("seccomp")).collect();
     assert_eq!(lines.len(), 1, "one line:\n{}", end.stderr);
     assert!(lines[0].starts_with(&line), "{}", end.stderr);

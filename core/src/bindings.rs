@@ -96,6 +96,25 @@ pub enum BindingError {
         /// Its bindings.
         bindings: String,
     },
+    /// A `--disk`, `--net` or `--bind` value that does not parse.
+    #[error("{option} {spec}: {problem}")]
+    Spec {
+        /// The flag.
+        option: String,
+        /// Its value.
+        spec: String,
+        /// What is wrong with it.
+        problem: String,
+    },
+}
+
+/// Every binding that cannot be made, shown in one line.
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
+#[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+pub struct BindingErrors(pub Vec<BindingError>);
+
+fn spec_error(option: &str, spec: &str, problem: impl Into<String>) -> BindingError {
+    BindingError::Spec { option: option.into(), spec: spec.into(), problem: problem.into() }
 }
 
 /// The names of `plugin`'s binding properties, with whether each is
@@ -232,12 +251,13 @@ pub fn apply(
 
 /// Parse `--disk id=ID,path=FILE` / `--net id=ID,tap=NAME` as bindings of
 /// an existing device (`option` names the flag in errors).
-pub fn parse_device_option(option: &str, spec: &str, into: &mut Bindings) -> Result<(), String> {
+pub fn parse_device_option(option: &str, spec: &str, into: &mut Bindings) -> Result<(), BindingError> {
     let mut id = None;
     let mut values = BTreeMap::new();
     for pair in spec.split(',').filter(|p| !p.is_empty()) {
-        let (k, v) =
-            pair.split_once('=').ok_or_else(|| format!("{option} {spec}: '{pair}' is not key=value"))?;
+        let (k, v) = pair
+            .split_once('=')
+            .ok_or_else(|| spec_error(option, spec, format!("'{pair}' is not key=value")))?;
         match k.trim() {
             "id" => id = Some(v.trim().to_string()),
             key => {
@@ -246,20 +266,19 @@ pub fn parse_device_option(option: &str, spec: &str, into: &mut Bindings) -> Res
         }
     }
     let id = id.ok_or_else(|| {
-        format!("{option} {spec}: with --restore or --incoming, name the device it binds (id=DEVICE)")
+        spec_error(option, spec, "with --restore or --incoming, name the device it binds (id=DEVICE)")
     })?;
     into.entry(id).or_default().extend(values);
     Ok(())
 }
 
 /// Parse `--bind DEVICE:PROPERTY=VALUE`.
-pub fn parse_bind(spec: &str, into: &mut Bindings) -> Result<(), String> {
-    let (target, value) =
-        spec.split_once('=').ok_or_else(|| format!("--bind {spec}: not DEVICE:PROPERTY=VALUE"))?;
-    let (device, property) =
-        target.split_once(':').ok_or_else(|| format!("--bind {spec}: not DEVICE:PROPERTY=VALUE"))?;
+pub fn parse_bind(spec: &str, into: &mut Bindings) -> Result<(), BindingError> {
+    let malformed = || spec_error("--bind", spec, "not DEVICE:PROPERTY=VALUE");
+    let (target, value) = spec.split_once('=').ok_or_else(malformed)?;
+    let (device, property) = target.split_once(':').ok_or_else(malformed)?;
     if device.is_empty() || property.is_empty() {
-        return Err(format!("--bind {spec}: not DEVICE:PROPERTY=VALUE"));
+        return Err(malformed());
     }
     into.entry(device.to_string()).or_default().insert(property.to_string(), value.to_string());
     Ok(())
@@ -300,7 +319,7 @@ mod tests {
         assert_eq!(b["disk0"]["path"], "/srv/b.img");
         assert_eq!(b["net0"]["tap"], "tap7");
         let err = parse_device_option("--disk", "path=/x", &mut b).unwrap_err();
-        assert!(err.contains("name the device it binds (id=DEVICE)"), "{err}");
+        assert!(err.to_string().contains("name the device it binds (id=DEVICE)"), "{err}");
         assert!(parse_bind("net0=tap7", &mut b).is_err());
     }
 }

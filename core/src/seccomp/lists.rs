@@ -168,7 +168,10 @@ fn kill_rule(rules: &mut Rules) -> Result<(), SeccompError> {
 
 fn clone_threads(rules: &mut Rules) -> Result<(), SeccompError> {
     let thread = CLONE_THREAD as u64;
-    rules.insert(SYS_clone, vec![rule(vec![cond(0, SeccompCmpArgLen::Qword, SeccompCmpOp::MaskedEq(thread), thread)?])?]);
+    rules.insert(
+        SYS_clone,
+        vec![rule(vec![cond(0, SeccompCmpArgLen::Qword, SeccompCmpOp::MaskedEq(thread), thread)?])?],
+    );
     Ok(())
 }
 
@@ -260,13 +263,15 @@ mod tests {
     }
 
     fn compile(rules: Result<Rules, SeccompError>) -> BpfProgram {
-        super::super::build(rules.expect("rules"), SeccompAction::Trap, SeccompAction::Allow).expect("a filter")
+        super::super::build(rules.expect("rules"), SeccompAction::Trap, SeccompAction::Allow)
+            .expect("a filter")
     }
 
     /// The filters a thread of the kind has: the process list and the
     /// clone3 filter, then its own list.
     fn enforced(own: Option<Result<Rules, SeccompError>>) -> Vec<BpfProgram> {
-        let mut filters = vec![compile(process(false)), super::super::clone3_unsupported().expect("clone3 filter")];
+        let mut filters =
+            vec![compile(process(false)), super::super::clone3_unsupported().expect("clone3 filter")];
         filters.extend(own.map(compile));
         filters
     }
@@ -358,7 +363,8 @@ mod tests {
             assert_eq!(under(&filters, a_process), Outcome::Trapped);
             assert_eq!(under(&filters, execve_true), Outcome::Trapped);
         }
-        let isolating = vec![compile(process(true)), super::super::clone3_unsupported().expect("clone3 filter")];
+        let isolating =
+            vec![compile(process(true)), super::super::clone3_unsupported().expect("clone3 filter")];
         assert_eq!(under(&isolating, a_process), Outcome::Returned { ok: true });
     }
 

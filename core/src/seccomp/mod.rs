@@ -64,7 +64,11 @@ pub type Rules = BTreeMap<i64, Vec<SeccompRule>>;
 
 /// Compile an allowlist: `matched` for the calls in `rules`, `mismatch`
 /// for the rest.
-pub fn build(rules: Rules, mismatch: SeccompAction, matched: SeccompAction) -> Result<BpfProgram, SeccompError> {
+pub fn build(
+    rules: Rules,
+    mismatch: SeccompAction,
+    matched: SeccompAction,
+) -> Result<BpfProgram, SeccompError> {
     let f = SeccompFilter::new(rules, mismatch, matched, TargetArch::x86_64).map_err(err)?;
     BpfProgram::try_from(f).map_err(err)
 }
@@ -75,7 +79,12 @@ pub fn plain(calls: &[i64]) -> Rules {
 }
 
 /// One condition on argument `arg`.
-pub fn cond(arg: u8, len: SeccompCmpArgLen, op: SeccompCmpOp, value: u64) -> Result<SeccompCondition, SeccompError> {
+pub fn cond(
+    arg: u8,
+    len: SeccompCmpArgLen,
+    op: SeccompCmpOp,
+    value: u64,
+) -> Result<SeccompCondition, SeccompError> {
     SeccompCondition::new(arg, len, op, value).map_err(err)
 }
 
@@ -86,10 +95,7 @@ pub fn rule(conditions: Vec<SeccompCondition>) -> Result<SeccompRule, SeccompErr
 
 /// Rules allowing `ioctl` with one of these request numbers only.
 pub fn ioctls(requests: &[u64]) -> Result<Vec<SeccompRule>, SeccompError> {
-    requests
-        .iter()
-        .map(|&op| rule(vec![cond(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, op)?]))
-        .collect()
+    requests.iter().map(|&op| rule(vec![cond(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, op)?])).collect()
 }
 
 /// How the SIGSYS handler ends the process: 0 a device process (dies by
@@ -118,7 +124,10 @@ pub fn install_sigsys_handler(style: Style) -> Result<(), SeccompError> {
         libc::sigaction(libc::SIGSYS, &sa, std::ptr::null_mut())
     };
     if r != 0 {
-        return Err(SeccompError(format!("installing the SIGSYS handler: {}", std::io::Error::last_os_error())));
+        return Err(SeccompError(format!(
+            "installing the SIGSYS handler: {}",
+            std::io::Error::last_os_error()
+        )));
     }
     Ok(())
 }

@@ -155,7 +155,8 @@ impl Controller {
         std::thread::Builder::new()
             .name("migration".into())
             .spawn(move || {
-                let filtered = crate::seccomp::lists::migration().and_then(|r| crate::seccomp::install(r, false));
+                let filtered =
+                    crate::seccomp::lists::migration().and_then(|r| crate::seccomp::install(r, false));
                 let result = match filtered {
                     Ok(()) => source::migrate(&core, &opts, &cancel),
                     Err(e) => Err(MigrateError::Protocol(e.to_string())),

@@ -64,8 +64,8 @@ pub fn incoming(
     if let Err(e) = bind(&mut machine, &registry, bindings, &carried) {
         // The plan refused these already; a source that went on anyway
         // is told again.
-        incoming.link.failed(&e);
-        return Err(VmError::Incoming(MigrateError::Protocol(e)));
+        incoming.link.failed(&e.to_string());
+        return Err(VmError::Incoming(MigrateError::Protocol(e.to_string())));
     }
     // Properties this host's (older) plugins do not know switch on features
     // they lack; the plan allowed them only for downgrades, whose functions

@@ -143,9 +143,8 @@ pub(super) fn bind(
     registry: &Registry,
     host: &HostBindings,
     carried: &Bindings,
-) -> Result<(), String> {
-    bindings::apply(machine, registry, host, carried)
-        .map_err(|errors| errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))
+) -> Result<(), bindings::BindingErrors> {
+    bindings::apply(machine, registry, host, carried).map_err(bindings::BindingErrors)
 }
 
 /// Build a VM from a snapshot: the machine type comes from the file; memory
@@ -187,7 +186,7 @@ pub fn restore(
     // snapshot's), every required one present.
     let (machine, carried) = unbound_machine(m, &registry);
     let mut machine = machine;
-    bind(&mut machine, &registry, bindings, &carried).map_err(bad)?;
+    bind(&mut machine, &registry, bindings, &carried).map_err(|e| bad(e.to_string()))?;
 
     let vm = build(
         machine,
