@@ -28,10 +28,15 @@
 //! after RESUMED left the destination but before the source read it, both
 //! would hold the guest: the one window left, as in any two-party commit.)
 //!
-//! Policy when the guest dirties memory faster than the link: after
-//! [`MAX_ROUNDS`] rounds ferry stops and copies anyway if the expected
-//! downtime is within twice the limit; otherwise it gives up, says so, and
-//! the source guest keeps running.
+//! When to switch over: pre-copy aims at [`AIM_DOWNTIME_MS`] (or the
+//! user's `--max-downtime`, if lower), not at the ceiling. Rounds go on
+//! while they still shrink what is dirty; the guest is paused as soon as
+//! the rest is expected to go within the aim, or, once rounds stop
+//! helping ([`STALLED_ROUNDS`] in a row without a new low) or
+//! [`MAX_ROUNDS`] have passed, if it is within the ceiling. Past the
+//! round limit ferry stops and copies anyway if the expected downtime is
+//! within twice the ceiling; otherwise it gives up, says so, and the
+//! source guest keeps running.
 
 use std::time::{Duration, Instant};
 
@@ -48,6 +53,11 @@ use crate::{state, vmcore::VmCore};
 
 /// Rounds of pre-copy before the convergence policy applies.
 pub const MAX_ROUNDS: u32 = 30;
+/// The downtime pre-copy aims at while rounds still help, in milliseconds.
+pub const AIM_DOWNTIME_MS: f64 = 2.0;
+/// Rounds in a row that leave more dirty than the best round so far
+/// before pre-copy counts as stalled and settles for the ceiling.
+pub const STALLED_ROUNDS: u32 = 3;
 /// Default downtime limit, in milliseconds.
 pub const DEFAULT_MAX_DOWNTIME_MS: u64 = 300;
 
@@ -259,9 +269,8 @@ fn precopy_and_switch(
     });
     cancel.check()?;
 
-    let max_downtime = opts.max_downtime_ms as f64 / 1e3;
     let knobs = Knobs::from_env();
-    let max_rounds = MAX_ROUNDS.max(knobs.min_rounds + 1);
+    let mut policy = SwitchOver::new(opts.max_downtime_ms as f64 / 1e3, knobs.min_rounds);
     let mut round = 1u32;
     let mut last_round = Instant::now();
     loop {
@@ -276,21 +285,20 @@ fn precopy_and_switch(
             s.dirty_rate_bytes_per_s = dirty_rate;
             s.expected_downtime_ms = expected * 1e3;
         });
-        if expected <= max_downtime && round > knobs.min_rounds {
-            // Switch over: what is dirty now goes in the final pass.
-            cancel.disarm()?;
-            return switch_over(core, plan, link, start, dirty, round, Some(&knobs));
-        }
-        if round >= max_rounds {
-            if expected <= 2.0 * max_downtime {
+        match policy.after_round(round, dirty_bytes, expected) {
+            Step::SwitchOver => {
+                // What is dirty now goes in the final pass.
                 cancel.disarm()?;
                 return switch_over(core, plan, link, start, dirty, round, Some(&knobs));
             }
-            return Err(MigrateError::NoConvergence {
-                rounds: round,
-                dirty: dirty_rate / 1e6,
-                link: bandwidth / 1e6,
-            });
+            Step::GiveUp => {
+                return Err(MigrateError::NoConvergence {
+                    rounds: round,
+                    dirty: dirty_rate / 1e6,
+                    link: bandwidth / 1e6,
+                })
+            }
+            Step::Another => {}
         }
         last_round = Instant::now();
         let t = Instant::now();
@@ -305,6 +313,62 @@ fn precopy_and_switch(
         });
         cancel.check()?;
         round += 1;
+    }
+}
+
+/// What pre-copy does after a round's dirty set is known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// Pause the guest and send the rest.
+    SwitchOver,
+    /// Send the dirty set and look again.
+    Another,
+    /// The guest outruns the link: stop, the source runs on.
+    GiveUp,
+}
+
+/// The switch-over policy (the module's header says it in words).
+#[derive(Debug)]
+struct SwitchOver {
+    /// The user's ceiling, seconds.
+    ceiling: f64,
+    /// What pre-copy aims at while rounds help, seconds.
+    aim: f64,
+    /// Rounds before a switch-over is allowed (a test knob).
+    min_rounds: u32,
+    max_rounds: u32,
+    fewest_dirty: u64,
+    stalled: u32,
+}
+
+impl SwitchOver {
+    fn new(ceiling: f64, min_rounds: u32) -> Self {
+        SwitchOver {
+            ceiling,
+            aim: (AIM_DOWNTIME_MS / 1e3).min(ceiling),
+            min_rounds,
+            max_rounds: MAX_ROUNDS.max(min_rounds + 1),
+            fewest_dirty: u64::MAX,
+            stalled: 0,
+        }
+    }
+
+    /// Round `round` (from 1) left `dirty_bytes`, expected to take
+    /// `expected` seconds at the link's rate.
+    fn after_round(&mut self, round: u32, dirty_bytes: u64, expected: f64) -> Step {
+        if dirty_bytes < self.fewest_dirty {
+            (self.fewest_dirty, self.stalled) = (dirty_bytes, 0);
+        } else {
+            self.stalled += 1;
+        }
+        let settle = self.stalled >= STALLED_ROUNDS || round >= self.max_rounds;
+        if round > self.min_rounds && (expected <= self.aim || (settle && expected <= self.ceiling)) {
+            return Step::SwitchOver;
+        }
+        if round >= self.max_rounds {
+            return if expected <= 2.0 * self.ceiling { Step::SwitchOver } else { Step::GiveUp };
+        }
+        Step::Another
     }
 }
 
@@ -370,4 +434,67 @@ fn switch_over(
     status.total_ms = start.elapsed().as_secs_f64() * 1e3;
     status.done = true;
     Ok(status)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+    const CEILING: f64 = 0.3;
+
+    #[test]
+    fn a_rest_that_fits_the_aim_switches_over_at_once() {
+        let mut p = SwitchOver::new(CEILING, 0);
+        assert_eq!(p.after_round(1, 64 * 1024, 0.0001), Step::SwitchOver);
+    }
+
+    #[test]
+    fn rounds_go_on_while_they_shrink_the_rest_though_it_fits_the_ceiling() {
+        let mut p = SwitchOver::new(CEILING, 0);
+        // 10 MiB at 700 MB/s: 15 ms, within 300 ms but not the 2 ms aim.
+        assert_eq!(p.after_round(1, 10 * MIB, 0.015), Step::Another);
+        assert_eq!(p.after_round(2, 2 * MIB, 0.003), Step::Another);
+        assert_eq!(p.after_round(3, MIB / 2, 0.0008), Step::SwitchOver);
+    }
+
+    #[test]
+    fn once_rounds_stop_helping_the_ceiling_is_enough() {
+        let mut p = SwitchOver::new(CEILING, 0);
+        assert_eq!(p.after_round(1, 4 * MIB, 0.006), Step::Another);
+        for round in 2..2 + STALLED_ROUNDS - 1 {
+            assert_eq!(p.after_round(round, 4 * MIB, 0.006), Step::Another, "round {round}");
+        }
+        assert_eq!(p.after_round(1 + STALLED_ROUNDS, 4 * MIB, 0.006), Step::SwitchOver);
+    }
+
+    #[test]
+    fn a_lower_ceiling_than_the_aim_is_the_aim() {
+        let mut p = SwitchOver::new(0.001, 0);
+        assert_eq!(p.after_round(1, MIB, 0.0015), Step::Another);
+        assert_eq!(p.after_round(2, MIB / 4, 0.0009), Step::SwitchOver);
+    }
+
+    #[test]
+    fn a_guest_that_outruns_the_link_gives_up_after_the_round_limit() {
+        let mut p = SwitchOver::new(CEILING, 0);
+        for round in 1..MAX_ROUNDS {
+            assert_eq!(p.after_round(round, 512 * MIB, 0.9), Step::Another, "round {round}");
+        }
+        assert_eq!(p.after_round(MAX_ROUNDS, 512 * MIB, 0.9), Step::GiveUp);
+        let mut q = SwitchOver::new(CEILING, 0);
+        for round in 1..MAX_ROUNDS {
+            q.after_round(round, 256 * MIB, 0.5);
+        }
+        assert_eq!(q.after_round(MAX_ROUNDS, 256 * MIB, 0.5), Step::SwitchOver, "within twice the ceiling");
+    }
+
+    #[test]
+    fn the_minimum_rounds_knob_holds_the_switch_over_back() {
+        let mut p = SwitchOver::new(CEILING, 3);
+        for round in 1..=3 {
+            assert_eq!(p.after_round(round, 0, 0.0), Step::Another, "round {round}");
+        }
+        assert_eq!(p.after_round(4, 0, 0.0), Step::SwitchOver);
+    }
 }
