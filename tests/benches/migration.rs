@@ -7,6 +7,7 @@
 //!
 //! ```sh
 //! cargo build --release --workspace && cargo bench -p ferry-tests --bench migration
+//! cargo bench -p ferry-tests --bench migration -- bandwidth   # that table only
 //! ```
 //!
 //! The guest fills 64 MiB with a pattern, then ticks; "dirtying" adds 26
@@ -44,6 +45,11 @@ struct Figures {
     total_ms: f64,
     downtime_ms: f64,
     bytes: f64,
+    /// Bytes the rate is about: ferry's first pass (every non-zero page),
+    /// QEMU's whole migration.
+    moved: f64,
+    /// Bytes per second of `moved`, end to end (QEMU: its `mbps`).
+    rate: f64,
 }
 
 fn field(json: &str, key: &str) -> f64 {
@@ -100,6 +106,8 @@ fn ferry(dir: &Path, memory: &str, guest: &str, transport: &Transport) -> Result
         total_ms: field(&text, "total_ms"),
         downtime_ms: field(&text, "downtime_ms"),
         bytes: field(&text, "bytes_sent"),
+        moved: field(&text, "first_pass_bytes"),
+        rate: field(&text, "first_pass_bytes") / (field(&text, "first_pass_ms") / 1e3),
     })
 }
 
@@ -109,7 +117,9 @@ fn qemu_cmd(guest_elf: &Path, memory: &str, guest: &str, qmp: &Path) -> Command 
     c
 }
 
-fn qemu(dir: &Path, guest_elf: &Path, memory: &str, guest: &str) -> Result<Figures, String> {
+/// QEMU's migration: `unlimited` lifts its bandwidth limit (128 MiB/s by
+/// default in 7.2) before it starts.
+fn qemu(dir: &Path, guest_elf: &Path, memory: &str, guest: &str, unlimited: bool) -> Result<Figures, String> {
     let port = free_port();
     let (qs, qd) = (dir.join(format!("qs-{memory}.qmp")), dir.join(format!("qd-{memory}.qmp")));
     let _dst =
@@ -119,6 +129,9 @@ fn qemu(dir: &Path, guest_elf: &Path, memory: &str, guest: &str) -> Result<Figur
         return Err("QEMU guest did not tick".into());
     }
     let mut q = Qmp::connect(&qs)?;
+    if unlimited {
+        q.cmd(r#"{"execute":"migrate-set-parameters","arguments":{"max-bandwidth":1099511627776}}"#)?;
+    }
     q.cmd(&format!(r#"{{"execute":"migrate","arguments":{{"uri":"tcp:127.0.0.1:{port}"}}}}"#))?;
     loop {
         let l = q.cmd(r#"{"execute":"query-migrate"}"#)?;
@@ -131,13 +144,136 @@ fn qemu(dir: &Path, guest_elf: &Path, memory: &str, guest: &str) -> Result<Figur
                 .and_then(|v| v.split([',', '}']).next())
                 .and_then(|v| v.trim().parse().ok())
                 .unwrap_or(f64::NAN);
+            let rate = field(&l, "mbps") * 1e6 / 8.0;
             let _ = q.cmd(r#"{"execute":"quit"}"#);
-            return Ok(Figures { total_ms: total, downtime_ms: down, bytes });
+            return Ok(Figures { total_ms: total, downtime_ms: down, bytes, moved: bytes, rate });
         }
         if l.contains("\"failed\"") {
             return Err(format!("QEMU migration failed: {l}"));
         }
         std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Where a raw stream's reader puts what it reads.
+#[derive(Clone, Copy)]
+enum Sink {
+    /// One 1 MiB buffer, reused: the link alone.
+    Buffer,
+    /// A fresh memfd of the stream's size, written in order: the link
+    /// plus what any destination VMM must do, put the bytes into RAM it
+    /// has not touched before.
+    FreshMemory,
+}
+
+/// Bytes per second of one raw TCP stream on loopback in this process:
+/// `bytes` of non-zero data written in 1 MiB pieces, read in 1 MiB
+/// pieces into `sink`, from connect until the reader has the last byte.
+fn raw_loopback(bytes: u64, sink: Sink) -> Result<f64, String> {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::FileExt;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let memory = match sink {
+        Sink::Buffer => None,
+        Sink::FreshMemory => {
+            // SAFETY: memfd_create with a NUL-terminated name; the fd is
+            // checked and owned by the File.
+            let fd = unsafe { libc::memfd_create(c"ferry-bench-raw".as_ptr(), libc::MFD_CLOEXEC) };
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error().to_string());
+            }
+            // SAFETY: a fresh fd nothing else owns.
+            let file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+            file.set_len(bytes).map_err(|e| e.to_string())?;
+            Some(file)
+        }
+    };
+    let reader = std::thread::spawn(move || -> std::io::Result<u64> {
+        let (mut s, _) = listener.accept()?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut got = 0u64;
+        loop {
+            match s.read(&mut buf)? {
+                0 => return Ok(got),
+                n => {
+                    if let Some(m) = &memory {
+                        m.write_all_at(&buf[..n], got)?;
+                    }
+                    got += n as u64;
+                }
+            }
+        }
+    });
+    let start = std::time::Instant::now();
+    let mut s = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    let piece = vec![0x5au8; 1 << 20];
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(piece.len() as u64) as usize;
+        s.write_all(&piece[..n]).map_err(|e| e.to_string())?;
+        left -= n as u64;
+    }
+    drop(s);
+    let got = reader.join().map_err(|_| "reader panicked".to_string())?.map_err(|e| e.to_string())?;
+    if got != bytes {
+        return Err(format!("raw stream carried {got} of {bytes} bytes"));
+    }
+    Ok(bytes as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Bandwidth: a 2 GiB guest with 1.5 GiB of non-zero memory, moved by
+/// ferry (plaintext and TLS; the first pass's rate, end to end) and by
+/// QEMU with its bandwidth limit lifted, beside one raw loopback TCP
+/// stream of the same size measured in the same run.
+fn bandwidth(dir: &Path, guest_elf: &Path, creds: &Path, have_qemu: bool) {
+    const FULL: &str = "pattern=1536 ticks=0";
+    println!("\nBandwidth: 2 GiB guest, 1.5 GiB of it non-zero, idle\n");
+    println!("| what                       | MiB moved | ms     | MiB/s  | of raw | of raw, guest up |");
+    println!("|----------------------------|----------:|-------:|-------:|-------:|-----------------:|");
+    // The same stream while the guest to be moved runs here: the
+    // emulated guest keeps one of this machine's cores busy (it verifies
+    // its pattern every second), as it does while a VMM moves it.
+    let beside =
+        spawn(Command::new(bin_dir().join("ferry")).args(["run", "--memory", "2G", "--cmdline", FULL]))
+            .and_then(|mut guest| match guest.wait_line("TICK 2", Duration::from_secs(120)) {
+                Some(_) => raw_loopback(1536 << 20, Sink::FreshMemory),
+                None => Err("the guest did not tick".into()),
+            });
+    let (raw, fresh, same) =
+        match (raw_loopback(1536 << 20, Sink::Buffer), raw_loopback(1536 << 20, Sink::FreshMemory), beside) {
+            (Ok(r), Ok(f), Ok(b)) => (r, f, b),
+            (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
+                println!("raw loopback stream failed: {e}");
+                return;
+            }
+        };
+    let row = |what: &str, bytes: f64, rate: f64| {
+        println!(
+            "| {what:<26} | {:>9.0} | {:>6.0} | {:>6.0} | {:>5.0}% | {:>15.0}% |",
+            bytes / 1048576.0,
+            bytes / rate * 1e3,
+            rate / 1048576.0,
+            rate / raw * 100.0,
+            rate / same * 100.0
+        )
+    };
+    row("raw TCP stream (1 MiB I/O)", 1536.0 * 1048576.0, raw);
+    row("raw, into fresh memfd", 1536.0 * 1048576.0, fresh);
+    row("raw, fresh memfd, guest up", 1536.0 * 1048576.0, same);
+    for (name, transport) in
+        [("ferry plaintext, 1st pass", Transport::Plain), ("ferry TLS 1.3, 1st pass", Transport::Tls(creds))]
+    {
+        match ferry(dir, "2G", FULL, &transport) {
+            Ok(f) => row(name, f.moved, f.rate),
+            Err(e) => println!("| {name:<26} | failed: {e} |"),
+        }
+    }
+    if have_qemu {
+        match qemu(dir, guest_elf, "2G", FULL, true) {
+            Ok(f) => row("qemu, no bandwidth limit", f.moved, f.rate),
+            Err(e) => println!("| qemu, no bandwidth limit   | failed: {e} |"),
+        }
     }
 }
 
@@ -161,6 +297,11 @@ fn main() {
         return;
     }
     let creds = fleet.join("127.0.0.1");
+    // `cargo bench --bench migration -- bandwidth`: that table only.
+    if std::env::args().any(|a| a == "bandwidth") {
+        bandwidth(dir.path(), &guest_elf, &creds, have_qemu);
+        return;
+    }
     println!("Live migration over loopback TCP, test guest with 64 MiB of pattern\n");
     println!("| VMM   | transport | RAM  | guest    | total ms | downtime ms | MiB sent |");
     println!("|-------|-----------|------|----------|---------:|------------:|---------:|");
@@ -179,7 +320,7 @@ fn main() {
             let mut rows: Vec<(&str, &str, Result<Figures, String>)> =
                 vec![("ferry", "TLS 1.3", tls), ("ferry", "plaintext", plain)];
             if have_qemu {
-                rows.push(("qemu", "plaintext", qemu(dir.path(), &guest_elf, memory, guest)));
+                rows.push(("qemu", "plaintext", qemu(dir.path(), &guest_elf, memory, guest, false)));
             }
             for (vmm, via, r) in rows {
                 match r {
@@ -198,6 +339,7 @@ fn main() {
     for r in &ratios {
         println!("  {r}");
     }
+    bandwidth(dir.path(), &guest_elf, &creds, have_qemu);
     println!("\nSame host, unix socket, RAM memfd handed over (no copy):\n");
     println!("| VMM   | RAM  | guest    | total ms | downtime ms | MiB sent |");
     println!("|-------|------|----------|---------:|------------:|---------:|");

@@ -48,11 +48,13 @@ impl IncomingLink {
     /// the state, every section checked, nothing loaded yet.
     pub fn receive_vm(&mut self, ram: &GuestRam, mut reader: StateReader) -> Result<VmState, MigrateError> {
         let phase = "receiving the VM";
+        // One buffer for every message: pages go through it by the gigabyte.
+        let mut payload = Vec::new();
         loop {
-            let (h, payload) = self.0.receive().map_err(st(phase))?;
+            let h = self.0.receive_into(&mut payload).map_err(st(phase))?;
             match h.kind {
                 k if pages::is_pages(k) => pages::receive(ram, &h, &payload).map_err(st(phase))?,
-                k if StateReader::wants(k) => reader.take(&h, payload)?,
+                k if StateReader::wants(k) => reader.take(&h, std::mem::take(&mut payload))?,
                 Kind::End => break,
                 Kind::Decision if payload == b"sync" => self.0.decide(b"synced", "answering a sync")?,
                 Kind::Failed => {

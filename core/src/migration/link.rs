@@ -49,7 +49,14 @@ impl Link {
     }
 
     pub(crate) fn receive(&mut self) -> Result<(SectionHeader, Vec<u8>), StreamError> {
-        let r = stream::receive(&mut self.reader, self.received);
+        let mut payload = Vec::new();
+        let h = self.receive_into(&mut payload)?;
+        Ok((h, payload))
+    }
+
+    /// Receive the next message into `payload`, reusing its allocation.
+    pub(crate) fn receive_into(&mut self, payload: &mut Vec<u8>) -> Result<SectionHeader, StreamError> {
+        let r = stream::receive_into(&mut self.reader, self.received, payload);
         self.received += 1;
         r
     }

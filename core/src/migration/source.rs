@@ -262,10 +262,13 @@ fn precopy_and_switch(
     let t = Instant::now();
     let bytes = pages::send(&core.ram, &round0, link).map_err(st("sending memory"))?;
     sync(link, "first pass")?;
-    let mut bandwidth = (bytes.max(4096) as f64) / t.elapsed().as_secs_f64().max(1e-6);
+    let first_pass = t.elapsed().as_secs_f64();
+    let mut bandwidth = (bytes.max(4096) as f64) / first_pass.max(1e-6);
     update(core, |s| {
         s.bytes_sent = link.sent;
         s.bandwidth_bytes_per_s = bandwidth;
+        s.first_pass_bytes = bytes;
+        s.first_pass_ms = first_pass * 1e3;
     });
     cancel.check()?;
 

@@ -41,6 +41,12 @@ pub struct Status {
     pub dirty_rate_bytes_per_s: f64,
     /// Link throughput in the last round.
     pub bandwidth_bytes_per_s: f64,
+    /// The first pass (every non-zero page): bytes of pages sent, and its
+    /// time from the first page read to the destination having written
+    /// the last (end to end).
+    pub first_pass_bytes: u64,
+    /// See `first_pass_bytes`.
+    pub first_pass_ms: f64,
     /// Expected downtime if stopping now.
     pub expected_downtime_ms: f64,
     /// Total time, when finished.

@@ -21,6 +21,19 @@ pub fn send<W: Write>(
 /// kind, length limit) before the payload is read, then the payload's CRC.
 /// `index` numbers messages in errors.
 pub fn receive<R: Read>(input: &mut R, index: usize) -> Result<(SectionHeader, Vec<u8>), StreamError> {
+    let mut payload = Vec::new();
+    let h = receive_into(input, index, &mut payload)?;
+    Ok((h, payload))
+}
+
+/// [`receive`] into `payload`, whose allocation is reused: a connection
+/// that carries gigabytes of pages then allocates (and the kernel
+/// zero-fills) no new buffer per message.
+pub fn receive_into<R: Read>(
+    input: &mut R,
+    index: usize,
+    payload: &mut Vec<u8>,
+) -> Result<SectionHeader, StreamError> {
     let mut h = [0u8; SECTION_HEADER_LEN as usize];
     input.read_exact(&mut h)?;
     let raw = RawHeader::parse(&h);
@@ -31,12 +44,13 @@ pub fn receive<R: Read>(input: &mut R, index: usize) -> Result<(SectionHeader, V
     input.read_exact(&mut id_bytes)?;
     let (kind, id) = raw.check(&h, &id_bytes, index, 0)?;
     let RawHeader { version, payload_len, payload_crc, .. } = raw;
-    let mut payload = vec![0u8; payload_len as usize];
-    input.read_exact(&mut payload)?;
-    if crc32fast::hash(&payload) != payload_crc {
+    payload.clear();
+    payload.resize(payload_len as usize, 0);
+    input.read_exact(payload)?;
+    if crc32fast::hash(payload) != payload_crc {
         return Err(StreamError::PayloadCrc { index, kind: kind.name(), id });
     }
-    Ok((SectionHeader { index, kind, id, version, payload_len, payload_crc, payload_at: 0 }, payload))
+    Ok(SectionHeader { index, kind, id, version, payload_len, payload_crc, payload_at: 0 })
 }
 
 #[cfg(test)]

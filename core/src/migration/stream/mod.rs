@@ -39,7 +39,7 @@ mod message;
 use thiserror::Error;
 
 pub use file::{Reader, Run, Writer};
-pub use message::{receive, send};
+pub use message::{receive, receive_into, send};
 
 pub const MAGIC: [u8; 8] = *b"FERRY\0VM";
 /// The format version this ferry writes and reads.
