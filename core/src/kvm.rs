@@ -50,25 +50,28 @@ pub struct Machine {
 }
 
 impl Machine {
-    /// Create a VM able to hold `cpus` vCPUs.
-    pub fn new(cpus: usize) -> Result<Self, KvmError> {
+    /// Create a VM able to hold `cpus` vCPUs, with `ram` registered.
+    ///
+    /// RAM goes in before the irqchip: once the VM has one, every memory
+    /// slot change waits out a grace period of KVM's (6.5-7.7 ms on these
+    /// machines, whatever the size; 0.3 ms for 512 MiB and 1.2 ms for
+    /// 2 GiB before it), and restore waits for this one.
+    pub fn new(cpus: usize, ram: &GuestRam) -> Result<Self, KvmError> {
         let kvm = Kvm::new().map_err(KvmError::Open)?;
         let max = kvm.get_max_vcpus();
         if cpus > max {
             return Err(KvmError::TooManyVcpus { requested: cpus, max });
         }
         let vm = kvm.create_vm().map_err(call("CREATE_VM"))?;
+        let machine = Machine { kvm, vm: Arc::new(vm) };
+        machine.set_ram_slots(ram, 0)?;
+        let vm = &machine.vm;
         vm.set_tss_address(TSS_ADDRESS).map_err(call("SET_TSS_ADDR"))?;
         vm.set_identity_map_address(IDENTITY_MAP_ADDRESS).map_err(call("SET_IDENTITY_MAP_ADDR"))?;
         vm.create_irq_chip().map_err(call("CREATE_IRQCHIP"))?;
         let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
         vm.create_pit2(pit).map_err(call("CREATE_PIT2"))?;
-        Ok(Machine { kvm, vm: Arc::new(vm) })
-    }
-
-    /// Register guest RAM, one slot per range.
-    pub fn register_ram(&self, ram: &GuestRam) -> Result<(), KvmError> {
-        self.set_ram_slots(ram, 0)
+        Ok(machine)
     }
 
     /// Turn KVM's dirty-page logging of guest RAM on or off.

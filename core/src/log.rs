@@ -15,6 +15,14 @@ pub fn since_start_ms() -> f64 {
     START.get().map(|s| s.elapsed().as_secs_f64() * 1e3).unwrap_or(0.0)
 }
 
+/// At debug level: `what` is done, this many milliseconds after ferry
+/// started (how restore and boot say where their time goes).
+pub fn step(what: &str) {
+    if LogLevel::DEBUG <= level() {
+        debug(&format!("{what} at {:.2} ms", since_start_ms()));
+    }
+}
+
 use ferry_plugin_api::LogLevel;
 
 fn level() -> LogLevel {

@@ -17,7 +17,7 @@
 //! | `tsc-khz=2400000` | another TSC frequency |
 //! | `tsc-scaling=off` | no TSC scaling |
 
-use kvm_ioctls::{Cap, Kvm};
+use kvm_ioctls::{Cap, Kvm, VmFd};
 use serde::{Deserialize, Serialize};
 
 use super::{
@@ -50,6 +50,16 @@ pub struct HostCpu {
 impl HostCpu {
     /// Read this host's KVM (and apply the test disguise, if set).
     pub fn probe() -> Result<HostCpu, CpuError> {
+        Self::probe_with(None)
+    }
+
+    /// [`probe`](Self::probe), asking `vm` (a VM ferry made anyway)
+    /// for the TSC frequency instead of a VM of its own.
+    pub fn probe_on(vm: &VmFd) -> Result<HostCpu, CpuError> {
+        Self::probe_with(Some(vm))
+    }
+
+    fn probe_with(vm: Option<&VmFd>) -> Result<HostCpu, CpuError> {
         let kvm = Kvm::new().map_err(|e| CpuError::Kvm("open /dev/kvm", e))?;
         let supported = kvm
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
@@ -63,7 +73,7 @@ impl HostCpu {
             vendor: cpuid::vendor(&cpuid),
             cpuid,
             msrs,
-            tsc_khz: tsc_khz(&kvm),
+            tsc_khz: tsc_khz(&kvm, vm),
             tsc_scaling: kvm.check_extension(Cap::TscControl),
             disguise: None,
         };
@@ -154,13 +164,31 @@ fn announce(spec: &str) {
 }
 
 /// The TSC frequency of a fresh vCPU (a throwaway VM; nothing of it stays).
-fn tsc_khz(kvm: &Kvm) -> Option<u32> {
+/// The TSC frequency KVM gives a new vCPU: asked of a VM (`vm`, or one
+/// made for the question) where this KVM answers on the VM (Linux 5.19
+/// on), else of a throwaway vCPU, which costs more than the rest of the
+/// probe together.
+fn tsc_khz(kvm: &Kvm, vm: Option<&VmFd>) -> Option<u32> {
     if !kvm.check_extension(Cap::GetTscKhz) {
         return None;
     }
-    let vm = kvm.create_vm().ok()?;
-    let vcpu = vm.create_vcpu(0).ok()?;
-    vcpu.get_tsc_khz().ok()
+    if let Some(khz) = vm.and_then(vm_tsc_khz) {
+        return Some(khz);
+    }
+    let own = kvm.create_vm().ok()?;
+    vm_tsc_khz(&own).or_else(|| own.create_vcpu(0).ok()?.get_tsc_khz().ok())
+}
+
+/// KVM_GET_TSC_KHZ on a VM fd: the frequency its new vCPUs get.
+fn vm_tsc_khz(vm: &VmFd) -> Option<u32> {
+    use std::os::fd::AsRawFd;
+    /// `_IO(KVMIO, 0xa3)`.
+    const KVM_GET_TSC_KHZ: libc::c_ulong = 0xAEA3;
+    // SAFETY: KVM_GET_TSC_KHZ takes no argument and touches no memory of
+    // ours; it returns the frequency in kHz or -1 (an older KVM answers
+    // it only on a vCPU). The fd is a VM fd this process holds.
+    let r = unsafe { libc::ioctl(vm.as_raw_fd(), KVM_GET_TSC_KHZ) };
+    u32::try_from(r).ok().filter(|khz| *khz > 0)
 }
 
 fn parse_u32(s: &str) -> Option<u32> {

@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use super::{build, open_plugins, BootConfig, RamSource, Vm, VmError, DEFAULT_MEMORY};
+use super::{build, open_plugins, BootConfig, RamSource, Vm, VmError, VmMemory, DEFAULT_MEMORY};
 use crate::{
     boot::{self, cpu, Entry, Kernel},
     cpu::{HostCpu, VmCpu},
@@ -30,8 +30,8 @@ pub fn boot(config: BootConfig) -> Result<Vm, VmError> {
     let host = HostCpu::probe()?;
     let guest_cpu = VmCpu::for_model(config.machine.cpu, &host, cpus)?;
     let registry = open_plugins(&config.plugins, &config.machine)?;
-    let mut vm =
-        build(config.machine, registry, cpus, guest_cpu, RamSource::Fresh(memory), &config.isolation)?;
+    let memory = VmMemory::new(RamSource::Fresh(memory), cpus, config.isolation.devices.any())?;
+    let mut vm = build(config.machine, registry, cpus, guest_cpu, memory, &config.isolation)?;
     let cmdline = match (&config.cmdline, &config.kernel) {
         (Some(c), _) => c.clone(),
         (None, Kernel::TestGuest) => boot::TEST_GUEST_CMDLINE.to_string(),

@@ -6,7 +6,7 @@ use std::path::Path;
 use super::{
     build,
     restore::{bind, cpu_here, unbound_machine},
-    RamSource, Vm, VmError,
+    RamSource, Vm, VmError, VmMemory,
 };
 use crate::{
     bindings::{self, HostBindings},
@@ -79,7 +79,9 @@ pub fn incoming(
         Some(file) => RamSource::Memfd(m.memory, file),
         None => RamSource::Fresh(m.memory),
     };
-    let vm = match build(machine, registry, m.cpus, cpu, ram, isolation) {
+    let built = VmMemory::new(ram, m.cpus, isolation.devices.any())
+        .and_then(|memory| build(machine, registry, m.cpus, cpu, memory, isolation));
+    let vm = match built {
         Ok(vm) => vm,
         Err(e) => {
             incoming.link.failed(&e.to_string());

@@ -168,6 +168,9 @@ pub enum VmError {
     /// ferry's own seccomp filter.
     #[error(transparent)]
     Seccomp(#[from] crate::seccomp::SeccompError),
+    /// A thread doing part of the work panicked (a bug in ferry).
+    #[error("{0} failed: its thread panicked")]
+    Helper(&'static str),
 }
 
 /// What kind of snapshot problem: the file cannot be used, the guest's
@@ -202,6 +205,35 @@ enum RamSource<'a> {
     Memfd(u64, File),
     Snapshot { size: u64, file: &'a File, runs: Vec<(u64, u64, u64)> },
 }
+
+/// Guest RAM and the KVM VM it is registered with: what every VM starts
+/// from. Restore makes it on a second thread while it checks the plugins.
+struct VmMemory {
+    ram: GuestRam,
+    kvm: Machine,
+}
+
+impl VmMemory {
+    /// Map RAM from `source` and create a VM for `cpus` vCPUs holding it;
+    /// with devices in device processes (`shared`), a snapshot's pages are
+    /// read into a memfd they can map.
+    fn new(source: RamSource<'_>, cpus: u8, shared: bool) -> Result<Self, VmError> {
+        let ram = match source {
+            RamSource::Fresh(size) => GuestRam::new(size)?,
+            RamSource::Memfd(size, file) => GuestRam::from_memfd(size, file)?,
+            // A private file mapping cannot be shared, so its pages are read in.
+            RamSource::Snapshot { size, file, runs } if shared => {
+                GuestRam::from_snapshot_copied(size, file, &runs)?
+            }
+            RamSource::Snapshot { size, file, runs } => GuestRam::from_snapshot(size, file, &runs)?,
+        };
+        crate::log::step("build: guest RAM mapped");
+        let kvm = Machine::new(usize::from(cpus), &ram)?;
+        crate::log::step("build: KVM VM created, RAM registered");
+        Ok(VmMemory { ram, kvm })
+    }
+}
+
 /// A built VM: everything created, vCPUs not started yet.
 pub struct Vm {
     // Dropped in this order: the vCPU fds (their threads joined by
@@ -241,14 +273,14 @@ fn open_plugins(dir: &Path, machine: &MachineType) -> Result<Registry, VmError> 
 }
 
 /// Build a VM of machine type `machine` with `cpus` vCPUs, each given
-/// `cpu`, and guest RAM from `ram`. Devices are created from the plugins
-/// in `registry`; nothing runs yet.
+/// `cpu`, on `memory` (made for `cpus`). Devices are created from the
+/// plugins in `registry`; nothing runs yet.
 fn build(
     machine: MachineType,
     registry: Registry,
     cpus: u8,
     mut cpu: VmCpu,
-    ram: RamSource<'_>,
+    memory: VmMemory,
     isolation: &Isolation,
 ) -> Result<Vm, VmError> {
     let plans = machine::resolve(&machine, &registry)?;
@@ -257,18 +289,7 @@ fn build(
     }
     let ids: Vec<String> = plans.iter().map(|p| p.id.clone()).collect();
     isolation.devices.check(&ids)?;
-    let ram = match ram {
-        RamSource::Fresh(size) => GuestRam::new(size)?,
-        RamSource::Memfd(size, file) => GuestRam::from_memfd(size, file)?,
-        // Device processes map RAM from a memfd; a private file mapping
-        // cannot be shared, so its pages are read in.
-        RamSource::Snapshot { size, file, runs } if isolation.devices.any() => {
-            GuestRam::from_snapshot_copied(size, file, &runs)?
-        }
-        RamSource::Snapshot { size, file, runs } => GuestRam::from_snapshot(size, file, &runs)?,
-    };
-    let kvm = Machine::new(usize::from(cpus))?;
-    kvm.register_ram(&ram)?;
+    let VmMemory { ram, kvm } = memory;
 
     let (stop_tx, stop_rx) = crossbeam_channel::unbounded();
     let control = VmControl::new(stop_tx);
@@ -299,6 +320,7 @@ fn build(
         bus.add_device(&plan.id, &plan.plugin, parts.device, parts.pci.into_option())?;
     }
 
+    crate::log::step("build: devices created");
     let mut vcpus = Vec::with_capacity(usize::from(cpus));
     for index in 0..cpus {
         let fd =
@@ -311,6 +333,7 @@ fn build(
         boot_cpu::setup_lapic(&fd, index)?;
         vcpus.push(fd);
     }
+    crate::log::step("build: vCPUs created");
     let status = services.status.clone();
     let reset = reset::ResetPoint::capture(&kvm.vm, &vcpus, &cpu.msrs, configs, services, placement.clone());
     let core = VmCore {

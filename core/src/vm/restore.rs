@@ -7,7 +7,7 @@ use std::{fs::File, path::Path};
 
 use ferry_plugin_api::state::check_load;
 
-use super::{build, RamSource, SnapshotFault, Vm, VmError};
+use super::{build, RamSource, SnapshotFault, Vm, VmError, VmMemory};
 use crate::{
     bindings::{self, Bindings, HostBindings},
     boot,
@@ -149,6 +149,12 @@ pub(super) fn bind(
 
 /// Build a VM from a snapshot: the machine type comes from the file; memory
 /// is mapped from it lazily. Every section is checked before the VM runs.
+///
+/// Two threads share the work: while this one opens the plugins, a second
+/// maps the guest's RAM, creates the KVM VM holding it, and reads this
+/// host's CPU from that VM. The verdicts come in the same order as ever
+/// (the CPU, then the plugins' versions, then the bindings); a refusal
+/// drops what was made before any device exists.
 pub fn restore(
     path: &Path,
     plugins: &Path,
@@ -161,52 +167,59 @@ pub fn restore(
         |m: String| VmError::Snapshot { path: shown.clone(), fault: SnapshotFault::Unusable, message: m };
     let file = File::open(path).map_err(|e| bad(format!("cannot open: {e}")))?;
     let c = read_snapshot(&file, &shown, verify_memory)?;
+    crate::log::step("restore: snapshot read and checked");
     let m = &c.manifest;
-    let host = HostCpu::probe()?;
-    let cpu = restored_cpu(&c, &host).map_err(|e| bad(e.to_string()))?;
+    std::thread::scope(|s| {
+        let source = RamSource::Snapshot { size: m.memory, file: &file, runs: c.runs.clone() };
+        let (cpus, shared) = (m.cpus, isolation.devices.any());
+        let made = s.spawn(move || -> Result<_, VmError> {
+            let memory = VmMemory::new(source, cpus, shared)?;
+            let host = HostCpu::probe_on(&memory.kvm.vm)?;
+            crate::log::step("restore: host CPU probed");
+            Ok((memory, host))
+        });
+        let names: Vec<&str> = m.devices.iter().map(|d| d.plugin.as_str()).collect();
+        let registry = Registry::open(plugins, &names);
+        let (memory, host) = made.join().map_err(|_| VmError::Helper("making guest RAM and the VM"))??;
+        let cpu = restored_cpu(&c, &host).map_err(|e| bad(e.to_string()))?;
 
-    // Versions first: a state this host cannot load is named before any
-    // device is created.
-    let names: Vec<&str> = m.devices.iter().map(|d| d.plugin.as_str()).collect();
-    let registry = Registry::open(plugins, &names)?;
-    for d in &m.devices {
-        let Some(lib) = registry.get(&d.plugin) else {
-            return Err(bad(format!(
-                "device {}: plugin {} {} is not installed in {}",
-                d.id,
-                d.plugin,
-                d.plugin_version,
-                registry.dir.display()
-            )));
-        };
-        check_load(lib.descriptor.state, d.state_version, "this host")
-            .map_err(|e| bad(format!("device {} ({}): {e}", d.id, d.plugin)))?;
-    }
-    // Then the host's resources: this host's bindings (or, when told, the
-    // snapshot's), every required one present.
-    let (machine, carried) = unbound_machine(m, &registry);
-    let mut machine = machine;
-    bind(&mut machine, &registry, bindings, &carried).map_err(|e| bad(e.to_string()))?;
+        // Versions next: a state this host cannot load is named before any
+        // device is created.
+        let registry = registry?;
+        for d in &m.devices {
+            let Some(lib) = registry.get(&d.plugin) else {
+                return Err(bad(format!(
+                    "device {}: plugin {} {} is not installed in {}",
+                    d.id,
+                    d.plugin,
+                    d.plugin_version,
+                    registry.dir.display()
+                )));
+            };
+            check_load(lib.descriptor.state, d.state_version, "this host")
+                .map_err(|e| bad(format!("device {} ({}): {e}", d.id, d.plugin)))?;
+        }
+        // Then the host's resources: this host's bindings (or, when told, the
+        // snapshot's), every required one present.
+        let (machine, carried) = unbound_machine(m, &registry);
+        let mut machine = machine;
+        bind(&mut machine, &registry, bindings, &carried).map_err(|e| bad(e.to_string()))?;
+        crate::log::step("restore: plugins opened, versions and bindings checked");
 
-    let vm = build(
-        machine,
-        registry,
-        m.cpus,
-        cpu,
-        RamSource::Snapshot { size: m.memory, file: &file, runs: c.runs.clone() },
-        isolation,
-    )?;
-    if vm.ram.ranges().iter().map(|r| (r.gpa, r.len)).collect::<Vec<_>>() != m.ram {
-        return Err(bad("the memory layout differs from this ferry's for the same size".into()));
-    }
-    c.state.load(&vm, &vm.vcpus).map_err(|e| bad(e.to_string()))?;
-    crate::log::info(&format!(
-        "restored {shown}: machine type {}, {} vCPU(s) of cpu {} ({}), {} of RAM",
-        vm.machine.name,
-        vm.cpus,
-        vm.cpu.model,
-        vm.cpu.vendor,
-        crate::memory::human_size(vm.ram.size())
-    ));
-    Ok(vm)
+        let vm = build(machine, registry, m.cpus, cpu, memory, isolation)?;
+        if vm.ram.ranges().iter().map(|r| (r.gpa, r.len)).collect::<Vec<_>>() != m.ram {
+            return Err(bad("the memory layout differs from this ferry's for the same size".into()));
+        }
+        c.state.load(&vm, &vm.vcpus).map_err(|e| bad(e.to_string()))?;
+        crate::log::step("restore: state loaded");
+        crate::log::info(&format!(
+            "restored {shown}: machine type {}, {} vCPU(s) of cpu {} ({}), {} of RAM",
+            vm.machine.name,
+            vm.cpus,
+            vm.cpu.model,
+            vm.cpu.vendor,
+            crate::memory::human_size(vm.ram.size())
+        ));
+        Ok(vm)
+    })
 }
