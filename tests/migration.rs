@@ -38,11 +38,24 @@ fn destination(uri: &str, plugins: Option<&Path>) -> Running {
 
 /// Migrate a ticking guest and check both sides.
 fn migrate_and_check(src_args: &[&str], uri: &str, expect_exit: i32, after: &[&str]) -> (Finished, Finished) {
+    let (src, dst, _) = migrate_with(src_args, uri, &[], expect_exit, after);
+    (src, dst)
+}
+
+/// [`migrate_and_check`] with `ctl_args` for `ferry ctl migrate`; also
+/// returns its report.
+fn migrate_with(
+    src_args: &[&str],
+    uri: &str,
+    ctl_args: &[&str],
+    expect_exit: i32,
+    after: &[&str],
+) -> (Finished, Finished, String) {
     let dir = TempDir::new("mig");
     let dst = destination(uri, None);
     let mut src = source(&dir, "src", src_args);
     while wait_tick(&mut src.vm) < 3 {}
-    let (ok, text) = migrate(&src.socket, uri, &[]);
+    let (ok, text) = migrate(&src.socket, uri, ctl_args);
     assert!(ok, "migration failed:\n{text}");
     assert!(text.contains("\"phase\": \"completed\""), "{text}");
     assert!(text.contains("same state v1"), "the plan is printed:\n{text}");
@@ -57,7 +70,7 @@ fn migrate_and_check(src_args: &[&str], uri: &str, expect_exit: i32, after: &[&s
     for want in after {
         assert!(dst_out.stdout.contains(want), "'{want}' missing on the destination:\n{}", dst_out.stdout);
     }
-    (src_out, dst_out)
+    (src_out, dst_out, text)
 }
 
 #[test]
@@ -100,6 +113,30 @@ fn guest_dirtying_memory_over_tcp() {
         9,
         &["PATTERN OK pages=4096", "TICK 40"],
     );
+}
+
+#[test]
+fn a_guest_that_outruns_a_capped_link_is_throttled_and_arrives_intact() {
+    if !kvm_or_skip("a_guest_that_outruns_a_capped_link_is_throttled_and_arrives_intact") {
+        return;
+    }
+    // About 100 MB/s dirtied over an 8 MiB dirty region, against 16 MiB/s:
+    // pre-copy alone never gets the rest under the 300 ms ceiling.
+    let uri = format!("tcp:127.0.0.1:{}", free_port());
+    let (src, _, report) = migrate_with(
+        &["--memory", "32M", "--cmdline", "pattern=8 dirty=26 hz=1000 ticks=120 verify exit=9"],
+        &uri,
+        &["--max-bandwidth", "16M"],
+        9,
+        &["PATTERN OK pages=2048", "TICK 120"],
+    );
+    let throttle: u32 = report
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("\"throttle_pct\": "))
+        .and_then(|v| v.trim_end_matches(',').parse().ok())
+        .unwrap_or(0);
+    assert!(throttle >= 20, "the vCPUs were throttled: {throttle}%\n{report}");
+    assert!(src.stderr.contains("faster than the link carries it"), "the source says so:\n{}", src.stderr);
 }
 
 #[test]

@@ -146,6 +146,11 @@ enum CtlAction {
         /// Print the destination's plan and stop; nothing is paused.
         #[arg(long)]
         dry_run: bool,
+        /// Send memory at most this fast while the guest runs, per second
+        /// (such as 100M); the stop-and-copy goes at full speed. A guest
+        /// that dirties memory faster is throttled.
+        #[arg(long, value_name = "SIZE", value_parser = bandwidth)]
+        max_bandwidth: Option<u64>,
         /// tcp: with mutual TLS, using this host's TLS directory
         /// (`ferry tls init`): ca-cert.pem, client-cert.pem, client-key.pem.
         #[arg(long, value_name = "DIR", conflicts_with = "insecure_tcp")]
@@ -354,6 +359,15 @@ fn memory_size(s: &str) -> Result<u64, String> {
     parse_size(s).ok_or_else(|| format!("'{s}' is not a size such as 256M or 2G"))
 }
 
+/// A bandwidth: a size per second, at least 1 MiB.
+fn bandwidth(s: &str) -> Result<u64, String> {
+    match parse_size(s) {
+        Some(n) if n >= 1 << 20 => Ok(n),
+        Some(_) => Err(format!("'{s}' per second is below 1M")),
+        None => Err(format!("'{s}' is not a size per second such as 100M or 1G")),
+    }
+}
+
 /// The plugin directory: the one given, or the ferry binary's own.
 fn plugin_dir(given: Option<PathBuf>) -> Result<PathBuf> {
     if let Some(dir) = given {
@@ -477,12 +491,13 @@ fn ctl(socket: &std::path::Path, action: CtlAction) -> Result<ExitCode> {
     // The server resolves relative paths against its own directory.
     let absolute = |p: &PathBuf| std::path::absolute(p).with_context(|| format!("bad path {}", p.display()));
     let req = match action {
-        CtlAction::Migrate { uri, max_downtime, dry_run, tls_dir, tls_name, insecure_tcp } => {
+        CtlAction::Migrate { uri, max_downtime, dry_run, max_bandwidth, tls_dir, tls_name, insecure_tcp } => {
             let tls_dir = tls_dir.as_ref().map(absolute).transpose()?;
             let req = MigrateRequest {
                 uri,
                 max_downtime_ms: max_downtime,
                 dry_run,
+                max_bandwidth,
                 tls_dir,
                 tls_name,
                 insecure_tcp,

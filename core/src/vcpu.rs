@@ -11,14 +11,21 @@
 //! signal whose handler sets the thread's `immediate_exit` flag, so a vCPU
 //! inside KVM_RUN (or about to enter it) returns to its loop and sees the new
 //! state. `pause()` returns once every vCPU thread is parked.
+//!
+//! A migration that the guest outruns *throttles* the vCPUs: at a throttle
+//! of P percent, every [`THROTTLE_SLICE`] of running the throttler kicks
+//! the vCPU threads and each sleeps `THROTTLE_SLICE * P / (100 - P)`
+//! before entering the guest again, so the guest runs (100 - P)% of the
+//! time. A pause, a stop or the throttle's end wakes a sleeping vCPU.
 
 use std::{
     cell::Cell,
     sync::{
-        atomic::{AtomicU8, Ordering},
+        atomic::{AtomicU64, AtomicU8, Ordering},
         Arc, Condvar, Mutex, MutexGuard,
     },
     thread::JoinHandle,
+    time::Duration,
 };
 
 use crossbeam_channel::Sender;
@@ -78,9 +85,16 @@ struct Parking {
     states: Vec<Option<Result<VcpuStateV2, StateError>>>,
 }
 
+/// How long a throttled guest runs between two of the throttler's kicks.
+pub const THROTTLE_SLICE: Duration = Duration::from_millis(10);
+
 /// Run state shared by the vCPU threads, devices and the main thread.
 pub struct VmControl {
     state: AtomicU8,
+    /// Percent of the time the vCPUs sleep (0: not throttled).
+    throttle: AtomicU8,
+    /// Throttle periods begun (`throttle_tick`); each vCPU sleeps once per.
+    throttle_ticks: AtomicU64,
     parking: Mutex<Parking>,
     changed: Condvar,
     stopped: Sender<StopEvent>,
@@ -91,6 +105,8 @@ impl VmControl {
     pub fn new(stopped: Sender<StopEvent>) -> Arc<Self> {
         Arc::new(VmControl {
             state: AtomicU8::new(RUNNING),
+            throttle: AtomicU8::new(0),
+            throttle_ticks: AtomicU64::new(0),
             parking: Mutex::new(Parking { parked: 0, threads: Vec::new(), stop: None, states: Vec::new() }),
             changed: Condvar::new(),
             stopped,
@@ -123,6 +139,7 @@ impl VmControl {
         }
         self.state.store(PAUSED, Ordering::SeqCst);
         kick_all(&p.threads);
+        self.changed.notify_all(); // a throttled vCPU may be asleep
         while p.parked < p.threads.len() && self.state.load(Ordering::SeqCst) == PAUSED {
             p = self.changed.wait(p).unwrap_or_else(|e| e.into_inner());
         }
@@ -134,6 +151,46 @@ impl VmControl {
         if self.state.compare_exchange(PAUSED, RUNNING, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
             self.changed.notify_all();
         }
+    }
+
+    /// Throttle the vCPUs to sleep `percent` (at most 99) of the time; 0
+    /// lets them run freely again (waking any that sleep).
+    pub fn set_throttle(&self, percent: u8) {
+        let _p = self.lock();
+        self.throttle.store(percent.min(99), Ordering::SeqCst);
+        self.changed.notify_all();
+    }
+
+    /// The current throttle, in percent.
+    pub fn throttle(&self) -> u8 {
+        self.throttle.load(Ordering::SeqCst)
+    }
+
+    /// Begin a throttle period: every vCPU leaves the guest and sleeps its
+    /// share (the throttler calls this every slice plus that share).
+    pub fn throttle_tick(&self) {
+        self.throttle_ticks.fetch_add(1, Ordering::SeqCst);
+        kick_all(&self.lock().threads);
+    }
+
+    /// A vCPU thread between runs: if a throttle period began since
+    /// `seen`, sleep this period's share, or less if the VM is paused,
+    /// stopped or unthrottled meanwhile.
+    fn throttle_nap(&self, seen: &mut u64) {
+        let ticks = self.throttle_ticks.load(Ordering::SeqCst);
+        if ticks == *seen {
+            return;
+        }
+        *seen = ticks;
+        let percent = u32::from(self.throttle());
+        if percent == 0 {
+            return;
+        }
+        let nap = THROTTLE_SLICE * percent / (100 - percent);
+        let p = self.lock();
+        let _ = self.changed.wait_timeout_while(p, nap, |_| {
+            self.state.load(Ordering::SeqCst) == RUNNING && self.throttle() != 0
+        });
     }
 
     /// Make a stopped control run again (a guest reboot): the vCPU threads
@@ -287,9 +344,14 @@ fn run_vcpu(
     // that came earlier is seen by the first check, a later one kicks.
     // SAFETY: pthread_self has no preconditions.
     control.register(unsafe { libc::pthread_self() });
+    let mut throttle_seen = control.throttle_ticks.load(Ordering::SeqCst);
     loop {
         match control.check() {
             Some(true) => {
+                control.throttle_nap(&mut throttle_seen);
+                if control.check() != Some(true) {
+                    continue;
+                }
                 if let Some(event) = run_once(index, &mut vcpu, bus) {
                     control.stop(event);
                 }

@@ -12,6 +12,7 @@
 //!  PUT /vm/snapshot {"path": FILE}  write a snapshot (the guest pauses meanwhile)
 //!  PUT /vm/shutdown                 end the VM; ferry exits 0
 //!  PUT /vm/migrate {"uri": "tcp:HOST:PORT"|"unix:PATH", "max_downtime_ms": 300, "dry_run": false,
+//!                   "max_bandwidth": BYTES_PER_S (optional),
 //!                   "tls_dir": DIR, "tls_name": NAME, "insecure_tcp": false}
 //!                                   start a live migration (answers at once); tcp: needs
 //!                                   tls_dir (mutual TLS) or insecure_tcp: true
@@ -111,6 +112,9 @@ pub struct MigrateRequest {
     /// Plan only.
     #[serde(default)]
     pub dry_run: bool,
+    /// Bytes per second memory may go at while the guest runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_bandwidth: Option<u64>,
     /// tcp: mutual TLS with this TLS directory (absolute).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_dir: Option<PathBuf>,
@@ -138,10 +142,14 @@ impl MigrateRequest {
             name: self.tls_name.clone(),
         });
         let security = TcpSecurity::choose(&endpoint, tls, self.insecure_tcp).map_err(bad)?;
+        if self.max_bandwidth.is_some_and(|b| b < 1 << 20) {
+            return Err(ApiError::BadRequest("max_bandwidth: at least 1 MiB per second".into()));
+        }
         Ok(Options {
             uri: self.uri.clone(),
             max_downtime_ms: self.max_downtime_ms,
             dry_run: self.dry_run,
+            max_bandwidth: self.max_bandwidth,
             security,
         })
     }
@@ -422,6 +430,7 @@ mod tests {
                 uri: "unix:/tmp/m.sock".into(),
                 max_downtime_ms: 50,
                 dry_run: true,
+                max_bandwidth: Some(64 << 20),
                 tls_dir: None,
                 tls_name: None,
                 insecure_tcp: false,

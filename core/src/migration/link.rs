@@ -5,7 +5,7 @@
 
 use std::{
     io::{BufReader, BufWriter, Write},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use super::{
@@ -24,17 +24,48 @@ pub(crate) struct Link {
     received: usize,
     /// Bytes sent so far (headers included).
     pub(crate) sent: u64,
+    /// A bandwidth limit on what is sent, if set.
+    limit: Option<Limit>,
+}
+
+/// A bandwidth limit: sending waits while it is ahead of `rate`.
+struct Limit {
+    /// Bytes per second.
+    rate: f64,
+    since: Instant,
+    sent: u64,
 }
 
 impl Link {
     pub(crate) fn new(conn: Conn) -> Result<Self, std::io::Error> {
         let reader = BufReader::new(conn.try_clone()?);
-        Ok(Link { reader, writer: BufWriter::with_capacity(1 << 20, conn), received: 0, sent: 0 })
+        Ok(Link {
+            reader,
+            writer: BufWriter::with_capacity(1 << 20, conn),
+            received: 0,
+            sent: 0,
+            limit: None,
+        })
+    }
+
+    /// Send at most `bytes_per_s` from now on (None: as fast as the
+    /// connection goes).
+    pub(crate) fn limit(&mut self, bytes_per_s: Option<u64>) {
+        self.limit = bytes_per_s.map(|rate| Limit { rate: rate as f64, since: Instant::now(), sent: 0 });
     }
 
     pub(crate) fn send(&mut self, kind: Kind, id: &str, version: u32, payload: &[u8]) -> std::io::Result<()> {
-        self.sent += payload.len() as u64 + stream::SECTION_HEADER_LEN + id.len() as u64;
-        stream::send(&mut self.writer, kind, id, version, payload)
+        let len = payload.len() as u64 + stream::SECTION_HEADER_LEN + id.len() as u64;
+        self.sent += len;
+        stream::send(&mut self.writer, kind, id, version, payload)?;
+        if let Some(limit) = &mut self.limit {
+            limit.sent += len;
+            let due = Duration::from_secs_f64(limit.sent as f64 / limit.rate);
+            if let Some(ahead) = due.checked_sub(limit.since.elapsed()) {
+                std::thread::sleep(ahead);
+            }
+        }
+        Ok(())
     }
 
     /// Send a DECISION message (its payload a word: "go", "sync", ...) and

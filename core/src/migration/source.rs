@@ -37,6 +37,17 @@
 //! round limit ferry stops and copies anyway if the expected downtime is
 //! within twice the ceiling; otherwise it gives up, says so, and the
 //! source guest keeps running.
+//!
+//! A guest that outruns the link (rounds stopped helping and the rest is
+//! still above the ceiling) is throttled (auto-converge): its vCPUs sleep
+//! [`THROTTLE_FIRST`] percent of the time, [`THROTTLE_STEP`] more after
+//! each further round that does not fit, up to [`THROTTLE_MAX`]
+//! (`vcpu.rs` says how a throttled vCPU sleeps). Memory that devices or
+//! the host write is not slowed by it. The throttle ends with the
+//! migration, whichever way it ends.
+//!
+//! `--max-bandwidth` caps what pre-copy sends per second; the
+//! stop-and-copy goes at full speed.
 
 use std::time::{Duration, Instant};
 
@@ -60,6 +71,12 @@ pub const AIM_DOWNTIME_MS: f64 = 2.0;
 pub const STALLED_ROUNDS: u32 = 3;
 /// Default downtime limit, in milliseconds.
 pub const DEFAULT_MAX_DOWNTIME_MS: u64 = 300;
+/// The first throttle, in percent of the time the vCPUs sleep.
+pub const THROTTLE_FIRST: u8 = 20;
+/// How much the throttle rises after each round that still does not fit.
+pub const THROTTLE_STEP: u8 = 10;
+/// The highest throttle.
+pub const THROTTLE_MAX: u8 = 99;
 
 /// Test knobs, read from the environment of the source ferry (tests use
 /// them to make pre-copy long and to show what the device dirty bitmap is
@@ -93,6 +110,8 @@ pub struct Options {
     pub max_downtime_ms: u64,
     /// Stop after the plan.
     pub dry_run: bool,
+    /// Bytes per second pre-copy may send (None: no limit).
+    pub max_bandwidth: Option<u64>,
     /// TLS or plaintext, for a tcp: URI (None for unix:).
     pub security: Option<TcpSecurity>,
 }
@@ -247,6 +266,8 @@ fn precopy_and_switch(
     start: Instant,
     cancel: &Cancel,
 ) -> Result<Status, MigrateError> {
+    link.limit(opts.max_bandwidth);
+    let mut throttler = Throttler::new(core);
     // Round 0: every non-zero page (the destination's RAM starts zeroed).
     let _ = core.kvm.dirty_pages(&core.ram); // start a fresh log
     let _ = core.ram.dirty().take();
@@ -292,7 +313,27 @@ fn precopy_and_switch(
             Step::SwitchOver => {
                 // What is dirty now goes in the final pass.
                 cancel.disarm()?;
-                return switch_over(core, plan, link, start, dirty, round, Some(&knobs));
+                link.limit(None);
+                let result = switch_over(core, plan, link, start, dirty, round, Some(&knobs));
+                throttler.stop();
+                return result;
+            }
+            Step::Throttle(percent) => {
+                let line = format!(
+                    "pre-copy round {round}: {:.1} MiB dirty, {:.0} ms to send: throttling the vCPUs to sleep {percent}% of the time",
+                    dirty_bytes as f64 / 1048576.0,
+                    expected * 1e3
+                );
+                // The first says so whatever the log level; the rest are detail.
+                if percent == THROTTLE_FIRST {
+                    crate::log::warn(&format!(
+                        "the guest dirties memory faster than the link carries it; {line}"
+                    ));
+                } else {
+                    crate::log::info(&line);
+                }
+                throttler.set(percent);
+                update(core, |s| s.throttle_pct = percent);
             }
             Step::GiveUp => {
                 return Err(MigrateError::NoConvergence {
@@ -319,6 +360,59 @@ fn precopy_and_switch(
     }
 }
 
+/// Throttles the source's vCPUs while pre-copy runs: a thread that
+/// begins a throttle period every slice plus the vCPUs' share of sleep.
+/// Stopped (and the vCPUs let run freely) when dropped.
+struct Throttler<'a> {
+    core: &'a VmCore,
+    /// The thread, and the sender whose drop ends it at once.
+    running: Option<(crossbeam_channel::Sender<()>, std::thread::JoinHandle<()>)>,
+}
+
+impl<'a> Throttler<'a> {
+    fn new(core: &'a VmCore) -> Self {
+        Throttler { core, running: None }
+    }
+
+    /// Throttle the vCPUs to sleep `percent` of the time.
+    fn set(&mut self, percent: u8) {
+        self.core.control.set_throttle(percent);
+        if self.running.is_some() {
+            return;
+        }
+        let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
+        let control = self.core.control.clone();
+        let spawned = std::thread::Builder::new().name("throttle".into()).spawn(move || loop {
+            let percent = u32::from(control.throttle().min(99));
+            let slice = crate::vcpu::THROTTLE_SLICE;
+            match stop_rx.recv_timeout(slice + slice * percent / (100 - percent)) {
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => control.throttle_tick(),
+                _ => return,
+            }
+        });
+        match spawned {
+            Ok(handle) => self.running = Some((stop_tx, handle)),
+            // Without the thread no period begins: the throttle stays off.
+            Err(e) => crate::log::warn(&format!("cannot throttle the vCPUs: {e}")),
+        }
+    }
+
+    /// End the throttle: the vCPUs run freely again.
+    fn stop(&mut self) {
+        self.core.control.set_throttle(0);
+        if let Some((stop_tx, handle)) = self.running.take() {
+            drop(stop_tx);
+            let _ = handle.join();
+        }
+    }
+}
+
+impl Drop for Throttler<'_> {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// What pre-copy does after a round's dirty set is known.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Step {
@@ -326,6 +420,9 @@ enum Step {
     SwitchOver,
     /// Send the dirty set and look again.
     Another,
+    /// The guest outruns the link: throttle its vCPUs to sleep this
+    /// percent of the time, send the dirty set and look again.
+    Throttle(u8),
     /// The guest outruns the link: stop, the source runs on.
     GiveUp,
 }
@@ -342,6 +439,8 @@ struct SwitchOver {
     max_rounds: u32,
     fewest_dirty: u64,
     stalled: u32,
+    /// The throttle asked for so far, in percent.
+    throttle: u8,
 }
 
 impl SwitchOver {
@@ -353,6 +452,7 @@ impl SwitchOver {
             max_rounds: MAX_ROUNDS.max(min_rounds + 1),
             fewest_dirty: u64::MAX,
             stalled: 0,
+            throttle: 0,
         }
     }
 
@@ -367,6 +467,13 @@ impl SwitchOver {
         let settle = self.stalled >= STALLED_ROUNDS || round >= self.max_rounds;
         if round > self.min_rounds && (expected <= self.aim || (settle && expected <= self.ceiling)) {
             return Step::SwitchOver;
+        }
+        if settle && round < self.max_rounds && self.throttle < THROTTLE_MAX {
+            self.throttle = match self.throttle {
+                0 => THROTTLE_FIRST,
+                t => t.saturating_add(THROTTLE_STEP).min(THROTTLE_MAX),
+            };
+            return Step::Throttle(self.throttle);
         }
         if round >= self.max_rounds {
             return if expected <= 2.0 * self.ceiling { Step::SwitchOver } else { Step::GiveUp };
@@ -479,17 +586,57 @@ mod tests {
     }
 
     #[test]
-    fn a_guest_that_outruns_the_link_gives_up_after_the_round_limit() {
+    fn a_guest_that_outruns_the_link_is_throttled_then_given_up_after_the_round_limit() {
         let mut p = SwitchOver::new(CEILING, 0);
-        for round in 1..MAX_ROUNDS {
-            assert_eq!(p.after_round(round, 512 * MIB, 0.9), Step::Another, "round {round}");
+        let mut steps = Vec::new();
+        for round in 1..=MAX_ROUNDS {
+            steps.push(p.after_round(round, 512 * MIB, 0.9));
         }
-        assert_eq!(p.after_round(MAX_ROUNDS, 512 * MIB, 0.9), Step::GiveUp);
+        let stalled = STALLED_ROUNDS as usize;
+        assert!(steps[..stalled].iter().all(|s| *s == Step::Another), "{steps:?}");
+        let throttles: Vec<u8> = steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::Throttle(p) => Some(*p),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            throttles,
+            [20, 30, 40, 50, 60, 70, 80, 90, 99],
+            "from the first stalled round on, one per round"
+        );
+        assert_eq!(steps[stalled], Step::Throttle(THROTTLE_FIRST));
+        assert_eq!(steps.last(), Some(&Step::GiveUp), "at the round limit, still above twice the ceiling");
         let mut q = SwitchOver::new(CEILING, 0);
         for round in 1..MAX_ROUNDS {
             q.after_round(round, 256 * MIB, 0.5);
         }
         assert_eq!(q.after_round(MAX_ROUNDS, 256 * MIB, 0.5), Step::SwitchOver, "within twice the ceiling");
+    }
+
+    #[test]
+    fn a_throttled_guest_that_fits_the_ceiling_switches_over() {
+        let mut p = SwitchOver::new(CEILING, 0);
+        for round in 1..=STALLED_ROUNDS {
+            p.after_round(round, 512 * MIB, 0.9);
+        }
+        assert_eq!(p.after_round(STALLED_ROUNDS + 1, 512 * MIB, 0.9), Step::Throttle(20));
+        assert_eq!(p.after_round(STALLED_ROUNDS + 2, 600 * MIB, 1.0), Step::Throttle(30), "still too much");
+        // The throttle bites: fewer pages, though above the 2 ms aim.
+        assert_eq!(
+            p.after_round(STALLED_ROUNDS + 3, 8 * MIB, 0.012),
+            Step::Another,
+            "a new low: rounds help"
+        );
+        for round in STALLED_ROUNDS + 4..STALLED_ROUNDS + 3 + STALLED_ROUNDS {
+            assert_eq!(p.after_round(round, 8 * MIB, 0.012), Step::Another, "round {round}");
+        }
+        assert_eq!(
+            p.after_round(STALLED_ROUNDS + 3 + STALLED_ROUNDS, 8 * MIB, 0.012),
+            Step::SwitchOver,
+            "stalled again, but within the ceiling"
+        );
     }
 
     #[test]

@@ -49,6 +49,9 @@ pub struct Status {
     pub first_pass_ms: f64,
     /// Expected downtime if stopping now.
     pub expected_downtime_ms: f64,
+    /// How much the vCPUs are throttled, in percent (0: not at all); at
+    /// the end, the highest throttle the migration needed.
+    pub throttle_pct: u8,
     /// Total time, when finished.
     pub total_ms: f64,
     /// Measured downtime: source paused to destination's RESUMED.
