@@ -1,9 +1,11 @@
 //! Live migration, ferry beside QEMU, on the same test guest over the same
-//! loopback TCP, default settings, one run: 512 MiB and 2 GiB guests, idle
-//! and dirtying about 100 MB/s; total time, downtime, bytes sent. Ferry
-//! moves each guest twice, over mutual TLS 1.3 (credentials from `ferry
-//! tls init`) and over plaintext TCP (`--insecure-tcp`), and prints the
-//! ratio; QEMU's row is its default plaintext TCP.
+//! loopback TCP, one run: 512 MiB, 2 GiB and 8 GiB guests, idle, dirtying
+//! about 100 MB/s, and outrunning a capped link; total time, downtime,
+//! bytes sent, rounds, and what finished it. Ferry moves each guest twice,
+//! over mutual TLS 1.3 (credentials from `ferry tls init`) and over
+//! plaintext TCP (`--insecure-tcp`), and prints the ratio; QEMU's rows are
+//! plaintext TCP. Then bandwidth beside a raw loopback stream, and the
+//! same-host memfd hand-over.
 //!
 //! ```sh
 //! cargo build --release --workspace && cargo bench -p ferry-tests --bench migration
@@ -11,7 +13,14 @@
 //! ```
 //!
 //! The guest fills 64 MiB with a pattern, then ticks; "dirtying" adds 26
-//! pages per 1 kHz timer interrupt (about 100 MB/s of dirtied memory).
+//! pages per 1 kHz timer interrupt (about 100 MB/s of dirtied memory);
+//! "outruns" dirties as fast over a 64 MiB working set while the link is
+//! capped at 32 MiB/s for both VMMs (ferry `--max-bandwidth`, QEMU
+//! `max-bandwidth`), so pre-copy alone cannot finish: QEMU runs with its
+//! defaults (given up on after 60 s) and with auto-converge; elsewhere
+//! QEMU runs with its defaults and with its bandwidth limit lifted.
+//! 512 MiB, 2 GiB and 8 GiB guests. "finished by": pre-copy alone, or the
+//! vCPU throttle it took.
 //! Ferry's figures come from `ferry ctl migrate`'s report (downtime: source
 //! paused to the destination's RESUMED); QEMU's from `query-migrate`
 //! (`total-time`, `downtime`, `ram.transferred`).
@@ -30,6 +39,14 @@ use ferry_tests::{
 
 const IDLE: &str = "pattern=64 ticks=0";
 const DIRTY: &str = "pattern=64 dirty=26 hz=1000 ticks=0";
+/// About 100 MB/s dirtied over a 64 MiB working set.
+const HOT: &str = "pattern=64 dirty=26 hz=1000 dirty-mib=64 ticks=0";
+/// The link cap of the cell whose guest outruns it, MiB/s.
+const OUTRUN_CAP_MIB: u64 = 32;
+
+/// The table's guests: name, command line, link cap (MiB/s) if any.
+const CELLS: [(&str, &str, Option<u64>); 3] =
+    [("idle", IDLE, None), ("dirtying", DIRTY, None), ("outruns", HOT, Some(OUTRUN_CAP_MIB))];
 
 /// How ferry's two ends are connected.
 enum Transport<'a> {
@@ -50,6 +67,10 @@ struct Figures {
     moved: f64,
     /// Bytes per second of `moved`, end to end (QEMU: its `mbps`).
     rate: f64,
+    /// Pre-copy rounds (QEMU: its dirty-sync count).
+    rounds: f64,
+    /// What finished it: pre-copy alone, or throttled to this percent.
+    throttle_pct: f64,
 }
 
 fn field(json: &str, key: &str) -> f64 {
@@ -66,6 +87,17 @@ fn spawn(cmd: &mut Command) -> Result<Running, String> {
 }
 
 fn ferry(dir: &Path, memory: &str, guest: &str, transport: &Transport) -> Result<Figures, String> {
+    ferry_capped(dir, memory, guest, transport, None)
+}
+
+/// [`ferry`], pre-copy capped at `cap` per second (`--max-bandwidth`).
+fn ferry_capped(
+    dir: &Path,
+    memory: &str,
+    guest: &str,
+    transport: &Transport,
+    cap: Option<&str>,
+) -> Result<Figures, String> {
     let ferry = bin_dir().join("ferry");
     let (uri, security): (String, Vec<String>) = match transport {
         Transport::Unix => (format!("unix:{}", dir.join(format!("mig-{memory}.sock")).display()), vec![]),
@@ -94,6 +126,7 @@ fn ferry(dir: &Path, memory: &str, guest: &str, transport: &Transport) -> Result
         .arg(&socket)
         .args(["migrate", &uri])
         .args(&security)
+        .args(cap.map(|c| ["--max-bandwidth", c]).into_iter().flatten())
         .output()
         .map_err(|e| e.to_string())?;
     let text = String::from_utf8_lossy(&out.stdout).to_string();
@@ -108,6 +141,8 @@ fn ferry(dir: &Path, memory: &str, guest: &str, transport: &Transport) -> Result
         bytes: field(&text, "bytes_sent"),
         moved: field(&text, "first_pass_bytes"),
         rate: field(&text, "first_pass_bytes") / (field(&text, "first_pass_ms") / 1e3),
+        rounds: field(&text, "round"),
+        throttle_pct: field(&text, "throttle_pct"),
     })
 }
 
@@ -117,9 +152,25 @@ fn qemu_cmd(guest_elf: &Path, memory: &str, guest: &str, qmp: &Path) -> Command 
     c
 }
 
-/// QEMU's migration: `unlimited` lifts its bandwidth limit (128 MiB/s by
-/// default in 7.2) before it starts.
-fn qemu(dir: &Path, guest_elf: &Path, memory: &str, guest: &str, unlimited: bool) -> Result<Figures, String> {
+/// How QEMU is set up for a cell.
+#[derive(Clone, Copy)]
+enum QemuLink {
+    /// Its defaults (128 MiB/s bandwidth limit in 7.2, no auto-converge).
+    Defaults,
+    /// Its bandwidth limit lifted.
+    Unlimited,
+    /// Capped at this many MiB/s, its other defaults kept.
+    Capped(u64),
+    /// Capped, with auto-converge (its vCPU throttling) on.
+    CappedAutoConverge(u64),
+}
+
+/// How long a QEMU migration may take before the bench calls it
+/// unfinished (it never gives up by itself).
+const QEMU_GIVE_UP: Duration = Duration::from_secs(60);
+
+/// QEMU's migration of `guest`, its link set up as `link`.
+fn qemu(dir: &Path, guest_elf: &Path, memory: &str, guest: &str, link: QemuLink) -> Result<Figures, String> {
     let port = free_port();
     let (qs, qd) = (dir.join(format!("qs-{memory}.qmp")), dir.join(format!("qd-{memory}.qmp")));
     let _dst =
@@ -129,12 +180,28 @@ fn qemu(dir: &Path, guest_elf: &Path, memory: &str, guest: &str, unlimited: bool
         return Err("QEMU guest did not tick".into());
     }
     let mut q = Qmp::connect(&qs)?;
-    if unlimited {
-        q.cmd(r#"{"execute":"migrate-set-parameters","arguments":{"max-bandwidth":1099511627776}}"#)?;
+    let set_bandwidth = |q: &mut Qmp, bytes: u64| {
+        q.cmd(&format!(r#"{{"execute":"migrate-set-parameters","arguments":{{"max-bandwidth":{bytes}}}}}"#))
+    };
+    match link {
+        QemuLink::Defaults => {}
+        QemuLink::Unlimited => set_bandwidth(&mut q, 1 << 40).map(drop)?,
+        QemuLink::Capped(mib) => set_bandwidth(&mut q, mib << 20).map(drop)?,
+        QemuLink::CappedAutoConverge(mib) => {
+            set_bandwidth(&mut q, mib << 20)?;
+            q.cmd(r#"{"execute":"migrate-set-capabilities","arguments":{"capabilities":[{"capability":"auto-converge","state":true}]}}"#)?;
+        }
     }
+    let started = std::time::Instant::now();
+    // QEMU reports its throttle only while the migration runs.
+    let mut throttle_pct = 0.0f64;
     q.cmd(&format!(r#"{{"execute":"migrate","arguments":{{"uri":"tcp:127.0.0.1:{port}"}}}}"#))?;
     loop {
         let l = q.cmd(r#"{"execute":"query-migrate"}"#)?;
+        let throttle = field(&l, "cpu-throttle-percentage");
+        if throttle > throttle_pct {
+            throttle_pct = throttle;
+        }
         if l.contains("\"status\": \"completed\"") {
             let total = field(&l, "total-time");
             let down = field(&l, "downtime");
@@ -145,11 +212,29 @@ fn qemu(dir: &Path, guest_elf: &Path, memory: &str, guest: &str, unlimited: bool
                 .and_then(|v| v.trim().parse().ok())
                 .unwrap_or(f64::NAN);
             let rate = field(&l, "mbps") * 1e6 / 8.0;
+            let rounds = field(&l, "dirty-sync-count");
             let _ = q.cmd(r#"{"execute":"quit"}"#);
-            return Ok(Figures { total_ms: total, downtime_ms: down, bytes, moved: bytes, rate });
+            return Ok(Figures {
+                total_ms: total,
+                downtime_ms: down,
+                bytes,
+                moved: bytes,
+                rate,
+                rounds,
+                throttle_pct,
+            });
         }
         if l.contains("\"failed\"") {
             return Err(format!("QEMU migration failed: {l}"));
+        }
+        if started.elapsed() > QEMU_GIVE_UP {
+            let _ = q.cmd(r#"{"execute":"migrate_cancel"}"#);
+            let _ = q.cmd(r#"{"execute":"quit"}"#);
+            return Err(format!(
+                "not finished after {} s ({} sync rounds; QEMU does not give up by itself)",
+                QEMU_GIVE_UP.as_secs(),
+                field(&l, "dirty-sync-count")
+            ));
         }
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -270,7 +355,7 @@ fn bandwidth(dir: &Path, guest_elf: &Path, creds: &Path, have_qemu: bool) {
         }
     }
     if have_qemu {
-        match qemu(dir, guest_elf, "2G", FULL, true) {
+        match qemu(dir, guest_elf, "2G", FULL, QemuLink::Unlimited) {
             Ok(f) => row("qemu, no bandwidth limit", f.moved, f.rate),
             Err(e) => println!("| qemu, no bandwidth limit   | failed: {e} |"),
         }
@@ -303,13 +388,14 @@ fn main() {
         return;
     }
     println!("Live migration over loopback TCP, test guest with 64 MiB of pattern\n");
-    println!("| VMM   | transport | RAM  | guest    | total ms | downtime ms | MiB sent |");
-    println!("|-------|-----------|------|----------|---------:|------------:|---------:|");
+    println!("| VMM   | setup         | RAM  | guest    | total ms | downtime ms | MiB sent | rounds | finished by       |");
+    println!("|-------|---------------|------|----------|---------:|------------:|---------:|-------:|-------------------|");
     let mut ratios = Vec::new();
-    for memory in ["512M", "2G"] {
-        for (name, guest) in [("idle", IDLE), ("dirtying", DIRTY)] {
-            let tls = ferry(dir.path(), memory, guest, &Transport::Tls(&creds));
-            let plain = ferry(dir.path(), memory, guest, &Transport::Plain);
+    for memory in ["512M", "2G", "8G"] {
+        for (name, guest, cap) in CELLS {
+            let cap_arg = cap.map(|mib| format!("{mib}M"));
+            let run = |t: &Transport| ferry_capped(dir.path(), memory, guest, t, cap_arg.as_deref());
+            let (tls, plain) = (run(&Transport::Tls(&creds)), run(&Transport::Plain));
             if let (Ok(t), Ok(p)) = (&tls, &plain) {
                 ratios.push(format!(
                     "{memory} {name}: total {:.2}x, downtime {:.2}x",
@@ -320,17 +406,28 @@ fn main() {
             let mut rows: Vec<(&str, &str, Result<Figures, String>)> =
                 vec![("ferry", "TLS 1.3", tls), ("ferry", "plaintext", plain)];
             if have_qemu {
-                rows.push(("qemu", "plaintext", qemu(dir.path(), &guest_elf, memory, guest, false)));
+                let setups = match cap {
+                    None => [("defaults", QemuLink::Defaults), ("no limit", QemuLink::Unlimited)],
+                    Some(mib) => [
+                        ("defaults", QemuLink::Capped(mib)),
+                        ("auto-converge", QemuLink::CappedAutoConverge(mib)),
+                    ],
+                };
+                for (setup, link) in setups {
+                    rows.push(("qemu", setup, qemu(dir.path(), &guest_elf, memory, guest, link)));
+                }
             }
-            for (vmm, via, r) in rows {
+            for (vmm, setup, r) in rows {
                 match r {
                     Ok(f) => println!(
-                        "| {vmm:<5} | {via:<9} | {memory:<4} | {name:<8} | {:>8.1} | {:>11.1} | {:>8.1} |",
+                        "| {vmm:<5} | {setup:<13} | {memory:<4} | {name:<8} | {:>8.1} | {:>11.1} | {:>8.1} | {:>6.0} | {:<17} |",
                         f.total_ms,
                         f.downtime_ms,
-                        f.bytes / 1048576.0
+                        f.bytes / 1048576.0,
+                        f.rounds,
+                        if f.throttle_pct > 0.0 { format!("throttled to {:.0}%", f.throttle_pct) } else { "pre-copy".into() }
                     ),
-                    Err(e) => println!("| {vmm:<5} | {via:<9} | {memory:<4} | {name:<8} | failed: {e} |"),
+                    Err(e) => println!("| {vmm:<5} | {setup:<13} | {memory:<4} | {name:<8} | failed: {e} |"),
                 }
             }
         }

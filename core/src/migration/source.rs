@@ -38,8 +38,9 @@
 //! within twice the ceiling; otherwise it gives up, says so, and the
 //! source guest keeps running.
 //!
-//! A guest that outruns the link (rounds stopped helping and the rest is
-//! still above the ceiling) is throttled (auto-converge): its vCPUs sleep
+//! A guest that outruns the link (a round left more dirty than the one
+//! before while the rest is above the ceiling, or rounds stopped helping
+//! and it is still above) is throttled (auto-converge): its vCPUs sleep
 //! [`THROTTLE_FIRST`] percent of the time, [`THROTTLE_STEP`] more after
 //! each further round that does not fit, up to [`THROTTLE_MAX`]
 //! (`vcpu.rs` says how a throttled vCPU sleeps). Memory that devices or
@@ -441,6 +442,8 @@ struct SwitchOver {
     stalled: u32,
     /// The throttle asked for so far, in percent.
     throttle: u8,
+    /// The dirty set the last round left.
+    last_dirty: u64,
 }
 
 impl SwitchOver {
@@ -453,6 +456,7 @@ impl SwitchOver {
             fewest_dirty: u64::MAX,
             stalled: 0,
             throttle: 0,
+            last_dirty: u64::MAX,
         }
     }
 
@@ -465,10 +469,17 @@ impl SwitchOver {
             self.stalled += 1;
         }
         let settle = self.stalled >= STALLED_ROUNDS || round >= self.max_rounds;
+        // More dirty than the round before left: the guest dirtied memory
+        // faster than that round sent it.
+        let outrun = dirty_bytes > self.last_dirty;
+        self.last_dirty = dirty_bytes;
         if round > self.min_rounds && (expected <= self.aim || (settle && expected <= self.ceiling)) {
             return Step::SwitchOver;
         }
-        if settle && round < self.max_rounds && self.throttle < THROTTLE_MAX {
+        if (settle || (outrun && expected > self.ceiling))
+            && round < self.max_rounds
+            && self.throttle < THROTTLE_MAX
+        {
             self.throttle = match self.throttle {
                 0 => THROTTLE_FIRST,
                 t => t.saturating_add(THROTTLE_STEP).min(THROTTLE_MAX),
@@ -613,6 +624,17 @@ mod tests {
             q.after_round(round, 256 * MIB, 0.5);
         }
         assert_eq!(q.after_round(MAX_ROUNDS, 256 * MIB, 0.5), Step::SwitchOver, "within twice the ceiling");
+    }
+
+    #[test]
+    fn a_dirty_set_that_grows_above_the_ceiling_is_throttled_at_once() {
+        let mut p = SwitchOver::new(CEILING, 0);
+        assert_eq!(p.after_round(1, 100 * MIB, 0.4), Step::Another);
+        assert_eq!(p.after_round(2, 150 * MIB, 0.6), Step::Throttle(THROTTLE_FIRST), "it grew");
+        assert_eq!(p.after_round(3, 200 * MIB, 0.8), Step::Throttle(30));
+        let mut q = SwitchOver::new(CEILING, 0);
+        assert_eq!(q.after_round(1, 10 * MIB, 0.02), Step::Another);
+        assert_eq!(q.after_round(2, 12 * MIB, 0.03), Step::Another, "growing, but within the ceiling");
     }
 
     #[test]

@@ -101,6 +101,7 @@ fn run_token(token: Token<'_>, settings: &mut Settings) {
         Token::Smp => smp::start_aps(),
         Token::Hz(hz) => settings.hz = hz,
         Token::Dirty(pages) => settings.dirty = pages,
+        Token::DirtyMib(mib) => ticks::DIRTY_SPAN_MIB.store(mib, Ordering::Relaxed),
         Token::Ticks(n) => ticks::run(settings.hz, n, settings.dirty),
         Token::Exit(code) => io::debug_exit(code as u8),
         Token::Reset => io::i8042_reset(),

@@ -36,11 +36,20 @@ pub static TICK_STATE: TickState = TickState {
     dirty_cursor: AtomicU64::new(0),
 };
 
+/// How much of the dirty region `dirty_pages` cycles through, in MiB
+/// (`dirty-mib=N`: a hot working set); 0: all of it.
+pub static DIRTY_SPAN_MIB: AtomicU64 = AtomicU64::new(0);
+
 /// Writes one qword into each of `count` successive pages of the dirty
-/// region (16 MiB + pattern size .. end of contiguous RAM), wrapping.
+/// region (16 MiB + pattern size .. end of contiguous RAM, or the first
+/// `DIRTY_SPAN_MIB` of it), wrapping.
 fn dirty_pages(count: u64, stamp: u64) {
     let start = TEST_REGION_BASE + pattern::region_bytes();
-    let end = MEM.low_end.load(Ordering::Relaxed) & !(PAGE - 1);
+    let mut end = MEM.low_end.load(Ordering::Relaxed) & !(PAGE - 1);
+    let span = DIRTY_SPAN_MIB.load(Ordering::Relaxed) << 20;
+    if span != 0 {
+        end = end.min(start.saturating_add(span));
+    }
     if count == 0 || start >= end {
         return;
     }
