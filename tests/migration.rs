@@ -140,6 +140,55 @@ fn a_guest_that_outruns_a_capped_link_is_throttled_and_arrives_intact() {
 }
 
 #[test]
+fn a_cancelled_throttled_migration_lets_the_vcpus_run_freely_again() {
+    if !kvm_or_skip("a_cancelled_throttled_migration_lets_the_vcpus_run_freely_again") {
+        return;
+    }
+    use ferry::api::call;
+    let dir = TempDir::new("throttle-cancel");
+    let uri = format!("tcp:127.0.0.1:{}", free_port());
+    let dst = destination(&uri, None);
+    let mut src =
+        source(&dir, "src", &["--memory", "32M", "--cmdline", "pattern=8 dirty=26 hz=1000 ticks=0"]);
+    wait_tick(&mut src.vm);
+    let get = |path: &str| call(&src.socket, "GET", path, None).expect("an answer").1;
+    let body = serde_json::json!({ "uri": uri, "insecure_tcp": true, "max_bandwidth": 16u64 << 20 });
+    let (code, _) = call(&src.socket, "PUT", "/vm/migrate", Some(&body)).expect("an answer");
+    assert_eq!(code, 200, "started");
+    let deadline = std::time::Instant::now() + DEADLINE;
+    loop {
+        let info = get("/vm");
+        if info["throttle_pct"].as_u64().unwrap_or(0) >= 30 {
+            break;
+        }
+        let m = get("/vm/migration");
+        assert!(m["done"] != true, "the migration ended before the throttle reached 30%: {m}");
+        assert!(std::time::Instant::now() < deadline, "no throttle: {info}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(call(&src.socket, "PUT", "/vm/migrate-cancel", None).expect("an answer").0, 200);
+    loop {
+        let m = get("/vm/migration");
+        if m["done"] == true {
+            assert_eq!(m["phase"], "failed", "{m}");
+            assert!(
+                m["throttle_pct"].as_u64().unwrap_or(0) >= 30,
+                "the report keeps the highest throttle: {m}"
+            );
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the cancel ends the migration");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let info = get("/vm");
+    assert_eq!(info["throttle_pct"], 0, "the vCPUs are no longer throttled: {info}");
+    assert_eq!(info["state"], "running", "{info}");
+    let before = wait_tick(&mut src.vm);
+    assert!(wait_tick(&mut src.vm) > before, "the guest still ticks here");
+    drop(dst);
+}
+
+#[test]
 fn same_host_over_a_unix_socket_hands_the_memfd_over() {
     if !kvm_or_skip("same_host_over_a_unix_socket_hands_the_memfd_over") {
         return;

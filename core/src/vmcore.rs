@@ -138,6 +138,7 @@ impl VmCore {
         serde_json::json!({
             "state": state,
             "failure": failure.as_ref().map(|f| f.1.clone()),
+            "throttle_pct": self.control.throttle(),
             "reboots": self.reboots.load(std::sync::atomic::Ordering::Relaxed),
             "machine": self.machine.name,
             "cpus": self.cpus,
