@@ -446,8 +446,12 @@ fn run(args: RunArgs) -> Result<ExitCode> {
         Outcome::Reset | Outcome::Shutdown => ExitCode::SUCCESS,
         Outcome::Exit(status) => ExitCode::from((status & 0xff) as u8),
         Outcome::Migrated(s) => {
+            let throttled = match s.throttle_pct {
+                0 => String::new(),
+                t => format!(", vCPUs throttled up to {t}%"),
+            };
             eprintln!(
-                "ferry: migrated: total {:.1} ms, downtime {:.1} ms, {} bytes sent, {} round(s)",
+                "ferry: migrated: total {:.1} ms, downtime {:.1} ms, {} bytes sent, {} round(s){throttled}",
                 s.total_ms, s.downtime_ms, s.bytes_sent, s.round
             );
             ExitCode::SUCCESS
@@ -542,13 +546,17 @@ fn migrate(socket: &std::path::Path, req: &ferry::api::ApiRequest) -> Result<Exi
             ferry::api::send(socket, &ferry::api::ApiRequest::MigrationStatus).map_err(|e| anyhow!(e))?;
         let get = |k: &str| s.get(k).and_then(|v| v.as_f64()).unwrap_or(0.0);
         bar.set_message(format!(
-            "{} round {} | {:.1} MiB sent | dirty {:.1} MiB/s | link {:.1} MiB/s | expected downtime {:.1} ms",
+            "{} round {} | {:.1} MiB sent | dirty {:.1} MiB/s | link {:.1} MiB/s | expected downtime {:.1} ms{}",
             s.get("phase").and_then(|v| v.as_str()).unwrap_or("?"),
             get("round"),
             get("bytes_sent") / 1048576.0,
             get("dirty_rate_bytes_per_s") / 1048576.0,
             get("bandwidth_bytes_per_s") / 1048576.0,
             get("expected_downtime_ms"),
+            match get("throttle_pct") {
+                t if t > 0.0 => format!(" | vCPUs throttled {t:.0}%"),
+                _ => String::new(),
+            },
         ));
         bar.tick();
         if s.get("done").and_then(|v| v.as_bool()).unwrap_or(false) {
