@@ -36,6 +36,28 @@ fn destination(uri: &str, plugins: Option<&Path>) -> Running {
     vm
 }
 
+/// A number in `ferry ctl migrate`'s JSON report.
+fn report_u64(report: &str, key: &str) -> Option<u64> {
+    report
+        .lines()
+        .find_map(|l| l.trim().strip_prefix(&format!("\"{key}\": ")))
+        .and_then(|v| v.trim_end_matches(',').parse().ok())
+}
+
+/// Wait until the VM behind `socket` reports its migration ended (after
+/// a cancel); returns that report.
+fn migration_ended(socket: &Path) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + DEADLINE;
+    loop {
+        let (_, v) = ferry::api::call(socket, "GET", "/vm/migration", None).expect("status");
+        if v["done"] == true {
+            return v;
+        }
+        assert!(std::time::Instant::now() < deadline, "the cancel ends the migration: {v}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Migrate a ticking guest and check both sides.
 fn migrate_and_check(src_args: &[&str], uri: &str, expect_exit: i32, after: &[&str]) -> (Finished, Finished) {
     let (src, dst, _) = migrate_with(src_args, uri, &[], expect_exit, after);
@@ -130,11 +152,7 @@ fn a_guest_that_outruns_a_capped_link_is_throttled_and_arrives_intact() {
         9,
         &["PATTERN OK pages=2048", "TICK 120"],
     );
-    let throttle: u32 = report
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("\"throttle_pct\": "))
-        .and_then(|v| v.trim_end_matches(',').parse().ok())
-        .unwrap_or(0);
+    let throttle = report_u64(&report, "throttle_pct").unwrap_or(0);
     assert!(throttle >= 20, "the vCPUs were throttled: {throttle}%\n{report}");
     assert!(src.stderr.contains("faster than the link carries it"), "the source says so:\n{}", src.stderr);
 }
@@ -167,19 +185,9 @@ fn a_cancelled_throttled_migration_lets_the_vcpus_run_freely_again() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(call(&src.socket, "PUT", "/vm/migrate-cancel", None).expect("an answer").0, 200);
-    loop {
-        let m = get("/vm/migration");
-        if m["done"] == true {
-            assert_eq!(m["phase"], "failed", "{m}");
-            assert!(
-                m["throttle_pct"].as_u64().unwrap_or(0) >= 30,
-                "the report keeps the highest throttle: {m}"
-            );
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "the cancel ends the migration");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let m = migration_ended(&src.socket);
+    assert_eq!(m["phase"], "failed", "{m}");
+    assert!(m["throttle_pct"].as_u64().unwrap_or(0) >= 30, "the report keeps the highest throttle: {m}");
     let info = get("/vm");
     assert_eq!(info["throttle_pct"], 0, "the vCPUs are no longer throttled: {info}");
     assert_eq!(info["state"], "running", "{info}");
@@ -200,11 +208,7 @@ fn same_host_over_a_unix_socket_hands_the_memfd_over() {
     while wait_tick(&mut src.vm) < 3 {}
     let (ok, text) = migrate(&src.socket, &uri, &[]);
     assert!(ok, "{text}");
-    let bytes: u64 = text
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("\"bytes_sent\": "))
-        .and_then(|v| v.trim_end_matches(',').parse().ok())
-        .expect("bytes_sent in the report");
+    let bytes = report_u64(&text, "bytes_sent").expect("bytes_sent in the report");
     assert!(bytes < 1 << 20, "32 MiB of pattern, yet only state crossed the socket: {bytes} bytes");
     let src_out = src.vm.finish(DEADLINE);
     let out = dst.finish(DEADLINE);
@@ -656,15 +660,7 @@ fn the_api_says_conflict_when_the_vm_is_busy() {
     let snap = dir.path().join("x.snap").display().to_string();
     assert_eq!(status("PUT", "/vm/snapshot", Some(serde_json::json!({ "path": snap }))).0, 409);
     assert_eq!(status("PUT", "/vm/migrate-cancel", None).0, 200);
-    let deadline = std::time::Instant::now() + DEADLINE;
-    loop {
-        let (_, v) = call(&socket, "GET", "/vm/migration", None).expect("status");
-        if v["done"] == true {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "the cancel ends the migration");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    migration_ended(&socket);
     let (code, e) =
         status("PUT", "/vm/snapshot", Some(serde_json::json!({ "path": "/nonexistent/dir/x.snap" })));
     assert_eq!(code, 400, "{e}");

@@ -88,6 +88,12 @@ struct Parking {
 /// How long a throttled guest runs between two of the throttler's kicks.
 pub const THROTTLE_SLICE: Duration = Duration::from_millis(10);
 
+/// How long a vCPU throttled to `percent` sleeps after each slice.
+pub fn throttle_sleep(percent: u8) -> Duration {
+    let percent = u32::from(percent.min(99));
+    THROTTLE_SLICE * percent / (100 - percent)
+}
+
 /// Run state shared by the vCPU threads, devices and the main thread.
 pub struct VmControl {
     state: AtomicU8,
@@ -175,22 +181,24 @@ impl VmControl {
 
     /// A vCPU thread between runs: if a throttle period began since
     /// `seen`, sleep this period's share, or less if the VM is paused,
-    /// stopped or unthrottled meanwhile.
-    fn throttle_nap(&self, seen: &mut u64) {
-        let ticks = self.throttle_ticks.load(Ordering::SeqCst);
+    /// stopped or unthrottled meanwhile. Returns whether it slept (then
+    /// the run state may have changed). One atomic load per exit when
+    /// nothing is throttled.
+    fn throttle_nap(&self, seen: &mut u64) -> bool {
+        let ticks = self.throttle_ticks.load(Ordering::Acquire);
         if ticks == *seen {
-            return;
+            return false;
         }
         *seen = ticks;
-        let percent = u32::from(self.throttle());
+        let percent = self.throttle();
         if percent == 0 {
-            return;
+            return false;
         }
-        let nap = THROTTLE_SLICE * percent / (100 - percent);
         let p = self.lock();
-        let _ = self.changed.wait_timeout_while(p, nap, |_| {
+        let _ = self.changed.wait_timeout_while(p, throttle_sleep(percent), |_| {
             self.state.load(Ordering::SeqCst) == RUNNING && self.throttle() != 0
         });
+        true
     }
 
     /// Make a stopped control run again (a guest reboot): the vCPU threads
@@ -348,8 +356,7 @@ fn run_vcpu(
     loop {
         match control.check() {
             Some(true) => {
-                control.throttle_nap(&mut throttle_seen);
-                if control.check() != Some(true) {
+                if control.throttle_nap(&mut throttle_seen) && control.check() != Some(true) {
                     continue;
                 }
                 if let Some(event) = run_once(index, &mut vcpu, bus) {

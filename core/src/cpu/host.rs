@@ -163,7 +163,6 @@ fn announce(spec: &str) {
     });
 }
 
-/// The TSC frequency of a fresh vCPU (a throwaway VM; nothing of it stays).
 /// The TSC frequency KVM gives a new vCPU: asked of a VM (`vm`, or one
 /// made for the question) where this KVM answers on the VM (Linux 5.19
 /// on), else of a throwaway vCPU, which costs more than the rest of the

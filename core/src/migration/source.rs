@@ -384,9 +384,8 @@ impl<'a> Throttler<'a> {
         let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
         let control = self.core.control.clone();
         let spawned = std::thread::Builder::new().name("throttle".into()).spawn(move || loop {
-            let percent = u32::from(control.throttle().min(99));
-            let slice = crate::vcpu::THROTTLE_SLICE;
-            match stop_rx.recv_timeout(slice + slice * percent / (100 - percent)) {
+            let period = crate::vcpu::THROTTLE_SLICE + crate::vcpu::throttle_sleep(control.throttle());
+            match stop_rx.recv_timeout(period) {
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => control.throttle_tick(),
                 _ => return,
             }

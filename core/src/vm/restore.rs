@@ -169,7 +169,8 @@ pub fn restore(
     let c = read_snapshot(&file, &shown, verify_memory)?;
     crate::log::step("restore: snapshot read and checked");
     let m = &c.manifest;
-    std::thread::scope(|s| {
+    let names: Vec<&str> = m.devices.iter().map(|d| d.plugin.as_str()).collect();
+    let (made, registry) = std::thread::scope(|s| {
         let source = RamSource::Snapshot { size: m.memory, file: &file, runs: c.runs.clone() };
         let (cpus, shared) = (m.cpus, isolation.devices.any());
         let made = s.spawn(move || -> Result<_, VmError> {
@@ -178,48 +179,48 @@ pub fn restore(
             crate::log::step("restore: host CPU probed");
             Ok((memory, host))
         });
-        let names: Vec<&str> = m.devices.iter().map(|d| d.plugin.as_str()).collect();
         let registry = Registry::open(plugins, &names);
-        let (memory, host) = made.join().map_err(|_| VmError::Helper("making guest RAM and the VM"))??;
-        let cpu = restored_cpu(&c, &host).map_err(|e| bad(e.to_string()))?;
+        (made.join(), registry)
+    });
+    let (memory, host) = made.map_err(|_| VmError::Helper("making guest RAM and the VM"))??;
+    let cpu = restored_cpu(&c, &host).map_err(|e| bad(e.to_string()))?;
 
-        // Versions next: a state this host cannot load is named before any
-        // device is created.
-        let registry = registry?;
-        for d in &m.devices {
-            let Some(lib) = registry.get(&d.plugin) else {
-                return Err(bad(format!(
-                    "device {}: plugin {} {} is not installed in {}",
-                    d.id,
-                    d.plugin,
-                    d.plugin_version,
-                    registry.dir.display()
-                )));
-            };
-            check_load(lib.descriptor.state, d.state_version, "this host")
-                .map_err(|e| bad(format!("device {} ({}): {e}", d.id, d.plugin)))?;
-        }
-        // Then the host's resources: this host's bindings (or, when told, the
-        // snapshot's), every required one present.
-        let (machine, carried) = unbound_machine(m, &registry);
-        let mut machine = machine;
-        bind(&mut machine, &registry, bindings, &carried).map_err(|e| bad(e.to_string()))?;
-        crate::log::step("restore: plugins opened, versions and bindings checked");
+    // Versions next: a state this host cannot load is named before any
+    // device is created.
+    let registry = registry?;
+    for d in &m.devices {
+        let Some(lib) = registry.get(&d.plugin) else {
+            return Err(bad(format!(
+                "device {}: plugin {} {} is not installed in {}",
+                d.id,
+                d.plugin,
+                d.plugin_version,
+                registry.dir.display()
+            )));
+        };
+        check_load(lib.descriptor.state, d.state_version, "this host")
+            .map_err(|e| bad(format!("device {} ({}): {e}", d.id, d.plugin)))?;
+    }
+    // Then the host's resources: this host's bindings (or, when told, the
+    // snapshot's), every required one present.
+    let (machine, carried) = unbound_machine(m, &registry);
+    let mut machine = machine;
+    bind(&mut machine, &registry, bindings, &carried).map_err(|e| bad(e.to_string()))?;
+    crate::log::step("restore: plugins opened, versions and bindings checked");
 
-        let vm = build(machine, registry, m.cpus, cpu, memory, isolation)?;
-        if vm.ram.ranges().iter().map(|r| (r.gpa, r.len)).collect::<Vec<_>>() != m.ram {
-            return Err(bad("the memory layout differs from this ferry's for the same size".into()));
-        }
-        c.state.load(&vm, &vm.vcpus).map_err(|e| bad(e.to_string()))?;
-        crate::log::step("restore: state loaded");
-        crate::log::info(&format!(
-            "restored {shown}: machine type {}, {} vCPU(s) of cpu {} ({}), {} of RAM",
-            vm.machine.name,
-            vm.cpus,
-            vm.cpu.model,
-            vm.cpu.vendor,
-            crate::memory::human_size(vm.ram.size())
-        ));
-        Ok(vm)
-    })
+    let vm = build(machine, registry, m.cpus, cpu, memory, isolation)?;
+    if vm.ram.ranges().iter().map(|r| (r.gpa, r.len)).collect::<Vec<_>>() != m.ram {
+        return Err(bad("the memory layout differs from this ferry's for the same size".into()));
+    }
+    c.state.load(&vm, &vm.vcpus).map_err(|e| bad(e.to_string()))?;
+    crate::log::step("restore: state loaded");
+    crate::log::info(&format!(
+        "restored {shown}: machine type {}, {} vCPU(s) of cpu {} ({}), {} of RAM",
+        vm.machine.name,
+        vm.cpus,
+        vm.cpu.model,
+        vm.cpu.vendor,
+        crate::memory::human_size(vm.ram.size())
+    ));
+    Ok(vm)
 }
