@@ -19,6 +19,7 @@ pub mod pci;
 pub mod plugins;
 pub mod seccomp;
 pub mod state;
+pub mod uffd;
 pub mod unix_socket;
 pub mod vcpu;
 pub mod vm;

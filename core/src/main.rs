@@ -163,6 +163,17 @@ enum CtlAction {
         /// authenticated. For trusted networks only.
         #[arg(long)]
         insecure_tcp: bool,
+        /// If the guest outruns the link, move it at once and the rest of
+        /// its memory after it (post-copy) instead of throttling it. Refused
+        /// before anything moves if the destination cannot.
+        #[arg(long)]
+        postcopy: bool,
+        /// Reconnect a post-copy whose connection broke, to URI (the
+        /// destination listens again on its --incoming address). Answers at
+        /// once; the `ferry ctl migrate` that started the migration reports
+        /// its end.
+        #[arg(long, conflicts_with_all = ["postcopy", "dry_run"])]
+        resume: bool,
     },
     /// Give up a running migration; the guest keeps running here.
     MigrateCancel,
@@ -450,8 +461,15 @@ fn run(args: RunArgs) -> Result<ExitCode> {
                 0 => String::new(),
                 t => format!(", vCPUs throttled up to {t}%"),
             };
+            let postcopy = match s.mode.as_str() {
+                "post-copy" => format!(
+                    ", post-copy: {} page(s) after the switch-over ({} requested) in {:.1} ms",
+                    s.postcopy_pages, s.postcopy_requests, s.postcopy_ms
+                ),
+                _ => String::new(),
+            };
             eprintln!(
-                "ferry: migrated: total {:.1} ms, downtime {:.1} ms, {} bytes sent, {} round(s){throttled}",
+                "ferry: migrated: total {:.1} ms, downtime {:.1} ms, {} bytes sent, {} round(s){throttled}{postcopy}",
                 s.total_ms, s.downtime_ms, s.bytes_sent, s.round
             );
             ExitCode::SUCCESS
@@ -495,7 +513,17 @@ fn ctl(socket: &std::path::Path, action: CtlAction) -> Result<ExitCode> {
     // The server resolves relative paths against its own directory.
     let absolute = |p: &PathBuf| std::path::absolute(p).with_context(|| format!("bad path {}", p.display()));
     let req = match action {
-        CtlAction::Migrate { uri, max_downtime, dry_run, max_bandwidth, tls_dir, tls_name, insecure_tcp } => {
+        CtlAction::Migrate {
+            uri,
+            max_downtime,
+            dry_run,
+            max_bandwidth,
+            tls_dir,
+            tls_name,
+            insecure_tcp,
+            postcopy,
+            resume,
+        } => {
             let tls_dir = tls_dir.as_ref().map(absolute).transpose()?;
             let req = MigrateRequest {
                 uri,
@@ -505,7 +533,15 @@ fn ctl(socket: &std::path::Path, action: CtlAction) -> Result<ExitCode> {
                 tls_dir,
                 tls_name,
                 insecure_tcp,
+                postcopy,
+                resume,
             };
+            if resume {
+                // The `ferry ctl migrate` that started it follows it to the end.
+                let value = answer(ferry::api::send(socket, &ApiRequest::Migrate(req)))?;
+                println!("{}", serde_json::to_string_pretty(&value).unwrap_or_default());
+                return Ok(ExitCode::SUCCESS);
+            }
             return migrate(socket, &ApiRequest::Migrate(req));
         }
         CtlAction::MigrateCancel => ApiRequest::MigrateCancel,
@@ -557,7 +593,10 @@ fn migrate(socket: &std::path::Path, req: &ferry::api::ApiRequest) -> Result<Exi
                 t if t > 0.0 => format!(" | vCPUs throttled {t:.0}%"),
                 _ => String::new(),
             },
-        ));
+        ) + &match get("postcopy_pages_left") {
+            left if left > 0.0 => format!(" | post-copy: {left:.0} page(s) still here"),
+            _ => String::new(),
+        });
         bar.tick();
         if s.get("done").and_then(|v| v.as_bool()).unwrap_or(false) {
             break s;

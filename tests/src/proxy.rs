@@ -33,6 +33,13 @@ pub enum Fault {
     /// Replace the payload of the source's DEVICE message for this device
     /// id with bytes that are not a state (framed and checksummed right).
     SpoilDevice(&'static str),
+    /// Cut both connections at the source's `nth` PAGES message after the
+    /// destination's RESUMED passed (post-copy: the guest runs on the
+    /// destination, part of its memory still on the source).
+    CutInPostcopy {
+        /// Which PAGES message after RESUMED.
+        nth: usize,
+    },
 }
 
 /// A proxy for one migration connection.
@@ -77,10 +84,14 @@ impl MigrationProxy {
             let clone = |s: &TcpStream| s.try_clone().expect("clone a socket");
             let cut = Arc::new((clone(&src), clone(&dst)));
             // Destination -> source.
-            let (back_from, back_to, back_cut, back_fired) =
-                (clone(&dst), clone(&src), cut.clone(), fired_here.clone());
+            let resumed = Arc::new(AtomicBool::new(false));
+            let (back_from, back_to, back_cut, back_fired, back_resumed) =
+                (clone(&dst), clone(&src), cut.clone(), fired_here.clone(), resumed.clone());
             std::thread::spawn(move || {
                 forward(back_from, back_to, &back_cut, |h, _| {
+                    if h.kind == Kind::Resumed {
+                        back_resumed.store(true, Ordering::SeqCst);
+                    }
                     let hit = fault == Fault::CutReply { kind: h.kind };
                     if hit {
                         back_fired.store(true, Ordering::SeqCst);
@@ -90,10 +101,18 @@ impl MigrationProxy {
             });
             // Source -> destination.
             let mut seen = std::collections::HashMap::new();
+            let mut after_resumed = 0usize;
             forward(src, dst, &cut, |h, payload| {
                 let n = seen.entry(h.kind.name()).or_insert(0usize);
                 *n += 1;
+                if h.kind == Kind::Pages && resumed.load(Ordering::SeqCst) {
+                    after_resumed += 1;
+                }
                 match fault {
+                    Fault::CutInPostcopy { nth } if h.kind == Kind::Pages && after_resumed == nth => {
+                        fired_here.store(true, Ordering::SeqCst);
+                        true
+                    }
                     Fault::CutAt { kind, nth } if h.kind == kind && *n == nth => {
                         fired_here.store(true, Ordering::SeqCst);
                         true

@@ -13,9 +13,11 @@
 //!  PUT /vm/shutdown                 end the VM; ferry exits 0
 //!  PUT /vm/migrate {"uri": "tcp:HOST:PORT"|"unix:PATH", "max_downtime_ms": 300, "dry_run": false,
 //!                   "max_bandwidth": BYTES_PER_S (optional),
-//!                   "tls_dir": DIR, "tls_name": NAME, "insecure_tcp": false}
+//!                   "tls_dir": DIR, "tls_name": NAME, "insecure_tcp": false,
+//!                   "postcopy": false, "resume": false}
 //!                                   start a live migration (answers at once); tcp: needs
-//!                                   tls_dir (mutual TLS) or insecure_tcp: true
+//!                                   tls_dir (mutual TLS) or insecure_tcp: true; "resume":
+//!                                   reconnect a paused post-copy to uri
 //!  GET /vm/migration                the migration's progress, plan and report
 //!  PUT /vm/migrate-cancel           give up the migration; the guest keeps running here
 //! ```
@@ -124,6 +126,12 @@ pub struct MigrateRequest {
     /// tcp: plaintext, unauthenticated.
     #[serde(default)]
     pub insecure_tcp: bool,
+    /// Post-copy where the guest outruns the link (instead of throttling).
+    #[serde(default)]
+    pub postcopy: bool,
+    /// Reconnect a post-copy whose connection broke, to `uri`.
+    #[serde(default)]
+    pub resume: bool,
 }
 
 fn default_max_downtime() -> u64 {
@@ -151,6 +159,7 @@ impl MigrateRequest {
             dry_run: self.dry_run,
             max_bandwidth: self.max_bandwidth,
             security,
+            postcopy: self.postcopy,
         })
     }
 }
@@ -434,6 +443,8 @@ mod tests {
                 tls_dir: None,
                 tls_name: None,
                 insecure_tcp: false,
+                postcopy: true,
+                resume: false,
             }),
         ];
         for req in requests {

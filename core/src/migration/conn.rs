@@ -71,6 +71,10 @@ pub enum MigrateError {
     /// The VM's state could not be captured, or what came was wrong.
     #[error(transparent)]
     VmState(#[from] VmStateError),
+    /// Post-copy failed after the destination resumed the guest: the
+    /// source must not resume it (it runs there, short of these pages).
+    #[error("{0}; the guest runs on the destination, the source stays paused with the pages it still holds")]
+    GuestMoved(String),
     /// Pre-copy does not converge.
     #[error("did not converge after {rounds} rounds: the guest dirties {dirty:.1} MB/s, the link moves {link:.1} MB/s; the source keeps running")]
     NoConvergence {
@@ -221,6 +225,22 @@ impl Conn {
             Conn::Tls(s) => s.tcp().set_read_timeout(t),
             Conn::Unix(s) => s.set_read_timeout(t),
         }
+    }
+
+    /// The socket's descriptor (to poll it).
+    pub(crate) fn raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        match self {
+            Conn::Tcp(s) => s.as_raw_fd(),
+            Conn::Tls(s) => s.tcp().as_raw_fd(),
+            Conn::Unix(s) => s.as_raw_fd(),
+        }
+    }
+
+    /// Bytes a read returns without waiting that a poll on the socket
+    /// does not see (TLS's decrypted records).
+    pub(crate) fn has_buffered(&self) -> bool {
+        matches!(self, Conn::Tls(s) if s.has_plaintext())
     }
 
     /// Close both directions (wakes a blocked reader).

@@ -3,18 +3,24 @@
 //! plan, then receive memory and the VM's state until END. The protocol is
 //! drawn in `source.rs`.
 
-use std::fs::File;
+use std::{
+    fs::File,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex, MutexGuard,
+    },
+};
 
 use super::{
     conn::{Conn, Endpoint, MigrateError, TcpSecurity},
     link::{io, st, Link, ANSWER_TIMEOUT},
     manifest::{Manifest, MANIFEST_VERSION},
-    pages,
+    pages, postcopy,
     plan::Plan,
     stream::{self, Kind},
     vmstate::{StateReader, VmState},
 };
-use crate::{memory::GuestRam, state, unix_socket::Peers};
+use crate::{memory::GuestRam, state, unix_socket::Peers, vmcore::VmCore};
 
 /// What the destination received before it builds the VM.
 pub struct Incoming {
@@ -29,34 +35,79 @@ pub struct Incoming {
 }
 
 /// The destination's side of the connection.
-pub struct IncomingLink(Link);
+pub struct IncomingLink {
+    shared: Arc<Shared>,
+    /// Post-copy: the runs (gpa, pages) the source still holds.
+    stale: Vec<(u64, u64)>,
+    /// Where this destination listened, to listen again in post-copy.
+    listen: ListenOn,
+}
+
+/// The connection as the main thread and a post-copy puller share it.
+pub(crate) struct Shared {
+    link: Mutex<Link>,
+    /// RESUMED went out: the guest is this side's from now on.
+    pub(crate) confirmed: AtomicBool,
+    /// The connection broke (the puller saw it): RESUMED must not go out.
+    pub(crate) broken: AtomicBool,
+}
+
+impl Shared {
+    pub(crate) fn link(&self) -> MutexGuard<'_, Link> {
+        self.link.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Put a new connection in place of a broken one.
+    pub(crate) fn replace(&self, link: Link) {
+        *self.link() = link;
+        self.broken.store(false, Ordering::SeqCst);
+    }
+}
+
+/// What an incoming migration listened on, with its checks.
+#[derive(Clone)]
+pub(crate) struct ListenOn {
+    pub(crate) uri: String,
+    pub(crate) security: Option<TcpSecurity>,
+    pub(crate) peers: Peers,
+}
 
 impl IncomingLink {
-    /// Tell the source the guest is about to run here.
+    /// Tell the source the guest is about to run here. Refused once the
+    /// connection is known to be broken: the source keeps the guest then.
     pub fn resumed(&mut self) -> std::io::Result<()> {
-        self.0.send(Kind::Resumed, "", 1, &[])?;
-        self.0.flush()
+        let mut link = self.shared.link();
+        if self.shared.broken.load(Ordering::SeqCst) {
+            return Err(std::io::Error::other("the connection to the source broke"));
+        }
+        link.send(Kind::Resumed, "", 1, &[])?;
+        link.flush()?;
+        self.shared.confirmed.store(true, Ordering::SeqCst);
+        Ok(())
     }
 
     /// Tell the source this side failed.
     pub fn failed(&mut self, reason: &str) {
-        self.0.fail(reason);
+        self.shared.link().fail(reason);
     }
 
     /// Memory into `ram` and the VM's state into `reader`, until END,
     /// answering each SYNC once everything before it is applied. Returns
-    /// the state, every section checked, nothing loaded yet.
+    /// the state, every section checked, nothing loaded yet. The runs a
+    /// post-copy source still holds (STALE) are kept for [`Self::postcopy`].
     pub fn receive_vm(&mut self, ram: &GuestRam, mut reader: StateReader) -> Result<VmState, MigrateError> {
         let phase = "receiving the VM";
+        let mut link = self.shared.link();
         // One buffer for every message: pages go through it by the gigabyte.
         let mut payload = Vec::new();
         loop {
-            let h = self.0.receive_into(&mut payload).map_err(st(phase))?;
+            let h = link.receive_into(&mut payload).map_err(st(phase))?;
             match h.kind {
                 k if pages::is_pages(k) => pages::receive(ram, &h, &payload).map_err(st(phase))?,
                 k if StateReader::wants(k) => reader.take(&h, std::mem::take(&mut payload))?,
+                Kind::Stale => self.stale.extend(pages::decode_runs(ram, &h, &payload).map_err(st(phase))?),
                 Kind::End => break,
-                Kind::Decision if payload == b"sync" => self.0.decide(b"synced", "answering a sync")?,
+                Kind::Decision if payload == b"sync" => link.decide(b"synced", "answering a sync")?,
                 Kind::Failed => {
                     return Err(MigrateError::Protocol(format!(
                         "the source gave up: {}",
@@ -74,18 +125,64 @@ impl IncomingLink {
         }
         Ok(reader.finish()?)
     }
+
+    /// If the source switched to post-copy (it sent STALE runs): take
+    /// those pages out of guest RAM, register it with userfaultfd and start
+    /// the puller, before anything (a device's state load) may touch
+    /// guest memory. Nothing to do after a pre-copy.
+    pub fn postcopy(&mut self, core: &Arc<VmCore>) -> Result<(), MigrateError> {
+        if self.stale.is_empty() {
+            return Ok(());
+        }
+        let armed = postcopy::pull::arm(&core.ram, &self.stale)?;
+        crate::log::info(&format!(
+            "post-copy: {} pages stay on the source until the guest touches them or they are pushed",
+            armed.stale_pages()
+        ));
+        postcopy::pull::start(core.clone(), armed, self.shared.clone(), self.listen.clone())
+            .map_err(io("starting the post-copy puller"))
+    }
 }
 
 /// Where an incoming migration is awaited.
-enum Listener {
+pub(crate) enum Listener {
     Tcp(std::net::TcpListener, Option<super::tls::Server>),
     Unix(std::os::unix::net::UnixListener, std::path::PathBuf, Peers),
 }
 
 impl Listener {
+    /// Listen on `on.uri` with its checks.
+    pub(crate) fn bind(on: &ListenOn) -> Result<Self, MigrateError> {
+        let connect_err = |source| MigrateError::Connect { uri: on.uri.clone(), source };
+        Ok(match (Endpoint::parse(&on.uri)?, &on.security) {
+            (Endpoint::Tcp(addr), Some(security)) => {
+                let tls = match security {
+                    TcpSecurity::Tls(settings) => Some(super::tls::Server::load(settings)?),
+                    TcpSecurity::Insecure => None,
+                };
+                Listener::Tcp(std::net::TcpListener::bind(&addr).map_err(connect_err)?, tls)
+            }
+            (Endpoint::Tcp(_), None) => return Err(MigrateError::Security(super::conn::NEEDS_SECURITY.into())),
+            (Endpoint::Unix(path), _) => {
+                let listener = crate::unix_socket::bind_owner_only(&path, "--incoming")?;
+                Listener::Unix(listener, path, on.peers.clone())
+            }
+        })
+    }
+
+    /// The listening socket's descriptor, made non-blocking (to poll it
+    /// beside other work).
+    pub(crate) fn nonblocking_fd(&self) -> std::io::Result<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        match self {
+            Listener::Tcp(l, _) => l.set_nonblocking(true).map(|()| l.as_raw_fd()),
+            Listener::Unix(l, _, _) => l.set_nonblocking(true).map(|()| l.as_raw_fd()),
+        }
+    }
+
     /// The next connection, through the TLS handshake where there is one.
     /// Err(None) for a peer turned away (logged), to wait for the next.
-    fn accept(&self) -> Result<Conn, Option<std::io::Error>> {
+    pub(crate) fn accept(&self) -> Result<Conn, Option<std::io::Error>> {
         match self {
             Listener::Tcp(l, tls) => {
                 let (s, peer) = l.accept().map_err(Some)?;
@@ -141,20 +238,8 @@ pub fn accept(
     plan_for: impl FnOnce(&Manifest) -> Result<Plan, MigrateError>,
 ) -> Result<Option<Incoming>, MigrateError> {
     let connect_err = |source| MigrateError::Connect { uri: uri.into(), source };
-    let listener = match (Endpoint::parse(uri)?, security) {
-        (Endpoint::Tcp(addr), Some(security)) => {
-            let tls = match security {
-                TcpSecurity::Tls(settings) => Some(super::tls::Server::load(settings)?),
-                TcpSecurity::Insecure => None,
-            };
-            Listener::Tcp(std::net::TcpListener::bind(&addr).map_err(connect_err)?, tls)
-        }
-        (Endpoint::Tcp(_), None) => return Err(MigrateError::Security(super::conn::NEEDS_SECURITY.into())),
-        (Endpoint::Unix(path), _) => {
-            let listener = crate::unix_socket::bind_owner_only(&path, "--incoming")?;
-            Listener::Unix(listener, path, peers.clone())
-        }
-    };
+    let listen = ListenOn { uri: uri.to_string(), security: security.cloned(), peers: peers.clone() };
+    let listener = Listener::bind(&listen)?;
     crate::log::info(&format!("waiting for a migration on {uri} ({})", TcpSecurity::describe(security)));
     let mut link = loop {
         let conn = match listener.accept() {
@@ -222,7 +307,12 @@ pub fn accept(
     // The source may take long over pre-copy rounds: no read timeout from here
     // (a dead source closes the connection).
     link.reader.get_ref().set_read_timeout(None).map_err(io("pre-copy"))?;
-    Ok(Some(Incoming { manifest, plan, memfd, link: IncomingLink(link) }))
+    let shared = Arc::new(Shared {
+        link: Mutex::new(link),
+        confirmed: AtomicBool::new(false),
+        broken: AtomicBool::new(false),
+    });
+    Ok(Some(Incoming { manifest, plan, memfd, link: IncomingLink { shared, stale: Vec::new(), listen } }))
 }
 
 /// Receive the MEMFD message and its descriptor (SCM_RIGHTS).

@@ -92,6 +92,16 @@ impl Link {
         r
     }
 
+    /// Is a message (or the end) waiting to be read? Waits up to
+    /// `timeout_ms` (-1: until there is) for the socket.
+    pub(crate) fn readable(&mut self, timeout_ms: i32) -> std::io::Result<bool> {
+        let conn = self.reader.get_ref();
+        if !self.reader.buffer().is_empty() || conn.has_buffered() {
+            return Ok(true);
+        }
+        Ok(crate::uffd::poll_readable(&[conn.raw_fd()], timeout_ms)?[0])
+    }
+
     /// Tell the other end this one failed (best effort: it may be gone).
     pub(crate) fn fail(&mut self, reason: &str) {
         let _ = self.send(Kind::Failed, "", 1, reason.as_bytes());

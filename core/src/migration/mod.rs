@@ -2,18 +2,20 @@
 //! (`vmstate.rs`: one writer, one reader, for snapshots and migrations),
 //! and live migration: the source (`source.rs`), the destination
 //! (`destination.rs`), their connection (`link.rs` over `conn.rs`, TLS in
-//! `tls.rs`, credentials in `certs.rs`) and the page messages
-//! (`pages.rs`).
+//! `tls.rs`, credentials in `certs.rs`), the page messages (`pages.rs`)
+//! and post-copy (`postcopy/`: the source's server, the destination's
+//! puller).
 
 pub mod certs;
 pub mod conn;
 pub mod destination;
 pub mod hostinfo;
 pub mod inspect;
-mod link;
+pub(crate) mod link;
 pub mod manifest;
 pub mod pages;
 pub mod plan;
+pub mod postcopy;
 pub mod source;
 pub mod status;
 pub mod stream;

@@ -49,12 +49,69 @@ pub fn send(ram: &GuestRam, pages: &[u64], sink: &mut impl SectionSink) -> Resul
         next_gpa = Some(gpa + PAGE);
     }
     flush(sink, &mut batch, &mut batch_pages)?;
-    for chunk in zeros.chunks(ZERO_RUNS_PER_MESSAGE) {
+    send_runs(Kind::ZeroPages, &zeros, sink)?;
+    Ok(sent)
+}
+
+/// The guest-physical runs `(gpa, pages)` of RAM pages `pages`
+/// (dirty-bitmap numbering, ascending).
+pub fn runs(ram: &GuestRam, pages: &[u64]) -> Vec<(u64, u64)> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for gpa in pages.iter().filter_map(|&p| ram.gpa_of_page(p)) {
+        match runs.last_mut() {
+            Some((start, n)) if *start + *n * PAGE == gpa => *n += 1,
+            _ => runs.push((gpa, 1)),
+        }
+    }
+    runs
+}
+
+/// Send `runs` (pairs of gpa and page count) as messages of `kind`
+/// (ZERO-PAGES, STALE, REQUEST).
+pub fn send_runs(kind: Kind, runs: &[(u64, u64)], sink: &mut impl SectionSink) -> Result<(), StreamError> {
+    for chunk in runs.chunks(ZERO_RUNS_PER_MESSAGE.min(kind.max_payload() as usize / 16)) {
         let payload: Vec<u8> =
             chunk.iter().flat_map(|(g, n)| g.to_le_bytes().into_iter().chain(n.to_le_bytes())).collect();
-        sink.put(Kind::ZeroPages, "", 1, &payload)?;
+        sink.put(kind, "", 1, &payload)?;
     }
-    Ok(sent)
+    Ok(())
+}
+
+/// The address and the page bytes of a PAGES message, checked to be
+/// whole pages inside guest RAM.
+pub fn decode_pages<'a>(
+    ram: &GuestRam,
+    h: &SectionHeader,
+    payload: &'a [u8],
+) -> Result<(u64, &'a [u8]), StreamError> {
+    if payload.len() < 8 || (payload.len() - 8) % PAGE as usize != 0 {
+        return Err(h.bad("malformed pages"));
+    }
+    let gpa = payload[..8].try_into().map(u64::from_le_bytes).map_err(|_| h.bad("malformed pages"))?;
+    let data = &payload[8..];
+    if gpa % PAGE != 0 || ram.bytes(gpa, data.len() as u64).is_none() {
+        return Err(h.bad(format!("pages at {gpa:#x} outside guest RAM")));
+    }
+    Ok((gpa, data))
+}
+
+/// The runs (gpa, pages) a ZERO-PAGES, STALE or REQUEST message carries,
+/// each checked to be page aligned and inside guest RAM.
+pub fn decode_runs(ram: &GuestRam, h: &SectionHeader, payload: &[u8]) -> Result<Vec<(u64, u64)>, StreamError> {
+    let u64_at = |b: &[u8]| b.try_into().map(u64::from_le_bytes).map_err(|_| h.bad("malformed"));
+    if payload.len() % 16 != 0 {
+        return Err(h.bad(format!("malformed {}", h.kind.name())));
+    }
+    let mut runs = Vec::with_capacity(payload.len() / 16);
+    for pair in payload.chunks_exact(16) {
+        let (gpa, n) = (u64_at(&pair[..8])?, u64_at(&pair[8..])?);
+        let len = n.checked_mul(PAGE).ok_or_else(|| h.bad("run overflows"))?;
+        if gpa % PAGE != 0 || ram.bytes(gpa, len).is_none() {
+            return Err(h.bad(format!("{} at {gpa:#x} outside guest RAM", h.kind.name())));
+        }
+        runs.push((gpa, n));
+    }
+    Ok(runs)
 }
 
 /// Is every byte of `page` zero? Reads a cache line (eight words) at a
@@ -79,30 +136,14 @@ pub fn is_pages(kind: Kind) -> bool {
 /// RAM. Pages go in through the memfd and zero runs become holes
 /// (`GuestRam::write_pages`, `zero_pages`).
 pub fn receive(ram: &GuestRam, h: &SectionHeader, payload: &[u8]) -> Result<(), StreamError> {
-    let u64_at = |b: &[u8]| b.try_into().map(u64::from_le_bytes).map_err(|_| h.bad("malformed"));
     match h.kind {
         Kind::Pages => {
-            if payload.len() < 8 || (payload.len() - 8) % PAGE as usize != 0 {
-                return Err(h.bad("malformed pages"));
-            }
-            let gpa = u64_at(&payload[..8])?;
-            let data = &payload[8..];
-            if gpa % PAGE != 0 || ram.bytes(gpa, data.len() as u64).is_none() {
-                return Err(h.bad(format!("pages at {gpa:#x} outside guest RAM")));
-            }
+            let (gpa, data) = decode_pages(ram, h, payload)?;
             ram.write_pages(gpa, data).map_err(|e| h.bad(e.to_string()))
         }
         Kind::ZeroPages => {
-            if payload.len() % 16 != 0 {
-                return Err(h.bad("malformed zero pages"));
-            }
-            for pair in payload.chunks_exact(16) {
-                let (gpa, n) = (u64_at(&pair[..8])?, u64_at(&pair[8..])?);
-                let len = n.checked_mul(PAGE).ok_or_else(|| h.bad("zero run overflows"))?;
-                if gpa % PAGE != 0 || ram.bytes(gpa, len).is_none() {
-                    return Err(h.bad(format!("zero pages at {gpa:#x} outside guest RAM")));
-                }
-                ram.zero_pages(gpa, len).map_err(|e| h.bad(e.to_string()))?;
+            for (gpa, n) in decode_runs(ram, h, payload)? {
+                ram.zero_pages(gpa, n * PAGE).map_err(|e| h.bad(e.to_string()))?;
             }
             Ok(())
         }
@@ -183,6 +224,6 @@ mod tests {
         let mut huge = 0u64.to_le_bytes().to_vec();
         huge.extend_from_slice(&u64::MAX.to_le_bytes());
         let err = receive(&ram, &header(Kind::ZeroPages, &huge), &huge).unwrap_err().to_string();
-        assert!(err.ends_with("zero run overflows"), "{err}");
+        assert!(err.ends_with("run overflows"), "{err}");
     }
 }

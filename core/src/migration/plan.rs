@@ -182,6 +182,15 @@ pub struct Plan {
     pub devices: Vec<DeviceLine>,
     /// The CPU verdict's problems: each refuses the whole plan.
     pub cpu: Vec<String>,
+    /// Whether the destination can take the rest of memory by post-copy
+    /// (None: it can; otherwise why not). A plan from a ferry that predates
+    /// post-copy, or made offline, says it cannot.
+    #[serde(default = "postcopy_unknown")]
+    pub postcopy: Option<String>,
+}
+
+fn postcopy_unknown() -> Option<String> {
+    Some("the destination does not offer post-copy".into())
 }
 
 impl Plan {
@@ -285,7 +294,7 @@ pub fn make_plan(manifest: &Manifest, plugins: &[HostPlugin], host_cpu: Option<&
         }
         None => Vec::new(),
     };
-    Plan { devices, cpu }
+    Plan { devices, cpu, postcopy: postcopy_unknown() }
 }
 
 #[cfg(test)]

@@ -57,6 +57,10 @@ use super::{
     link::{io, st, Link, ANSWER_TIMEOUT},
     pages,
     plan::{Plan, Verdict},
+    postcopy::{
+        serve::{self, Served},
+        PageSet,
+    },
     status::{Phase, Status},
     stream::{self, Kind, StreamError},
     vmstate::VmState,
@@ -115,6 +119,9 @@ pub struct Options {
     pub max_bandwidth: Option<u64>,
     /// TLS or plaintext, for a tcp: URI (None for unix:).
     pub security: Option<TcpSecurity>,
+    /// Switch to post-copy when the guest outruns the link (instead of
+    /// throttling it).
+    pub postcopy: bool,
 }
 
 /// Wait until the destination has applied everything sent so far, so a
@@ -140,8 +147,15 @@ fn update(core: &VmCore, f: impl FnOnce(&mut Status)) {
 
 /// Migrate `core`'s VM to the destination. On success the caller ends the
 /// source VM; on failure the guest is running again (it may have been
-/// paused for stop-and-copy).
-pub fn migrate(core: &VmCore, opts: &Options, cancel: &Cancel) -> Result<Status, MigrateError> {
+/// paused for stop-and-copy), unless it had moved by post-copy
+/// ([`MigrateError::GuestMoved`]). A post-copy whose link breaks waits on
+/// `resume` for where to reconnect.
+pub fn migrate(
+    core: &VmCore,
+    opts: &Options,
+    cancel: &Cancel,
+    resume: &crossbeam_channel::Receiver<Options>,
+) -> Result<Status, MigrateError> {
     let start = Instant::now();
     let endpoint = Endpoint::parse(&opts.uri)?;
     let plaintext_tcp = opts.security == Some(TcpSecurity::Insecure);
@@ -187,6 +201,10 @@ pub fn migrate(core: &VmCore, opts: &Options, cancel: &Cancel) -> Result<Status,
         let _ = link.decide(b"abort: refused", "handshake");
         return Err(MigrateError::Refused(plan.lines()));
     }
+    if let (true, Some(why)) = (opts.postcopy, &plan.postcopy) {
+        let _ = link.decide(b"abort: no post-copy", "handshake");
+        return Err(MigrateError::Refused(vec![format!("post-copy was asked for, but the destination cannot: {why}")]));
+    }
     if opts.dry_run {
         link.decide(b"dry-run", "handshake")?;
         let mut s = Status { phase: Phase::DryRun, plan: plan.lines(), done: true, ..Status::default() };
@@ -219,9 +237,9 @@ pub fn migrate(core: &VmCore, opts: &Options, cancel: &Cancel) -> Result<Status,
     // Pre-copy.
     update(core, |s| s.phase = Phase::Precopy);
     core.kvm.set_dirty_log(&core.ram, true)?;
-    let result =
-        precopy_and_switch(core, opts, &plan, &mut link, start, cancel).map_err(|e| cancel.explain(e));
-    if result.is_err() {
+    let result = precopy_and_switch(core, opts, &plan, &mut link, start, cancel, resume)
+        .map_err(|e| cancel.explain(e));
+    if result.as_ref().is_err_and(|e| !matches!(e, MigrateError::GuestMoved(_))) {
         // Give the guest back: running, not logging.
         if core.control.is_paused() {
             let _ = core.resume();
@@ -266,6 +284,7 @@ fn precopy_and_switch(
     link: &mut Link,
     start: Instant,
     cancel: &Cancel,
+    resume: &crossbeam_channel::Receiver<Options>,
 ) -> Result<Status, MigrateError> {
     link.limit(opts.max_bandwidth);
     let mut throttler = Throttler::new(core);
@@ -310,7 +329,26 @@ fn precopy_and_switch(
             s.dirty_rate_bytes_per_s = dirty_rate;
             s.expected_downtime_ms = expected * 1e3;
         });
-        match policy.after_round(round, dirty_bytes, expected) {
+        let mut step = policy.after_round(round, dirty_bytes, expected);
+        // Post-copy where pre-copy would throttle (if asked for) or give up
+        // (if the destination can take it).
+        if let (Step::Throttle(_), true) | (Step::GiveUp, _) = (step, opts.postcopy) {
+            if plan.postcopy.is_none() {
+                step = Step::Postcopy;
+            }
+        }
+        match step {
+            Step::Postcopy => {
+                crate::log::warn(&format!(
+                    "pre-copy round {round}: {:.1} MiB dirty, {:.0} ms to send: switching to post-copy \
+                     (the guest runs on the destination, which pulls the rest)",
+                    dirty_bytes as f64 / 1048576.0,
+                    expected * 1e3
+                ));
+                cancel.disarm()?;
+                throttler.stop();
+                return postcopy(core, plan, link, start, dirty, round, &knobs, resume);
+            }
             Step::SwitchOver => {
                 // What is dirty now goes in the final pass.
                 cancel.disarm()?;
@@ -425,6 +463,9 @@ enum Step {
     Throttle(u8),
     /// The guest outruns the link: stop, the source runs on.
     GiveUp,
+    /// Move the guest now and the rest of memory after it (chosen by the
+    /// caller in place of `Throttle` or `GiveUp`).
+    Postcopy,
 }
 
 /// The switch-over policy (the module's header says it in words).
@@ -553,6 +594,108 @@ fn switch_over(
     status.downtime_ms = downtime;
     status.total_ms = start.elapsed().as_secs_f64() * 1e3;
     status.done = true;
+    status.mode = match (memory, status.throttle_pct) {
+        (None, _) => "memfd",
+        (Some(_), 0) => "pre-copy",
+        (Some(_), _) => "throttled",
+    }
+    .into();
+    Ok(status)
+}
+
+/// Post-copy: pause, send which pages are still dirty (not their bytes)
+/// and the state, then serve the destination until it holds every page
+/// (`postcopy/`). A broken link after the destination resumed the guest
+/// waits on `resume` for where to reconnect; before, it fails like any
+/// switch-over (the guest resumes here).
+#[allow(clippy::too_many_arguments)]
+fn postcopy(
+    core: &VmCore,
+    plan: &Plan,
+    link: &mut Link,
+    start: Instant,
+    mut dirty: Vec<u64>,
+    rounds: u32,
+    knobs: &Knobs,
+    resume: &crossbeam_channel::Receiver<Options>,
+) -> Result<Status, MigrateError> {
+    update(core, |s| s.phase = Phase::StopAndCopy);
+    let paused_at = Instant::now();
+    core.pause()?;
+    take_dirty(core, knobs, &mut dirty)?;
+    pages::send_runs(Kind::Stale, &pages::runs(&core.ram, &dirty), link).map_err(st("post-copy"))?;
+    VmState::capture(core, Some(plan))?.write(link)?;
+    link.send(Kind::End, "", 1, &[]).map_err(io("post-copy"))?;
+    link.flush().map_err(io("post-copy"))?;
+    // No read timeout from here: serving waits on the destination's needs.
+    link.reader.get_ref().set_read_timeout(None).map_err(io("post-copy"))?;
+    update(core, |s| {
+        s.phase = Phase::Postcopy;
+        s.postcopy_pages_left = dirty.len() as u64;
+    });
+    let mut left = PageSet::new(core.ram.size() / 4096);
+    for page in &dirty {
+        left.insert(*page);
+    }
+    let mut served = Served::default();
+    let progress = |pages_left: u64, served: &Served| {
+        update(core, |s| {
+            s.postcopy_pages_left = pages_left;
+            s.postcopy_pages = served.pages;
+            s.postcopy_requests = served.requests;
+        })
+    };
+    loop {
+        let Err(e) = serve::serve(core, link, &mut left, &mut served, progress) else { break };
+        if served.resumed.is_none() {
+            return Err(e);
+        }
+        crate::log::warn(&format!(
+            "post-copy paused: {e}; the guest runs on the destination and {} page(s) are still here; \
+             `ferry ctl migrate --resume URI` reconnects",
+            left.len()
+        ));
+        update(core, |s| {
+            s.phase = Phase::PostcopyPaused;
+            s.error = Some(e.to_string());
+            s.postcopy_pages_left = left.len();
+        });
+        *link = loop {
+            let Ok(again) = resume.recv() else {
+                return Err(MigrateError::GuestMoved(format!("post-copy was never resumed after: {e}")));
+            };
+            match serve::reconnect(core, &again, &mut left) {
+                Ok(link) => break link,
+                Err(e) => {
+                    crate::log::warn(&format!("post-copy: cannot resume on {}: {e}", again.uri));
+                    update(core, |s| s.error = Some(format!("resume on {}: {e}", again.uri)));
+                }
+            }
+        };
+        crate::log::info(&format!("post-copy resumed: {} page(s) still to send", left.len()));
+        update(core, |s| {
+            s.phase = Phase::Postcopy;
+            s.error = None;
+        });
+    }
+    let resumed = served.resumed.unwrap_or(paused_at);
+    let downtime = (resumed - paused_at).as_secs_f64() * 1e3;
+    let mut status = core.migration.lock().unwrap_or_else(|e| e.into_inner()).clone().unwrap_or_default();
+    status.phase = Phase::Completed;
+    status.mode = "post-copy".into();
+    status.round = rounds;
+    status.bytes_sent = link.sent;
+    status.downtime_ms = downtime;
+    status.postcopy_pages_left = 0;
+    status.postcopy_pages = served.pages;
+    status.postcopy_requests = served.requests;
+    status.postcopy_ms = resumed.elapsed().as_secs_f64() * 1e3;
+    status.total_ms = start.elapsed().as_secs_f64() * 1e3;
+    status.done = true;
+    crate::log::info(&format!(
+        "post-copy: downtime {downtime:.2} ms, then {} page(s) in {:.1} ms ({} requested by the guest's touches)",
+        served.pages, status.postcopy_ms, served.requests
+    ));
     Ok(status)
 }
 

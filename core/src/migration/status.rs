@@ -15,6 +15,12 @@ pub enum Phase {
     Precopy,
     /// The guest is paused here; the rest and the state are sent.
     StopAndCopy,
+    /// The guest runs on the destination, which pulls the pages still
+    /// here on first touch while the rest are pushed.
+    Postcopy,
+    /// Post-copy's connection broke: the source keeps the pages still
+    /// here, the destination waits; `ferry ctl migrate --resume` goes on.
+    PostcopyPaused,
     /// The guest runs on the destination.
     Completed,
     /// Given up; the guest keeps running here.
@@ -26,8 +32,12 @@ pub enum Phase {
 /// Progress and outcome, as the API reports them.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Status {
-    /// handshake | precopy | stop-and-copy | completed | failed | dry-run.
+    /// handshake | precopy | stop-and-copy | postcopy | postcopy-paused |
+    /// completed | failed | dry-run.
     pub phase: Phase,
+    /// What finished it: "pre-copy", "throttled" (pre-copy with the vCPUs
+    /// slowed), "post-copy", or "memfd" (same host, nothing copied).
+    pub mode: String,
     /// How the VM travels: "mutual TLS 1.3", "PLAINTEXT TCP
     /// (--insecure-tcp: ...)", "unix socket".
     pub transport: String,
@@ -56,6 +66,15 @@ pub struct Status {
     pub total_ms: f64,
     /// Measured downtime: source paused to destination's RESUMED.
     pub downtime_ms: f64,
+    /// Post-copy: pages still on the source (0 once all moved).
+    pub postcopy_pages_left: u64,
+    /// Post-copy: pages sent after the switch-over, pushed or requested.
+    pub postcopy_pages: u64,
+    /// Post-copy: requests the destination's guest made by touching a
+    /// page still here.
+    pub postcopy_requests: u64,
+    /// Post-copy: from the destination's RESUMED to its last page.
+    pub postcopy_ms: f64,
     /// Why it failed.
     pub error: Option<String>,
     /// Finished (either way).
@@ -72,6 +91,8 @@ mod tests {
             Phase::Handshake,
             Phase::Precopy,
             Phase::StopAndCopy,
+            Phase::Postcopy,
+            Phase::PostcopyPaused,
             Phase::Completed,
             Phase::Failed,
             Phase::DryRun,
@@ -79,6 +100,6 @@ mod tests {
         .iter()
         .map(|p| serde_json::to_value(p).unwrap_or_default().as_str().unwrap_or_default().to_string())
         .collect();
-        assert_eq!(names, ["handshake", "precopy", "stop-and-copy", "completed", "failed", "dry-run"]);
+        assert_eq!(names, ["handshake", "precopy", "stop-and-copy", "postcopy", "postcopy-paused", "completed", "failed", "dry-run"]);
     }
 }

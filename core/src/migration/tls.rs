@@ -416,6 +416,17 @@ impl TlsStream {
         Ok(TlsStream { session: self.session.clone(), tcp: self.tcp.try_clone()? })
     }
 
+    /// Has TLS decrypted (or received, ready to decrypt) bytes that a read
+    /// would return without waiting on the socket? (A poll on the socket
+    /// does not see them.) An error counts as yes: the read reports it.
+    pub fn has_plaintext(&self) -> bool {
+        let state = match &mut *self.session() {
+            Session::Client(s) => s.conn.process_new_packets(),
+            Session::Server(s) => s.conn.process_new_packets(),
+        };
+        state.map_or(true, |io| io.plaintext_bytes_to_read() > 0 || io.peer_has_closed())
+    }
+
     /// The TCP socket underneath (timeouts, shutdown).
     pub fn tcp(&self) -> &TcpStream {
         &self.tcp

@@ -6,7 +6,8 @@
 //! reading the kernel's log; kept as small as that allowed.
 //!
 //! Arguments are checked where a call could reach beyond ferry's own
-//! objects: `ioctl` to KVM's requests and the few a descriptor needs,
+//! objects: `ioctl` to KVM's and userfaultfd's requests and the few a
+//! descriptor needs,
 //! `kill` to SIGKILL (an isolated device that stopped answering),
 //! `clone` to threads (unless devices are isolated, when a device process
 //! may be started again at a reboot).
@@ -156,6 +157,13 @@ const FD_IOCTLS: &[u64] = &[
 fn with_ioctls(mut rules: Rules) -> Result<Rules, SeccompError> {
     let mut r = ioctls(FD_IOCTLS)?;
     r.push(rule(vec![cond(1, SeccompCmpArgLen::Dword, SeccompCmpOp::MaskedEq(0xff00), KVM_IOCTL_TYPE)?])?);
+    // Post-copy's userfaultfd (fill, zero-fill and wake pages of guest RAM).
+    r.push(rule(vec![cond(
+        1,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::MaskedEq(0xff00),
+        crate::uffd::IOCTL_TYPE,
+    )?])?);
     rules.insert(SYS_ioctl, r);
     Ok(rules)
 }

@@ -45,12 +45,18 @@ pub(super) struct Controller {
     pub linger: Receiver<std::time::Instant>,
     /// A reset that came during a migration, held until it gives up.
     reset_pending: Option<StopEvent>,
+    /// Where a paused post-copy reconnects (`migrate --resume`).
+    resume_tx: Sender<source::Options>,
+    resume_rx: Receiver<source::Options>,
 }
 
 impl Controller {
     pub(super) fn new() -> Self {
         let (done_tx, done_rx) = crossbeam_channel::unbounded();
+        let (resume_tx, resume_rx) = crossbeam_channel::unbounded();
         Controller {
+            resume_tx,
+            resume_rx,
             shutdown: false,
             last_answer: false,
             migrated: None,
@@ -91,6 +97,13 @@ impl Controller {
                 self.linger = crossbeam_channel::after(LINGER);
             }
             Ok(s) => *status = Some(s),
+            Err(e @ MigrateError::GuestMoved(_)) => {
+                crate::log::log(ferry_plugin_api::LogLevel::ERROR, &format!("migration failed: {e}"));
+                let s = status.get_or_insert_with(Default::default);
+                s.phase = Phase::Failed;
+                s.error = Some(e.to_string());
+                s.done = true;
+            }
             Err(e) => {
                 let e = match self.reset_pending {
                     Some(_) => format!("the guest reset the machine during the migration ({e})"),
@@ -123,6 +136,19 @@ impl Controller {
                 .map(|r| serde_json::to_value(r).unwrap_or_default())
                 .map_err(|e| e.to_api()),
             ApiRequest::MigrationStatus => Ok(migration_status(vm)),
+            ApiRequest::Migrate(m) if m.resume => {
+                let paused = vm.migration.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|s| s.phase)
+                    == Some(Phase::PostcopyPaused);
+                if !(self.migrating && paused) {
+                    return busy("no post-copy waits to be resumed");
+                }
+                while self.resume_rx.try_recv().is_ok() {}
+                let _ = self.resume_tx.send(m.options()?);
+                Ok(serde_json::json!({"state": "resuming"}))
+            }
+            ApiRequest::MigrateCancel if self.migrating && self.guest_moved(vm) => {
+                busy("post-copy: the guest runs on the destination; the migration can only finish (migrate --resume)")
+            }
             ApiRequest::MigrateCancel if self.migrating => {
                 self.cancel.cancel();
                 Ok(serde_json::json!({"state": "cancelling"}))
@@ -139,6 +165,12 @@ impl Controller {
         }
     }
 
+    /// Has a post-copy moved the guest (it runs on the destination)?
+    fn guest_moved(&self, vm: &Vm) -> bool {
+        let status = vm.migration.lock().unwrap_or_else(|e| e.into_inner());
+        matches!(status.as_ref().map(|s| s.phase), Some(Phase::Postcopy | Phase::PostcopyPaused))
+    }
+
     /// Is this answer the last before ferry ends? (A migrated source ends
     /// once its report was fetched.)
     pub(super) fn ends_after(&self, req: &ApiRequest) -> bool {
@@ -151,14 +183,14 @@ impl Controller {
         *vm.migration.lock().unwrap_or_else(|e| e.into_inner()) =
             Some(Status { phase: Phase::Handshake, ..Default::default() });
         let core = vm.core.clone();
-        let (tx, cancel) = (self.done_tx.clone(), self.cancel.clone());
+        let (tx, cancel, resume) = (self.done_tx.clone(), self.cancel.clone(), self.resume_rx.clone());
         std::thread::Builder::new()
             .name("migration".into())
             .spawn(move || {
                 let filtered =
                     crate::seccomp::lists::migration().and_then(|r| crate::seccomp::install(r, false));
                 let result = match filtered {
-                    Ok(()) => source::migrate(&core, &opts, &cancel),
+                    Ok(()) => source::migrate(&core, &opts, &cancel, &resume),
                     Err(e) => Err(MigrateError::Protocol(e.to_string())),
                 };
                 let _ = tx.send(result);

@@ -17,6 +17,7 @@ use crate::{
         hostinfo::host_plugins,
         manifest::Manifest,
         plan::{self, Plan, Verdict, LIVE_ORIGIN},
+        postcopy,
         vmstate::StateReader,
     },
     plugins::Registry,
@@ -45,6 +46,7 @@ pub fn incoming(
         let registry = Registry::open(plugins, &names)?;
         let mut plan = plan::make_plan(m, &host_plugins(&registry), Some(&host_cpu));
         refuse_unbound(&mut plan, m, &registry, bindings);
+        plan.postcopy = postcopy::pull::unavailable(isolation.devices.any());
         opened = Some(registry);
         Ok(plan)
     })
@@ -91,6 +93,9 @@ pub fn incoming(
     let device_ids = vm.bus.devices().iter().map(|d| d.id.clone()).collect();
     let received = incoming.link.receive_vm(&vm.ram, StateReader::new(vm.cpus, device_ids));
     let t = std::time::Instant::now();
+    // After a post-copy switch-over the puller runs before any state is
+    // loaded: a device that reads guest memory as it loads waits for it.
+    let received = received.and_then(|state| incoming.link.postcopy(&vm.core).map(|()| state));
     let loaded = received.and_then(|state| Ok(state.load(&vm, &vm.vcpus)?));
     crate::log::info(&format!("incoming: state loaded in {:.2} ms", t.elapsed().as_secs_f64() * 1e3));
     match loaded {

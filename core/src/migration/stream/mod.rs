@@ -88,6 +88,12 @@ pub enum Kind {
     /// Live migration on one host: the guest RAM memfd follows as
     /// SCM_RIGHTS ancillary data.
     Memfd,
+    /// Post-copy: the pages still on the source (pairs of gpa u64,
+    /// pages u64); the destination fetches them on first touch.
+    Stale,
+    /// Post-copy: pages the destination's guest touched and waits for
+    /// (pairs of gpa u64, pages u64).
+    Request,
 }
 
 impl Kind {
@@ -107,6 +113,8 @@ impl Kind {
             Kind::Resumed => 0x15,
             Kind::Failed => 0x16,
             Kind::Memfd => 0x17,
+            Kind::Stale => 0x18,
+            Kind::Request => 0x19,
         }
     }
 
@@ -126,6 +134,8 @@ impl Kind {
             0x15 => Kind::Resumed,
             0x16 => Kind::Failed,
             0x17 => Kind::Memfd,
+            0x18 => Kind::Stale,
+            0x19 => Kind::Request,
             _ => return None,
         })
     }
@@ -136,7 +146,8 @@ impl Kind {
             Kind::Manifest | Kind::Hello | Kind::Plan => 16 << 20,
             Kind::Machine | Kind::Vcpu => 1 << 20,
             Kind::Device => 64 << 20,
-            Kind::Memory | Kind::ZeroPages => 64 << 20,
+            Kind::Memory | Kind::ZeroPages | Kind::Stale => 64 << 20,
+            Kind::Request => 1 << 20,
             Kind::Pages => MAX_PAGES_PAYLOAD,
             Kind::End | Kind::Memfd => 0,
             Kind::Decision | Kind::Resumed | Kind::Failed => 64 << 10,
@@ -160,6 +171,8 @@ impl Kind {
             Kind::Resumed => "resumed",
             Kind::Failed => "failed",
             Kind::Memfd => "memfd",
+            Kind::Stale => "stale",
+            Kind::Request => "request",
         }
     }
 }
