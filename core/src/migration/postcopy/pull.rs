@@ -316,10 +316,6 @@ impl Puller {
                     // Ask again for what the guest waits on: its requests
                     // may have been lost with the old connection.
                     let waiting = self.requested.pages();
-                    self.requested = PageSet::new(self.requested.capacity());
-                    for p in &waiting {
-                        self.requested.insert(*p);
-                    }
                     if !waiting.is_empty() {
                         self.request(&waiting)?;
                     }
