@@ -3,13 +3,14 @@
 //! pattern intact; a link cut during post-copy leaves the guest on the
 //! destination waiting for its missing pages, and the migration resumes on
 //! a new connection with nothing lost; a cut before the guest resumed on
-//! the destination leaves the source running.
+//! the destination leaves the source running; a guest that ends on the
+//! destination during post-copy ends the source's side too.
 
 use std::{path::PathBuf, time::Duration};
 
 use ferry_tests::{
-    free_port, kvm_or_skip, migrate, start_with_api, wait_tick, Fault, Finished, Kind,
-    MigrationProxy, Running, TempDir, DEADLINE,
+    free_port, kvm_or_skip, migrate, start_with_api, wait_tick, Fault, Finished, Kind, MigrationProxy,
+    Running, TempDir, DEADLINE,
 };
 
 /// About 100 MB/s dirtied over the 32 MiB guest against a 16 MiB/s link:
@@ -85,7 +86,6 @@ fn a_guest_that_outruns_the_link_finishes_by_postcopy_with_its_pattern_intact() 
 }
 
 #[test]
-#[ignore = "passes alone (cargo test --test postcopy -- --ignored --test-threads=1); hung once beside the other post-copy tests, under investigation"]
 fn a_link_cut_during_postcopy_pauses_it_and_it_resumes_on_a_new_connection() {
     if !kvm_or_skip("a_link_cut_during_postcopy_pauses_it_and_it_resumes_on_a_new_connection") {
         return;
@@ -93,9 +93,10 @@ fn a_link_cut_during_postcopy_pauses_it_and_it_resumes_on_a_new_connection() {
     let dir = TempDir::new("postcopy-cut");
     let port = free_port();
     let dst = destination(&format!("tcp:127.0.0.1:{port}"));
-    let proxy = MigrationProxy::start(format!("127.0.0.1:{port}").parse().expect("addr"), Fault::CutInPostcopy {
-        nth: 8,
-    });
+    let proxy = MigrationProxy::start(
+        format!("127.0.0.1:{port}").parse().expect("addr"),
+        Fault::CutInPostcopy { nth: 8 },
+    );
     let (mut src, socket) = source(&dir, &format!("{OUTRUNS} ticks=150 verify exit=9"));
     while wait_tick(&mut src) < 3 {}
     let (sock, via) = (socket.clone(), format!("tcp:127.0.0.1:{}", proxy.port()));
@@ -110,9 +111,13 @@ fn a_link_cut_during_postcopy_pauses_it_and_it_resumes_on_a_new_connection() {
     let (ok, text) = migrate(&socket, &format!("tcp:127.0.0.1:{port}"), &["--resume"]);
     assert!(ok, "the resume went through:\n{text}");
     let (ok, text) = first.join().expect("the first ctl");
-    assert!(ok, "the migration completes after the resume:\n{text}");
-    assert_eq!(report(&text, "mode").as_deref(), Some("post-copy"), "{text}");
     let (src, dst) = (src.finish(DEADLINE), dst.finish(DEADLINE));
+    assert!(
+        ok,
+        "the migration completes after the resume:\n{text}\nsource:\n{}\ndestination:\n{}",
+        src.stderr, dst.stderr
+    );
+    assert_eq!(report(&text, "mode").as_deref(), Some("post-copy"), "{text}");
     assert!(dst.stderr.contains("post-copy paused"), "the destination says it waits:\n{}", dst.stderr);
     assert!(dst.stderr.contains("post-copy resumed"), "{}", dst.stderr);
     check_arrived(src, dst, "TICK 150");
@@ -142,4 +147,37 @@ fn a_cut_as_postcopy_begins_leaves_the_source_running() {
     assert!(!out.stdout.contains("TICK"), "it never ran the guest: {}", out.stdout);
     let t = wait_tick(&mut src);
     assert!(wait_tick(&mut src) > t, "the source guest keeps ticking");
+}
+
+#[test]
+fn a_guest_that_ends_on_the_destination_during_postcopy_ends_the_source_too() {
+    if !kvm_or_skip("a_guest_that_ends_on_the_destination_during_postcopy_ends_the_source_too") {
+        return;
+    }
+    let dir = TempDir::new("postcopy-ends");
+    let uri = format!("tcp:127.0.0.1:{}", free_port());
+    let dst_socket = dir.path().join("dst.sock");
+    let dst = Running::new(ferry_tests::spawn_ferry_env(
+        &["run", "--incoming", &uri, "--insecure-tcp", "--api-socket", &dst_socket.display().to_string()],
+        &[("FERRY_LOG", "info")],
+    ));
+    ferry_tests::wait_for_incoming(&uri);
+    let (mut src, socket) = source(&dir, &format!("{OUTRUNS} ticks=0"));
+    wait_tick(&mut src);
+    // A slow link: the stale pages take seconds, the shutdown comes first.
+    let (sock, to) = (socket.clone(), uri.clone());
+    let first = std::thread::spawn(move || migrate(&sock, &to, &["--max-bandwidth", "4M", "--postcopy"]));
+    wait_phase(&socket, "postcopy");
+    ferry_tests::ctl(&dst_socket, &["shutdown"]);
+    let (ok, text) = first.join().expect("the ctl");
+    let (src, dst) = (src.finish(DEADLINE), dst.finish(DEADLINE));
+    assert!(
+        ok,
+        "the source ends with its report:\n{text}\nsource:\n{}\ndestination:\n{}",
+        src.stderr, dst.stderr
+    );
+    assert_eq!(report(&text, "mode").as_deref(), Some("post-copy"), "{text}");
+    assert_eq!(src.code(), 0, "{}", src.stderr);
+    assert!(src.stderr.contains("the guest ended on the destination with"), "{}", src.stderr);
+    assert_eq!(dst.code(), 0, "{}", dst.stderr);
 }

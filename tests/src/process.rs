@@ -390,7 +390,7 @@ pub fn ctl(socket: &Path, args: &[&str]) -> String {
 /// ([`plaintext_unless_tls`]).
 pub fn migrate(socket: &Path, uri: &str, extra: &[&str]) -> (bool, String) {
     let plaintext = uri.starts_with("tcp:") && plaintext_unless_tls(extra);
-    let out = Command::new(ferry_bin())
+    let child = Command::new(ferry_bin())
         .arg("ctl")
         .arg("--api-socket")
         .arg(socket)
@@ -398,11 +398,24 @@ pub fn migrate(socket: &Path, uri: &str, extra: &[&str]) -> (bool, String) {
         .arg(uri)
         .args(extra)
         .args(plaintext.then_some("--insecure-tcp"))
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .expect("run ferry ctl migrate");
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    (out.status.success(), text)
+    // A migration that never ends fails the test instead of hanging it.
+    let out = wait_ferry(child, MIGRATE_DEADLINE);
+    let mut text = out.stdout + &out.stderr;
+    if out.status.is_none() && out.signal.is_none() {
+        text += &format!(
+            "\n(ferry ctl migrate was killed after {} s without an answer)",
+            MIGRATE_DEADLINE.as_secs()
+        );
+    }
+    (out.status == Some(0), text)
 }
+
+/// How long [`migrate`] waits for `ferry ctl migrate` to end.
+const MIGRATE_DEADLINE: Duration = Duration::from_secs(180);
 
 /// Wait until `path` exists (a socket ferry creates).
 pub fn wait_for_path(path: &Path, timeout: Duration) -> bool {

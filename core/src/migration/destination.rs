@@ -15,8 +15,9 @@ use super::{
     conn::{Conn, Endpoint, MigrateError, TcpSecurity},
     link::{io, st, Link, ANSWER_TIMEOUT},
     manifest::{Manifest, MANIFEST_VERSION},
-    pages, postcopy,
+    pages,
     plan::Plan,
+    postcopy,
     stream::{self, Kind},
     vmstate::{StateReader, VmState},
 };
@@ -34,6 +35,10 @@ pub struct Incoming {
     pub link: IncomingLink,
 }
 
+/// How long a destination whose guest ended in post-copy waits for its
+/// source to hang up.
+const ENDING_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The destination's side of the connection.
 pub struct IncomingLink {
     shared: Arc<Shared>,
@@ -50,6 +55,10 @@ pub(crate) struct Shared {
     pub(crate) confirmed: AtomicBool,
     /// The connection broke (the puller saw it): RESUMED must not go out.
     pub(crate) broken: AtomicBool,
+    /// A post-copy puller runs: pages are still on the source.
+    pub(crate) pulling: AtomicBool,
+    /// The guest ended here: the puller stops when the source hangs up.
+    pub(crate) ending: AtomicBool,
 }
 
 impl Shared {
@@ -84,6 +93,29 @@ impl IncomingLink {
         link.flush()?;
         self.shared.confirmed.store(true, Ordering::SeqCst);
         Ok(())
+    }
+
+    /// The guest ended here (it exited or stopped) while a post-copy was
+    /// still pulling: tell the source, whose remaining pages no guest needs
+    /// any more, so it ends instead of waiting to resume. Best effort: a
+    /// broken connection leaves the source paused, as any break does.
+    pub fn guest_ended(&self) {
+        if !self.shared.pulling.load(Ordering::SeqCst) || self.shared.broken.load(Ordering::SeqCst) {
+            return;
+        }
+        self.shared.ending.store(true, Ordering::SeqCst);
+        let said = self.shared.link().decide(postcopy::GUEST_ENDED, "ending post-copy");
+        if let Err(e) = said {
+            crate::log::warn(&format!("post-copy: could not tell the source the guest ended: {e}"));
+            return;
+        }
+        // Until the source hangs up (the puller reads on meanwhile): an
+        // exit now could reset the connection before the source has read
+        // the word.
+        let waited = std::time::Instant::now();
+        while self.shared.pulling.load(Ordering::SeqCst) && waited.elapsed() < ENDING_WAIT {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
     }
 
     /// Tell the source this side failed.
@@ -162,7 +194,9 @@ impl Listener {
                 };
                 Listener::Tcp(std::net::TcpListener::bind(&addr).map_err(connect_err)?, tls)
             }
-            (Endpoint::Tcp(_), None) => return Err(MigrateError::Security(super::conn::NEEDS_SECURITY.into())),
+            (Endpoint::Tcp(_), None) => {
+                return Err(MigrateError::Security(super::conn::NEEDS_SECURITY.into()))
+            }
             (Endpoint::Unix(path), _) => {
                 let listener = crate::unix_socket::bind_owner_only(&path, "--incoming")?;
                 Listener::Unix(listener, path, on.peers.clone())
@@ -311,6 +345,8 @@ pub fn accept(
         link: Mutex::new(link),
         confirmed: AtomicBool::new(false),
         broken: AtomicBool::new(false),
+        pulling: AtomicBool::new(false),
+        ending: AtomicBool::new(false),
     });
     Ok(Some(Incoming { manifest, plan, memfd, link: IncomingLink { shared, stale: Vec::new(), listen } }))
 }

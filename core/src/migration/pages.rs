@@ -97,7 +97,11 @@ pub fn decode_pages<'a>(
 
 /// The runs (gpa, pages) a ZERO-PAGES, STALE or REQUEST message carries,
 /// each checked to be page aligned and inside guest RAM.
-pub fn decode_runs(ram: &GuestRam, h: &SectionHeader, payload: &[u8]) -> Result<Vec<(u64, u64)>, StreamError> {
+pub fn decode_runs(
+    ram: &GuestRam,
+    h: &SectionHeader,
+    payload: &[u8],
+) -> Result<Vec<(u64, u64)>, StreamError> {
     let u64_at = |b: &[u8]| b.try_into().map(u64::from_le_bytes).map_err(|_| h.bad("malformed"));
     if payload.len() % 16 != 0 {
         return Err(h.bad(format!("malformed {}", h.kind.name())));

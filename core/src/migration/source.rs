@@ -203,7 +203,9 @@ pub fn migrate(
     }
     if let (true, Some(why)) = (opts.postcopy, &plan.postcopy) {
         let _ = link.decide(b"abort: no post-copy", "handshake");
-        return Err(MigrateError::Refused(vec![format!("post-copy was asked for, but the destination cannot: {why}")]));
+        return Err(MigrateError::Refused(vec![format!(
+            "post-copy was asked for, but the destination cannot: {why}"
+        )]));
     }
     if opts.dry_run {
         link.decide(b"dry-run", "handshake")?;
@@ -696,6 +698,12 @@ fn postcopy(
         "post-copy: downtime {downtime:.2} ms, then {} page(s) in {:.1} ms ({} requested by the guest's touches)",
         served.pages, status.postcopy_ms, served.requests
     ));
+    if served.guest_ended {
+        crate::log::warn(&format!(
+            "post-copy: the guest ended on the destination with {} page(s) still here, which no guest needs now",
+            left.len()
+        ));
+    }
     Ok(status)
 }
 

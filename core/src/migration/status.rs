@@ -100,6 +100,18 @@ mod tests {
         .iter()
         .map(|p| serde_json::to_value(p).unwrap_or_default().as_str().unwrap_or_default().to_string())
         .collect();
-        assert_eq!(names, ["handshake", "precopy", "stop-and-copy", "postcopy", "postcopy-paused", "completed", "failed", "dry-run"]);
+        assert_eq!(
+            names,
+            [
+                "handshake",
+                "precopy",
+                "stop-and-copy",
+                "postcopy",
+                "postcopy-paused",
+                "completed",
+                "failed",
+                "dry-run"
+            ]
+        );
     }
 }

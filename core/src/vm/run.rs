@@ -24,7 +24,9 @@ impl Vm {
         confirm: Option<IncomingLink>,
     ) -> Result<Outcome, VmError> {
         vcpu::install_kick_handler()?;
-        if let Some(mut link) = confirm {
+        // Kept to the end: a post-copy may still be pulling when the guest ends.
+        let mut incoming = confirm;
+        if let Some(link) = &mut incoming {
             link.resumed().map_err(|e| {
                 VmError::Stopped(format!(
                     "incoming migration: cannot confirm to the source ({e}); the guest stays there"
@@ -105,6 +107,9 @@ impl Vm {
             }
             break 'boots event;
         };
+        if let Some(link) = &incoming {
+            link.guest_ended();
+        }
         if let StopEvent::DeviceFailed { index, message } = &event {
             *self.failure.lock().unwrap_or_else(|e| e.into_inner()) = Some((*index, message.clone()));
             // Without an API ferry ends now, with the failure as its error

@@ -18,6 +18,13 @@
 //!  exits with the report                      drops userfaultfd
 //! ```
 //!
+//! The source reads nothing after the destination's last word: the
+//! destination may exit right after it (its guest ended). A guest that
+//! ends on the destination while pages are still to come ends post-copy
+//! there too: the destination sends DECISION "postcopy-guest-ended"
+//! before it exits, and the source, whose pages no guest needs any more,
+//! ends with its report instead of waiting to resume.
+//!
 //! A page that was never stale (zero on the source, never sent, so a hole
 //! in the destination's memfd too) is filled with zeros by the puller
 //! when touched, without asking. A page is filled at most once: a copy
@@ -42,6 +49,9 @@
 
 pub mod pull;
 pub mod serve;
+
+/// The destination's word that its guest ended during post-copy.
+pub(crate) const GUEST_ENDED: &[u8] = b"postcopy-guest-ended";
 
 /// One bit per RAM page (dirty-bitmap numbering): pages still to move.
 #[derive(Debug, Clone)]

@@ -70,13 +70,20 @@ pub fn arm(ram: &GuestRam, runs: &[(u64, u64)]) -> Result<Armed, MigrateError> {
 /// Can this host take a post-copy? None if so, else why not (for the plan).
 pub fn unavailable(isolated: bool) -> Option<String> {
     if isolated {
-        return Some("devices run isolated here, and a device process would not wait for a missing page".into());
+        return Some(
+            "devices run isolated here, and a device process would not wait for a missing page".into(),
+        );
     }
     Userfault::open().err().map(|e| format!("userfaultfd is not available here: {e}"))
 }
 
 /// Start the puller thread on `core`'s RAM.
-pub(crate) fn start(core: Arc<VmCore>, armed: Armed, shared: Arc<Shared>, listen: ListenOn) -> std::io::Result<()> {
+pub(crate) fn start(
+    core: Arc<VmCore>,
+    armed: Armed,
+    shared: Arc<Shared>,
+    listen: ListenOn,
+) -> std::io::Result<()> {
     let pages = core.ram.size() / PAGE;
     let puller = Puller {
         core,
@@ -88,8 +95,15 @@ pub(crate) fn start(core: Arc<VmCore>, armed: Armed, shared: Arc<Shared>, listen
         requests: 0,
         zero_filled: 0,
         started: Instant::now(),
+        done_heard: false,
     };
-    std::thread::Builder::new().name("postcopy".into()).spawn(move || puller.run()).map(|_| ())
+    puller.shared.pulling.store(true, Ordering::SeqCst);
+    let started = std::thread::Builder::new().name("postcopy".into()).spawn(move || {
+        let shared = puller.shared.clone();
+        puller.run();
+        shared.pulling.store(false, Ordering::SeqCst);
+    });
+    started.map(|_| ())
 }
 
 struct Puller {
@@ -104,6 +118,8 @@ struct Puller {
     requests: u64,
     zero_filled: u64,
     started: Instant,
+    /// The source said it sent every page (and more were asked for since).
+    done_heard: bool,
 }
 
 impl Puller {
@@ -119,6 +135,10 @@ impl Puller {
                 self.status(Phase::Completed, None);
                 return;
             };
+            if self.shared.ending.load(Ordering::SeqCst) {
+                crate::log::info(&format!("post-copy ended with the guest ({e}): the source hung up"));
+                return;
+            }
             if !self.shared.confirmed.load(Ordering::SeqCst) {
                 // The guest never ran here: the source takes it back.
                 crate::log::warn(&format!("post-copy: {e} before the guest resumed here"));
@@ -134,7 +154,9 @@ impl Puller {
             if let Err(e) = self.wait_for_source() {
                 crate::log::log(
                     ferry_plugin_api::LogLevel::ERROR,
-                    &format!("post-copy cannot resume: {e}; the pages still on the source are lost to the guest"),
+                    &format!(
+                        "post-copy cannot resume: {e}; the pages still on the source are lost to the guest"
+                    ),
                 );
                 return;
             }
@@ -266,15 +288,18 @@ impl Puller {
                 }
             }
             Kind::Decision if payload.as_slice() == b"postcopy-done" => {
-                if self.stale.is_empty() {
-                    link.decide(b"postcopy-complete", PHASE)?;
-                    return Ok(true);
+                self.done_heard = true;
+                if !self.stale.is_empty() {
+                    // Every page was to come before this; ask again for the rest.
+                    let rest = self.stale.pages();
+                    drop(link);
+                    crate::log::warn(&format!(
+                        "post-copy: the source says done, {} page(s) missing: asking",
+                        rest.len()
+                    ));
+                    self.request(&rest)?;
+                    return Ok(false);
                 }
-                // Every page was to come before this; ask again for the rest.
-                let rest = self.stale.pages();
-                drop(link);
-                crate::log::warn(&format!("post-copy: the source says done, {} page(s) missing: asking", rest.len()));
-                self.request(&rest)?;
             }
             Kind::Failed => {
                 return Err(MigrateError::Protocol(format!(
@@ -283,6 +308,12 @@ impl Puller {
                 )))
             }
             other => return Err(MigrateError::Protocol(format!("{PHASE}: unexpected {}", other.name()))),
+        }
+        // The pages asked for after the source's "done" have all come: the
+        // source sends no second "done", so this is the end.
+        if self.done_heard && self.stale.is_empty() {
+            link.decide(b"postcopy-complete", PHASE)?;
+            return Ok(true);
         }
         Ok(false)
     }
@@ -321,7 +352,9 @@ impl Puller {
                     }
                     return Ok(());
                 }
-                Err(e) => crate::log::warn(&format!("post-copy: a connection did not resume: {e}; still waiting")),
+                Err(e) => {
+                    crate::log::warn(&format!("post-copy: a connection did not resume: {e}; still waiting"))
+                }
             }
         }
     }

@@ -31,6 +31,8 @@ pub struct Served {
     pub pages: u64,
     /// Requests answered.
     pub requests: u64,
+    /// The guest ended on the destination before every page went.
+    pub guest_ended: bool,
 }
 
 /// Serve the destination over `link` until it holds every page of `left`
@@ -47,7 +49,9 @@ pub(crate) fn serve(
     let mut payload = Vec::new();
     loop {
         // What the destination said first: a request waits at most one batch.
-        while link.readable(0).map_err(io(PHASE))? {
+        // Nothing is read after its last word: it may close the connection
+        // (its guest ended) right after, and that is no failure.
+        while !(complete && served.resumed.is_some()) && link.readable(0).map_err(io(PHASE))? {
             let h = link.receive_into(&mut payload).map_err(st(PHASE))?;
             match h.kind {
                 Kind::Request => {
@@ -67,15 +71,17 @@ pub(crate) fn serve(
                 }
                 Kind::Resumed => served.resumed = Some(Instant::now()),
                 Kind::Decision if payload == b"postcopy-complete" => complete = true,
+                Kind::Decision if payload == super::GUEST_ENDED && served.resumed.is_some() => {
+                    served.guest_ended = true;
+                    return Ok(());
+                }
                 Kind::Failed => {
                     return Err(MigrateError::Protocol(format!(
                         "destination failed: {}",
                         String::from_utf8_lossy(&payload)
                     )))
                 }
-                other => {
-                    return Err(MigrateError::Protocol(format!("{PHASE}: unexpected {}", other.name())))
-                }
+                other => return Err(MigrateError::Protocol(format!("{PHASE}: unexpected {}", other.name()))),
             }
         }
         if complete && served.resumed.is_some() {
