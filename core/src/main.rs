@@ -141,7 +141,7 @@ enum CtlAction {
         /// tcp:HOST:PORT or unix:PATH.
         uri: String,
         /// Downtime limit in milliseconds.
-        #[arg(long, value_name = "MS", default_value_t = ferry::migration::source::DEFAULT_MAX_DOWNTIME_MS)]
+        #[arg(long, value_name = "MS", default_value_t = ferry::migration::converge::DEFAULT_MAX_DOWNTIME_MS)]
         max_downtime: u64,
         /// Print the destination's plan and stop; nothing is paused.
         #[arg(long)]

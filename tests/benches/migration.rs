@@ -10,6 +10,7 @@
 //! ```sh
 //! cargo build --release --workspace && cargo bench -p ferry-tests --bench migration
 //! cargo bench -p ferry-tests --bench migration -- bandwidth   # that table only
+//! cargo bench -p ferry-tests --bench migration -- outruns     # one guest's cells only
 //! ```
 //!
 //! The guest fills 64 MiB with a pattern, then ticks; "dirtying" adds 26
@@ -19,8 +20,11 @@
 //! `max-bandwidth`), so pre-copy alone cannot finish: QEMU runs with its
 //! defaults (given up on after 60 s) and with auto-converge; elsewhere
 //! QEMU runs with its defaults and with its bandwidth limit lifted.
-//! 512 MiB, 2 GiB and 8 GiB guests. "finished by": pre-copy alone, or the
-//! vCPU throttle it took.
+//! In that cell both VMMs also run post-copy: ferry with `--postcopy`
+//! (it switches when pre-copy stops helping), QEMU with `postcopy-ram` on
+//! both ends and `migrate-start-postcopy` after its first pass.
+//! 512 MiB, 2 GiB and 8 GiB guests. "finished by": pre-copy alone, the
+//! vCPU throttle it took, or post-copy with what went after the switch.
 //! Ferry's figures come from `ferry ctl migrate`'s report (downtime: source
 //! paused to the destination's RESUMED); QEMU's from `query-migrate`
 //! (`total-time`, `downtime`, `ram.transferred`).
@@ -71,6 +75,19 @@ struct Figures {
     rounds: f64,
     /// What finished it: pre-copy alone, or throttled to this percent.
     throttle_pct: f64,
+    /// Post-copy finished it (pages sent after the guest moved).
+    postcopy_pages: Option<f64>,
+}
+
+impl Figures {
+    /// The table's "finished by" column.
+    fn finished_by(&self) -> String {
+        match (self.postcopy_pages, self.throttle_pct > 0.0) {
+            (Some(pages), _) => format!("post-copy, {:.0} MiB after", pages * 4096.0 / 1048576.0),
+            (None, true) => format!("throttled to {:.0}%", self.throttle_pct),
+            (None, false) => "pre-copy".into(),
+        }
+    }
 }
 
 fn field(json: &str, key: &str) -> f64 {
@@ -87,16 +104,17 @@ fn spawn(cmd: &mut Command) -> Result<Running, String> {
 }
 
 fn ferry(dir: &Path, memory: &str, guest: &str, transport: &Transport) -> Result<Figures, String> {
-    ferry_capped(dir, memory, guest, transport, None)
+    ferry_with(dir, memory, guest, transport, &[])
 }
 
-/// [`ferry`], pre-copy capped at `cap` per second (`--max-bandwidth`).
-fn ferry_capped(
+/// [`ferry`], with `extra` arguments to `ferry ctl migrate`
+/// (`--max-bandwidth`, `--postcopy`).
+fn ferry_with(
     dir: &Path,
     memory: &str,
     guest: &str,
     transport: &Transport,
-    cap: Option<&str>,
+    extra: &[&str],
 ) -> Result<Figures, String> {
     let ferry = bin_dir().join("ferry");
     let (uri, security): (String, Vec<String>) = match transport {
@@ -126,7 +144,7 @@ fn ferry_capped(
         .arg(&socket)
         .args(["migrate", &uri])
         .args(&security)
-        .args(cap.map(|c| ["--max-bandwidth", c]).into_iter().flatten())
+        .args(extra)
         .output()
         .map_err(|e| e.to_string())?;
     let text = String::from_utf8_lossy(&out.stdout).to_string();
@@ -143,6 +161,7 @@ fn ferry_capped(
         rate: field(&text, "first_pass_bytes") / (field(&text, "first_pass_ms") / 1e3),
         rounds: field(&text, "round"),
         throttle_pct: field(&text, "throttle_pct"),
+        postcopy_pages: text.contains("\"mode\": \"post-copy\"").then(|| field(&text, "postcopy_pages")),
     })
 }
 
@@ -163,6 +182,9 @@ enum QemuLink {
     Capped(u64),
     /// Capped, with auto-converge (its vCPU throttling) on.
     CappedAutoConverge(u64),
+    /// Capped, switched to post-copy (`postcopy-ram`,
+    /// `migrate-start-postcopy`) after its first pass.
+    CappedPostcopy(u64),
 }
 
 /// How long a QEMU migration may take before the bench calls it
@@ -175,6 +197,20 @@ fn qemu(dir: &Path, guest_elf: &Path, memory: &str, guest: &str, link: QemuLink)
     let (qs, qd) = (dir.join(format!("qs-{memory}.qmp")), dir.join(format!("qd-{memory}.qmp")));
     let _dst =
         spawn(qemu_cmd(guest_elf, memory, guest, &qd).arg("-incoming").arg(format!("tcp:127.0.0.1:{port}")))?;
+    const POSTCOPY_RAM: &str = r#"{"execute":"migrate-set-capabilities","arguments":{"capabilities":[{"capability":"postcopy-ram","state":true}]}}"#;
+    let postcopy = matches!(link, QemuLink::CappedPostcopy(_));
+    if postcopy {
+        // Both ends must have the capability before the migration starts.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let mut d = loop {
+            match Qmp::connect(&qd) {
+                Ok(d) => break d,
+                Err(e) if std::time::Instant::now() > deadline => return Err(e),
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        };
+        d.cmd(POSTCOPY_RAM)?;
+    }
     let mut src = spawn(&mut qemu_cmd(guest_elf, memory, guest, &qs))?;
     if src.wait_line("TICK 2", Duration::from_secs(120)).is_none() {
         return Err("QEMU guest did not tick".into());
@@ -191,7 +227,12 @@ fn qemu(dir: &Path, guest_elf: &Path, memory: &str, guest: &str, link: QemuLink)
             set_bandwidth(&mut q, mib << 20)?;
             q.cmd(r#"{"execute":"migrate-set-capabilities","arguments":{"capabilities":[{"capability":"auto-converge","state":true}]}}"#)?;
         }
+        QemuLink::CappedPostcopy(mib) => {
+            set_bandwidth(&mut q, mib << 20)?;
+            q.cmd(POSTCOPY_RAM)?;
+        }
     }
+    let mut switched = false;
     let started = std::time::Instant::now();
     // QEMU reports its throttle only while the migration runs.
     let mut throttle_pct = 0.0f64;
@@ -201,6 +242,12 @@ fn qemu(dir: &Path, guest_elf: &Path, memory: &str, guest: &str, link: QemuLink)
         let throttle = field(&l, "cpu-throttle-percentage");
         if throttle > throttle_pct {
             throttle_pct = throttle;
+        }
+        // After the first pass (its second dirty sync), as ferry's policy
+        // switches when pre-copy stops helping.
+        if postcopy && !switched && field(&l, "dirty-sync-count") >= 2.0 {
+            q.cmd(r#"{"execute":"migrate-start-postcopy"}"#)?;
+            switched = true;
         }
         if l.contains("\"status\": \"completed\"") {
             let total = field(&l, "total-time");
@@ -222,6 +269,8 @@ fn qemu(dir: &Path, guest_elf: &Path, memory: &str, guest: &str, link: QemuLink)
                 rate,
                 rounds,
                 throttle_pct,
+                // QEMU 7.x: ram.postcopy-bytes, what went after the switch.
+                postcopy_pages: switched.then(|| field(&l, "postcopy-bytes") / 4096.0),
             });
         }
         if l.contains("\"failed\"") {
@@ -387,14 +436,17 @@ fn main() {
         bandwidth(dir.path(), &guest_elf, &creds, have_qemu);
         return;
     }
+    // `cargo bench --bench migration -- outruns`: that guest's cells only.
+    let only = CELLS.iter().map(|c| c.0).find(|name| std::env::args().any(|a| a == *name));
     println!("Live migration over loopback TCP, test guest with 64 MiB of pattern\n");
-    println!("| VMM   | setup         | RAM  | guest    | total ms | downtime ms | MiB sent | rounds | finished by       |");
-    println!("|-------|---------------|------|----------|---------:|------------:|---------:|-------:|-------------------|");
+    println!("| VMM   | setup         | RAM  | guest    | total ms | downtime ms | MiB sent | rounds | finished by              |");
+    println!("|-------|---------------|------|----------|---------:|------------:|---------:|-------:|--------------------------|");
     let mut ratios = Vec::new();
     for memory in ["512M", "2G", "8G"] {
-        for (name, guest, cap) in CELLS {
+        for (name, guest, cap) in CELLS.into_iter().filter(|(name, ..)| only.is_none_or(|o| o == *name)) {
             let cap_arg = cap.map(|mib| format!("{mib}M"));
-            let run = |t: &Transport| ferry_capped(dir.path(), memory, guest, t, cap_arg.as_deref());
+            let capped: Vec<&str> = cap_arg.iter().flat_map(|c| ["--max-bandwidth", c.as_str()]).collect();
+            let run = |t: &Transport| ferry_with(dir.path(), memory, guest, t, &capped);
             let (tls, plain) = (run(&Transport::Tls(&creds)), run(&Transport::Plain));
             if let (Ok(t), Ok(p)) = (&tls, &plain) {
                 ratios.push(format!(
@@ -405,12 +457,21 @@ fn main() {
             }
             let mut rows: Vec<(&str, &str, Result<Figures, String>)> =
                 vec![("ferry", "TLS 1.3", tls), ("ferry", "plaintext", plain)];
+            if cap.is_some() {
+                let postcopy = [capped.as_slice(), &["--postcopy"]].concat();
+                rows.push((
+                    "ferry",
+                    "post-copy",
+                    ferry_with(dir.path(), memory, guest, &Transport::Plain, &postcopy),
+                ));
+            }
             if have_qemu {
                 let setups = match cap {
-                    None => [("defaults", QemuLink::Defaults), ("no limit", QemuLink::Unlimited)],
-                    Some(mib) => [
+                    None => vec![("defaults", QemuLink::Defaults), ("no limit", QemuLink::Unlimited)],
+                    Some(mib) => vec![
                         ("defaults", QemuLink::Capped(mib)),
                         ("auto-converge", QemuLink::CappedAutoConverge(mib)),
+                        ("post-copy", QemuLink::CappedPostcopy(mib)),
                     ],
                 };
                 for (setup, link) in setups {
@@ -420,17 +481,20 @@ fn main() {
             for (vmm, setup, r) in rows {
                 match r {
                     Ok(f) => println!(
-                        "| {vmm:<5} | {setup:<13} | {memory:<4} | {name:<8} | {:>8.1} | {:>11.1} | {:>8.1} | {:>6.0} | {:<17} |",
+                        "| {vmm:<5} | {setup:<13} | {memory:<4} | {name:<8} | {:>8.1} | {:>11.1} | {:>8.1} | {:>6.0} | {:<24} |",
                         f.total_ms,
                         f.downtime_ms,
                         f.bytes / 1048576.0,
                         f.rounds,
-                        if f.throttle_pct > 0.0 { format!("throttled to {:.0}%", f.throttle_pct) } else { "pre-copy".into() }
+                        f.finished_by()
                     ),
                     Err(e) => println!("| {vmm:<5} | {setup:<13} | {memory:<4} | {name:<8} | failed: {e} |"),
                 }
             }
         }
+    }
+    if only.is_some() {
+        return;
     }
     println!("\nFerry over TLS / over plaintext (goal: within 1.10x):");
     for r in &ratios {

@@ -43,8 +43,9 @@ use thiserror::Error;
 
 use crate::migration::{
     conn::{Endpoint, TcpSecurity},
+    converge::DEFAULT_MAX_DOWNTIME_MS,
     plan::HostManifest,
-    source::{Options, DEFAULT_MAX_DOWNTIME_MS},
+    source::Options,
     tls::TlsSettings,
 };
 use crate::unix_socket::Peers;

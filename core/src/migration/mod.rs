@@ -8,6 +8,7 @@
 
 pub mod certs;
 pub mod conn;
+pub mod converge;
 pub mod destination;
 pub mod hostinfo;
 pub mod inspect;

@@ -118,6 +118,12 @@ pub fn decode_runs(
     Ok(runs)
 }
 
+/// The pages (dirty-bitmap numbering) of `runs` as [`decode_runs`] gives
+/// them (each inside one RAM range).
+pub fn run_pages<'a>(ram: &'a GuestRam, runs: &'a [(u64, u64)]) -> impl Iterator<Item = u64> + 'a {
+    runs.iter().filter_map(|&(gpa, n)| ram.page_of(gpa).map(|first| first..first + n)).flatten()
+}
+
 /// Is every byte of `page` zero? Reads a cache line (eight words) at a
 /// time, so a zero page is checked at memory speed and a non-zero one
 /// stops at its first non-zero line.

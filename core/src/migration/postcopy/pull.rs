@@ -53,10 +53,9 @@ pub fn arm(ram: &GuestRam, runs: &[(u64, u64)]) -> Result<Armed, MigrateError> {
     let mut stale = PageSet::new(ram.size() / PAGE);
     for &(gpa, n) in runs {
         ram.zero_pages(gpa, n * PAGE).map_err(|e| failed(e.to_string()))?;
-        let first = ram.page_of(gpa).ok_or_else(|| failed(format!("{gpa:#x} is not RAM")))?;
-        for page in first..first + n {
-            stale.insert(page);
-        }
+    }
+    for page in pages::run_pages(ram, runs) {
+        stale.insert(page);
     }
     let uffd = Userfault::open().map_err(|e| failed(format!("userfaultfd: {e}")))?;
     for r in ram.ranges() {

@@ -8,10 +8,9 @@ use std::time::Instant;
 use super::PageSet;
 use crate::{
     migration::{
-        conn::{Endpoint, MigrateError},
+        conn::{Endpoint, MigrateError, TcpSecurity},
         link::{io, st, Link, ANSWER_TIMEOUT},
         pages,
-        source::Options,
         stream::Kind,
     },
     vmcore::VmCore,
@@ -56,11 +55,7 @@ pub(crate) fn serve(
             match h.kind {
                 Kind::Request => {
                     let runs = pages::decode_runs(&core.ram, &h, &payload).map_err(st(PHASE))?;
-                    let wanted: Vec<u64> = runs
-                        .iter()
-                        .filter_map(|&(gpa, n)| core.ram.page_of(gpa).map(|first| first..first + n))
-                        .flatten()
-                        .collect();
+                    let wanted: Vec<u64> = pages::run_pages(&core.ram, &runs).collect();
                     pages::send(&core.ram, &wanted, link).map_err(st(PHASE))?;
                     link.flush().map_err(io(PHASE))?;
                     for page in &wanted {
@@ -102,25 +97,30 @@ pub(crate) fn serve(
     }
 }
 
-/// Reconnect to a destination waiting in post-copy (`opts.uri`, with its
-/// security) and learn what it still lacks: `left` becomes that set.
-pub(crate) fn reconnect(core: &VmCore, opts: &Options, left: &mut PageSet) -> Result<Link, MigrateError> {
+/// Where and how to reconnect (`ferry ctl migrate --resume`).
+pub(crate) struct Reconnect<'a> {
+    pub uri: &'a str,
+    pub security: Option<&'a TcpSecurity>,
+    pub max_bandwidth: Option<u64>,
+}
+
+/// Reconnect to a destination waiting in post-copy and learn what it
+/// still lacks: `left` becomes that set.
+pub(crate) fn reconnect(core: &VmCore, to: Reconnect, left: &mut PageSet) -> Result<Link, MigrateError> {
     let phase = "resuming post-copy";
-    let conn = Endpoint::parse(&opts.uri)?.connect(&opts.uri, opts.security.as_ref())?;
+    let conn = Endpoint::parse(to.uri)?.connect(to.uri, to.security)?;
     conn.set_read_timeout(Some(ANSWER_TIMEOUT)).map_err(io(phase))?;
     let mut link = Link::new(conn).map_err(io(phase))?;
-    link.limit(opts.max_bandwidth);
+    link.limit(to.max_bandwidth);
     link.decide(b"resume-postcopy", phase)?;
     let mut lacks = PageSet::new(left.capacity());
     loop {
         let (h, payload) = link.receive().map_err(st(phase))?;
         match h.kind {
             Kind::Stale => {
-                for (gpa, n) in pages::decode_runs(&core.ram, &h, &payload).map_err(st(phase))? {
-                    let Some(first) = core.ram.page_of(gpa) else { continue };
-                    for page in first..first + n {
-                        lacks.insert(page);
-                    }
+                let runs = pages::decode_runs(&core.ram, &h, &payload).map_err(st(phase))?;
+                for page in pages::run_pages(&core.ram, &runs) {
+                    lacks.insert(page);
                 }
             }
             Kind::Decision if payload == b"resume-ready" => break,
