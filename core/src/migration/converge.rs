@@ -21,9 +21,13 @@
 //! the host write is not slowed by it. The throttle ends with the
 //! migration, whichever way it ends.
 //!
-//! Post-copy takes the place of the throttle when the user asked for it
-//! (`--postcopy`), and of giving up when the destination can take it; the
-//! caller (`source.rs`) makes that choice.
+//! Post-copy: when the user asked for it (`--postcopy`) and the
+//! destination takes it, a round that leaves the rest above the ceiling
+//! and less than a tenth smaller than the round before moves the guest
+//! at once (rounds that keep pace with the guest only resend its working
+//! set); it also takes the place of the throttle. Without `--postcopy`
+//! it takes the place of giving up, where the destination can take it
+//! (the caller, `source.rs`, makes that choice).
 
 /// Rounds of pre-copy before the convergence policy applies.
 pub const MAX_ROUNDS: u32 = 30;
@@ -74,10 +78,14 @@ pub(crate) struct SwitchOver {
     throttle: u8,
     /// The dirty set the last round left.
     last_dirty: u64,
+    /// Post-copy was asked for (and the destination takes it).
+    postcopy: bool,
 }
 
 impl SwitchOver {
-    pub(crate) fn new(ceiling: f64, min_rounds: u32) -> Self {
+    /// `postcopy`: move by post-copy as soon as a round stops shrinking
+    /// the rest above the ceiling, instead of throttling.
+    pub(crate) fn new(ceiling: f64, min_rounds: u32, postcopy: bool) -> Self {
         SwitchOver {
             ceiling,
             aim: (AIM_DOWNTIME_MS / 1e3).min(ceiling),
@@ -87,6 +95,7 @@ impl SwitchOver {
             stalled: 0,
             throttle: 0,
             last_dirty: u64::MAX,
+            postcopy,
         }
     }
 
@@ -102,9 +111,15 @@ impl SwitchOver {
         // More dirty than the round before left: the guest dirtied memory
         // faster than that round sent it.
         let outrun = dirty_bytes > self.last_dirty;
+        // Less than a tenth off the round before: pre-copy is not getting
+        // anywhere (the guest dirties about as fast as the link sends).
+        let level = dirty_bytes as f64 >= 0.9 * self.last_dirty as f64;
         self.last_dirty = dirty_bytes;
         if round > self.min_rounds && (expected <= self.aim || (settle && expected <= self.ceiling)) {
             return Step::SwitchOver;
+        }
+        if self.postcopy && round > self.min_rounds && expected > self.ceiling && (level || settle) {
+            return Step::Postcopy;
         }
         if (settle || (outrun && expected > self.ceiling))
             && round < self.max_rounds
@@ -132,13 +147,13 @@ mod tests {
 
     #[test]
     fn a_rest_that_fits_the_aim_switches_over_at_once() {
-        let mut p = SwitchOver::new(CEILING, 0);
+        let mut p = SwitchOver::new(CEILING, 0, false);
         assert_eq!(p.after_round(1, 64 * 1024, 0.0001), Step::SwitchOver);
     }
 
     #[test]
     fn rounds_go_on_while_they_shrink_the_rest_though_it_fits_the_ceiling() {
-        let mut p = SwitchOver::new(CEILING, 0);
+        let mut p = SwitchOver::new(CEILING, 0, false);
         // 10 MiB at 700 MB/s: 15 ms, within 300 ms but not the 2 ms aim.
         assert_eq!(p.after_round(1, 10 * MIB, 0.015), Step::Another);
         assert_eq!(p.after_round(2, 2 * MIB, 0.003), Step::Another);
@@ -147,7 +162,7 @@ mod tests {
 
     #[test]
     fn once_rounds_stop_helping_the_ceiling_is_enough() {
-        let mut p = SwitchOver::new(CEILING, 0);
+        let mut p = SwitchOver::new(CEILING, 0, false);
         assert_eq!(p.after_round(1, 4 * MIB, 0.006), Step::Another);
         for round in 2..2 + STALLED_ROUNDS - 1 {
             assert_eq!(p.after_round(round, 4 * MIB, 0.006), Step::Another, "round {round}");
@@ -157,14 +172,14 @@ mod tests {
 
     #[test]
     fn a_lower_ceiling_than_the_aim_is_the_aim() {
-        let mut p = SwitchOver::new(0.001, 0);
+        let mut p = SwitchOver::new(0.001, 0, false);
         assert_eq!(p.after_round(1, MIB, 0.0015), Step::Another);
         assert_eq!(p.after_round(2, MIB / 4, 0.0009), Step::SwitchOver);
     }
 
     #[test]
     fn a_guest_that_outruns_the_link_is_throttled_then_given_up_after_the_round_limit() {
-        let mut p = SwitchOver::new(CEILING, 0);
+        let mut p = SwitchOver::new(CEILING, 0, false);
         let mut steps = Vec::new();
         for round in 1..=MAX_ROUNDS {
             steps.push(p.after_round(round, 512 * MIB, 0.9));
@@ -185,7 +200,7 @@ mod tests {
         );
         assert_eq!(steps[stalled], Step::Throttle(THROTTLE_FIRST));
         assert_eq!(steps.last(), Some(&Step::GiveUp), "at the round limit, still above twice the ceiling");
-        let mut q = SwitchOver::new(CEILING, 0);
+        let mut q = SwitchOver::new(CEILING, 0, false);
         for round in 1..MAX_ROUNDS {
             q.after_round(round, 256 * MIB, 0.5);
         }
@@ -194,18 +209,18 @@ mod tests {
 
     #[test]
     fn a_dirty_set_that_grows_above_the_ceiling_is_throttled_at_once() {
-        let mut p = SwitchOver::new(CEILING, 0);
+        let mut p = SwitchOver::new(CEILING, 0, false);
         assert_eq!(p.after_round(1, 100 * MIB, 0.4), Step::Another);
         assert_eq!(p.after_round(2, 150 * MIB, 0.6), Step::Throttle(THROTTLE_FIRST), "it grew");
         assert_eq!(p.after_round(3, 200 * MIB, 0.8), Step::Throttle(30));
-        let mut q = SwitchOver::new(CEILING, 0);
+        let mut q = SwitchOver::new(CEILING, 0, false);
         assert_eq!(q.after_round(1, 10 * MIB, 0.02), Step::Another);
         assert_eq!(q.after_round(2, 12 * MIB, 0.03), Step::Another, "growing, but within the ceiling");
     }
 
     #[test]
     fn a_throttled_guest_that_fits_the_ceiling_switches_over() {
-        let mut p = SwitchOver::new(CEILING, 0);
+        let mut p = SwitchOver::new(CEILING, 0, false);
         for round in 1..=STALLED_ROUNDS {
             p.after_round(round, 512 * MIB, 0.9);
         }
@@ -229,10 +244,23 @@ mod tests {
 
     #[test]
     fn the_minimum_rounds_knob_holds_the_switch_over_back() {
-        let mut p = SwitchOver::new(CEILING, 3);
+        let mut p = SwitchOver::new(CEILING, 3, false);
         for round in 1..=3 {
             assert_eq!(p.after_round(round, 0, 0.0), Step::Another, "round {round}");
         }
         assert_eq!(p.after_round(4, 0, 0.0), Step::SwitchOver);
+    }
+
+    #[test]
+    fn with_postcopy_a_round_that_does_not_shrink_the_rest_moves_the_guest_at_once() {
+        let mut p = SwitchOver::new(CEILING, 0, true);
+        // 64 MiB at 32 MiB/s, then as much again: the guest keeps pace.
+        assert_eq!(p.after_round(1, 64 * MIB, 2.0), Step::Another);
+        assert_eq!(p.after_round(2, 63 * MIB, 1.97), Step::Postcopy);
+        // A rest that shrinks keeps pre-copy going; one that fits switches over.
+        let mut p = SwitchOver::new(CEILING, 0, true);
+        assert_eq!(p.after_round(1, 64 * MIB, 2.0), Step::Another);
+        assert_eq!(p.after_round(2, 32 * MIB, 1.0), Step::Another);
+        assert_eq!(p.after_round(3, MIB / 4, 0.001), Step::SwitchOver);
     }
 }

@@ -166,10 +166,13 @@ impl IncomingLink {
         if self.stale.is_empty() {
             return Ok(());
         }
+        let t = std::time::Instant::now();
         let armed = postcopy::pull::arm(&core.ram, &self.stale)?;
         crate::log::info(&format!(
-            "post-copy: {} pages stay on the source until the guest touches them or they are pushed",
-            armed.stale_pages()
+            "post-copy: {} pages stay on the source until the guest touches them or they are pushed \
+             (taken out of RAM in {:.2} ms)",
+            armed.stale_pages(),
+            t.elapsed().as_secs_f64() * 1e3
         ));
         postcopy::pull::start(core.clone(), armed, self.shared.clone(), self.listen.clone())
             .map_err(io("starting the post-copy puller"))

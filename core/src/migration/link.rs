@@ -54,6 +54,24 @@ impl Link {
         self.limit = bytes_per_s.map(|rate| Limit { rate: rate as f64, since: Instant::now(), sent: 0 });
     }
 
+    /// The bandwidth limit, bytes per second, if one is set.
+    pub(crate) fn rate(&self) -> Option<f64> {
+        self.limit.as_ref().map(|l| l.rate)
+    }
+
+    /// Run `f` without waiting on the limit (what a guest waits for, now),
+    /// its bytes still counted against it: later sends wait for them.
+    pub(crate) fn unpaced<T>(&mut self, f: impl FnOnce(&mut Link) -> T) -> T {
+        let limit = self.limit.take();
+        let before = self.sent;
+        let out = f(self);
+        self.limit = limit.map(|mut l| {
+            l.sent += self.sent - before;
+            l
+        });
+        out
+    }
+
     pub(crate) fn send(&mut self, kind: Kind, id: &str, version: u32, payload: &[u8]) -> std::io::Result<()> {
         let len = payload.len() as u64 + stream::SECTION_HEADER_LEN + id.len() as u64;
         self.sent += len;

@@ -284,7 +284,8 @@ fn precopy_and_switch(
     cancel.check()?;
 
     let knobs = Knobs::from_env();
-    let mut policy = SwitchOver::new(opts.max_downtime_ms as f64 / 1e3, knobs.min_rounds);
+    let postcopy_asked = opts.postcopy && plan.postcopy.is_none();
+    let mut policy = SwitchOver::new(opts.max_downtime_ms as f64 / 1e3, knobs.min_rounds, postcopy_asked);
     let mut round = 1u32;
     let mut last_round = Instant::now();
     loop {
@@ -317,7 +318,11 @@ fn precopy_and_switch(
                 ));
                 cancel.disarm()?;
                 throttler.stop();
-                return postcopy(core, plan, link, start, dirty, round, &knobs, resume);
+                // The pause goes at full speed; pushing the rest keeps the cap.
+                link.limit(None);
+                let moved =
+                    postcopy(core, plan, link, start, dirty, round, &knobs, resume, opts.max_bandwidth);
+                return moved;
             }
             Step::SwitchOver => {
                 // What is dirty now goes in the final pass.
@@ -512,15 +517,26 @@ fn postcopy(
     rounds: u32,
     knobs: &Knobs,
     resume: &crossbeam_channel::Receiver<Options>,
+    cap: Option<u64>,
 ) -> Result<Status, MigrateError> {
     update(core, |s| s.phase = Phase::StopAndCopy);
     let paused_at = Instant::now();
     core.pause()?;
+    let t_paused = paused_at.elapsed();
     take_dirty(core, knobs, &mut dirty)?;
     pages::send_runs(Kind::Stale, &pages::runs(&core.ram, &dirty), link).map_err(st("post-copy"))?;
+    link.flush().map_err(io("post-copy"))?;
+    let t_stale = paused_at.elapsed();
     VmState::capture(core, Some(plan))?.write(link)?;
     link.send(Kind::End, "", 1, &[]).map_err(io("post-copy"))?;
     link.flush().map_err(io("post-copy"))?;
+    link.limit(cap);
+    crate::log::debug(&format!(
+        "post-copy: paused in {:.2} ms, STALE sent at {:.2} ms, state sent at {:.2} ms",
+        t_paused.as_secs_f64() * 1e3,
+        t_stale.as_secs_f64() * 1e3,
+        paused_at.elapsed().as_secs_f64() * 1e3
+    ));
     // No read timeout from here: serving waits on the destination's needs.
     link.reader.get_ref().set_read_timeout(None).map_err(io("post-copy"))?;
     update(core, |s| {

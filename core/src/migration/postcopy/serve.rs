@@ -19,6 +19,8 @@ use crate::{
 const PHASE: &str = "post-copy";
 /// Pages per pushed batch: small, so a request waits at most one batch.
 const BATCH: usize = 64;
+/// Under a bandwidth cap, the time one batch takes at most, seconds.
+const BATCH_TIME: f64 = 0.002;
 
 /// What serving has done so far.
 #[derive(Debug, Default)]
@@ -45,6 +47,8 @@ pub(crate) fn serve(
     mut progress: impl FnMut(u64, &Served),
 ) -> Result<(), MigrateError> {
     let (mut from, mut done_sent, mut complete) = (0u64, false, false);
+    // Under a cap, a batch of about BATCH_TIME: a request waits at most that.
+    let batch = link.rate().map_or(BATCH, |rate| ((rate * BATCH_TIME / 4096.0) as usize).clamp(1, BATCH));
     let mut payload = Vec::new();
     loop {
         // What the destination said first: a request waits at most one batch.
@@ -56,8 +60,11 @@ pub(crate) fn serve(
                 Kind::Request => {
                     let runs = pages::decode_runs(&core.ram, &h, &payload).map_err(st(PHASE))?;
                     let wanted: Vec<u64> = pages::run_pages(&core.ram, &runs).collect();
-                    pages::send(&core.ram, &wanted, link).map_err(st(PHASE))?;
-                    link.flush().map_err(io(PHASE))?;
+                    // A vCPU waits for these: past the cap's pacing.
+                    link.unpaced(|link| {
+                        pages::send(&core.ram, &wanted, link).map_err(st(PHASE))?;
+                        link.flush().map_err(io(PHASE))
+                    })?;
                     for page in &wanted {
                         left.remove(*page);
                     }
@@ -82,8 +89,12 @@ pub(crate) fn serve(
         if complete && served.resumed.is_some() {
             return Ok(());
         }
-        if !left.is_empty() {
-            let batch = left.take(&mut from, BATCH);
+        if served.resumed.is_none() {
+            // Nothing is pushed while the destination loads the state and
+            // resumes (its requests are answered): the pause stays short.
+            link.readable(-1).map_err(io(PHASE))?;
+        } else if !left.is_empty() {
+            let batch = left.take(&mut from, batch);
             pages::send(&core.ram, &batch, link).map_err(st(PHASE))?;
             link.flush().map_err(io(PHASE))?;
             served.pages += batch.len() as u64;
