@@ -475,3 +475,107 @@ fn virtio_blk_downgrade_is_refused_once_the_guest_negotiated_the_cache_switch() 
     assert!(out.stdout.contains("BLK VERIFY OK sector=10 count=2"), "{}", out.stdout);
     assert_ne!(dst.finish(DEADLINE).code(), 0);
 }
+
+/// `ferry fleet` over the three release hosts and one without the test
+/// device: every ordered pair gets the verdict `ferry compat` gives, and
+/// the host without the plugin is named with its reason.
+#[test]
+fn ferry_fleet_gives_every_pair_of_hosts_the_plan_compat_gives() {
+    let dir = TempDir::new("fleet");
+    let mut files = Vec::new();
+    for (v, h) in hosts().iter().enumerate() {
+        let named = dir.path().join(format!("v{}.json", v + 1));
+        std::fs::copy(&h.manifest, &named).expect("copy manifest");
+        files.push(named);
+    }
+    // A fourth host: v1's plugin set without testdev.
+    let without = plugin_dir_copy("fleet-without-testdev");
+    let _ = std::fs::remove_file(without.path().join("libtestdev.so"));
+    let bare = dir.path().join("bare.json");
+    let out =
+        Command::new(ferry_bin()).args(["plugins", "--manifest", "--plugins"]).arg(without.path()).output();
+    let out = out.expect("ferry plugins --manifest");
+    std::fs::write(&bare, out.stdout).expect("write manifest");
+    files.push(bare);
+    let out = Command::new(ferry_bin())
+        .arg("fleet")
+        .args(&files)
+        .args(["--machine", &machine(false), "--json"])
+        .output()
+        .expect("ferry fleet");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let m = &report["machines"][0];
+    assert_eq!(m["runs_on"], serde_json::json!(["v1", "v2", "v3"]), "{m}");
+    assert!(m["not_on"][0][1].as_str().unwrap_or("").contains("testdev"), "the reason names the plugin: {m}");
+    let verdict = |from: &str, to: &str| {
+        m["moves"]
+            .as_array()
+            .and_then(|a| a.iter().find(|p| p["from"] == from && p["to"] == to))
+            .map(|p| p["verdict"].as_str().unwrap_or("").to_string())
+            .unwrap_or_default()
+    };
+    assert_eq!(verdict("v1", "v3"), "upgrade");
+    assert_eq!(verdict("v3", "v1"), "downgrade");
+    assert_eq!(verdict("bare", "v1"), "not-on-source");
+    let refused =
+        m["moves"].as_array().and_then(|a| a.iter().find(|p| p["from"] == "v2" && p["to"] == "bare"));
+    let reasons = refused.map(|p| p["reasons"].to_string()).unwrap_or_default();
+    assert!(
+        reasons.contains("device") && reasons.contains("testdev"),
+        "the refusal names the device: {reasons}"
+    );
+    // Every pair among the three releases agrees with `ferry compat`.
+    for from in 1..=3 {
+        for to in (1..=3).filter(|&t| t != from) {
+            let compat = Command::new(ferry_bin())
+                .arg("compat")
+                .arg("--from")
+                .arg(&files[from - 1])
+                .arg("--to")
+                .arg(&files[to - 1])
+                .args(["--machine", &machine(false)])
+                .output()
+                .expect("ferry compat");
+            let text = String::from_utf8_lossy(&compat.stdout);
+            let fleet = verdict(&format!("v{from}"), &format!("v{to}"));
+            assert_eq!(compat.status.success(), fleet != "refused", "v{from} -> v{to}: {fleet} vs\n{text}");
+            let word = match fleet.as_str() {
+                "upgrade" => "destination upgrades",
+                "downgrade" => "source downgrades",
+                "same" => "same state",
+                other => other,
+            };
+            assert!(text.contains(word), "v{from} -> v{to}: fleet says {fleet}, compat:\n{text}");
+        }
+    }
+    // The table a person reads names the hosts and the verdicts.
+    let table =
+        Command::new(ferry_bin()).arg("fleet").args(&files).args(["--machine", &machine(false)]).output();
+    let table = String::from_utf8_lossy(&table.expect("ferry fleet").stdout).to_string();
+    for want in ["runs on v1, v2, v3", "not on bare", "upgrade", "downgrade", "REFUSED", "v2 -> bare: device"]
+    {
+        assert!(table.contains(want), "'{want}' missing:\n{table}");
+    }
+}
+
+/// `ferry plugins --labels`: every line keeps Kubernetes' label syntax
+/// (NFD's local source takes them as they are), and says what a scheduler
+/// needs: the machine types, the state versions the plugin loads.
+#[test]
+fn ferry_plugins_labels_keep_the_label_syntax_and_name_machines_and_states() {
+    let out =
+        Command::new(ferry_bin()).args(["plugins", "--labels", "--plugins"]).arg(&plugins_arg(3)).output();
+    let out = out.expect("ferry plugins --labels");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines.len() > 10, "{text}");
+    for l in &lines {
+        assert_eq!(ferry::fleet::labels::check(l), None, "{l}");
+        assert!(l.starts_with("ferry.dev/"), "{l}");
+    }
+    assert!(lines.contains(&"ferry.dev/plugin.testdev.loads=1-3"), "{text}");
+    assert!(lines.iter().any(|l| l.starts_with("ferry.dev/machine.") && l.ends_with("=true")), "{text}");
+    assert!(lines.iter().any(|l| l.starts_with("ferry.dev/cpu.vendor=")), "{text}");
+}

@@ -7,6 +7,7 @@ pub mod boot;
 pub mod bus;
 pub mod cpu;
 pub mod fdpass;
+pub mod fleet;
 pub mod host;
 pub mod interrupts;
 pub mod isolate;

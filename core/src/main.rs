@@ -32,9 +32,31 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         plugins: Option<PathBuf>,
         /// Write this host's plugin set (versions, state versions,
-        /// properties) and CPU as JSON, for `ferry compat`.
-        #[arg(long)]
+        /// properties) and CPU as JSON, for `ferry compat` and `ferry fleet`.
+        #[arg(long, conflicts_with = "labels")]
         manifest: bool,
+        /// Write this host's facts as node labels, one `ferry.dev/NAME=VALUE`
+        /// per line (node-feature-discovery's local-source format): the
+        /// built-in machine types it runs, plugins and state versions, CPU
+        /// vendor and models, TSC.
+        #[arg(long)]
+        labels: bool,
+    },
+    /// A fleet's verdicts from its hosts' `ferry plugins --manifest` files
+    /// (each host named by its file's stem): for every machine type, which
+    /// hosts run it and how a guest moves between every ordered pair; the
+    /// machine types and CPU models every host runs.
+    Fleet {
+        /// Host manifests, two or more.
+        #[arg(value_name = "HOST.json", num_args = 2.., required = true)]
+        hosts: Vec<PathBuf>,
+        /// Machine types to judge: built-in names or paths (default: every
+        /// built-in one).
+        #[arg(long, value_name = "NAME|PATH")]
+        machine: Vec<String>,
+        /// JSON instead of tables.
+        #[arg(long)]
+        json: bool,
     },
     /// Plan a migration between two hosts offline, from their
     /// `ferry plugins --manifest` files: the plan the live handshake gives.
@@ -652,12 +674,19 @@ fn compat(
     Ok(ExitCode::SUCCESS)
 }
 
-fn plugins(dir: Option<PathBuf>, manifest: bool) -> Result<ExitCode> {
+fn plugins(dir: Option<PathBuf>, manifest: bool, labels: bool) -> Result<ExitCode> {
     let dir = plugin_dir(dir)?;
     let registry = Registry::load_dir(&dir)?;
     if manifest {
         let host = ferry::migration::hostinfo::host_manifest(&registry)?;
         println!("{}", serde_json::to_string_pretty(&host)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if labels {
+        let host = ferry::migration::hostinfo::host_manifest(&registry)?;
+        for line in ferry::fleet::labels::labels(&host, &machine::builtins()?) {
+            println!("{line}");
+        }
         return Ok(ExitCode::SUCCESS);
     }
     let rows: Vec<[String; 5]> = registry
@@ -685,6 +714,32 @@ fn plugins(dir: Option<PathBuf>, manifest: bool) -> Result<ExitCode> {
     let (w0, w1, w2, w3) = (width(0), width(1), width(2), width(3));
     for r in std::iter::once(&header).chain(&rows) {
         println!("{:<w0$}  {:<w1$}  {:<w2$}  {:<w3$}  {}", r[0], r[1], r[2], r[3], r[4]);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `ferry fleet`: see the command's help.
+fn fleet(paths: &[PathBuf], machines: &[String], json: bool) -> Result<ExitCode> {
+    let mut hosts = Vec::new();
+    for p in paths {
+        let name = p.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+        if hosts.iter().any(|h: &ferry::fleet::Host| h.name == name) {
+            return Err(anyhow!("two host manifests are named {name}: give each host its own file name"));
+        }
+        hosts.push(ferry::fleet::Host { name, manifest: read_host_manifest(p)? });
+    }
+    let machines = match machines {
+        [] => machine::builtins()?,
+        names => names.iter().map(|n| machine::load(n)).collect::<Result<Vec<_>, _>>()?,
+    };
+    let report = ferry::fleet::report(&hosts, &machines);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.to_text());
+        for line in &report.cpu_lines {
+            println!("  {line}");
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -734,7 +789,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(args),
-        Command::Plugins { plugins: dir, manifest } => plugins(dir, manifest),
+        Command::Plugins { plugins: dir, manifest, labels } => plugins(dir, manifest, labels),
+        Command::Fleet { hosts, machine, json } => fleet(&hosts, &machine, json),
         Command::Compat { cpu_models: hosts, .. } if !hosts.is_empty() => cpu_models(&hosts),
         Command::Compat { from: Some(from), to: Some(to), machine, cpus, memory, .. } => {
             compat(&from, &to, &machine, cpus, memory)
