@@ -565,7 +565,7 @@ fn ferry_fleet_gives_every_pair_of_hosts_the_plan_compat_gives() {
 #[test]
 fn ferry_plugins_labels_keep_the_label_syntax_and_name_machines_and_states() {
     let out =
-        Command::new(ferry_bin()).args(["plugins", "--labels", "--plugins"]).arg(&plugins_arg(3)).output();
+        Command::new(ferry_bin()).args(["plugins", "--labels", "--plugins"]).arg(plugins_arg(3)).output();
     let out = out.expect("ferry plugins --labels");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8_lossy(&out.stdout);

@@ -546,3 +546,78 @@ fn linux_boots_from_its_bzimage() {
         .iter()
         .any(|l| l == "through the Linux boot protocol"));
 }
+
+#[test]
+fn linux_moved_live_twice_and_restored_reboots_into_its_own_kernel() {
+    const TEST: &str = "linux_moved_live_twice_and_restored_reboots_into_its_own_kernel";
+    let Some(k) = kernel(TEST) else { return };
+    let dir = TempDir::new("linux-reboot");
+    let store = |host: &str| dir.path().join(format!("store-{host}")).display().to_string();
+    let (a, b, c) = (store("a"), store("b"), store("c"));
+    let socket = dir.path().join("a.sock");
+    let s = socket.display().to_string();
+    // The bzImage path, so the image differs from the PVH tests' kernel.
+    let args = linux_args(k, "bzImage", &["--api-socket", &s, "--image-store", &a]);
+    let (mut linux, _) = Linux::boot(Running::new(spawn_ferry(&run_args(&args))));
+    assert!(wait_for_path(&socket, STEP));
+    linux.ok("echo remembered-before > /tmp/mem && sha256sum /tmp/mem > /tmp/mem.sum");
+
+    // Two moves: to a host whose store lacks the image, then to one that
+    // holds it.
+    let hop = |from: &Path, store: &str, name: &str| -> (Running, PathBuf, String) {
+        let uri = format!("tcp:127.0.0.1:{}", free_port());
+        let next = dir.path().join(format!("{name}.sock"));
+        let n = next.display().to_string();
+        let dst = Running::new(spawn_ferry(&[
+            "run",
+            "--incoming",
+            &uri,
+            "--api-socket",
+            &n,
+            "--image-store",
+            store,
+        ]));
+        ferry_tests::wait_for_incoming(&uri);
+        let (ok, text) = migrate(from, &uri, &[]);
+        assert!(ok, "{text}");
+        (dst, next, text)
+    };
+    let (on_b, socket_b, first) = hop(&socket, &b, "b");
+    assert_eq!(linux.vm.finish(STEP).code(), 0);
+    let (on_a, socket_a, second) = hop(&socket_b, &a, "a2");
+    assert_eq!(Linux::resumed(on_b).vm.finish(STEP).code(), 0);
+    let bytes = |report: &str| -> u64 {
+        let at =
+            report.find("\"boot_image_bytes\"").unwrap_or_else(|| panic!("no boot_image_bytes: {report}"));
+        let digits: String = report[at..]
+            .chars()
+            .skip_while(|c| !c.is_ascii_digit())
+            .take_while(char::is_ascii_digit)
+            .collect();
+        digits.parse().expect("a number")
+    };
+    let image = std::fs::metadata(k.file("bzImage")).expect("bzImage").len()
+        + std::fs::metadata(k.file("initramfs.cpio")).expect("initramfs").len();
+    assert!(bytes(&first) >= image, "the first move carries kernel and initramfs ({image} bytes): {first}");
+    assert_eq!(bytes(&second), 0, "the second carries none: {second}");
+
+    // A snapshot, restored on a third host, where the guest reboots.
+    let snap = dir.path().join("linux.snap").display().to_string();
+    ctl(&socket_a, &["snapshot", &snap]);
+    ctl(&socket_a, &["shutdown"]);
+    drop(on_a);
+    let mut restored =
+        Linux::resumed(Running::new(spawn_ferry(&["run", "--restore", &snap, "--image-store", &c])));
+    restored.ok("sha256sum -c /tmp/mem.sum");
+    // The shell never answers this one: the machine resets.
+    std::io::Write::write_all(restored.vm.stdin().expect("stdin"), b"busybox reboot -f\n").expect("type");
+    let ready = restored.wait("FERRY-LINUX READY", BOOT);
+    assert!(ready.starts_with("FERRY-LINUX READY 6.1"), "its own kernel came up again: {ready}");
+    restored.ok("busybox stty -echo");
+    let (out, _) = restored.sh("cat /tmp/mem 2>&1");
+    assert!(!out.iter().any(|l| l == "remembered-before"), "a fresh boot, not the old memory: {out:?}");
+    eprintln!(
+        "linux boot image: the first move carried {} bytes (bzImage + initramfs {image}), the second 0",
+        bytes(&first)
+    );
+}

@@ -9,6 +9,7 @@ pub mod cpu;
 pub mod fdpass;
 pub mod fleet;
 pub mod host;
+pub mod images;
 pub mod interrupts;
 pub mod isolate;
 pub mod kvm;

@@ -257,6 +257,12 @@ struct RunArgs {
     /// Plugin directory (default: beside the ferry binary).
     #[arg(long, value_name = "DIR")]
     plugins: Option<PathBuf>,
+    /// Where this host keeps guests' kernels and initramfs by their hash:
+    /// a boot puts its image there, a restore or an incoming migration
+    /// takes the guest's own image into it, and a reboot loads it from
+    /// there (default: ~/.cache/ferry/images).
+    #[arg(long, value_name = "DIR")]
+    image_store: Option<PathBuf>,
     /// Restore a snapshot instead of booting (its machine type, devices,
     /// vCPUs and memory come from the file).
     #[arg(long, value_name = "FILE", conflicts_with = "boot")]
@@ -266,7 +272,7 @@ struct RunArgs {
     verify_memory: bool,
     /// What a guest reset (i8042, triple fault) does: reboot the guest in
     /// place, or end ferry with status 0. A guest restored or migrated in
-    /// cannot reboot (ferry does not have its kernel) and ends.
+    /// reboots into its own kernel, which came with it.
     #[arg(long, value_enum, value_name = "WHAT", default_value_t = OnResetArg::Reboot)]
     on_reset: OnResetArg,
     /// Serve the control API (REST/JSON) on this unix socket (mode 0600;
@@ -346,6 +352,12 @@ impl RunArgs {
 
     fn peers(&self) -> ferry::unix_socket::Peers {
         ferry::unix_socket::Peers { allowed: self.api_allow_uid.clone() }
+    }
+
+    fn images(&self) -> ferry::images::ImageStore {
+        ferry::images::ImageStore::new(
+            self.image_store.clone().unwrap_or_else(ferry::images::ImageStore::default_dir),
+        )
     }
 
     fn isolation(&self) -> ferry::isolate::Isolation {
@@ -442,7 +454,14 @@ fn run(args: RunArgs) -> Result<ExitCode> {
     };
     let (vm, confirm) = match (&args.restore, &args.incoming) {
         (Some(file), _) => (
-            vm::restore(file, &plugins, args.verify_memory, &args.host_bindings()?, &args.isolation())?,
+            vm::restore(
+                file,
+                &plugins,
+                args.verify_memory,
+                &args.host_bindings()?,
+                &args.isolation(),
+                &args.images(),
+            )?,
             None,
         ),
         (None, Some(uri)) => {
@@ -453,6 +472,7 @@ fn run(args: RunArgs) -> Result<ExitCode> {
                 &args.host_bindings()?,
                 &plugins,
                 &args.isolation(),
+                &args.images(),
             )? {
                 Some((vm, link)) => (vm, Some(link)),
                 None => {
@@ -527,6 +547,7 @@ fn boot_config(run: &RunArgs, plugins: PathBuf) -> Result<BootConfig> {
         memory: args.memory,
         plugins,
         isolation: run.isolation(),
+        images: run.images(),
     })
 }
 

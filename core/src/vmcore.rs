@@ -63,6 +63,19 @@ pub struct VmCore {
     /// The isolated device that failed, by bus index, and the line saying
     /// how (the VM is stopped for good then).
     pub(crate) failure: std::sync::Mutex<Option<(usize, String)>>,
+    /// The kernel, initramfs and command line the guest reboots into, and
+    /// the store holding them: set once, after the VM is built, when this
+    /// host has them.
+    pub(crate) image: std::sync::OnceLock<GuestImage>,
+}
+
+/// A guest's boot image and the store that holds its files.
+#[derive(Debug, Clone)]
+pub struct GuestImage {
+    /// Where the files are.
+    pub store: crate::images::ImageStore,
+    /// What the manifest says.
+    pub record: crate::images::BootRecord,
 }
 
 impl VmCore {
@@ -124,6 +137,7 @@ impl VmCore {
             cpuid: self.cpu.cpuid.clone(),
             cpu: Some(cpu_record(&self.cpu)),
             bindings,
+            boot: self.image.get().map(|i| i.record.clone()),
         }
     }
     /// What `ferry ctl info` shows.

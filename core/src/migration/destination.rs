@@ -18,10 +18,16 @@ use super::{
     pages,
     plan::Plan,
     postcopy,
-    stream::{self, Kind},
+    stream::{self, Kind, SectionHeader},
     vmstate::{StateReader, VmState},
 };
-use crate::{memory::GuestRam, state, unix_socket::Peers, vmcore::VmCore};
+use crate::{
+    images::{Arrivals, ImageError, ImageStore},
+    memory::GuestRam,
+    state,
+    unix_socket::Peers,
+    vmcore::VmCore,
+};
 
 /// What the destination received before it builds the VM.
 pub struct Incoming {
@@ -272,6 +278,7 @@ pub fn accept(
     uri: &str,
     security: Option<&TcpSecurity>,
     peers: &Peers,
+    images: &ImageStore,
     plan_for: impl FnOnce(&Manifest) -> Result<Plan, MigrateError>,
 ) -> Result<Option<Incoming>, MigrateError> {
     let connect_err = |source| MigrateError::Connect { uri: uri.into(), source };
@@ -320,7 +327,7 @@ pub fn accept(
     if plan.refused() {
         return Err(MigrateError::Refused(plan.lines()));
     }
-    let (h, payload) = link.receive().map_err(st("handshake"))?;
+    let (h, payload) = receive_images(&mut link, images, &plan)?;
     let mut memfd = None;
     match (h.kind, payload.as_slice()) {
         (Kind::Decision, b"go") => {}
@@ -352,6 +359,43 @@ pub fn accept(
         ending: AtomicBool::new(false),
     });
     Ok(Some(Incoming { manifest, plan, memfd, link: IncomingLink { shared, stale: Vec::new(), listen } }))
+}
+
+/// The boot images the plan asked for, as IMAGE messages ahead of the
+/// source's decision, into this host's store; then the decision. A source
+/// that predates images sends none, and the guest cannot reboot here.
+fn receive_images(
+    link: &mut Link,
+    images: &ImageStore,
+    plan: &Plan,
+) -> Result<(SectionHeader, Vec<u8>), MigrateError> {
+    let refuse = |link: &mut Link, e: ImageError| {
+        link.fail(&e.to_string());
+        MigrateError::Protocol(e.to_string())
+    };
+    let mut arrivals = match Arrivals::new(images, plan.images.clone()) {
+        Ok(a) => a,
+        Err(e) => return Err(refuse(link, e)),
+    };
+    loop {
+        let (h, payload) = link.receive().map_err(st("handshake"))?;
+        if h.kind != Kind::Image {
+            let bytes = match arrivals.finish() {
+                Ok(bytes) => bytes,
+                Err(e) => return Err(refuse(link, e)),
+            };
+            if bytes > 0 {
+                crate::log::info(&format!(
+                    "boot image: {bytes} bytes received into {}",
+                    images.dir().display()
+                ));
+            }
+            return Ok((h, payload));
+        }
+        if let Err(e) = arrivals.take(&h.id, &payload) {
+            return Err(refuse(link, e));
+        }
+    }
 }
 
 /// Receive the MEMFD message and its descriptor (SCM_RIGHTS).

@@ -9,7 +9,7 @@
 //! |---|---|
 //! | 1 | the CPUID only (it was the host's; no model, vendor field, MSR list or TSC) |
 //! | 2 | `cpu`: model, vendor, TSC kHz, MSRs by index and name, beside the CPUID |
-//! | 3 | `bindings`: the writer's host bindings (disk paths, taps), apart from the machine type, which has none |
+//! | 3 | `bindings`: the writer's host bindings (disk paths, taps), apart from the machine type, which has none; later, optional `boot`: the boot image by hash (`images.rs`) |
 
 use std::collections::BTreeMap;
 
@@ -110,6 +110,12 @@ pub struct Manifest {
     /// to (`--bindings from-snapshot|from-source`).
     #[serde(default)]
     pub bindings: crate::bindings::Bindings,
+    /// The kernel, initramfs (by hash and size) and command line the guest
+    /// booted with, so it can reboot wherever it goes. An optional field
+    /// of v3: a reader that predates it skips it (the guest then cannot
+    /// reboot there), so it needs no new version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<crate::images::BootRecord>,
 }
 
 impl Manifest {

@@ -118,6 +118,7 @@ pub fn vm_manifest_on(
         cpu: Some(cpu_record(&cpu)),
         cpuid: cpu.cpuid,
         bindings: Default::default(),
+        boot: None,
     })
 }
 
@@ -187,6 +188,11 @@ pub struct Plan {
     /// post-copy, or made offline, says it cannot.
     #[serde(default = "postcopy_unknown")]
     pub postcopy: Option<String>,
+    /// The guest's boot images the destination's store lacks: the source
+    /// sends these (IMAGE sections) before its decision. Empty from a
+    /// ferry that predates them, and offline.
+    #[serde(default)]
+    pub images: Vec<crate::images::ImageRef>,
 }
 
 fn postcopy_unknown() -> Option<String> {
@@ -294,7 +300,7 @@ pub fn make_plan(manifest: &Manifest, plugins: &[HostPlugin], host_cpu: Option<&
         }
         None => Vec::new(),
     };
-    Plan { devices, cpu, postcopy: postcopy_unknown() }
+    Plan { devices, cpu, postcopy: postcopy_unknown(), images: Vec::new() }
 }
 
 #[cfg(test)]
@@ -335,6 +341,7 @@ mod tests {
                 msrs: vec![MsrName { index: 0x10, name: "IA32_TSC".into() }],
             }),
             bindings: Default::default(),
+            boot: None,
         }
     }
 

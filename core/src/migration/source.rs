@@ -49,7 +49,7 @@ use super::{
     stream::{self, Kind, StreamError},
     vmstate::VmState,
 };
-use crate::{state, vmcore::VmCore};
+use crate::{images::ReadChunksError, state, vmcore::VmCore};
 
 /// Test knobs, read from the environment of the source ferry (tests use
 /// them to make pre-copy long and to show what the device dirty bitmap is
@@ -181,6 +181,8 @@ pub fn migrate(
         s.total_ms = start.elapsed().as_secs_f64() * 1e3;
         return Ok(s);
     }
+    let image_bytes = send_images(core, &plan, &mut link)?;
+    update(core, |s| s.boot_image_bytes = image_bytes);
     // Same host over a unix socket: hand the RAM memfd over, copy nothing.
     if let (Endpoint::Unix(_), Some(memfd)) = (&endpoint, core.ram.memfd()) {
         link.decide(b"go-memfd", "handshake")?;
@@ -218,6 +220,47 @@ pub fn migrate(
         link.fail("source aborted the migration");
     }
     result
+}
+
+/// Send the boot images the destination asked for (those its store lacks)
+/// as IMAGE messages, before the decision; the bytes sent. If this host's
+/// store lost them since the boot, none is sent and the log says the guest
+/// cannot reboot there.
+fn send_images(core: &VmCore, plan: &Plan, link: &mut Link) -> Result<u64, MigrateError> {
+    if plan.images.is_empty() {
+        return Ok(0);
+    }
+    let Some(image) = core.image.get() else {
+        return Err(MigrateError::Protocol(
+            "the destination asked for boot images this guest has none of".into(),
+        ));
+    };
+    if let Some(odd) = plan.images.iter().find(|w| !image.record.images().any(|i| i == *w)) {
+        return Err(MigrateError::Protocol(format!(
+            "the destination asked for boot image {}, which is not this guest's",
+            odd.short()
+        )));
+    }
+    if let Some(lost) = image.store.missing(&image.record).first() {
+        crate::log::warn(&format!(
+            "boot image {} is no longer in the image store {}: the guest cannot reboot on the destination",
+            lost.short(),
+            image.store.dir().display()
+        ));
+        return Ok(0);
+    }
+    let before = link.sent;
+    for want in &plan.images {
+        image.store.read_chunks(want, |piece| link.send(Kind::Image, &want.sha256, 1, piece)).map_err(
+            |e| match e {
+                ReadChunksError::Store(e) => MigrateError::Protocol(e.to_string()),
+                ReadChunksError::Sink(e) => io("sending the boot image")(e),
+            },
+        )?;
+    }
+    let bytes = link.sent - before;
+    crate::log::info(&format!("boot image: {bytes} bytes sent (the destination's store lacked it)"));
+    Ok(bytes)
 }
 
 /// Try every planned downgrade now, while the guest runs: a device whose

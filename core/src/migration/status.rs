@@ -47,6 +47,9 @@ pub struct Status {
     pub round: u32,
     /// Bytes sent so far.
     pub bytes_sent: u64,
+    /// Of `bytes_sent`, the guest's boot image (kernel, initramfs) that the
+    /// destination's image store lacked; 0 when it held it.
+    pub boot_image_bytes: u64,
     /// Guest memory dirtied per second in the last round.
     pub dirty_rate_bytes_per_s: f64,
     /// Link throughput in the last round.

@@ -11,6 +11,7 @@ use super::{
 use crate::{
     bindings::{self, HostBindings},
     cpu::HostCpu,
+    images::ImageStore,
     migration::{
         conn::{MigrateError, TcpSecurity},
         destination::{self, IncomingLink},
@@ -34,6 +35,7 @@ pub fn incoming(
     bindings: &HostBindings,
     plugins: &Path,
     isolation: &crate::isolate::Isolation,
+    images: &ImageStore,
 ) -> Result<Option<(Vm, IncomingLink)>, VmError> {
     // A directory that cannot be read is refused before waiting; the
     // plugins themselves are opened once the source says which it needs.
@@ -41,12 +43,14 @@ pub fn incoming(
     let host_cpu = HostCpu::probe()?;
     let mut opened = None;
     // The same computation `ferry compat` makes from this host's manifest.
-    let accepted = destination::accept(uri, security, peers, |m| {
+    let accepted = destination::accept(uri, security, peers, images, |m| {
         let names: Vec<&str> = m.devices.iter().map(|d| d.plugin.as_str()).collect();
         let registry = Registry::open(plugins, &names)?;
         let mut plan = plan::make_plan(m, &host_plugins(&registry), Some(&host_cpu));
         refuse_unbound(&mut plan, m, &registry, bindings);
         plan.postcopy = postcopy::pull::unavailable(isolation.devices.any());
+        // The boot image travels only where this host does not hold it.
+        plan.images = m.boot.as_ref().map(|b| images.missing(b)).unwrap_or_default();
         opened = Some(registry);
         Ok(plan)
     })
@@ -83,7 +87,7 @@ pub fn incoming(
     };
     let built = VmMemory::new(ram, m.cpus, isolation.devices.any())
         .and_then(|memory| build(machine, registry, m.cpus, cpu, memory, isolation));
-    let vm = match built {
+    let mut vm = match built {
         Ok(vm) => vm,
         Err(e) => {
             incoming.link.failed(&e.to_string());
@@ -99,7 +103,10 @@ pub fn incoming(
     let loaded = received.and_then(|state| Ok(state.load(&vm, &vm.vcpus)?));
     crate::log::info(&format!("incoming: state loaded in {:.2} ms", t.elapsed().as_secs_f64() * 1e3));
     match loaded {
-        Ok(()) => Ok(Some((vm, incoming.link))),
+        Ok(()) => {
+            super::boot::adopt_image(&mut vm, m.boot.as_ref(), images);
+            Ok(Some((vm, incoming.link)))
+        }
         Err(e) => {
             incoming.link.failed(&e.to_string());
             Err(VmError::Incoming(e))

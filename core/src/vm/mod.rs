@@ -39,6 +39,7 @@ use crate::{
     bus::{Bus, BusError},
     cpu::{CpuError, VmCpu},
     host::{DeviceHost, VmServices},
+    images::ImageStore,
     interrupts::IrqRouter,
     isolate::{Isolation, Placement},
     kvm::{KvmError, Machine},
@@ -72,6 +73,8 @@ pub struct BootConfig {
     pub plugins: PathBuf,
     /// Which devices run in device processes.
     pub isolation: Isolation,
+    /// Where the kernel and initramfs are kept for reboots and moves.
+    pub images: ImageStore,
 }
 
 /// How the guest ended.
@@ -350,6 +353,7 @@ fn build(
         reboots: Default::default(),
         failure: Default::default(),
         placement,
+        image: Default::default(),
     };
     Ok(Vm { core: Arc::new(core), stop_rx, vcpus, reset, image: None, on_reset: OnReset::default() })
 }

@@ -12,6 +12,7 @@ use crate::{
     bindings::{self, Bindings, HostBindings},
     boot,
     cpu::{models::CpuModel, verdict, HostCpu, VmCpu},
+    images::{Arrivals, ImageStore},
     machine::MachineType,
     migration::{
         manifest::{Manifest, MANIFEST_VERSION},
@@ -29,7 +30,12 @@ struct SnapshotContents {
     runs: Vec<(u64, u64, u64)>,
 }
 
-fn read_snapshot(file: &File, path: &str, verify_memory: bool) -> Result<SnapshotContents, VmError> {
+fn read_snapshot(
+    file: &File,
+    path: &str,
+    verify_memory: bool,
+    images: &ImageStore,
+) -> Result<SnapshotContents, VmError> {
     let bad =
         |m: String| VmError::Snapshot { path: path.to_string(), fault: SnapshotFault::Unusable, message: m };
     let err = |e: StreamError| bad(e.to_string());
@@ -50,6 +56,10 @@ fn read_snapshot(file: &File, path: &str, verify_memory: bool) -> Result<Snapsho
         return Err(bad(format!("manifest: {} vCPUs", manifest.cpus)));
     }
     let mut reader = StateReader::new(manifest.cpus, manifest.devices.iter().map(|d| d.id.clone()).collect());
+    // The boot image goes to this host's store as it is read, checked
+    // against its hash; one the store holds already is skipped.
+    let wanted = manifest.boot.as_ref().map(|b| b.images().cloned().collect()).unwrap_or_default();
+    let mut arrivals = Arrivals::new(images, wanted).map_err(|e| bad(format!("manifest: {e}")))?;
     let mut runs = Vec::new();
     loop {
         let h = r.next_header().map_err(err)?;
@@ -71,6 +81,11 @@ fn read_snapshot(file: &File, path: &str, verify_memory: bool) -> Result<Snapsho
                 runs = table.iter().map(|x| (x.gpa, x.pages * 4096, x.data_at)).collect();
                 r.skip_memory(&h, &table).map_err(err)?;
             }
+            Kind::Image if arrivals.needs(&h.id) => {
+                let piece = r.payload(&h).map_err(err)?;
+                arrivals.take(&h.id, &piece).map_err(|e| bad(format!("section {}: {e}", h.index)))?;
+            }
+            Kind::Image => r.skip(&h).map_err(err)?,
             _ => {
                 return Err(bad(format!(
                     "section {}: a {} message belongs to a live migration",
@@ -81,6 +96,7 @@ fn read_snapshot(file: &File, path: &str, verify_memory: bool) -> Result<Snapsho
         }
     }
     let state = reader.finish().map_err(|e| bad(e.to_string()))?;
+    arrivals.finish().map_err(|e| bad(e.to_string()))?;
     Ok(SnapshotContents { manifest, state, runs })
 }
 
@@ -161,12 +177,13 @@ pub fn restore(
     verify_memory: bool,
     bindings: &HostBindings,
     isolation: &crate::isolate::Isolation,
+    images: &ImageStore,
 ) -> Result<Vm, VmError> {
     let shown = path.display().to_string();
     let bad =
         |m: String| VmError::Snapshot { path: shown.clone(), fault: SnapshotFault::Unusable, message: m };
     let file = File::open(path).map_err(|e| bad(format!("cannot open: {e}")))?;
-    let c = read_snapshot(&file, &shown, verify_memory)?;
+    let c = read_snapshot(&file, &shown, verify_memory, images)?;
     crate::log::step("restore: snapshot read and checked");
     let m = &c.manifest;
     let names: Vec<&str> = m.devices.iter().map(|d| d.plugin.as_str()).collect();
@@ -208,12 +225,13 @@ pub fn restore(
     bind(&mut machine, &registry, bindings, &carried).map_err(|e| bad(e.to_string()))?;
     crate::log::step("restore: plugins opened, versions and bindings checked");
 
-    let vm = build(machine, registry, m.cpus, cpu, memory, isolation)?;
+    let mut vm = build(machine, registry, m.cpus, cpu, memory, isolation)?;
     if vm.ram.ranges().iter().map(|r| (r.gpa, r.len)).collect::<Vec<_>>() != m.ram {
         return Err(bad("the memory layout differs from this ferry's for the same size".into()));
     }
     c.state.load(&vm, &vm.vcpus).map_err(|e| bad(e.to_string()))?;
     crate::log::step("restore: state loaded");
+    super::boot::adopt_image(&mut vm, m.boot.as_ref(), images);
     crate::log::info(&format!(
         "restored {shown}: machine type {}, {} vCPU(s) of cpu {} ({}), {} of RAM",
         vm.machine.name,

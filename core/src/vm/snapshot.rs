@@ -5,6 +5,7 @@ use std::{fs::File, io::BufWriter, path::Path, time::Instant};
 
 use super::{SnapshotFault, VmError};
 use crate::{
+    images::ReadChunksError,
     migration::{
         manifest::MANIFEST_VERSION,
         stream::{self, Kind, StreamError},
@@ -106,6 +107,7 @@ impl VmCore {
             let encoded = state::encode(&manifest)
                 .map_err(|e| VmStateError::Section { section: "manifest".into(), message: e.to_string() })?;
             w.section(Kind::Manifest, "", MANIFEST_VERSION, &encoded)?;
+            self.write_images(&mut w)?;
             state.write(&mut w)?;
             let runs = self.ram.nonzero_runs();
             let data: Vec<(u64, &[u8])> =
@@ -122,5 +124,35 @@ impl VmCore {
         std::fs::rename(&tmp, path).map_err(|e| fail(format!("cannot rename into place: {e}")))?;
         let bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
         Ok((bytes, memory_bytes))
+    }
+
+    /// The guest's boot image as IMAGE sections, so that the restored guest
+    /// can reboot on any host. If this host's store lost a file since the
+    /// boot, none is written and the log says the restored guest cannot
+    /// reboot.
+    fn write_images<W: std::io::Write + std::io::Seek>(
+        &self,
+        w: &mut stream::Writer<W>,
+    ) -> Result<(), VmStateError> {
+        let Some(image) = self.image.get() else { return Ok(()) };
+        if let Some(lost) = image.store.missing(&image.record).first() {
+            crate::log::warn(&format!(
+                "boot image {} is no longer in the image store {}: the restored guest cannot reboot",
+                lost.short(),
+                image.store.dir().display()
+            ));
+            return Ok(());
+        }
+        for i in image.record.images() {
+            image.store.read_chunks(i, |piece| w.section(Kind::Image, &i.sha256, 1, piece)).map_err(|e| {
+                match e {
+                    ReadChunksError::Store(e) => {
+                        VmStateError::Section { section: "boot image".into(), message: e.to_string() }
+                    }
+                    ReadChunksError::Sink(e) => VmStateError::Stream(e),
+                }
+            })?;
+        }
+        Ok(())
     }
 }

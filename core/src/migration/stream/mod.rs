@@ -68,6 +68,9 @@ pub enum Kind {
     Device,
     /// Guest memory run table.
     Memory,
+    /// A piece of a boot image (id: its SHA-256; the pieces of one image
+    /// follow each other in order).
+    Image,
     /// The end.
     End,
     /// Live migration: the source's manifest, opening a migration.
@@ -104,6 +107,7 @@ impl Kind {
             Kind::Vcpu => 3,
             Kind::Device => 4,
             Kind::Memory => 5,
+            Kind::Image => 6,
             Kind::End => 0xffff,
             Kind::Hello => 0x10,
             Kind::Plan => 0x11,
@@ -125,6 +129,7 @@ impl Kind {
             3 => Kind::Vcpu,
             4 => Kind::Device,
             5 => Kind::Memory,
+            6 => Kind::Image,
             0xffff => Kind::End,
             0x10 => Kind::Hello,
             0x11 => Kind::Plan,
@@ -148,6 +153,7 @@ impl Kind {
             Kind::Device => 64 << 20,
             Kind::Memory | Kind::ZeroPages | Kind::Stale => 64 << 20,
             Kind::Request => 1 << 20,
+            Kind::Image => crate::images::CHUNK as u64,
             Kind::Pages => MAX_PAGES_PAYLOAD,
             Kind::End | Kind::Memfd => 0,
             Kind::Decision | Kind::Resumed | Kind::Failed => 64 << 10,
@@ -162,6 +168,7 @@ impl Kind {
             Kind::Vcpu => "vcpu",
             Kind::Device => "device",
             Kind::Memory => "memory",
+            Kind::Image => "image",
             Kind::End => "end",
             Kind::Hello => "hello",
             Kind::Plan => "plan",
