@@ -8,6 +8,7 @@
 pub mod blk_bench;
 pub mod elf;
 pub mod fixtures;
+pub mod fleet;
 pub mod guest;
 pub mod netns;
 pub mod process;

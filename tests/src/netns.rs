@@ -41,6 +41,15 @@ impl NetNs {
     }
 
     fn make(tap: &str, ipv6: bool) -> Option<Self> {
+        Self::make_with(&[tap], ipv6)
+    }
+
+    /// A new namespace holding every tap of `taps`, up, IPv6 off.
+    pub fn with_taps(taps: &[&str]) -> Option<Self> {
+        Self::make_with(taps, false)
+    }
+
+    fn make_with(taps: &[&str], ipv6: bool) -> Option<Self> {
         static N: AtomicUsize = AtomicUsize::new(0);
         let name = format!("ferry-t{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst));
         // SAFETY: geteuid has no preconditions.
@@ -64,8 +73,12 @@ impl NetNs {
             "-c",
             &format!("f=/proc/sys/net/ipv6/conf/default/disable_ipv6; [ ! -e $f ] || echo {v6} > $f"),
         ])
-        .and_then(|()| ip(&["-n", &ns.name, "tuntap", "add", tap, "mode", "tap"]))
-        .and_then(|()| ip(&["-n", &ns.name, "link", "set", tap, "up"]));
+        .and_then(|()| {
+            taps.iter().try_for_each(|tap| {
+                ip(&["-n", &ns.name, "tuntap", "add", tap, "mode", "tap"])
+                    .and_then(|()| ip(&["-n", &ns.name, "link", "set", tap, "up"]))
+            })
+        });
         if let Err(e) = setup {
             crate::skip("network namespace tests", &e);
             return None;
@@ -81,8 +94,17 @@ impl NetNs {
     /// `ferry run --plugins <this build's plugins> ARGS` inside the
     /// namespace, with `env` (`NAME=value` each) set and stdio piped.
     pub fn spawn_ferry(&self, env: &[&str], args: &[&str]) -> std::process::Child {
-        let (bin, plugins) =
-            (crate::ferry_bin().display().to_string(), crate::bin_dir().display().to_string());
+        self.spawn_ferry_on(&crate::bin_dir(), env, args)
+    }
+
+    /// [`NetNs::spawn_ferry`] with the plugins in `plugins`.
+    pub fn spawn_ferry_on(
+        &self,
+        plugins: &std::path::Path,
+        env: &[&str],
+        args: &[&str],
+    ) -> std::process::Child {
+        let (bin, plugins) = (crate::ferry_bin().display().to_string(), plugins.display().to_string());
         let mut all = vec!["netns", "exec", self.name()];
         if !env.is_empty() {
             all.push("env");
@@ -336,5 +358,70 @@ impl TwoHosts {
             return None;
         }
         Some(TwoHosts { a, b })
+    }
+}
+
+/// Hosts (namespaces) on one Ethernet segment: each joined by a veth pair
+/// to a bridge in a namespace of its own, host `i` at 10.201.0.`i+1`/24,
+/// each holding the same taps. Removed on drop.
+pub struct Lan {
+    /// The hosts, in order.
+    pub hosts: Vec<NetNs>,
+    _switch: NetNs,
+}
+
+impl Lan {
+    /// `n` hosts with `taps` each, IPv6 off; None (after a loud SKIPPED
+    /// line) where that is not possible.
+    pub fn new(n: usize, taps: &[&str]) -> Option<Self> {
+        let switch = NetNs::make_with(&[], false)?;
+        let hosts: Vec<NetNs> = (0..n).map(|_| NetNs::with_taps(taps)).collect::<Option<_>>()?;
+        let sw = switch.name().to_string();
+        let setup = ip(&["-n", &sw, "link", "add", "br0", "type", "bridge"])
+            .and_then(|()| ip(&["-n", &sw, "link", "set", "br0", "up"]))
+            .and_then(|()| {
+                hosts.iter().enumerate().try_for_each(|(i, h)| {
+                    let (here, there) = (format!("fleet{i}"), format!("port{i}"));
+                    ip(&[
+                        "link",
+                        "add",
+                        &here,
+                        "netns",
+                        h.name(),
+                        "type",
+                        "veth",
+                        "peer",
+                        "name",
+                        &there,
+                        "netns",
+                        &sw,
+                    ])
+                    .and_then(|()| ip(&["-n", &sw, "link", "set", &there, "master", "br0"]))
+                    .and_then(|()| ip(&["-n", &sw, "link", "set", &there, "up"]))
+                    .and_then(|()| {
+                        ip(&["-n", h.name(), "addr", "add", &format!("{}/24", Self::addr(i)), "dev", &here])
+                    })
+                    .and_then(|()| ip(&["-n", h.name(), "link", "set", &here, "up"]))
+                    .and_then(|()| ip(&["-n", h.name(), "link", "set", "lo", "up"]))
+                })
+            });
+        if let Err(e) = setup {
+            crate::skip("fleet tests", &e);
+            return None;
+        }
+        Some(Lan { hosts, _switch: switch })
+    }
+
+    /// Host `i`'s address.
+    pub fn addr(i: usize) -> String {
+        format!("10.201.0.{}", i + 1)
+    }
+
+    /// Is something listening on TCP `port` in host `i`?
+    pub fn listening(&self, i: usize, port: u16) -> bool {
+        Command::new("ip")
+            .args(["netns", "exec", self.hosts[i].name(), "ss", "-Hltn", &format!("sport = :{port}")])
+            .output()
+            .is_ok_and(|o| o.status.success() && !o.stdout.is_empty())
     }
 }
