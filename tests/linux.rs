@@ -562,29 +562,23 @@ fn linux_moved_live_twice_and_restored_reboots_into_its_own_kernel() {
     assert!(wait_for_path(&socket, STEP));
     linux.ok("echo remembered-before > /tmp/mem && sha256sum /tmp/mem > /tmp/mem.sum");
 
-    // Two moves: to a host whose store lacks the image, then to one that
-    // holds it.
-    let hop = |from: &Path, store: &str, name: &str| -> (Running, PathBuf, String) {
+    // Two moves: to a host whose store lacks the image (and runs every
+    // device isolated), then to one that holds it (in-process).
+    let hop = |from: &Path, store: &str, name: &str, isolate: &[&str]| -> (Running, PathBuf, String) {
         let uri = format!("tcp:127.0.0.1:{}", free_port());
         let next = dir.path().join(format!("{name}.sock"));
         let n = next.display().to_string();
-        let dst = Running::new(spawn_ferry(&[
-            "run",
-            "--incoming",
-            &uri,
-            "--api-socket",
-            &n,
-            "--image-store",
-            store,
-        ]));
+        let mut args = vec!["run", "--incoming", &uri, "--api-socket", &n, "--image-store", store];
+        args.extend_from_slice(isolate);
+        let dst = Running::new(spawn_ferry(&args));
         ferry_tests::wait_for_incoming(&uri);
         let (ok, text) = migrate(from, &uri, &[]);
         assert!(ok, "{text}");
         (dst, next, text)
     };
-    let (on_b, socket_b, first) = hop(&socket, &b, "b");
+    let (on_b, socket_b, first) = hop(&socket, &b, "b", &["--isolate", "all"]);
     assert_eq!(linux.vm.finish(STEP).code(), 0);
-    let (on_a, socket_a, second) = hop(&socket_b, &a, "a2");
+    let (on_a, socket_a, second) = hop(&socket_b, &a, "a2", &[]);
     assert_eq!(Linux::resumed(on_b).vm.finish(STEP).code(), 0);
     let bytes = |report: &str| -> u64 {
         let at =
@@ -601,13 +595,21 @@ fn linux_moved_live_twice_and_restored_reboots_into_its_own_kernel() {
     assert!(bytes(&first) >= image, "the first move carries kernel and initramfs ({image} bytes): {first}");
     assert_eq!(bytes(&second), 0, "the second carries none: {second}");
 
-    // A snapshot, restored on a third host, where the guest reboots.
+    // A snapshot, restored on a third host with every device isolated,
+    // where the guest reboots.
     let snap = dir.path().join("linux.snap").display().to_string();
     ctl(&socket_a, &["snapshot", &snap]);
     ctl(&socket_a, &["shutdown"]);
     drop(on_a);
-    let mut restored =
-        Linux::resumed(Running::new(spawn_ferry(&["run", "--restore", &snap, "--image-store", &c])));
+    let mut restored = Linux::resumed(Running::new(spawn_ferry(&[
+        "run",
+        "--restore",
+        &snap,
+        "--image-store",
+        &c,
+        "--isolate",
+        "all",
+    ])));
     restored.ok("sha256sum -c /tmp/mem.sum");
     // The shell never answers this one: the machine resets.
     std::io::Write::write_all(restored.vm.stdin().expect("stdin"), b"busybox reboot -f\n").expect("type");
