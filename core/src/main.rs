@@ -115,6 +115,11 @@ enum Command {
         #[command(subcommand)]
         action: TlsAction,
     },
+    /// vhost-user backends (qemu-storage-daemon, virtiofsd).
+    VhostUser {
+        #[command(subcommand)]
+        action: VhostUserAction,
+    },
     /// Write the bundled test guest (an ELF with a PVH note that QEMU boots
     /// too) to FILE, for side-by-side runs.
     TestGuest {
@@ -122,6 +127,28 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         output: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum VhostUserAction {
+    /// What the backend on SOCKET offers: its virtio and protocol
+    /// features, queue count and configuration, without taking the device.
+    Probe {
+        /// The backend's unix socket.
+        socket: PathBuf,
+        /// The device it serves (names its feature bits and reads its
+        /// configuration): blk or fs.
+        #[arg(long, value_name = "blk|fs", value_parser = parse_vhost_device)]
+        device: Option<ferry_vhost_user::Device>,
+        /// The identity as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn parse_vhost_device(s: &str) -> Result<ferry_vhost_user::Device, String> {
+    ferry_vhost_user::Device::parse(s)
+        .ok_or_else(|| format!("'{s}' is not a vhost-user device ferry names: blk or fs"))
 }
 
 #[derive(Subcommand)]
@@ -834,6 +861,15 @@ fn main() -> ExitCode {
             })
         }
         Command::DeviceProcess { .. } => Ok(ExitCode::from(ferry::isolate::process::main() as u8)),
+        Command::VhostUser { action: VhostUserAction::Probe { socket, device, json } } => {
+            ferry_vhost_user::probe(&socket, device).map_err(|e| anyhow!(e)).map(|id| {
+                match json {
+                    true => println!("{}", serde_json::to_string_pretty(&id).unwrap_or_default()),
+                    false => id.lines().iter().for_each(|l| println!("{l}")),
+                }
+                ExitCode::SUCCESS
+            })
+        }
         Command::Tls { action: TlsAction::Init { dir, hosts } } => {
             ferry::migration::certs::init(&dir, &hosts).map_err(|e| anyhow!(e)).map(|made| {
                 println!(
