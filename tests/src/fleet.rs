@@ -390,7 +390,7 @@ impl Fleet {
     }
 
     /// Shut every guest down; per guest, everything its hosts' consoles
-    /// said, in order.
+    /// said, in order, as one console.
     pub fn finish(mut self) -> Vec<(String, String)> {
         let mut out = Vec::new();
         for g in std::mem::take(&mut self.guests) {
@@ -401,7 +401,9 @@ impl Fleet {
             crate::ctl(&g.api, &["shutdown"]);
             let last = g.vm.finish(DEADLINE);
             g.consoles.push(last.stdout);
-            out.push((g.name, g.consoles.join("\n")));
+            // Joined as the guest wrote them: a line it was printing when
+            // it paused goes on on the next host.
+            out.push((g.name, g.consoles.concat()));
         }
         out
     }
