@@ -148,8 +148,9 @@ pub fn probe(path: &Path, device: Option<Device>) -> Result<BackendIdentity, Pro
     identify(stream, &shown, device, ANSWER_TIMEOUT)
 }
 
-/// [`probe`] on a connected stream, within `deadline`.
-fn identify(
+/// [`probe`] on a connected stream, within `deadline` (the fuzz target
+/// plays the backend on a socket pair).
+pub fn identify(
     stream: UnixStream,
     shown: &str,
     device: Option<Device>,

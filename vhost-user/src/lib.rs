@@ -11,4 +11,4 @@
 pub mod features;
 pub mod identity;
 
-pub use identity::{probe, BackendIdentity, Device, ProbeError};
+pub use identity::{identify, probe, BackendIdentity, Device, ProbeError};
