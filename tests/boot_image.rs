@@ -9,7 +9,8 @@
 use std::path::Path;
 
 use ferry_tests::{
-    ctl, kvm_or_skip, migrate, spawn_ferry, spawn_ferry_env, wait_for_incoming, Running, TempDir, DEADLINE,
+    ctl, kvm_or_skip, migrate, report_num, spawn_ferry, spawn_ferry_env, wait_for_incoming, Running, TempDir,
+    DEADLINE,
 };
 
 /// The test guest ELF as this ferry boots it (the bytes of the bundled one).
@@ -19,10 +20,7 @@ fn test_guest_size() -> u64 {
 
 /// The report's `boot_image_bytes`.
 fn image_bytes(report: &str) -> u64 {
-    let at = report.find("\"boot_image_bytes\"").unwrap_or_else(|| panic!("no boot_image_bytes:\n{report}"));
-    let digits: String =
-        report[at..].chars().skip_while(|c| !c.is_ascii_digit()).take_while(char::is_ascii_digit).collect();
-    digits.parse().expect("a number")
+    report_num(report, "boot_image_bytes").unwrap_or_else(|| panic!("no boot_image_bytes:\n{report}")) as u64
 }
 
 /// The files a store holds.

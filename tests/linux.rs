@@ -581,14 +581,8 @@ fn linux_moved_live_twice_and_restored_reboots_into_its_own_kernel() {
     let (on_a, socket_a, second) = hop(&socket_b, &a, "a2", &[]);
     assert_eq!(Linux::resumed(on_b).vm.finish(STEP).code(), 0);
     let bytes = |report: &str| -> u64 {
-        let at =
-            report.find("\"boot_image_bytes\"").unwrap_or_else(|| panic!("no boot_image_bytes: {report}"));
-        let digits: String = report[at..]
-            .chars()
-            .skip_while(|c| !c.is_ascii_digit())
-            .take_while(char::is_ascii_digit)
-            .collect();
-        digits.parse().expect("a number")
+        ferry_tests::report_num(report, "boot_image_bytes")
+            .unwrap_or_else(|| panic!("no boot_image_bytes: {report}")) as u64
     };
     let image = std::fs::metadata(k.file("bzImage")).expect("bzImage").len()
         + std::fs::metadata(k.file("initramfs.cpio")).expect("initramfs").len();

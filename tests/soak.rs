@@ -19,8 +19,8 @@ use std::{
 };
 
 use ferry_tests::{
-    ferry_bin, free_port, kvm_or_skip, migrate, proc_status_kib, spawn_ferry, wait_for_path, Running,
-    TempDir, DEADLINE,
+    ferry_bin, free_port, kvm_or_skip, migrate, proc_status_kib, report_num, spawn_ferry, wait_for_path,
+    Running, TempDir, DEADLINE,
 };
 
 /// How one move travels.
@@ -40,12 +40,6 @@ struct Moved {
     downtime_ms: f64,
     rss_anon_kib: u64,
     fds: usize,
-}
-
-fn report_num(text: &str, key: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.trim().strip_prefix(&format!("\"{key}\": ")))
-        .and_then(|v| v.trim_end_matches(',').parse().ok())
 }
 
 fn open_fds(pid: u32) -> usize {

@@ -199,27 +199,20 @@ impl ImageStore {
         })
     }
 
-    /// Open `image` for reading.
-    pub fn open(&self, image: &ImageRef) -> Result<File, ImageError> {
-        let path = self.path(image)?;
-        File::open(&path).map_err(|source| ImageError::Store { path: path.display().to_string(), source })
-    }
-
     /// Send `image` in pieces of at most [`CHUNK`] bytes to `each`.
     pub fn read_chunks<E>(
         &self,
         image: &ImageRef,
         mut each: impl FnMut(&[u8]) -> Result<(), E>,
     ) -> Result<(), ReadChunksError<E>> {
-        let mut file = self.open(image)?;
+        let path = self.path(image)?;
+        let store_err = |source| ImageError::Store { path: path.display().to_string(), source };
+        let mut file = File::open(&path).map_err(store_err)?;
         let mut buf = vec![0u8; CHUNK.min(image.size as usize)];
         let mut left = image.size;
         while left > 0 {
             let n = (left as usize).min(buf.len());
-            file.read_exact(&mut buf[..n]).map_err(|source| ImageError::Store {
-                path: self.dir.join(&image.sha256).display().to_string(),
-                source,
-            })?;
+            file.read_exact(&mut buf[..n]).map_err(store_err)?;
             each(&buf[..n]).map_err(ReadChunksError::Sink)?;
             left -= n as u64;
         }

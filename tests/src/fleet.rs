@@ -142,13 +142,6 @@ fn cmdline(n: usize, turbo: bool) -> String {
     c + " ticks=0"
 }
 
-/// A number from `ferry ctl migrate`'s JSON report.
-fn report_num(text: &str, key: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.trim().strip_prefix(&format!("\"{key}\": ")))
-        .and_then(|v| v.trim_end_matches(',').parse().ok())
-}
-
 impl Fleet {
     /// Three hosts on the release sets `release` (indexes into
     /// [`release_sets`]), taps for `guests` guests on each. None where
@@ -298,7 +291,7 @@ impl Fleet {
             self.refusals.push(record.clone());
             return Err(record);
         }
-        record.downtime_ms = report_num(&text, "downtime_ms");
+        record.downtime_ms = crate::report_num(&text, "downtime_ms");
         let guest = &mut self.guests[g];
         let old = std::mem::replace(&mut guest.vm, dst);
         let out = old.finish(DEADLINE);

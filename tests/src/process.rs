@@ -414,6 +414,14 @@ pub fn migrate(socket: &Path, uri: &str, extra: &[&str]) -> (bool, String) {
     (out.status == Some(0), text)
 }
 
+/// A number from `ferry ctl migrate`'s JSON report (`"key": value`), as
+/// [`migrate`] returns it.
+pub fn report_num(text: &str, key: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix(&format!("\"{key}\": ")))
+        .and_then(|v| v.trim_end_matches(',').parse().ok())
+}
+
 /// How long [`migrate`] waits for `ferry ctl migrate` to end.
 const MIGRATE_DEADLINE: Duration = Duration::from_secs(180);
 
