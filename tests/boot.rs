@@ -2,7 +2,7 @@
 //! and RTC year, ticks, guest-chosen exit status, SMP bring-up, reset with
 //! `--on-reset exit` (rebooting is in tests/reboot.rs).
 
-use ferry_tests::{ferry, host_year, kvm_or_skip, test_guest_as, ElfClass, TempDir, DEADLINE};
+use ferry_tests::{ferry, fnv1a, host_year, kvm_or_skip, test_guest_as, ElfClass, TempDir, DEADLINE};
 
 fn marker_line(stdout: &str) -> &str {
     stdout
@@ -135,11 +135,6 @@ fn a_plugin_panic_is_an_error_naming_the_device() {
         "ferry: error: device boom0 (panicking-plugin): plugin panicked in write: guest wrote 0x5, and this device cannot cope"
     };
     assert_eq!(last, expected);
-}
-
-/// FNV-1a 32, as the test guest's `initrd` token computes it.
-fn fnv1a(bytes: &[u8]) -> u32 {
-    bytes.iter().fold(0x811c_9dc5u32, |h, b| (h ^ u32::from(*b)).wrapping_mul(0x0100_0193))
 }
 
 #[test]

@@ -6,48 +6,11 @@
 //! naming it, within the probe's deadline.
 
 use std::{
-    path::Path,
-    process::{Child, Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
-use ferry_tests::{ferry_bin, skip, wait_for_path, TempDir};
-
-/// A qemu-storage-daemon exporting a 4 MiB image as vhost-user-blk on
-/// `socket`; killed on drop.
-struct StorageDaemon(Child);
-
-impl StorageDaemon {
-    fn start(image: &Path, socket: &Path) -> Option<Self> {
-        let blockdev = format!("driver=file,node-name=disk,filename={}", image.display());
-        let export = format!(
-            "type=vhost-user-blk,id=e0,node-name=disk,addr.type=unix,addr.path={},writable=on,num-queues=1",
-            socket.display()
-        );
-        let child = Command::new("qemu-storage-daemon")
-            .args(["--blockdev", &blockdev, "--export", &export])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn();
-        match child {
-            Ok(c) => Some(StorageDaemon(c)),
-            Err(e) => {
-                skip(
-                    "vhost-user tests",
-                    &format!("cannot start qemu-storage-daemon ({e}): install qemu-system-common"),
-                );
-                None
-            }
-        }
-    }
-}
-
-impl Drop for StorageDaemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use ferry_tests::{ferry_bin, vhost::StorageDaemon, TempDir};
 
 fn probe(args: &[&str]) -> (bool, String) {
     let out = Command::new(ferry_bin()).args(["vhost-user", "probe"]).args(args).output().expect("ferry");
@@ -61,7 +24,6 @@ fn a_qemu_storage_daemon_export_says_what_it_offers() {
     let (image, socket) = (dir.path().join("disk.img"), dir.path().join("blk.sock"));
     std::fs::write(&image, vec![0u8; 4 << 20]).expect("image");
     let Some(_daemon) = StorageDaemon::start(&image, &socket) else { return };
-    assert!(wait_for_path(&socket, Duration::from_secs(30)), "qemu-storage-daemon made no socket");
     let s = socket.display().to_string();
     let (ok, text) = probe(&[&s, "--device", "blk", "--json"]);
     assert!(ok, "{text}");

@@ -4,19 +4,10 @@
 
 use std::time::Duration;
 
-use ferry_tests::{ctl, ferry, kvm_or_skip, netns, spawn_ferry, wait_for_path, Running, TempDir, DEADLINE};
-
-/// The test guest's blk-write pattern: 8-byte words, word at byte offset `o`
-/// of sector `s` is `(s << 32) ^ o ^ (seed * 0x9E3779B97F4A7C15)`.
-fn pattern_sector(sector: u64, seed: u64) -> Vec<u8> {
-    (0..64u64)
-        .flat_map(|w| ((sector << 32) ^ (w * 8) ^ seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)).to_le_bytes())
-        .collect()
-}
-
-fn fnv1a(bytes: &[u8]) -> u32 {
-    bytes.iter().fold(0x811c_9dc5u32, |h, b| (h ^ u32::from(*b)).wrapping_mul(0x0100_0193))
-}
+use ferry_tests::{
+    blk_pattern_sector, ctl, ferry, fnv1a, kvm_or_skip, netns, spawn_ferry, wait_for_path, Running, TempDir,
+    DEADLINE,
+};
 
 fn line<'a>(stdout: &'a str, prefix: &str) -> &'a str {
     stdout
@@ -57,7 +48,7 @@ fn guest_sectors_reach_the_image_and_host_sectors_reach_the_guest() {
     for s in 8..11 {
         assert_eq!(
             &after[s * 512..(s + 1) * 512],
-            &pattern_sector(s as u64, 77)[..],
+            &blk_pattern_sector(s as u64, 77)[..],
             "sector {s} on the host"
         );
     }

@@ -10,7 +10,7 @@ use abi_stable::{
     std_types::{RArc, RResult, RStr},
 };
 use ferry_plugin_api::{
-    ErrorKind, GuestMemoryMap, Host, HostBox, LogLevel, MsiMessage, PluginError, StopKind,
+    ErrorKind, GuestMemoryMap, Host, HostBox, LogLevel, MemoryFds, MsiMessage, PluginError, StopKind,
 };
 use kvm_ioctls::VmFd;
 
@@ -30,6 +30,9 @@ pub struct VmServices {
     pub irq: Arc<IrqRouter>,
     /// Guest RAM as devices see it.
     pub memory: GuestMemoryMap,
+    /// The files behind RAM (`Host::memory_fds`); `None` when RAM is
+    /// mapped from a snapshot file.
+    pub files: Option<Arc<crate::memory::RamFiles>>,
     /// Each device's status line (`Host::set_status`), by bus index.
     pub status: Arc<std::sync::Mutex<std::collections::BTreeMap<usize, String>>>,
 }
@@ -111,5 +114,27 @@ impl Host for DeviceHost {
         let line: String = status.as_str().chars().filter(|c| !c.is_control()).take(200).collect();
         self.vm.status.lock().unwrap_or_else(|e| e.into_inner()).insert(self.index, line);
         RResult::ROk(())
+    }
+
+    fn fail(&self, message: RStr<'_>) -> RResult<(), PluginError> {
+        let line: String = message.as_str().chars().filter(|c| !c.is_control()).take(300).collect();
+        let message = format!("device {} failed: {line}", self.id);
+        self.vm.control.stop(StopEvent::DeviceFailed { index: self.index, message });
+        RResult::ROk(())
+    }
+
+    fn memory_fds(&self) -> RResult<MemoryFds, PluginError> {
+        use std::os::fd::AsRawFd;
+        match &self.vm.files {
+            Some(f) => RResult::ROk(MemoryFds {
+                ram: f.ram.as_raw_fd(),
+                ranges: f.ranges.iter().copied().collect(),
+                dirty_bitmap: f.bitmap.as_raw_fd(),
+                dirty_bitmap_len: f.bitmap_len,
+            }),
+            None => RResult::RErr(PluginError::unsupported(
+                "guest RAM is mapped from a snapshot file here, not shareable with another program",
+            )),
+        }
     }
 }

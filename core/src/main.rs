@@ -2,7 +2,7 @@
 
 use std::{path::PathBuf, process::ExitCode};
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
 use ferry::{
     boot::Kernel,
@@ -272,6 +272,12 @@ struct RunArgs {
     /// tap, id=DEVICE,tap=NAME. Repeatable.
     #[arg(long, value_name = "tap=NAME[,mac=MAC]|id=DEVICE,tap=NAME")]
     net: Vec<String>,
+    /// Booting: add a device a vhost-user backend serves,
+    /// type=blk|fs,socket=PATH[,id=DEVICE] (plugin vhost-user-blk or
+    /// vhost-user-fs). With --restore or --incoming: bind an existing one
+    /// to this host's backend, id=DEVICE,socket=PATH. Repeatable.
+    #[arg(long, value_name = "type=blk|fs,socket=PATH[,id=DEVICE]|id=DEVICE,socket=PATH")]
+    vhost_user: Vec<String>,
     /// With --restore or --incoming: set a host binding of a device
     /// (its image, tap, console file). Repeatable.
     #[arg(long, value_name = "DEVICE:PROPERTY=VALUE")]
@@ -359,6 +365,11 @@ impl RunArgs {
         }
         for spec in &self.net {
             parse_device_option("--net", spec, &mut supplied).map_err(|e| anyhow!(e))?;
+        }
+        for spec in &self.vhost_user {
+            // The device type is the guest's, fixed at boot: only the socket binds.
+            let spec: Vec<&str> = spec.split(',').filter(|p| !p.starts_with("type=")).collect();
+            parse_device_option("--vhost-user", &spec.join(","), &mut supplied).map_err(|e| anyhow!(e))?;
         }
         for spec in &self.bind {
             parse_bind(spec, &mut supplied).map_err(|e| anyhow!(e))?;
@@ -546,6 +557,31 @@ fn run(args: RunArgs) -> Result<ExitCode> {
     })
 }
 
+/// `--vhost-user type=blk,socket=PATH[,id=ID]` at a boot: the plugin, the
+/// remaining properties, and the device id (given, or the next free one).
+fn vhost_user_device(spec: &str, machine: &machine::MachineType) -> Result<((String, String), String)> {
+    let mut kind = None;
+    let mut id = None;
+    let mut rest = Vec::new();
+    for pair in spec.split(',').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("type", v)) => kind = Some(v.trim().to_string()),
+            Some(("id", v)) => id = Some(v.trim().to_string()),
+            _ => rest.push(pair),
+        }
+    }
+    let (plugin, stem) = match kind.as_deref() {
+        Some("blk") => ("vhost-user-blk", "vblk"),
+        Some("fs") => ("vhost-user-fs", "vfs"),
+        Some(other) => {
+            bail!("--vhost-user {spec}: type={other} is not a vhost-user device ferry has (blk, fs)")
+        }
+        None => bail!("--vhost-user {spec}: say which device the backend serves (type=blk or type=fs)"),
+    };
+    let id = id.unwrap_or_else(|| machine.free_id(stem));
+    Ok(((plugin.to_string(), rest.join(",")), id))
+}
+
 fn boot_config(run: &RunArgs, plugins: PathBuf) -> Result<BootConfig> {
     let args = &run.boot;
     let mut machine = machine::load(&args.machine)?;
@@ -556,6 +592,10 @@ fn boot_config(run: &RunArgs, plugins: PathBuf) -> Result<BootConfig> {
     for spec in &run.net {
         let id = machine.free_id("net");
         machine.add_device(machine::device_from_option("--net", id, "virtio-net", spec)?)?;
+    }
+    for spec in &run.vhost_user {
+        let (device, id) = vhost_user_device(spec, &machine)?;
+        machine.add_device(machine::device_from_option("--vhost-user", id, &device.0, &device.1)?)?;
     }
     if args.rng {
         let id = machine.free_id("rng");

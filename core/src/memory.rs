@@ -589,6 +589,47 @@ impl GuestRam {
             .collect();
         GuestMemoryMap { regions, dirty_bitmap: self.dirty.as_addr(), dirty_pages: self.dirty.pages() }
     }
+
+    /// The files behind RAM and the dirty bitmap, with the ranges as
+    /// `Host::memory_fds` gives them; `None` for RAM mapped from a snapshot
+    /// file (private, so not shareable).
+    pub fn device_files(&self) -> Option<std::io::Result<RamFiles>> {
+        let memfd = self.memfd.as_ref()?;
+        let map = self.device_map();
+        let files = (|| {
+            Ok(RamFiles {
+                ram: memfd.try_clone()?,
+                bitmap: self.dirty.memfd().try_clone()?,
+                bitmap_len: self.dirty.pages().div_ceil(64) * 8,
+                ranges: self
+                    .ranges
+                    .iter()
+                    .zip(map.regions.iter())
+                    .map(|(r, m)| ferry_plugin_api::MemoryFdRange {
+                        gpa: r.gpa,
+                        len: r.len,
+                        offset: r.file_offset,
+                        host_addr: m.host_addr,
+                    })
+                    .collect(),
+            })
+        })();
+        Some(files)
+    }
+}
+
+/// The files behind guest RAM, for devices whose work another program does
+/// (`Host::memory_fds`).
+#[derive(Debug)]
+pub struct RamFiles {
+    /// The RAM memfd.
+    pub ram: File,
+    /// The dirty bitmap's memfd.
+    pub bitmap: File,
+    /// Its length in bytes.
+    pub bitmap_len: u64,
+    /// RAM ranges with their file offsets and host addresses.
+    pub ranges: Vec<ferry_plugin_api::MemoryFdRange>,
 }
 
 fn create_memfd(name: &std::ffi::CStr) -> std::io::Result<File> {

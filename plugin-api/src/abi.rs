@@ -383,6 +383,64 @@ pub trait Host: Send + Sync + Clone {
         let _ = status;
         RResult::RErr(PluginError::unsupported("Host::set_status (plugin-api 1.1) is not in this core"))
     }
+
+    /// The files behind guest RAM and the dirty bitmap, for a device whose
+    /// work is done by another program that maps guest RAM itself (a
+    /// vhost-user backend). The descriptors stay the host's: a plugin that
+    /// keeps one past the call duplicates it.
+    ///
+    /// Added in plugin-api 1.3. A core built with an earlier 1.y answers
+    /// [`ErrorKind::UNSUPPORTED`] (this body), as does a core whose RAM is
+    /// not in a file it can share; a plugin that cannot work without it
+    /// lists `"Host::memory_fds"` in its needs, which also tells a core
+    /// restoring a snapshot to read the guest's RAM into a shareable file.
+    fn memory_fds(&self) -> RResult<MemoryFds, PluginError> {
+        RResult::RErr(PluginError::unsupported("Host::memory_fds (plugin-api 1.3) is not in this core"))
+    }
+
+    /// The device cannot go on (its backend died, say): stop the guest and
+    /// keep it as it is, with `message` (one line: what failed) as the
+    /// cause. The core logs the line naming the device, and the control
+    /// API keeps answering, as when a device process dies.
+    ///
+    /// Added in plugin-api 1.3. A core built with an earlier 1.y answers
+    /// [`ErrorKind::UNSUPPORTED`] (this body): the plugin then logs the
+    /// line and calls `stop_vm` with [`StopKind::ERROR`].
+    fn fail(&self, message: RStr<'_>) -> RResult<(), PluginError> {
+        let _ = message;
+        RResult::RErr(PluginError::unsupported("Host::fail (plugin-api 1.3) is not in this core"))
+    }
+}
+
+/// One range of guest RAM and where it sits in the RAM file.
+#[repr(C)]
+#[derive(StableAbi, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemoryFdRange {
+    /// Guest-physical start.
+    pub gpa: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// Offset of its first byte in the RAM file.
+    pub offset: u64,
+    /// Host virtual address of its first byte in this process.
+    pub host_addr: u64,
+}
+
+/// The files behind guest RAM (plugin-api 1.3, [`Host::memory_fds`]).
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug, PartialEq, Eq)]
+pub struct MemoryFds {
+    /// A file descriptor of the RAM file (a memfd), owned by the host.
+    pub ram: i32,
+    /// RAM ranges, in guest-physical order.
+    pub ranges: RVec<MemoryFdRange>,
+    /// A file descriptor of the dirty bitmap's file, owned by the host: the
+    /// words of [`GuestMemoryMap::dirty_bitmap`], one bit per 4 KiB page of
+    /// the RAM file (bit `p % 64` of little-endian word `p / 64` is the page
+    /// at offset `4096 * p`).
+    pub dirty_bitmap: i32,
+    /// Its length in bytes.
+    pub dirty_bitmap_len: u64,
 }
 
 /// One range of guest RAM, mapped in ferry's address space.

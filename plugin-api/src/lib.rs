@@ -59,4 +59,7 @@ pub const MEMBERS: &[&str] = &[
     "Host::set_status",
     // 1.2
     "PropertyKind::BINDING",
+    // 1.3
+    "Host::memory_fds",
+    "Host::fail",
 ];

@@ -81,6 +81,20 @@ pub fn ticks_carry_on(before: &str, after: &str) -> Result<u64, String> {
     ))
 }
 
+/// The test guest's blk-write pattern for one sector: 8-byte words, the
+/// word at byte offset `o` of sector `s` is
+/// `(s << 32) ^ o ^ (seed * 0x9E3779B97F4A7C15)`.
+pub fn blk_pattern_sector(sector: u64, seed: u64) -> Vec<u8> {
+    (0..64u64)
+        .flat_map(|w| ((sector << 32) ^ (w * 8) ^ seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)).to_le_bytes())
+        .collect()
+}
+
+/// FNV-1a over `bytes`, as the test guest prints it for what it read.
+pub fn fnv1a(bytes: &[u8]) -> u32 {
+    bytes.iter().fold(0x811c_9dc5u32, |h, b| (h ^ u32::from(*b)).wrapping_mul(0x0100_0193))
+}
+
 #[cfg(test)]
 mod tests {
     use super::{count_across_move, ticks_carry_on};

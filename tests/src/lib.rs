@@ -14,6 +14,7 @@ pub mod netns;
 pub mod process;
 pub mod proxy;
 pub mod qmp;
+pub mod vhost;
 
 pub use elf::*;
 pub use fixtures::*;

@@ -126,7 +126,8 @@ pub fn run_args<'a>(args: &[&'a str]) -> Vec<&'a str> {
         if incoming_tcp && plaintext_unless_tls(&all) {
             all.push("--insecure-tcp");
         }
-        let binds = all.iter().any(|a| ["--bindings", "--bind", "--disk", "--net"].contains(a));
+        let binds =
+            all.iter().any(|a| ["--bindings", "--bind", "--disk", "--net", "--vhost-user"].contains(a));
         if !binds && all.contains(&"--incoming") {
             all.extend(["--bindings", "from-source"]);
         } else if !binds && all.contains(&"--restore") {

@@ -22,7 +22,7 @@ use crate::features;
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// VHOST_USER_F_PROTOCOL_FEATURES: the backend takes GET_PROTOCOL_FEATURES.
-const PROTOCOL_FEATURES_BIT: u64 = 1 << 30;
+pub(crate) const PROTOCOL_FEATURES_BIT: u64 = 1 << 30;
 
 /// Which virtio device a backend serves (the protocol does not say: the
 /// operator does).
@@ -182,14 +182,28 @@ pub fn identify(
 
 /// The messages of a probe, in order.
 fn ask(stream: UnixStream, shown: &str, device: Option<Device>) -> Result<BackendIdentity, ProbeError> {
+    let mut frontend = Frontend::from_stream(stream, 64);
+    ask_on(&mut frontend, shown, device, VhostUserProtocolFeatures::all())
+}
+
+/// The messages of a probe on `frontend`, acknowledging the protocol
+/// features the backend offers among `ack` (a probe acknowledges what is
+/// offered; a device only what it uses).
+pub(crate) fn ask_on(
+    frontend: &mut Frontend,
+    shown: &str,
+    device: Option<Device>,
+    ack: VhostUserProtocolFeatures,
+) -> Result<BackendIdentity, ProbeError> {
     let fail = |step: &'static str| {
         move |e: vhost::Error| ProbeError::Protocol { path: shown.to_string(), step, message: e.to_string() }
     };
-    let mut frontend = Frontend::from_stream(stream, 64);
     let features = frontend.get_features().map_err(fail("GET_FEATURES"))?;
+    let mut offered = VhostUserProtocolFeatures::empty();
     let mut protocol = VhostUserProtocolFeatures::empty();
     if features & PROTOCOL_FEATURES_BIT != 0 {
-        protocol = frontend.get_protocol_features().map_err(fail("GET_PROTOCOL_FEATURES"))?;
+        offered = frontend.get_protocol_features().map_err(fail("GET_PROTOCOL_FEATURES"))?;
+        protocol = offered & ack;
         frontend.set_protocol_features(protocol).map_err(fail("SET_PROTOCOL_FEATURES"))?;
     }
     let queues = match protocol.contains(VhostUserProtocolFeatures::MQ) {
@@ -211,8 +225,8 @@ fn ask(stream: UnixStream, shown: &str, device: Option<Device>) -> Result<Backen
         device,
         features,
         feature_names: features::virtio_names(features, device),
-        protocol_features: protocol.bits(),
-        protocol_names: features::protocol_names(protocol.bits()),
+        protocol_features: offered.bits(),
+        protocol_names: features::protocol_names(offered.bits()),
         queues,
         config,
     })

@@ -301,6 +301,12 @@ fn build(
         control: control.clone(),
         irq: Arc::new(IrqRouter::new(kvm.vm.clone())),
         memory: ram.device_map(),
+        files: match ram.device_files() {
+            Some(files) => Some(Arc::new(
+                files.map_err(|e| crate::memory::MemoryError::Map(format!("sharing guest RAM: {e}")))?,
+            )),
+            None => None,
+        },
         status: Arc::default(),
     };
     let placement = Arc::new(Placement::new(isolation.clone(), &ram, control.clone())?);

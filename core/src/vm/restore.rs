@@ -225,6 +225,22 @@ pub fn restore(
     bind(&mut machine, &registry, bindings, &carried).map_err(|e| bad(e.to_string()))?;
     crate::log::step("restore: plugins opened, versions and bindings checked");
 
+    // A device whose backend maps guest RAM itself (it needs
+    // `Host::memory_fds`) cannot use a private mapping of the file: read
+    // the pages into a memfd instead, as for device processes.
+    let shares_ram = m.devices.iter().any(|d| {
+        registry
+            .get(&d.plugin)
+            .is_some_and(|l| l.descriptor.needs.iter().any(|n| n.as_str() == "Host::memory_fds"))
+    });
+    let memory = match memory {
+        memory if shares_ram && memory.ram.memfd().is_none() => {
+            drop(memory);
+            let source = RamSource::Snapshot { size: m.memory, file: &file, runs: c.runs.clone() };
+            VmMemory::new(source, m.cpus, true)?
+        }
+        memory => memory,
+    };
     let mut vm = build(machine, registry, m.cpus, cpu, memory, isolation)?;
     if vm.ram.ranges().iter().map(|r| (r.gpa, r.len)).collect::<Vec<_>>() != m.ram {
         return Err(bad("the memory layout differs from this ferry's for the same size".into()));

@@ -74,6 +74,30 @@ pub trait VirtioDevice: Send + 'static {
     /// The driver reset the device.
     fn reset(&mut self) {}
 
+    /// Are the queues served by another program (a vhost-user backend)
+    /// rather than by `process_queue`? Then the worker does not watch the
+    /// queues' notifications: the transport hands each ready queue's
+    /// layout and eventfds to [`VirtioDevice::start_rings`] when the driver
+    /// sets DRIVER_OK and when the device resumes, and asks
+    /// [`VirtioDevice::stop_rings`] where each stopped when it pauses.
+    fn rings_elsewhere(&self) -> bool {
+        false
+    }
+
+    /// Start serving `rings` elsewhere, with the features the driver
+    /// accepted.
+    fn start_rings(&mut self, _features: u64, _rings: &[Ring<'_>]) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// Stop every started ring: when this returns the other program takes
+    /// no new buffers. The next available index of each ring, by queue
+    /// index. Buffers it took and has not returned yet are waited for by
+    /// the transport.
+    fn stop_rings(&mut self) -> Result<Vec<(usize, u16)>, String> {
+        Ok(Vec::new())
+    }
+
     /// The device's own state, beyond the transport's: a type with its
     /// version history (plugin-api's `Versioned`). Its versions are the
     /// plugin's state versions (declare them with
@@ -90,6 +114,25 @@ pub trait VirtioDevice: Send + 'static {
     /// Put back a state (any loadable version, already upgraded to
     /// `State`). Called while the device is paused.
     fn set_state(&mut self, state: Self::State) -> Result<(), String>;
+}
+
+/// One ready queue, as [`VirtioDevice::start_rings`] gets it.
+pub struct Ring<'a> {
+    /// Queue index.
+    pub index: usize,
+    /// Size the driver chose.
+    pub size: u16,
+    /// Descriptor table, available ring and used ring (guest-physical).
+    pub desc: u64,
+    pub avail: u64,
+    pub used: u64,
+    /// Where to start taking buffers.
+    pub next_avail: u16,
+    /// Signalled by the driver's notifications (an ioeventfd).
+    pub kick: &'a vmm_sys_util::eventfd::EventFd,
+    /// Raises the queue's MSI-X vector (an irqfd once routed); `None`
+    /// when the driver gave the queue no vector.
+    pub call: Option<&'a vmm_sys_util::eventfd::EventFd>,
 }
 
 /// The state of a virtio device that keeps none beyond the transport's:

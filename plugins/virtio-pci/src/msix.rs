@@ -185,6 +185,12 @@ impl Msix {
         Ok(())
     }
 
+    /// The eventfd of vector `index`: writing it raises the vector once
+    /// routed (a write before the route is delivered when it is made).
+    pub fn fd(&self, index: u16) -> Option<&EventFd> {
+        self.fds.get(usize::from(index))
+    }
+
     /// Raise vector `index` (queue completion or config change).
     pub fn signal(&mut self, index: u16) {
         let i = usize::from(index);

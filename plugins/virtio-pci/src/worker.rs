@@ -26,8 +26,11 @@ pub(crate) fn spawn<D: VirtioDevice>(shared: Arc<Shared<D>>) -> Result<JoinHandl
                 .map_err(|e| format!("cannot watch fd {fd}: {e}"))
         };
         add(shared.wake.as_raw_fd(), EventSet::IN, WAKE)?;
-        for (i, slot) in st.queues.iter().enumerate() {
-            add(slot.kick.as_raw_fd(), EventSet::IN, QUEUE_BASE + i as u64)?;
+        // Queues served elsewhere are kicked there, not here.
+        if !st.device.rings_elsewhere() {
+            for (i, slot) in st.queues.iter().enumerate() {
+                add(slot.kick.as_raw_fd(), EventSet::IN, QUEUE_BASE + i as u64)?;
+            }
         }
         for (i, fd) in st.device.backend_fds().into_iter().enumerate() {
             add(fd, EventSet::IN | EventSet::EDGE_TRIGGERED, BACKEND_BASE + i as u64)?;

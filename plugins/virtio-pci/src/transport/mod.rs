@@ -18,6 +18,7 @@ use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 mod common_config;
+mod elsewhere;
 mod snapshot;
 
 use crate::{
@@ -37,6 +38,8 @@ pub(crate) struct State<D: VirtioDevice> {
     pub(crate) msix: Msix,
     pub(crate) activated: bool,
     pub(crate) paused: bool,
+    /// Queues handed to the device's program (`rings_elsewhere`).
+    rings_started: bool,
     config: [u8; 256],
     command: u16,
     bar0: u32,
@@ -115,6 +118,7 @@ impl<D: VirtioDevice> VirtioPci<D> {
             msix,
             activated: false,
             paused: false,
+            rings_started: false,
             command: 0,
             bar0: 0,
             device_feature_select: 0,
@@ -171,6 +175,9 @@ impl<D: VirtioDevice> State<D> {
         self.device.activate(self.driver_features)?;
         self.activated = true;
         self.register_notifies()?;
+        if !self.paused {
+            self.start_rings()?;
+        }
         // Buffers made available before DRIVER_OK: take them now.
         for slot in &self.queues {
             if slot.queue.ready() {
@@ -208,6 +215,9 @@ impl<D: VirtioDevice> State<D> {
     }
 
     fn reset(&mut self) {
+        if let Err(e) = self.stop_rings() {
+            self.log(LogLevel::WARN, &format!("reset: {e}"));
+        }
         self.unregister_notifies();
         self.device.reset();
         for slot in &mut self.queues {
@@ -395,16 +405,23 @@ impl<D: VirtioDevice> PluginDevice for VirtioPci<D> {
 
     fn pause(&mut self) -> Result<(), String> {
         // Taking the lock waits out any processing in progress; the worker
-        // parks at its next wake-up.
-        self.shared.lock().paused = true;
+        // parks at its next wake-up. Queues served elsewhere are stopped
+        // and drained.
+        let mut st = self.shared.lock();
+        st.paused = true;
+        let stopped = st.stop_rings();
+        drop(st);
         let _ = self.shared.wake.write(1);
-        Ok(())
+        stopped
     }
 
     fn resume(&mut self) -> Result<(), String> {
-        self.shared.lock().paused = false;
+        let mut st = self.shared.lock();
+        st.paused = false;
+        let started = if st.activated { st.start_rings() } else { Ok(()) };
+        drop(st);
         self.shared.resumed.notify_all();
-        Ok(())
+        started
     }
 
     fn reset(&mut self) -> Result<(), PluginError> {

@@ -57,6 +57,7 @@ impl<D: VirtioDevice> State<D> {
                 self.queues.len()
             ));
         }
+        self.stop_rings()?;
         self.unregister_notifies();
         self.command = s.command & 0x0406;
         self.bar0 = s.bar0 & !(layout::BAR0_SIZE as u32 - 1);
@@ -84,7 +85,14 @@ impl<D: VirtioDevice> State<D> {
         self.msix.restore(&s.msix)?;
         self.device.set_state(D::State::load_version(version, &s.device)?)?;
         self.activated = s.activated;
-        if self.activated {
+        if self.activated && self.device.rings_elsewhere() {
+            self.register_notifies()?;
+            // The program takes over where the saved rings stopped (at
+            // once if the device is running, else when it resumes).
+            if !self.paused {
+                self.start_rings()?;
+            }
+        } else if self.activated {
             self.register_notifies()?;
             // Serve whatever the driver made available before the save.
             for slot in &self.queues {
