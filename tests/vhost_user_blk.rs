@@ -2,13 +2,15 @@
 //! against a real qemu-storage-daemon, checked from the host side (the
 //! image file), through a live move between two daemons sharing the image,
 //! a snapshot restored onto another daemon, and a daemon killed under the
-//! guest.
+//! guest; the plan refusing, before the pause, a destination backend that
+//! lacks a feature the guest negotiated.
 
-use std::time::Duration;
+use std::{path::Path, time::Duration};
 
 use ferry_tests::{
     blk_pattern_sector, ctl, ferry, fnv1a, free_port, kvm_or_skip, migrate, spawn_ferry, spawn_ferry_env,
-    vhost::StorageDaemon, wait_for_incoming, wait_for_path, Running, TempDir, DEADLINE,
+    vhost::{FeatureMask, StorageDaemon},
+    wait_for_incoming, wait_for_path, Running, TempDir, DEADLINE,
 };
 
 /// Sectors `first..first + count` of the image hold the guest's pattern.
@@ -177,31 +179,37 @@ fn a_live_move_during_disk_io_keeps_every_block() {
     }
 }
 
+/// Boot the test guest on `daemon`'s disk with `cmdline`, wait for
+/// `line`, then snapshot it into `DIR/vm.snap` and end it; the snapshot's
+/// path.
+fn snapshot_after(dir: &TempDir, daemon: &StorageDaemon, cmdline: &str, line: &str) -> String {
+    let socket = dir.path().join("src.sock");
+    let s = socket.display().to_string();
+    let spec = format!("type=blk,socket={}", daemon.socket());
+    let mut vm =
+        Running::new(spawn_ferry(&["run", "--api-socket", &s, "--vhost-user", &spec, "--cmdline", cmdline]));
+    assert!(wait_for_path(&socket, DEADLINE));
+    vm.wait_line(line, DEADLINE).unwrap_or_else(|| panic!("no {line:?} before the snapshot"));
+    let snap = dir.path().join("vm.snap").display().to_string();
+    ctl(&socket, &["pause"]);
+    ctl(&socket, &["snapshot", &snap]);
+    ctl(&socket, &["shutdown"]);
+    let _ = vm.finish(DEADLINE);
+    snap
+}
+
 #[test]
 fn a_snapshot_restores_onto_another_daemon() {
     if !kvm_or_skip("a_snapshot_restores_onto_another_daemon") {
         return;
     }
     let Some((dir, image, mut a)) = setup("vusnap") else { return };
-    let socket = dir.path().join("src.sock");
-    let s = socket.display().to_string();
-    let spec = format!("type=blk,socket={}", a.socket());
-    let mut vm = Running::new(spawn_ferry(&[
-        "run",
-        "--api-socket",
-        &s,
-        "--vhost-user",
-        &spec,
-        "--cmdline",
+    let snap = snapshot_after(
+        &dir,
+        &a,
         "hz=100 blk-write=40:8:9 blk-verify=40:8:9 ticks=300 blk-verify=40:8:9 blk-write=60:8:10 blk-verify=60:8:10 exit=0",
-    ]));
-    assert!(wait_for_path(&socket, DEADLINE));
-    vm.wait_line("BLK VERIFY OK sector=40", DEADLINE).expect("disk I/O before the snapshot");
-    let snap = dir.path().join("vm.snap").display().to_string();
-    ctl(&socket, &["pause"]);
-    ctl(&socket, &["snapshot", &snap]);
-    ctl(&socket, &["shutdown"]);
-    let _ = vm.finish(DEADLINE);
+        "BLK VERIFY OK sector=40",
+    );
     a.kill();
 
     // Another daemon on the same image; the guest goes on there: its earlier
@@ -249,4 +257,122 @@ fn a_killed_daemon_stops_the_guest_with_one_line_and_the_api_answers() {
     eprintln!("failure: {line}");
     assert!(out.stderr.contains(&line), "{}", out.stderr);
     assert!(!out.stdout.contains("BLK VERIFY BAD"), "{}", out.stdout);
+}
+
+/// A move to a host whose backend offers less: `hidden` feature bits are
+/// cleared from what the destination's backend says (an older backend,
+/// played by a masking proxy in front of another daemon). The source's
+/// guest writes and checks its disk throughout; returns the migration's
+/// report and the source's and destination's ends.
+fn move_to_lesser_backend(
+    tag: &str,
+    hidden: u64,
+) -> Option<(bool, String, ferry_tests::Finished, ferry_tests::Finished)> {
+    let (dir, image, a) = setup(tag)?;
+    let b = StorageDaemon::start(&image, &dir.path().join("b.sock"))?;
+    let lesser = FeatureMask::start(Path::new(&b.socket()), &dir.path().join("lesser.sock"), hidden);
+    let uri = format!("tcp:127.0.0.1:{}", free_port());
+    let bind = format!("id=vblk0,socket={}", lesser.socket());
+    let dst = Running::new(spawn_ferry(&["run", "--incoming", &uri, "--vhost-user", &bind]));
+    wait_for_incoming(&uri);
+    let socket = dir.path().join("src.sock");
+    let s = socket.display().to_string();
+    let spec = format!("type=blk,socket={}", a.socket());
+    let cmdline = io_cmdline();
+    let mut src =
+        Running::new(spawn_ferry(&["run", "--api-socket", &s, "--vhost-user", &spec, "--cmdline", &cmdline]));
+    assert!(wait_for_path(&socket, DEADLINE));
+    src.wait_line("BLK VERIFY OK sector=16", DEADLINE).expect("disk I/O before the move");
+    let (ok, text) = migrate(&socket, &uri, &[]);
+    let src_out = src.finish(DEADLINE);
+    let dst_out = dst.finish(DEADLINE);
+    Some((ok, text, src_out, dst_out))
+}
+
+#[test]
+fn the_plan_refuses_a_backend_lacking_a_negotiated_feature_and_the_source_runs_on() {
+    if !kvm_or_skip("the_plan_refuses_a_backend_lacking_a_negotiated_feature_and_the_source_runs_on") {
+        return;
+    }
+    // The test guest's driver accepts VIRTIO_BLK_F_CONFIG_WCE (bit 11).
+    let Some((ok, text, src, _dst)) = move_to_lesser_backend("vuplan", 1 << 11) else { return };
+    assert!(!ok, "{text}");
+    let refusal =
+        text.lines().find(|l| l.contains("REFUSED")).unwrap_or_else(|| panic!("no refusal:\n{text}"));
+    eprintln!("{refusal}");
+    assert!(
+        refusal.starts_with("device vblk0 (vhost-user-blk ")
+            && refusal.ends_with("lacks feature(s) the guest negotiated: CONFIG_WCE"),
+        "{refusal}"
+    );
+    assert!(!text.contains("downtime"), "refused before the guest paused: {text}");
+    assert_eq!(src.code(), 0, "the source went on:\n{}\n{}", src.stdout, src.stderr);
+    let verified = src.stdout.lines().filter(|l| l.starts_with("BLK VERIFY OK")).count() as u64;
+    assert_eq!(verified, PHASES, "every phase ran on the source:\n{}", src.stdout);
+}
+
+#[test]
+fn a_backend_lacking_only_features_the_guest_left_alone_takes_the_guest() {
+    if !kvm_or_skip("a_backend_lacking_only_features_the_guest_left_alone_takes_the_guest") {
+        return;
+    }
+    // DISCARD (bit 13): offered by the source's daemon, not accepted by the
+    // test guest's driver.
+    let Some((ok, text, src, dst)) = move_to_lesser_backend("vuplanok", 1 << 13) else { return };
+    assert!(ok, "{text}\n{}", src.stderr);
+    assert_eq!(dst.code(), 0, "{}\n{}", dst.stdout, dst.stderr);
+    let all = src.stdout + &dst.stdout;
+    let verified = all.lines().filter(|l| l.starts_with("BLK VERIFY OK")).count() as u64;
+    assert_eq!(verified, PHASES, "{all}");
+}
+
+#[test]
+fn ferry_compat_gives_the_plan_s_verdict_offline_from_a_snapshot_and_a_probe() {
+    if !kvm_or_skip("ferry_compat_gives_the_plan_s_verdict_offline_from_a_snapshot_and_a_probe") {
+        return;
+    }
+    let Some((dir, image, a)) = setup("vucompat") else { return };
+    let Some(b) = StorageDaemon::start(&image, &dir.path().join("b.sock")) else { return };
+    let lesser = FeatureMask::start(Path::new(&b.socket()), &dir.path().join("lesser.sock"), 1 << 11);
+    // The guest as it runs: snapshotted once its driver negotiated.
+    let snap = snapshot_after(&dir, &a, "blk-write=8:1:1 blk-verify=8:1:1 ticks=1000000", "BLK VERIFY OK");
+
+    let write = |args: &[&str], name: &str| -> String {
+        let out = ferry(args, DEADLINE);
+        assert_eq!(out.code(), 0, "{args:?}: {}", out.stderr);
+        let path = dir.path().join(name);
+        std::fs::write(&path, out.stdout).expect("write");
+        path.display().to_string()
+    };
+    let host = write(&["plugins", "--manifest"], "host.json");
+    let full = write(&["vhost-user", "probe", &b.socket(), "--device", "blk", "--json"], "full.json");
+    let less = write(&["vhost-user", "probe", &lesser.socket(), "--device", "blk", "--json"], "lesser.json");
+    let compat = |probe: &str| {
+        let backend = format!("vblk0={probe}");
+        ferry(&["compat", "--from", &host, "--to", &host, "--guest", &snap, "--backend", &backend], DEADLINE)
+    };
+    let refused = compat(&less);
+    assert_ne!(refused.code(), 0, "{}", refused.stdout);
+    assert!(
+        refused.stdout.lines().any(|l| l.starts_with("device vblk0 (vhost-user-blk ")
+            && l.ends_with(&format!(
+                "REFUSED: vhost-user backend {less} lacks feature(s) the guest negotiated: CONFIG_WCE"
+            ))),
+        "{}",
+        refused.stdout
+    );
+    let taken = compat(&full);
+    assert_eq!(taken.code(), 0, "{}\n{}", taken.stdout, taken.stderr);
+    assert!(
+        taken.stdout.contains("device vblk0 (vhost-user-blk 0.1.0 -> 0.1.0): same state v1"),
+        "{}",
+        taken.stdout
+    );
+    // Without a probe the device is said to be unchecked, not passed.
+    let unchecked = ferry(&["compat", "--from", &host, "--to", &host, "--guest", &snap], DEADLINE);
+    assert!(
+        unchecked.stdout.contains("device vblk0: its vhost-user backend was not checked"),
+        "{}",
+        unchecked.stdout
+    );
 }

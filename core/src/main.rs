@@ -82,6 +82,16 @@ enum Command {
         /// Memory (default: the machine type's, or 256M).
         #[arg(long, value_name = "SIZE", value_parser = memory_size)]
         memory: Option<u64>,
+        /// Plan for this guest as it ran when snapshotted (its machine
+        /// type, devices and what each device's contract says) instead of
+        /// a fresh VM of --machine.
+        #[arg(long, value_name = "SNAPSHOT")]
+        guest: Option<PathBuf>,
+        /// The destination's vhost-user backend for device ID, as
+        /// `ferry vhost-user probe SOCKET --device DEVICE --json` wrote it
+        /// there. Repeatable.
+        #[arg(long, value_name = "ID=PROBE.json")]
+        backend: Vec<String>,
     },
     /// List the built-in machine types.
     Machines,
@@ -733,12 +743,48 @@ fn read_host_manifest(p: &std::path::Path) -> Result<ferry::migration::plan::Hos
         .with_context(|| format!("{} is not a `ferry plugins --manifest` file", p.display()))
 }
 
+/// `ferry compat`'s guest: a snapshotted one, and its backends on the
+/// destination.
+struct CompatGuest {
+    snapshot: Option<PathBuf>,
+    backends: Vec<String>,
+}
+
+impl CompatGuest {
+    /// The snapshot's manifest, if one was given.
+    fn manifest(&self) -> Result<Option<ferry::migration::manifest::Manifest>> {
+        let Some(path) = &self.snapshot else { return Ok(None) };
+        let report = ferry::migration::inspect::inspect(path).map_err(|e| anyhow!(e))?;
+        match report.manifest {
+            Some(m) => Ok(Some(m)),
+            None => Err(anyhow!("{}: no readable manifest", path.display())),
+        }
+    }
+
+    /// `--backend ID=PROBE.json`, read.
+    fn backends(
+        &self,
+    ) -> Result<std::collections::BTreeMap<String, (String, ferry_vhost_user::BackendIdentity)>> {
+        let mut out = std::collections::BTreeMap::new();
+        for spec in &self.backends {
+            let (id, file) =
+                spec.split_once('=').ok_or_else(|| anyhow!("--backend {spec}: not ID=PROBE.json"))?;
+            let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {file}"))?;
+            let identity = serde_json::from_str(&text)
+                .with_context(|| format!("{file} is not a `ferry vhost-user probe --json` answer"))?;
+            out.insert(id.to_string(), (file.to_string(), identity));
+        }
+        Ok(out)
+    }
+}
+
 fn compat(
     from: &std::path::Path,
     to: &std::path::Path,
     machine: &str,
     cpus: Option<u8>,
     memory: Option<u64>,
+    guest: &CompatGuest,
 ) -> Result<ExitCode> {
     let (from_host, to_host) = (read_host_manifest(from)?, read_host_manifest(to)?);
     if to_host.cpu.is_none() {
@@ -750,10 +796,15 @@ fn compat(
     let m = machine::load(machine)?;
     let memory = memory.or(m.memory).unwrap_or(vm::DEFAULT_MEMORY);
     let cpus = cpus.or(m.cpus).unwrap_or(1);
-    let manifest =
-        ferry::migration::plan::vm_manifest_on(&m, &from_host, cpus, memory).map_err(|e| anyhow!(e))?;
-    let plan = ferry::migration::plan::make_plan(&manifest, &to_host.plugins, to_host.cpu.as_ref());
-    for line in plan.lines() {
+    let manifest = match guest.manifest()? {
+        Some(m) => m,
+        None => {
+            ferry::migration::plan::vm_manifest_on(&m, &from_host, cpus, memory).map_err(|e| anyhow!(e))?
+        }
+    };
+    let mut plan = ferry::migration::plan::make_plan(&manifest, &to_host.plugins, to_host.cpu.as_ref());
+    let notes = ferry::migration::backends::check(&mut plan, &manifest, &guest.backends()?);
+    for line in plan.lines().into_iter().chain(notes) {
         println!("{line}");
     }
     if plan.refused() {
@@ -880,8 +931,9 @@ fn main() -> ExitCode {
         Command::Plugins { plugins: dir, manifest, labels } => plugins(dir, manifest, labels),
         Command::Fleet { hosts, machine, json } => fleet(&hosts, &machine, json),
         Command::Compat { cpu_models: hosts, .. } if !hosts.is_empty() => cpu_models(&hosts),
-        Command::Compat { from: Some(from), to: Some(to), machine, cpus, memory, .. } => {
-            compat(&from, &to, &machine, cpus, memory)
+        Command::Compat { from: Some(from), to: Some(to), machine, cpus, memory, guest, backend, .. } => {
+            let guest = CompatGuest { snapshot: guest, backends: backend };
+            compat(&from, &to, &machine, cpus, memory, &guest)
         }
         Command::Compat { .. } => Err(anyhow!("give --from and --to, or --cpu-models")),
         Command::Machines => machines(),

@@ -135,6 +135,22 @@ impl PluginLibrary {
         self.module.create()(config, host).into_result()
     }
 
+    /// The plugin's verdict on a device configured as `config` whose
+    /// source says `contract` (`PluginMod::check`, plugin-api 1.3): `Ok`
+    /// when it can take it or the plugin predates checks.
+    pub fn check(
+        &self,
+        config: DeviceConfig,
+        contract: &std::collections::BTreeMap<String, String>,
+    ) -> Result<(), ferry_plugin_api::PluginError> {
+        let Some(check) = self.module.check() else { return Ok(()) };
+        let facts = contract
+            .iter()
+            .map(|(k, v)| ferry_plugin_api::Property { name: k.as_str().into(), value: v.as_str().into() })
+            .collect();
+        check(config, facts).into_result()
+    }
+
     /// Plugin name.
     pub fn name(&self) -> &str {
         self.descriptor.name.as_str()

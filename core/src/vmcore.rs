@@ -120,6 +120,7 @@ impl VmCore {
                     plugin_version: lib.map(|l| l.descriptor.version.to_string()).unwrap_or_default(),
                     state_version: lib.map(|l| l.descriptor.state.current).unwrap_or(0),
                     oldest_save: lib.map(|l| l.descriptor.state.oldest_save).unwrap_or(0),
+                    contract: d.contract(),
                 }
             })
             .collect();

@@ -281,6 +281,21 @@ pub trait Device: Send {
     fn reset(&mut self) -> RResult<(), PluginError> {
         RResult::RErr(PluginError::unsupported("Device::reset (plugin-api 1.1) is not implemented"))
     }
+
+    /// What a destination must offer to take this device as it runs now,
+    /// as facts (`name=value`) the plugin's own `PluginMod::check` reads
+    /// on the destination: a backend's features and what the guest
+    /// negotiated, say. The core asks while the guest runs, before any
+    /// pause, and carries the facts in the manifest; the destination's
+    /// plan (and a restore) refuses the device, before the guest pauses,
+    /// if its plugin's check does.
+    ///
+    /// Added in plugin-api 1.3. [`ErrorKind::UNSUPPORTED`] (this body):
+    /// the device has no facts beyond its plugin's version and state
+    /// versions, which the plan checks anyway.
+    fn contract(&mut self) -> RResult<RVec<Property>, PluginError> {
+        RResult::RErr(PluginError::unsupported("Device::contract (plugin-api 1.3) is not implemented"))
+    }
 }
 
 /// An owned device trait object, as `create` returns it.
@@ -496,6 +511,18 @@ pub struct PluginMod {
     /// Create one device instance.
     #[sabi(last_prefix_field)]
     pub create: extern "C" fn(config: DeviceConfig, host: HostBox) -> RResult<DeviceParts, PluginError>,
+
+    /// Can this host take a device configured as `config` (this host's
+    /// bindings in it) whose source says `contract` (its
+    /// `Device::contract`)? `Ok` if so; an error's message is the reason,
+    /// naming what is missing. Called before the guest pauses, before any
+    /// device is created; it may hold on to what it opened (a connection
+    /// to a backend) for the `create` that follows.
+    ///
+    /// Added in plugin-api 1.3 (absent from earlier plugins: nothing to
+    /// check beyond versions).
+    #[sabi(missing_field(option))]
+    pub check: extern "C" fn(config: DeviceConfig, contract: RVec<Property>) -> RResult<(), PluginError>,
 }
 
 impl RootModule for PluginModRef {

@@ -62,4 +62,6 @@ pub const MEMBERS: &[&str] = &[
     // 1.3
     "Host::memory_fds",
     "Host::fail",
+    "Device::contract",
+    "PluginMod::check",
 ];

@@ -16,7 +16,7 @@ use abi_stable::{
 
 use crate::{
     Device, DeviceBox, DeviceConfig, DeviceParts, ErrorKind, HostBox, PciBar, PciFunction, PciFunctionBox,
-    PluginDescriptor, PluginError, PropertyKind, PropertySpec, Region, StateBlob, StateVersions,
+    PluginDescriptor, PluginError, Property, PropertyKind, PropertySpec, Region, StateBlob, StateVersions,
 };
 
 /// What a plugin's device implements. Plain Rust: the macro wraps it.
@@ -55,6 +55,12 @@ pub trait PluginDevice: Send + 'static {
     /// unsupported, and the core recreates the device instead.
     fn reset(&mut self) -> Result<(), PluginError> {
         Err(PluginError::unsupported("this plugin does not reset its devices"))
+    }
+
+    /// Facts a destination must satisfy to take the device as it runs now
+    /// (plugin-api 1.3; see [`Device::contract`]). The default: none.
+    fn contract(&mut self) -> Result<Vec<(String, String)>, PluginError> {
+        Err(PluginError::unsupported("this device has no contract"))
     }
 
     /// For PCI devices: the configuration-space side, taken once right
@@ -333,6 +339,17 @@ impl<D: PluginDevice> Device for Guarded<D> {
     fn reset(&mut self) -> RResult<(), PluginError> {
         self.call("reset", |d| d.reset())
     }
+
+    fn contract(&mut self) -> RResult<RVec<Property>, PluginError> {
+        self.call("contract", |d| {
+            d.contract().map(|facts| {
+                facts
+                    .into_iter()
+                    .map(|(name, value)| Property { name: name.into(), value: value.into() })
+                    .collect()
+            })
+        })
+    }
 }
 
 /// Used by [`export_plugin!`](crate::export_plugin): describe, panics caught.
@@ -361,6 +378,22 @@ pub fn create_guarded<D: PluginDevice>(
     .into()
 }
 
+/// A plugin's check: can this host take a device configured so, whose
+/// source states these facts (see [`PluginMod::check`](crate::PluginMod)).
+pub type CheckFn = fn(&DeviceConfig, &[(String, String)]) -> Result<(), String>;
+
+/// Used by [`export_plugin!`](crate::export_plugin): check, panics caught.
+pub fn check_guarded(config: DeviceConfig, contract: RVec<Property>, f: CheckFn) -> RResult<(), PluginError> {
+    let facts: Vec<(String, String)> =
+        contract.iter().map(|p| (p.name.to_string(), p.value.to_string())).collect();
+    catch("check", || f(&config, &facts)).map_err(|e| PluginError::new(ErrorKind::STATE, e)).into()
+}
+
+/// What a plugin without a check answers: nothing to check.
+pub fn check_nothing(_config: &DeviceConfig, _contract: &[(String, String)]) -> Result<(), String> {
+    Ok(())
+}
+
 /// Convert an `ROption` to `Option` (helper for plugin code).
 pub fn ropt<T>(o: ROption<T>) -> Option<T> {
     o.into_option()
@@ -377,6 +410,9 @@ pub fn ropt<T>(o: ROption<T>) -> Option<T> {
 #[macro_export]
 macro_rules! export_plugin {
     (describe: $describe:path, create: $create:path $(,)?) => {
+        $crate::export_plugin! { describe: $describe, create: $create, check: $crate::sdk::check_nothing }
+    };
+    (describe: $describe:path, create: $create:path, check: $check:path $(,)?) => {
         extern "C" fn __ferry_plugin_describe(
         ) -> $crate::abi_stable::std_types::RResult<$crate::PluginDescriptor, $crate::PluginError> {
             $crate::sdk::describe_guarded($describe)
@@ -389,10 +425,18 @@ macro_rules! export_plugin {
             $crate::sdk::create_guarded(config, host, $create)
         }
 
+        extern "C" fn __ferry_plugin_check(
+            config: $crate::DeviceConfig,
+            contract: $crate::abi_stable::std_types::RVec<$crate::Property>,
+        ) -> $crate::abi_stable::std_types::RResult<(), $crate::PluginError> {
+            $crate::sdk::check_guarded(config, contract, $check)
+        }
+
         fn __ferry_plugin_root_module() -> $crate::PluginModRef {
             $crate::abi_stable::prefix_type::PrefixTypeTrait::leak_into_prefix($crate::PluginMod {
                 describe: __ferry_plugin_describe,
                 create: __ferry_plugin_create,
+                check: __ferry_plugin_check,
             })
         }
 

@@ -65,3 +65,117 @@ impl Drop for StorageDaemon {
         self.kill();
     }
 }
+
+/// A vhost-user backend that offers less than the one behind it: it
+/// passes every message (and the file descriptors with it) between a
+/// frontend and `upstream`, and clears `hidden` from the feature bits
+/// GET_FEATURES answers, as an older backend would offer them. One thread
+/// per connection; it stops listening when dropped.
+pub struct FeatureMask {
+    socket: PathBuf,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FeatureMask {
+    /// Listen on `socket`, forwarding to `upstream` with `hidden` cleared.
+    pub fn start(upstream: &Path, socket: &Path, hidden: u64) -> Self {
+        use std::os::unix::net::{UnixListener, UnixStream};
+        let listener = UnixListener::bind(socket).expect("listen for the masking backend");
+        listener.set_nonblocking(true).expect("non-blocking listener");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (upstream, flag) = (upstream.to_path_buf(), stop.clone());
+        std::thread::spawn(move || {
+            while !flag.load(std::sync::atomic::Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((front, _)) => {
+                        let _ = front.set_nonblocking(false);
+                        let Ok(back) = UnixStream::connect(&upstream) else { return };
+                        std::thread::spawn(move || mask_connection(front, back, hidden));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        FeatureMask { socket: socket.to_path_buf(), stop }
+    }
+
+    /// Its socket.
+    pub fn socket(&self) -> String {
+        self.socket.display().to_string()
+    }
+}
+
+impl Drop for FeatureMask {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// One vhost-user message: the 12-byte header, the body, the descriptors.
+fn read_message(from: &std::os::unix::net::UnixStream) -> Option<(Vec<u8>, Vec<std::os::fd::RawFd>)> {
+    use std::io::Read;
+    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+    let mut header = [0u8; 12];
+    let mut fds = [-1; 8];
+    let mut iov = [libc::iovec { iov_base: header.as_mut_ptr().cast(), iov_len: header.len() }];
+    // SAFETY: the iovec points at `header`, borrowed mutably here and
+    // alive for the call; arbitrary bytes are fine in it.
+    let (n, nfds) = unsafe { from.recv_with_fds(&mut iov, &mut fds) }.ok()?;
+    if n == 0 {
+        return None;
+    }
+    let mut got = n;
+    while got < 12 {
+        let m = (&*from).read(&mut header[got..]).ok()?;
+        if m == 0 {
+            return None;
+        }
+        got += m;
+    }
+    let len = u32::from_le_bytes([header[8], header[9], header[10], header[11]]) as usize;
+    let mut message = header.to_vec();
+    message.resize(12 + len.min(1 << 16), 0);
+    (&*from).read_exact(&mut message[12..]).ok()?;
+    Some((message, fds[..nfds].to_vec()))
+}
+
+fn mask_connection(front: std::os::unix::net::UnixStream, back: std::os::unix::net::UnixStream, hidden: u64) {
+    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+    const GET_FEATURES: u32 = 1;
+    const REPLY: u32 = 0x4;
+    let (front2, back2) = match (front.try_clone(), back.try_clone()) {
+        (Ok(f), Ok(b)) => (f, b),
+        _ => return,
+    };
+    // Backend to frontend: replies, GET_FEATURES's masked.
+    std::thread::spawn(move || {
+        while let Some((mut m, fds)) = read_message(&back2) {
+            let request = u32::from_le_bytes([m[0], m[1], m[2], m[3]]);
+            let flags = u32::from_le_bytes([m[4], m[5], m[6], m[7]]);
+            if request == GET_FEATURES && flags & REPLY != 0 && m.len() == 20 {
+                let v = u64::from_le_bytes(m[12..20].try_into().unwrap_or([0; 8])) & !hidden;
+                m[12..20].copy_from_slice(&v.to_le_bytes());
+            }
+            if front2.send_with_fds(&[&m[..]], &fds).is_err() {
+                break;
+            }
+            fds.iter().for_each(|&fd| unsafe_close(fd));
+        }
+        let _ = front2.shutdown(std::net::Shutdown::Both);
+    });
+    // Frontend to backend: everything as it comes.
+    while let Some((m, fds)) = read_message(&front) {
+        if back.send_with_fds(&[&m[..]], &fds).is_err() {
+            break;
+        }
+        fds.iter().for_each(|&fd| unsafe_close(fd));
+    }
+    let _ = back.shutdown(std::net::Shutdown::Both);
+}
+
+/// Close a descriptor this process received and passed on.
+fn unsafe_close(fd: std::os::fd::RawFd) {
+    // SAFETY: `fd` came with a message this process received; it owns it
+    // and has passed it on, so nothing else uses it.
+    unsafe { libc::close(fd) };
+}

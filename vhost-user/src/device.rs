@@ -17,16 +17,48 @@
 //! features the guest negotiated: a destination backend that lacks one is
 //! refused when the state loads.
 
-use std::path::Path;
+use std::{path::Path, sync::Mutex};
 
 use ferry_plugin_api::{serde, state::Versioned, HostBox, LogLevel, StopKind};
 use ferry_virtio_pci::{Queues, Ring, VirtioDevice, VIRTIO_F_VERSION_1};
 
 use crate::{
-    features,
+    contract::Contract,
     frontend::{Connection, RamRange, RingSpec, SharedRam, LOG_ALL_BIT},
     identity::{Device, PROTOCOL_FEATURES_BIT},
 };
+
+/// Connections a plan's check opened, for the `create` that follows (a
+/// backend such as virtiofsd serves one connection in its life).
+static CHECKED: Mutex<Vec<(String, Connection)>> = Mutex::new(Vec::new());
+
+/// The connection to `socket`: the one a check left, or a new one.
+fn connection(kind: Device, socket: &str) -> Result<Connection, String> {
+    let mut checked = CHECKED.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(i) = checked.iter().position(|(s, _)| s == socket) {
+        let (_, c) = checked.swap_remove(i);
+        if !c.hung_up() {
+            return Ok(c);
+        }
+    }
+    drop(checked);
+    Connection::open(Path::new(socket), kind, MAX_QUEUES).map_err(|e| e.to_string())
+}
+
+/// A plan's check (`PluginMod::check`): can the backend bound here as
+/// `socket` take the device the source describes in `facts`? The
+/// connection is kept for `create`.
+pub fn check(kind: Device, socket: &str, facts: &[(String, String)]) -> Result<(), String> {
+    let facts: std::collections::BTreeMap<String, String> = facts.iter().cloned().collect();
+    let contract = Contract::from_facts(&facts)?;
+    if contract.device != kind {
+        return Err(format!("the source's device serves {:?}, this plugin {kind:?}", contract.device));
+    }
+    let conn = connection(kind, socket)?;
+    let verdict = contract.check(conn.identity(), socket);
+    CHECKED.lock().unwrap_or_else(|e| e.into_inner()).push((socket.to_string(), conn));
+    verdict
+}
 
 /// The most queues a device takes.
 const MAX_QUEUES: usize = 8;
@@ -99,7 +131,7 @@ impl VhostUserDevice {
                 .collect(),
             log: Some((fds.dirty_bitmap, fds.dirty_bitmap_len)),
         };
-        let probe = Connection::open(Path::new(socket), kind, MAX_QUEUES).map_err(|e| e.to_string())?;
+        let probe = connection(kind, socket)?;
         let identity = probe.identity().clone();
         if identity.features & LOG_ALL_BIT == 0 || !identity.protocol_names.iter().any(|n| n == "LOG_SHMFD") {
             return Err(format!(
@@ -252,27 +284,30 @@ impl VirtioDevice for VhostUserDevice {
     }
 
     fn set_state(&mut self, state: BackendStateV1) -> Result<(), String> {
-        let here = self.conn.identity();
-        let vhost_only = LOG_ALL_BIT | PROTOCOL_FEATURES_BIT;
-        let missing = state.negotiated & !here.features & !VIRTIO_F_VERSION_1 & !vhost_only;
-        if missing != 0 {
-            return Err(format!(
-                "device {}: vhost-user backend {} lacks feature(s) the guest negotiated: {}",
-                self.id,
-                self.conn.path(),
-                features::virtio_names(missing, Some(self.kind)).join(" ")
-            ));
-        }
-        let n = state.config.len().min(self.config.len()).min(24);
-        if state.config[..n] != self.config[..n] {
-            return Err(format!(
-                "device {}: vhost-user backend {} has another configuration than the guest's ({} here)",
-                self.id,
-                self.conn.path(),
-                here.summary().unwrap_or_else(|| "unreadable".into())
-            ));
-        }
+        // The plan checked this before the pause; a source that changed
+        // since (or a state from elsewhere) is checked again.
+        let contract = Contract {
+            device: self.kind,
+            features: state.features,
+            negotiated: state.negotiated,
+            config: state.config.clone(),
+            backend_state: false,
+        };
+        contract
+            .check(self.conn.identity(), self.conn.path())
+            .map_err(|e| format!("device {}: {e}", self.id))?;
         self.negotiated = state.negotiated;
         Ok(())
+    }
+
+    fn contract(&self) -> Option<Vec<(String, String)>> {
+        let contract = Contract {
+            device: self.kind,
+            features: self.conn.identity().features,
+            negotiated: self.negotiated,
+            config: self.config.clone(),
+            backend_state: false,
+        };
+        Some(contract.facts())
     }
 }

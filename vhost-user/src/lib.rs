@@ -13,6 +13,7 @@
 //! with their kick and call eventfds), and stopping and starting the rings
 //! around a pause.
 
+pub mod contract;
 #[cfg(feature = "device")]
 pub mod device;
 pub mod features;

@@ -57,6 +57,15 @@ impl DeviceSlot {
     fn lock(&self) -> MutexGuard<'_, DeviceBox> {
         lock(&self.device)
     }
+
+    /// What a destination must offer to take the device as it runs
+    /// (`Device::contract`); empty when it has no contract.
+    pub fn contract(&self) -> std::collections::BTreeMap<String, String> {
+        match self.lock().contract().into_result() {
+            Ok(facts) => facts.iter().map(|p| (p.name.to_string(), p.value.to_string())).collect(),
+            Err(_) => Default::default(),
+        }
+    }
 }
 
 /// Who owns a range.

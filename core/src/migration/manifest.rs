@@ -60,6 +60,13 @@ pub struct DeviceRecord {
     /// Oldest state version the source's plugin can write (downgrades).
     #[serde(default)]
     pub oldest_save: u32,
+    /// What a destination must offer to take the device as it runs
+    /// (`Device::contract`, plugin-api 1.3: a vhost-user backend's features
+    /// and what the guest negotiated); the destination plugin's `check`
+    /// reads it. Absent for devices without one, and from ferries that
+    /// predate it.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub contract: std::collections::BTreeMap<String, String>,
 }
 
 /// One MSR the guest's vCPUs save.

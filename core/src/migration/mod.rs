@@ -4,8 +4,9 @@
 //! (`destination.rs`), their connection (`link.rs` over `conn.rs`, TLS in
 //! `tls.rs`, credentials in `certs.rs`), the page messages (`pages.rs`)
 //! and post-copy (`postcopy/`: the source's server, the destination's
-//! puller).
+//! puller). `backends.rs` checks vhost-user backends in an offline plan.
 
+pub mod backends;
 pub mod certs;
 pub mod conn;
 pub mod converge;

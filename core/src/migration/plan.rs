@@ -102,6 +102,7 @@ pub fn vm_manifest_on(
             plugin_version: p.version.clone(),
             state_version: p.current,
             oldest_save: p.oldest_save,
+            contract: Default::default(),
         });
     }
     Ok(Manifest {
@@ -329,6 +330,7 @@ mod tests {
                 plugin_version: "0.2.0".into(),
                 state_version,
                 oldest_save,
+                contract: Default::default(),
             }],
             cpus: 1,
             memory: 1 << 28,

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use super::{
     build,
-    restore::{bind, cpu_here, unbound_machine},
+    restore::{bind, contract_refusals, cpu_here, unbound_machine},
     RamSource, Vm, VmError, VmMemory,
 };
 use crate::{
@@ -48,6 +48,13 @@ pub fn incoming(
         let registry = Registry::open(plugins, &names)?;
         let mut plan = plan::make_plan(m, &host_plugins(&registry), Some(&host_cpu));
         refuse_unbound(&mut plan, m, &registry, bindings);
+        for (id, reason) in contract_refusals(m, &registry, bindings) {
+            if let Some(line) = plan.devices.iter_mut().find(|l| l.id == id) {
+                if !matches!(line.verdict, Verdict::Refused { .. }) {
+                    line.verdict = Verdict::Refused { reason };
+                }
+            }
+        }
         plan.postcopy = postcopy::pull::unavailable(isolation.devices.any());
         // The boot image travels only where this host does not hold it.
         plan.images = m.boot.as_ref().map(|b| images.missing(b)).unwrap_or_default();

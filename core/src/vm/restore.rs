@@ -163,6 +163,46 @@ pub(super) fn bind(
     bindings::apply(machine, registry, host, carried).map_err(bindings::BindingErrors)
 }
 
+/// Every device whose source carried a contract (`Device::contract`),
+/// checked by its plugin here with this host's bindings, before anything
+/// is created: (device id, why this host cannot take it). Bindings that
+/// cannot be made are refused elsewhere, naming them.
+pub(super) fn contract_refusals(
+    m: &Manifest,
+    registry: &Registry,
+    host: &HostBindings,
+) -> Vec<(String, String)> {
+    if m.devices.iter().all(|d| d.contract.is_empty()) {
+        return Vec::new();
+    }
+    let (mut machine, carried) = unbound_machine(m, registry);
+    if bind(&mut machine, registry, host, &carried).is_err() {
+        return Vec::new();
+    }
+    // Properties this host's plugins do not know are left out, as the
+    // build leaves them out.
+    for d in &mut machine.devices {
+        if let Some(lib) = registry.get(&d.plugin) {
+            d.properties.retain(|k, _| lib.descriptor.properties.iter().any(|p| p.name.as_str() == k));
+        }
+    }
+    let Ok(plans) = crate::machine::resolve(&machine, registry) else { return Vec::new() };
+    let mut refused = Vec::new();
+    for d in m.devices.iter().filter(|d| !d.contract.is_empty()) {
+        let (Some(lib), Some(plan)) = (registry.get(&d.plugin), plans.iter().find(|p| p.id == d.id)) else {
+            continue;
+        };
+        let config = ferry_plugin_api::DeviceConfig {
+            id: plan.id.as_str().into(),
+            properties: plan.properties.iter().cloned().collect(),
+        };
+        if let Err(e) = lib.check(config, &d.contract) {
+            refused.push((d.id.clone(), e.message.to_string()));
+        }
+    }
+    refused
+}
+
 /// Build a VM from a snapshot: the machine type comes from the file; memory
 /// is mapped from it lazily. Every section is checked before the VM runs.
 ///
@@ -223,6 +263,13 @@ pub fn restore(
     let (machine, carried) = unbound_machine(m, &registry);
     let mut machine = machine;
     bind(&mut machine, &registry, bindings, &carried).map_err(|e| bad(e.to_string()))?;
+    if let Some((id, reason)) = contract_refusals(m, &registry, bindings).into_iter().next() {
+        return Err(VmError::Snapshot {
+            path: shown,
+            fault: SnapshotFault::Refused,
+            message: format!("device {id}: {reason}"),
+        });
+    }
     crate::log::step("restore: plugins opened, versions and bindings checked");
 
     // A device whose backend maps guest RAM itself (it needs

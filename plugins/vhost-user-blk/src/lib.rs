@@ -32,7 +32,13 @@ fn create(config: &DeviceConfig, host: HostBox) -> Result<VirtioPci<VhostUserDev
     VirtioPci::new(device, host)
 }
 
+fn check(config: &DeviceConfig, contract: &[(String, String)]) -> Result<(), String> {
+    let socket = Properties::new(config).string("socket")?;
+    ferry_vhost_user::device::check(Device::Blk, socket, contract)
+}
+
 ferry_plugin_api::export_plugin! {
     describe: describe,
     create: create,
+    check: check,
 }

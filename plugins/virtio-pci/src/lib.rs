@@ -74,6 +74,12 @@ pub trait VirtioDevice: Send + 'static {
     /// The driver reset the device.
     fn reset(&mut self) {}
 
+    /// What a destination must offer to take the device as it runs now
+    /// (plugin-api's `Device::contract`); `None`: nothing beyond versions.
+    fn contract(&self) -> Option<Vec<(String, String)>> {
+        None
+    }
+
     /// Are the queues served by another program (a vhost-user backend)
     /// rather than by `process_queue`? Then the worker does not watch the
     /// queues' notifications: the transport hands each ready queue's

@@ -441,6 +441,14 @@ impl<D: VirtioDevice> PluginDevice for VirtioPci<D> {
         self.shared.lock().restore(blob.version, &s)
     }
 
+    fn contract(&mut self) -> Result<Vec<(String, String)>, PluginError> {
+        self.shared
+            .lock()
+            .device
+            .contract()
+            .ok_or_else(|| PluginError::unsupported("this device has no contract"))
+    }
+
     fn take_pci_function(&mut self) -> Option<Box<dyn PciConfigSpace>> {
         if self.pci_taken {
             return None;
