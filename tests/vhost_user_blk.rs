@@ -9,7 +9,7 @@ use std::{path::Path, time::Duration};
 
 use ferry_tests::{
     blk_pattern_sector, ctl, ferry, fnv1a, free_port, kvm_or_skip, migrate, spawn_ferry, spawn_ferry_env,
-    vhost::{FeatureMask, StorageDaemon},
+    vhost::{plan_refusal, FeatureMask, StorageDaemon},
     wait_for_incoming, wait_for_path, Running, TempDir, DEADLINE,
 };
 
@@ -296,16 +296,12 @@ fn the_plan_refuses_a_backend_lacking_a_negotiated_feature_and_the_source_runs_o
     }
     // The test guest's driver accepts VIRTIO_BLK_F_CONFIG_WCE (bit 11).
     let Some((ok, text, src, _dst)) = move_to_lesser_backend("vuplan", 1 << 11) else { return };
-    assert!(!ok, "{text}");
-    let refusal =
-        text.lines().find(|l| l.contains("REFUSED")).unwrap_or_else(|| panic!("no refusal:\n{text}"));
-    eprintln!("{refusal}");
+    let refusal = plan_refusal(ok, &text);
     assert!(
         refusal.starts_with("device vblk0 (vhost-user-blk ")
             && refusal.ends_with("lacks feature(s) the guest negotiated: CONFIG_WCE"),
         "{refusal}"
     );
-    assert!(!text.contains("downtime"), "refused before the guest paused: {text}");
     assert_eq!(src.code(), 0, "the source went on:\n{}\n{}", src.stdout, src.stderr);
     let verified = src.stdout.lines().filter(|l| l.starts_with("BLK VERIFY OK")).count() as u64;
     assert_eq!(verified, PHASES, "every phase ran on the source:\n{}", src.stdout);

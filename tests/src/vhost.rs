@@ -1,6 +1,8 @@
-//! vhost-user backends for tests: a qemu-storage-daemon exporting an image
-//! as vhost-user-blk (Debian's qemu-system-common, which `.ci/run`
-//! installs), started by the test and killed when dropped.
+//! vhost-user backends for tests, started by the test and killed when
+//! dropped: a qemu-storage-daemon exporting an image as vhost-user-blk
+//! (Debian's qemu-system-common), a virtiofsd sharing a directory (built
+//! from crates.io into ~/.cargo/bin; `.ci/run` installs both), and a proxy
+//! that makes a backend look older than it is.
 
 use std::{
     path::{Path, PathBuf},
@@ -9,6 +11,18 @@ use std::{
 };
 
 use crate::{skip, wait_for_path};
+
+/// The refusal in a migration that `ok` says failed, from its report
+/// `text`: the plan's `REFUSED` line (printed for the log), checked to have
+/// come before the guest paused (the report has no downtime).
+pub fn plan_refusal(ok: bool, text: &str) -> String {
+    assert!(!ok, "the migration went through:\n{text}");
+    let refusal =
+        text.lines().find(|l| l.contains("REFUSED")).unwrap_or_else(|| panic!("no refusal:\n{text}"));
+    eprintln!("{refusal}");
+    assert!(!text.contains("downtime"), "refused before the guest paused: {text}");
+    refusal.to_string()
+}
 
 /// A qemu-storage-daemon exporting `image` on `socket`.
 pub struct StorageDaemon {
@@ -66,11 +80,71 @@ impl Drop for StorageDaemon {
     }
 }
 
+/// A virtiofsd sharing a directory on a socket.
+pub struct Virtiofsd {
+    child: Child,
+    socket: PathBuf,
+}
+
+/// virtiofsd, where `.ci/run` puts it or on the PATH.
+fn virtiofsd_bin() -> PathBuf {
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+    let installed = home.join(".cargo/bin/virtiofsd");
+    if installed.exists() {
+        installed
+    } else {
+        PathBuf::from("virtiofsd")
+    }
+}
+
+impl Virtiofsd {
+    /// Share `dir` on `socket` with tag `share`; None (said loudly) when
+    /// virtiofsd is not installed. It serves one frontend and exits when
+    /// that one leaves.
+    pub fn start(dir: &Path, socket: &Path) -> Option<Self> {
+        let child = Command::new(virtiofsd_bin())
+            .arg(format!("--socket-path={}", socket.display()))
+            .arg("--shared-dir")
+            .arg(dir)
+            .args(["--tag", "share"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn();
+        match child {
+            Ok(child) => {
+                let d = Virtiofsd { child, socket: socket.to_path_buf() };
+                assert!(wait_for_path(socket, Duration::from_secs(30)), "virtiofsd made no socket");
+                Some(d)
+            }
+            Err(e) => {
+                skip(
+                    "vhost-user-fs tests",
+                    &format!("cannot start virtiofsd ({e}): `cargo install virtiofsd` (needs libseccomp-dev, libcap-ng-dev)"),
+                );
+                None
+            }
+        }
+    }
+
+    /// Its socket.
+    pub fn socket(&self) -> String {
+        self.socket.display().to_string()
+    }
+}
+
+impl Drop for Virtiofsd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A vhost-user backend that offers less than the one behind it: it
 /// passes every message (and the file descriptors with it) between a
 /// frontend and `upstream`, and clears `hidden` from the feature bits
-/// GET_FEATURES answers, as an older backend would offer them. One thread
-/// per connection; it stops listening when dropped.
+/// GET_FEATURES answers and `hidden_protocol` from those
+/// GET_PROTOCOL_FEATURES answers, as an older backend would offer them.
+/// One thread per connection; it stops listening when dropped.
 pub struct FeatureMask {
     socket: PathBuf,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
@@ -79,6 +153,11 @@ pub struct FeatureMask {
 impl FeatureMask {
     /// Listen on `socket`, forwarding to `upstream` with `hidden` cleared.
     pub fn start(upstream: &Path, socket: &Path, hidden: u64) -> Self {
+        Self::start_with(upstream, socket, hidden, 0)
+    }
+
+    /// As [`FeatureMask::start`], hiding protocol features too.
+    pub fn start_with(upstream: &Path, socket: &Path, hidden: u64, hidden_protocol: u64) -> Self {
         use std::os::unix::net::{UnixListener, UnixStream};
         let listener = UnixListener::bind(socket).expect("listen for the masking backend");
         listener.set_nonblocking(true).expect("non-blocking listener");
@@ -90,7 +169,7 @@ impl FeatureMask {
                     Ok((front, _)) => {
                         let _ = front.set_nonblocking(false);
                         let Ok(back) = UnixStream::connect(&upstream) else { return };
-                        std::thread::spawn(move || mask_connection(front, back, hidden));
+                        std::thread::spawn(move || mask_connection(front, back, hidden, hidden_protocol));
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(10)),
                 }
@@ -139,9 +218,15 @@ fn read_message(from: &std::os::unix::net::UnixStream) -> Option<(Vec<u8>, Vec<s
     Some((message, fds[..nfds].to_vec()))
 }
 
-fn mask_connection(front: std::os::unix::net::UnixStream, back: std::os::unix::net::UnixStream, hidden: u64) {
+fn mask_connection(
+    front: std::os::unix::net::UnixStream,
+    back: std::os::unix::net::UnixStream,
+    hidden: u64,
+    hidden_protocol: u64,
+) {
     use vmm_sys_util::sock_ctrl_msg::ScmSocket;
     const GET_FEATURES: u32 = 1;
+    const GET_PROTOCOL_FEATURES: u32 = 15;
     const REPLY: u32 = 0x4;
     let (front2, back2) = match (front.try_clone(), back.try_clone()) {
         (Ok(f), Ok(b)) => (f, b),
@@ -152,8 +237,13 @@ fn mask_connection(front: std::os::unix::net::UnixStream, back: std::os::unix::n
         while let Some((mut m, fds)) = read_message(&back2) {
             let request = u32::from_le_bytes([m[0], m[1], m[2], m[3]]);
             let flags = u32::from_le_bytes([m[4], m[5], m[6], m[7]]);
-            if request == GET_FEATURES && flags & REPLY != 0 && m.len() == 20 {
-                let v = u64::from_le_bytes(m[12..20].try_into().unwrap_or([0; 8])) & !hidden;
+            let mask = match request {
+                GET_FEATURES => hidden,
+                GET_PROTOCOL_FEATURES => hidden_protocol,
+                _ => 0,
+            };
+            if mask != 0 && flags & REPLY != 0 && m.len() == 20 {
+                let v = u64::from_le_bytes(m[12..20].try_into().unwrap_or([0; 8])) & !mask;
                 m[12..20].copy_from_slice(&v.to_le_bytes());
             }
             if front2.send_with_fds(&[&m[..]], &fds).is_err() {

@@ -78,6 +78,11 @@ pub struct BackendStateV1 {
     pub config: Vec<u8>,
     /// The features the guest's driver accepted (0 before DRIVER_OK).
     pub negotiated: u64,
+    /// The backend's own state (DEVICE_STATE: virtiofsd's inodes and open
+    /// files), opaque to ferry; empty when the backend keeps none or the
+    /// guest had not started the device.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backend: Vec<u8>,
 }
 
 impl Versioned for BackendStateV1 {
@@ -104,6 +109,8 @@ pub struct VhostUserDevice {
     queues: usize,
     negotiated: u64,
     failed: bool,
+    /// The backend's state as saved at the last stop.
+    saved: Vec<u8>,
 }
 
 impl VhostUserDevice {
@@ -151,6 +158,7 @@ impl VhostUserDevice {
             queues,
             negotiated: 0,
             failed: false,
+            saved: Vec::new(),
         })
     }
 
@@ -267,8 +275,15 @@ impl VirtioDevice for VhostUserDevice {
         started
     }
 
-    fn stop_rings(&mut self) -> Result<Vec<(usize, u16)>, String> {
-        self.conn.stop().map_err(|e| e.to_string())
+    fn stop_rings(&mut self, pausing: bool) -> Result<Vec<(usize, u16)>, String> {
+        let stopped = self.conn.stop().map_err(|e| e.to_string())?;
+        // Every ring is stopped: the backend's own state is what it is
+        // until they start again, so a pause reads it now, for a save.
+        self.saved.clear();
+        if pausing && self.conn.has_state() && !stopped.is_empty() {
+            self.saved = self.conn.save_state().map_err(|e| e.to_string())?;
+        }
+        Ok(stopped)
     }
 
     type State = BackendStateV1;
@@ -280,6 +295,7 @@ impl VirtioDevice for VhostUserDevice {
             protocol_features: identity.protocol_features,
             config: self.config.clone(),
             negotiated: self.negotiated,
+            backend: self.saved.clone(),
         }
     }
 
@@ -291,11 +307,14 @@ impl VirtioDevice for VhostUserDevice {
             features: state.features,
             negotiated: state.negotiated,
             config: state.config.clone(),
-            backend_state: false,
+            backend_state: !state.backend.is_empty(),
         };
         contract
             .check(self.conn.identity(), self.conn.path())
             .map_err(|e| format!("device {}: {e}", self.id))?;
+        if !state.backend.is_empty() {
+            self.conn.load_state(&state.backend).map_err(|e| format!("device {}: {e}", self.id))?;
+        }
         self.negotiated = state.negotiated;
         Ok(())
     }
@@ -306,8 +325,42 @@ impl VirtioDevice for VhostUserDevice {
             features: self.conn.identity().features,
             negotiated: self.negotiated,
             config: self.config.clone(),
-            backend_state: false,
+            // A started device of a backend with state moves it.
+            backend_state: self.conn.has_state() && self.negotiated != 0,
         };
         Some(contract.facts())
     }
+}
+
+/// What a vhost-user device plugin says about itself: `name`, its
+/// `version`, one line; its socket is a binding.
+pub fn describe(name: &str, version: &str, description: &str) -> ferry_plugin_api::PluginDescriptor {
+    ferry_plugin_api::sdk::DescriptorBuilder::new(name, version, description)
+        .binding("socket", None, "the backend's vhost-user socket (a host binding)")
+        .needs("Host::memory_fds")
+        .versioned::<BackendStateV1>()
+        .build()
+}
+
+/// A plugin's `create`: the `kind` device on the backend its `socket`
+/// binding names.
+pub fn create(
+    kind: Device,
+    config: &ferry_plugin_api::DeviceConfig,
+    host: HostBox,
+) -> Result<ferry_virtio_pci::VirtioPci<VhostUserDevice>, String> {
+    let socket = ferry_plugin_api::sdk::Properties::new(config).string("socket")?;
+    let device = VhostUserDevice::connect(kind, config.id.as_str(), socket, host.clone())?;
+    ferry_virtio_pci::VirtioPci::new(device, host)
+}
+
+/// A plugin's `check`: the backend its `socket` binding names, against the
+/// source's contract.
+pub fn check_config(
+    kind: Device,
+    config: &ferry_plugin_api::DeviceConfig,
+    contract: &[(String, String)],
+) -> Result<(), String> {
+    let socket = ferry_plugin_api::sdk::Properties::new(config).string("socket")?;
+    check(kind, socket, contract)
 }

@@ -38,6 +38,45 @@ fn device_protocol() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::LOG_SHMFD
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::DEVICE_STATE
+}
+
+/// How long a backend may take to write or read its state.
+const STATE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A pipe: (read end, write end), close-on-exec.
+fn pipe() -> std::io::Result<(std::fs::File, std::fs::File)> {
+    use std::os::fd::FromRawFd;
+    let mut fds = [-1; 2];
+    // SAFETY: pipe2 writes two descriptors into the array on success.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors are new and owned by nothing else.
+    Ok(unsafe { (std::fs::File::from_raw_fd(fds[0]), std::fs::File::from_raw_fd(fds[1])) })
+}
+
+/// Wait until `fd` is ready for `events` or `deadline` passes.
+fn wait_ready(fd: RawFd, events: libc::c_short, deadline: Instant) -> std::io::Result<()> {
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out"));
+        }
+        let mut p = libc::pollfd { fd, events, revents: 0 };
+        let ms = libc::c_int::try_from(left.as_millis()).unwrap_or(libc::c_int::MAX).max(1);
+        // SAFETY: one valid pollfd for the duration of the call.
+        match unsafe { libc::poll(&mut p, 1, ms) } {
+            n if n > 0 => return Ok(()),
+            0 => continue,
+            _ => {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
 }
 
 /// Why a backend could not be used.
@@ -181,6 +220,17 @@ impl Drop for Watchdog {
         lock.lock().unwrap_or_else(|e| e.into_inner()).done = true;
         cv.notify_all();
     }
+}
+
+fn set_nonblocking(f: &std::fs::File) -> std::io::Result<()> {
+    // SAFETY: fcntl on a descriptor `f` owns, with flags it read first.
+    unsafe {
+        let flags = libc::fcntl(f.as_raw_fd(), libc::F_GETFL);
+        if flags < 0 || libc::fcntl(f.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// A device's connection to its backend.
@@ -437,6 +487,96 @@ impl Connection {
         }
         self.spare_calls.clear();
         Ok(out)
+    }
+
+    /// Does the backend keep state of its own that a migration moves
+    /// (protocol feature DEVICE_STATE, acknowledged)?
+    pub fn has_state(&self) -> bool {
+        self.acked_protocol.contains(VhostUserProtocolFeatures::DEVICE_STATE)
+    }
+
+    /// The backend's own state, read while every ring is stopped
+    /// (SET_DEVICE_STATE_FD save, then CHECK_DEVICE_STATE).
+    pub fn save_state(&mut self) -> Result<Vec<u8>, FrontendError> {
+        use std::io::Read;
+        use vhost::vhost_user::message::{VhostTransferStateDirection, VhostTransferStatePhase};
+        let path = self.path.clone();
+        let step =
+            |step: &'static str, message: String| FrontendError::Step { path: path.clone(), step, message };
+        let (read, write) =
+            pipe().map_err(|e| step("SET_DEVICE_STATE_FD", format!("cannot make a pipe: {e}")))?;
+        let theirs = self.call("SET_DEVICE_STATE_FD", |f| {
+            f.set_device_state_fd(
+                VhostTransferStateDirection::SAVE,
+                VhostTransferStatePhase::STOPPED,
+                write.into(),
+            )
+        })?;
+        let mut from = theirs.unwrap_or(read);
+        set_nonblocking(&from).map_err(|e| step("SET_DEVICE_STATE_FD", e.to_string()))?;
+        let deadline = Instant::now() + STATE_TIMEOUT;
+        let mut bytes = Vec::new();
+        let mut chunk = vec![0u8; 64 * 1024];
+        loop {
+            match from.read(&mut chunk) {
+                Ok(0) => break,
+                Ok(n) => bytes.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    wait_ready(from.as_raw_fd(), libc::POLLIN, deadline).map_err(|e| {
+                        step("SET_DEVICE_STATE_FD", format!("the backend's state did not arrive: {e}"))
+                    })?;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    return Err(step("SET_DEVICE_STATE_FD", format!("reading the backend's state: {e}")))
+                }
+            }
+        }
+        drop(from);
+        self.call("CHECK_DEVICE_STATE", |f| f.check_device_state())?;
+        Ok(bytes)
+    }
+
+    /// Give the backend its state back, before any ring starts
+    /// (SET_DEVICE_STATE_FD load, then CHECK_DEVICE_STATE).
+    pub fn load_state(&mut self, bytes: &[u8]) -> Result<(), FrontendError> {
+        use std::io::Write;
+        use vhost::vhost_user::message::{VhostTransferStateDirection, VhostTransferStatePhase};
+        let path = self.path.clone();
+        let step =
+            |step: &'static str, message: String| FrontendError::Step { path: path.clone(), step, message };
+        if !self.has_state() {
+            return Err(self.lacks("it has no DEVICE_STATE, and the guest's backend state must be loaded"));
+        }
+        let (read, write) =
+            pipe().map_err(|e| step("SET_DEVICE_STATE_FD", format!("cannot make a pipe: {e}")))?;
+        let theirs = self.call("SET_DEVICE_STATE_FD", |f| {
+            f.set_device_state_fd(
+                VhostTransferStateDirection::LOAD,
+                VhostTransferStatePhase::STOPPED,
+                read.into(),
+            )
+        })?;
+        let mut to = theirs.unwrap_or(write);
+        set_nonblocking(&to).map_err(|e| step("SET_DEVICE_STATE_FD", e.to_string()))?;
+        let deadline = Instant::now() + STATE_TIMEOUT;
+        let mut left = bytes;
+        while !left.is_empty() {
+            match to.write(left) {
+                Ok(n) => left = &left[n..],
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    wait_ready(to.as_raw_fd(), libc::POLLOUT, deadline).map_err(|e| {
+                        step("SET_DEVICE_STATE_FD", format!("the backend did not take its state: {e}"))
+                    })?;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    return Err(step("SET_DEVICE_STATE_FD", format!("writing the backend's state: {e}")))
+                }
+            }
+        }
+        drop(to);
+        self.call("CHECK_DEVICE_STATE", |f| f.check_device_state())
     }
 
     /// The driver reset the device: the next start sends the features and

@@ -210,10 +210,12 @@ pub fn vcpu() -> Result<Rules, SeccompError> {
 }
 
 /// A migration thread: its connection (TCP, TLS, a unix socket), the TLS
-/// files, dirty logs, and the memfd it hands over.
+/// files, dirty logs, the memfd it hands over, and the pipe a vhost-user
+/// backend writes its state into while the devices pause.
 pub fn migration() -> Result<Rules, SeccompError> {
     let mut rules = plain(COMMON);
     rules.extend(plain(&[
+        SYS_pipe2,
         SYS_openat,
         SYS_socket,
         SYS_connect,

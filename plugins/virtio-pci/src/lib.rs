@@ -99,8 +99,9 @@ pub trait VirtioDevice: Send + 'static {
     /// Stop every started ring: when this returns the other program takes
     /// no new buffers. The next available index of each ring, by queue
     /// index. Buffers it took and has not returned yet are waited for by
-    /// the transport.
-    fn stop_rings(&mut self) -> Result<Vec<(usize, u16)>, String> {
+    /// the transport. `pausing`: the device pauses (its state may be saved
+    /// next), rather than resets or loads a state.
+    fn stop_rings(&mut self, _pausing: bool) -> Result<Vec<(usize, u16)>, String> {
         Ok(Vec::new())
     }
 

@@ -42,6 +42,10 @@ pub enum Token<'a> {
     Cpuid(u32),
     /// `pio-bench=<port>:<n>`: time `n` reads of an I/O port.
     PioBench(u16, u64),
+    /// `fs-open=<name>`: look a file up in the virtio-fs share and open it.
+    FsOpen(&'a str),
+    /// `fs-read`: read the file `fs-open` opened.
+    FsRead,
     Unknown(&'a str),
 }
 
@@ -169,6 +173,8 @@ pub fn parse_token(tok: &str) -> Token<'_> {
         ("calibrate", None, _) => Token::Calibrate,
         ("blk-flush", None, _) => Token::Blk(BlkOp::Flush),
         ("blk-id", None, _) => Token::Blk(BlkOp::Id),
+        ("fs-read", None, _) => Token::FsRead,
+        ("fs-open", Some(name), _) if !name.is_empty() && name.len() <= crate::fs::MAX_NAME => Token::FsOpen(name),
         ("seed", _, Some(n)) => Token::Seed(n),
         ("pattern", _, Some(n)) => Token::Pattern(n),
         ("hz", _, Some(n)) => Token::Hz(n),

@@ -35,7 +35,13 @@ pub const NET_RX_SLOTS: usize = 8;
 /// reads or writes it, so it holds what the device last wrote there.
 pub const BLK_CHECK_DATA: usize = 17 * PAGE;
 pub const BLK_CHECK_DATA_LEN: usize = 8 * PAGE;
-const SIZE: usize = 25 * PAGE;
+/// virtio-fs: the request queue's page, the request and the reply.
+pub const QUEUE_FS: usize = 25 * PAGE;
+pub const FS_IN: usize = 26 * PAGE;
+pub const FS_IN_LEN: usize = PAGE;
+pub const FS_OUT: usize = 27 * PAGE;
+pub const FS_OUT_LEN: usize = 2 * PAGE;
+const SIZE: usize = 29 * PAGE;
 
 const _: () = assert!(RNG_BUF + RNG_BUF_LEN <= NET_TX_BUF);
 const _: () = assert!(NET_TX_BUF + NET_TX_SLOT * NET_TX_SLOTS <= BLK_DATA);
@@ -43,6 +49,7 @@ const _: () = assert!(BLK_DATA + BLK_DATA_LEN <= NET_RX_BUF);
 const _: () = assert!(NET_RX_BUF + NET_RX_SLOT * NET_RX_SLOTS <= BLK_CHECK_DATA);
 const _: () = assert!(BLK_CHECK_DATA % PAGE == 0 && BLK_CHECK_DATA + BLK_CHECK_DATA_LEN <= SIZE);
 const _: () = assert!(BLK_CHECK_DATA_LEN == BLK_DATA_LEN);
+const _: () = assert!(BLK_CHECK_DATA + BLK_CHECK_DATA_LEN <= QUEUE_FS && FS_OUT + FS_OUT_LEN <= SIZE);
 
 global_asm!(
     r#"

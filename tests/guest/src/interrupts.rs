@@ -23,7 +23,7 @@ pub const EXCEPTION_EXIT_CODE: u8 = 0x7F;
 pub const SPURIOUS_VECTOR: u8 = 0xFF;
 /// First MSI-X vector: 0x40 blk, 0x41 net RX, 0x42 net TX, 0x43 rng.
 pub const MSIX_VECTOR_BASE: u8 = 0x40;
-pub const MSIX_VECTORS: usize = 4;
+pub const MSIX_VECTORS: usize = 5;
 
 /// Interrupts taken per MSI-X vector (index = vector - 0x40), counted by
 /// the `msix_stub_<i>` handlers.
@@ -146,6 +146,7 @@ msix_stub_\i:
     MSIX_STUB 1
     MSIX_STUB 2
     MSIX_STUB 3
+    MSIX_STUB 4
 
     /* Spurious IRQ7/IRQ15 and the LAPIC spurious vector: no EOI. */
     .balign 16
@@ -178,6 +179,7 @@ extern "C" {
     fn msix_stub_1();
     fn msix_stub_2();
     fn msix_stub_3();
+    fn msix_stub_4();
 }
 
 /// An asm interrupt entry point (never called from Rust).
@@ -227,7 +229,7 @@ pub fn init() {
         };
         set(IRQ_BASE + irq, handler as usize as u64);
     }
-    let msix: [Stub; MSIX_VECTORS] = [msix_stub_0, msix_stub_1, msix_stub_2, msix_stub_3];
+    let msix: [Stub; MSIX_VECTORS] = [msix_stub_0, msix_stub_1, msix_stub_2, msix_stub_3, msix_stub_4];
     for (i, handler) in msix.into_iter().enumerate() {
         set(MSIX_VECTOR_BASE + i as u8, handler as usize as u64);
     }

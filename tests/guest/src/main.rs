@@ -15,6 +15,7 @@ mod calibrate;
 mod cmdline;
 mod cpuid;
 mod dma;
+mod fs;
 mod interrupts;
 mod io;
 mod lapic;
@@ -119,6 +120,8 @@ fn run_token(token: Token<'_>, settings: &mut Settings) {
         Token::PioBench(port, n) => pio_bench::run(port, n),
         Token::Blk(op) => blk::run(&mut settings.devices.blk, op),
         Token::Rng(n) => rng::run(&mut settings.devices.rng, n),
+        Token::FsOpen(name) => fs::open(&mut settings.devices.fs, name),
+        Token::FsRead => fs::read(&mut settings.devices.fs),
         Token::NetSend(n) => net::send(&mut settings.devices.net, n),
         Token::NetRecv(n) => net::recv(&mut settings.devices.net, n),
         Token::Unknown(tok) => println!("GUEST: unknown token {}", tok),

@@ -358,10 +358,11 @@ pub struct Devices {
     pub blk: Slot<crate::blk::Blk>,
     pub net: Slot<crate::net::Net>,
     pub rng: Slot<crate::rng::Rng>,
+    pub fs: Slot<crate::fs::Fs>,
 }
 
 impl Devices {
     pub const fn new() -> Self {
-        Self { blk: Slot::Untried, net: Slot::Untried, rng: Slot::Untried }
+        Self { blk: Slot::Untried, net: Slot::Untried, rng: Slot::Untried, fs: Slot::Untried }
     }
 }

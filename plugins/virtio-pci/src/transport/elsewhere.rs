@@ -67,12 +67,12 @@ impl<D: VirtioDevice> State<D> {
 
     /// Stop the device's program and wait until every buffer it took is
     /// back; the queues' positions then say exactly where it stopped.
-    pub(super) fn stop_rings(&mut self) -> Result<(), String> {
+    pub(super) fn stop_rings(&mut self, pausing: bool) -> Result<(), String> {
         if !self.rings_started {
             return Ok(());
         }
         self.rings_started = false;
-        let stopped = self.device.stop_rings()?;
+        let stopped = self.device.stop_rings(pausing)?;
         let deadline = Instant::now() + DRAIN_LIMIT;
         for (q, next_avail) in stopped {
             let Some(slot) = self.queues.get_mut(q) else {

@@ -215,7 +215,7 @@ impl<D: VirtioDevice> State<D> {
     }
 
     fn reset(&mut self) {
-        if let Err(e) = self.stop_rings() {
+        if let Err(e) = self.stop_rings(false) {
             self.log(LogLevel::WARN, &format!("reset: {e}"));
         }
         self.unregister_notifies();
@@ -409,7 +409,7 @@ impl<D: VirtioDevice> PluginDevice for VirtioPci<D> {
         // and drained.
         let mut st = self.shared.lock();
         st.paused = true;
-        let stopped = st.stop_rings();
+        let stopped = st.stop_rings(true);
         drop(st);
         let _ = self.shared.wake.write(1);
         stopped

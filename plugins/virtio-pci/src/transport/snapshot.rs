@@ -57,7 +57,7 @@ impl<D: VirtioDevice> State<D> {
                 self.queues.len()
             ));
         }
-        self.stop_rings()?;
+        self.stop_rings(false)?;
         self.unregister_notifies();
         self.command = s.command & 0x0406;
         self.bar0 = s.bar0 & !(layout::BAR0_SIZE as u32 - 1);
