@@ -14,7 +14,10 @@
 //! - the release matrix with Linux's drivers (serial-16550 and virtio-blk
 //!   between their releases both ways under pc-1, and the refusal before
 //!   the pause once Linux negotiated the newer virtio-blk feature);
-//! - two vCPUs (the SMP build of the same recipe) and the bzImage path.
+//! - two vCPUs (the SMP build of the same recipe) and the bzImage path;
+//! - virtio-fs served by virtiofsd: Linux mounts the share, reads and
+//!   writes, and keeps its open files across a live move to another
+//!   virtiofsd.
 //!
 //! Without the kernel (`tests/linux/build.sh` not run) the tests say
 //! SKIPPED with the command that builds it.
@@ -28,7 +31,7 @@ use std::{
 
 use ferry_tests::{
     ctl, ferry, ferry_bin, free_port, kvm_or_skip, migrate, netns, plugin_dir_copy, repo_root, skip,
-    spawn_ferry, wait_for_path, Running, TempDir,
+    spawn_ferry, vhost::Virtiofsd, wait_for_path, Running, TempDir,
 };
 
 /// A Linux boot takes about a minute here; restores and moves seconds.
@@ -616,4 +619,53 @@ fn linux_moved_live_twice_and_restored_reboots_into_its_own_kernel() {
         "linux boot image: the first move carried {} bytes (bzImage + initramfs {image}), the second 0",
         bytes(&first)
     );
+}
+
+#[test]
+fn linux_mounts_virtiofs_reads_writes_and_keeps_its_open_files_across_a_move() {
+    const TEST: &str = "linux_mounts_virtiofs_reads_writes_and_keeps_its_open_files_across_a_move";
+    let Some(k) = kernel(TEST) else { return };
+    let dir = TempDir::new("linux-fs");
+    let share = dir.path().join("share");
+    std::fs::create_dir_all(&share).expect("share");
+    std::fs::write(share.join("hello.txt"), "from the host\n").expect("file");
+    let Some(a) = Virtiofsd::start(&share, &dir.path().join("a.sock")) else { return };
+    let Some(b) = Virtiofsd::start(&share, &dir.path().join("b.sock")) else { return };
+    let uri = format!("tcp:127.0.0.1:{}", free_port());
+    let bind = format!("id=vfs0,socket={}", b.socket());
+    let dst = Running::new(spawn_ferry(&["run", "--incoming", &uri, "--vhost-user", &bind]));
+    ferry_tests::wait_for_incoming(&uri);
+    let socket = dir.path().join("src.sock");
+    let (s, spec) = (socket.display().to_string(), format!("type=fs,socket={}", a.socket()));
+    let args = linux_args(k, "vmlinux", &["--api-socket", &s, "--vhost-user", &spec]);
+    let (mut linux, _) = Linux::boot(Running::new(spawn_ferry(&run_args(&args))));
+
+    // Linux's virtio-fs driver mounts the share, reads what the host wrote,
+    // and writes what the host reads.
+    linux.ok("busybox mkdir -p /share && busybox mount -t virtiofs share /share");
+    assert_eq!(linux.ok("busybox cat /share/hello.txt"), ["from the host"]);
+    linux.ok("echo written-by-linux > /share/from-guest.txt");
+    assert_eq!(
+        std::fs::read_to_string(share.join("from-guest.txt")).expect("guest file"),
+        "written-by-linux\n"
+    );
+
+    // Open files the shell keeps: one to read, one half written.
+    linux.ok("exec 3< /share/hello.txt");
+    linux.ok("exec 4> /share/log.txt && echo before-the-move >&4");
+    let (ok, text) = migrate(&socket, &uri, &[]);
+    assert!(ok, "{text}");
+    let src = linux.vm.finish(STEP);
+    assert_eq!(src.code(), 0, "the source ends after the move: {}", src.stderr);
+
+    // On the destination (another virtiofsd): the same open files.
+    let mut moved = Linux::resumed(dst);
+    assert_eq!(moved.ok("busybox cat <&3"), ["from the host"], "the file opened before the move reads");
+    moved.ok("echo after-the-move >&4 && exec 4>&-");
+    assert_eq!(
+        std::fs::read_to_string(share.join("log.txt")).expect("log"),
+        "before-the-move\nafter-the-move\n",
+        "the file opened for writing before the move takes the rest"
+    );
+    assert_eq!(moved.ok("busybox ls /share | busybox sort"), ["from-guest.txt", "hello.txt", "log.txt"]);
 }

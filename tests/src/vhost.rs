@@ -67,6 +67,11 @@ impl StorageDaemon {
         self.socket.display().to_string()
     }
 
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Kill it now (SIGKILL), as a crash would.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

@@ -204,7 +204,8 @@ fn execute(blk: &mut Blk, op: BlkOp) -> Option<()> {
             let mut text = [0u8; ID_LEN];
             crate::println!("BLK ID {} status={}", serial::printable(id, &mut text), d.status);
         }
-        BlkOp::Bench { write, count } => crate::blk_bench::run(blk, write, count)?,
+        BlkOp::Bench { write, count, depth: 1 } => crate::blk_bench::run(blk, write, count)?,
+        BlkOp::Bench { write, count, depth } => crate::blk_bench::run_depth(blk, write, count, depth)?,
         BlkOp::DmaCheck { sector, count, seed, before, after } => {
             crate::blk_dma_check::run(blk, sector, count, seed, before, after)?
         }

@@ -59,7 +59,7 @@ pub enum BlkOp {
     Verify { sector: u64, count: u64, seed: u64 },
     Flush,
     Id,
-    Bench { write: bool, count: u64 },
+    Bench { write: bool, count: u64, depth: u64 },
     DmaCheck { sector: u64, count: u64, seed: u64, before: u64, after: u64 },
 }
 
@@ -144,8 +144,12 @@ fn blk_op(key: &str, value: &str) -> Option<BlkOp> {
                 "w" => true,
                 _ => return None,
             };
+            let (count, depth) = match count.split_once(':') {
+                Some((count, depth)) => (count, in_range(number(depth)?, blk_bench::MAX_DEPTH)?),
+                None => (count, 1),
+            };
             let count = in_range(number(count)?, blk_bench::MAX_REQUESTS)?;
-            Some(BlkOp::Bench { write, count })
+            Some(BlkOp::Bench { write, count, depth })
         }
         _ => None,
     }

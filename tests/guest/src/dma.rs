@@ -41,7 +41,13 @@ pub const FS_IN: usize = 26 * PAGE;
 pub const FS_IN_LEN: usize = PAGE;
 pub const FS_OUT: usize = 27 * PAGE;
 pub const FS_OUT_LEN: usize = 2 * PAGE;
-const SIZE: usize = 29 * PAGE;
+/// `blk-bench` with requests in flight: headers (16 bytes each) and status
+/// bytes in one page, a data page per request.
+pub const BLK_QD_META: usize = 29 * PAGE;
+pub const BLK_QD_STATUS: usize = BLK_QD_META + 2048;
+pub const BLK_QD_DATA: usize = 30 * PAGE;
+pub const BLK_QD_SLOTS: usize = 16;
+const SIZE: usize = 46 * PAGE;
 
 const _: () = assert!(RNG_BUF + RNG_BUF_LEN <= NET_TX_BUF);
 const _: () = assert!(NET_TX_BUF + NET_TX_SLOT * NET_TX_SLOTS <= BLK_DATA);
@@ -49,7 +55,8 @@ const _: () = assert!(BLK_DATA + BLK_DATA_LEN <= NET_RX_BUF);
 const _: () = assert!(NET_RX_BUF + NET_RX_SLOT * NET_RX_SLOTS <= BLK_CHECK_DATA);
 const _: () = assert!(BLK_CHECK_DATA % PAGE == 0 && BLK_CHECK_DATA + BLK_CHECK_DATA_LEN <= SIZE);
 const _: () = assert!(BLK_CHECK_DATA_LEN == BLK_DATA_LEN);
-const _: () = assert!(BLK_CHECK_DATA + BLK_CHECK_DATA_LEN <= QUEUE_FS && FS_OUT + FS_OUT_LEN <= SIZE);
+const _: () = assert!(BLK_CHECK_DATA + BLK_CHECK_DATA_LEN <= QUEUE_FS && FS_OUT + FS_OUT_LEN <= BLK_QD_META);
+const _: () = assert!(16 * BLK_QD_SLOTS <= 2048 && BLK_QD_DATA + BLK_QD_SLOTS * PAGE <= SIZE);
 
 global_asm!(
     r#"
