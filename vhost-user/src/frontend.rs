@@ -163,6 +163,7 @@ pub struct RingSpec<'a> {
 /// Shuts the socket down when a call overruns its deadline.
 struct Watchdog {
     state: Arc<(Mutex<WatchState>, Condvar)>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 #[derive(Default)]
@@ -176,7 +177,7 @@ impl Watchdog {
     fn start(socket: UnixStream) -> Result<Self, std::io::Error> {
         let state: Arc<(Mutex<WatchState>, Condvar)> = Arc::default();
         let shared = state.clone();
-        std::thread::Builder::new().name("vhost-user-watchdog".into()).spawn(move || {
+        let thread = std::thread::Builder::new().name("vhost-user-watchdog".into()).spawn(move || {
             let (lock, cv) = &*shared;
             let mut st = lock.lock().unwrap_or_else(|e| e.into_inner());
             while !st.done {
@@ -196,7 +197,7 @@ impl Watchdog {
                 }
             }
         })?;
-        Ok(Watchdog { state })
+        Ok(Watchdog { state, thread: Some(thread) })
     }
 
     fn arm(&self, within: Duration) {
@@ -219,6 +220,9 @@ impl Drop for Watchdog {
         let (lock, cv) = &*self.state;
         lock.lock().unwrap_or_else(|e| e.into_inner()).done = true;
         cv.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
@@ -236,6 +240,8 @@ fn set_nonblocking(f: &std::fs::File) -> std::io::Result<()> {
 /// A device's connection to its backend.
 pub struct Connection {
     path: String,
+    /// How long a call may wait for its answer.
+    deadline: Duration,
     frontend: Frontend,
     identity: BackendIdentity,
     acked_protocol: VhostUserProtocolFeatures,
@@ -256,26 +262,40 @@ impl Connection {
     /// backend, and take it (SET_OWNER).
     pub fn open(path: &Path, device: Device, queues: usize) -> Result<Self, FrontendError> {
         let shown = path.display().to_string();
-        let connect = |source| ProbeError::Connect { path: shown.clone(), source };
-        let stream = UnixStream::connect(path).map_err(connect)?;
+        let stream = UnixStream::connect(path)
+            .map_err(|source| ProbeError::Connect { path: shown.clone(), source })?;
+        Self::on_stream(stream, &shown, device, queues, ANSWER_TIMEOUT)
+    }
+
+    /// [`Connection::open`] on a connected stream, every call within
+    /// `deadline` (the fuzz target plays the backend on a socket pair).
+    pub fn on_stream(
+        stream: UnixStream,
+        shown: &str,
+        device: Device,
+        queues: usize,
+        deadline: Duration,
+    ) -> Result<Self, FrontendError> {
+        let connect = |source| ProbeError::Connect { path: shown.to_string(), source };
         let watch = stream.try_clone().map_err(connect)?;
         let watchdog = Watchdog::start(stream.try_clone().map_err(connect)?).map_err(connect)?;
         let mut frontend = Frontend::from_stream(stream, queues.max(1) as u64);
-        watchdog.arm(ANSWER_TIMEOUT);
-        let identity = ask_on(&mut frontend, &shown, Some(device), device_protocol());
+        watchdog.arm(deadline);
+        let identity = ask_on(&mut frontend, shown, Some(device), device_protocol());
         let late = watchdog.disarm();
         let identity = identity.map_err(|e| match (e, late) {
             (ProbeError::Protocol { path, step, .. }, true) => ProbeError::Protocol {
                 path,
                 step,
-                message: format!("no answer within {} s", ANSWER_TIMEOUT.as_secs()),
+                message: format!("no answer within {} s", deadline.as_secs_f64()),
             },
             (e, _) => e,
         })?;
         let acked_protocol =
             VhostUserProtocolFeatures::from_bits_truncate(identity.protocol_features) & device_protocol();
         let mut c = Connection {
-            path: shown,
+            path: shown.to_string(),
+            deadline,
             frontend,
             identity,
             acked_protocol,
@@ -337,14 +357,14 @@ impl Connection {
         step: &'static str,
         f: impl FnOnce(&mut Frontend) -> vhost::Result<T>,
     ) -> Result<T, FrontendError> {
-        self.watchdog.arm(ANSWER_TIMEOUT);
+        self.watchdog.arm(self.deadline);
         let result = f(&mut self.frontend);
         let late = self.watchdog.disarm();
         result.map_err(|e| FrontendError::Step {
             path: self.path.clone(),
             step,
             message: match late {
-                true => format!("no answer within {} s", ANSWER_TIMEOUT.as_secs()),
+                true => format!("no answer within {} s", self.deadline.as_secs_f64()),
                 false => e.to_string(),
             },
         })
@@ -448,7 +468,7 @@ impl Connection {
         msg.extend_from_slice(&16u32.to_le_bytes());
         msg.extend_from_slice(&size.to_le_bytes()); // mmap_size
         msg.extend_from_slice(&0u64.to_le_bytes()); // mmap_offset
-        self.watchdog.arm(ANSWER_TIMEOUT);
+        self.watchdog.arm(self.deadline);
         let result = (|| -> Result<(), String> {
             let sent =
                 self.watch.send_with_fd(msg.as_slice(), fd).map_err(|e| format!("cannot send: {e}"))?;
@@ -469,7 +489,7 @@ impl Connection {
         })();
         let late = self.watchdog.disarm();
         result.map_err(|e| {
-            step(if late { format!("no answer within {} s", ANSWER_TIMEOUT.as_secs()) } else { e })
+            step(if late { format!("no answer within {} s", self.deadline.as_secs_f64()) } else { e })
         })
     }
 
