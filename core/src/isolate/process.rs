@@ -49,7 +49,11 @@ pub fn main() -> i32 {
     match serve(&control, host) {
         Ok(()) => 0,
         Err(why) => {
-            let why = why.to_string();
+            // A plugin's refusal in its own words: ferry names the device.
+            let why = match why {
+                IsolateError::Create { error, .. } => error.message.to_string(),
+                other => other.to_string(),
+            };
             let _ = control.send(&encode(&Ready::Failed(why.clone())), &[], None);
             eprintln!("{why}");
             1
@@ -314,5 +318,11 @@ impl Host for RemoteHost {
     fn set_status(&self, status: RStr<'_>) -> RResult<(), PluginError> {
         self.status.set(status.to_string());
         RResult::ROk(())
+    }
+
+    fn memory_fds(&self) -> RResult<ferry_plugin_api::MemoryFds, PluginError> {
+        RResult::RErr(PluginError::unsupported(
+            "a device in a device process (--isolate) cannot share guest RAM with another program yet; run it in ferry's process",
+        ))
     }
 }

@@ -324,7 +324,11 @@ fn build(
         let parts = placement.create(lib, config, host, index).map_err(|e| VmError::Device {
             id: plan.id.clone(),
             plugin: plan.plugin.clone(),
-            message: e.to_string(),
+            // The plugin's own words; the device and plugin are named once.
+            message: match e {
+                crate::isolate::IsolateError::Create { error, .. } => error.message.to_string(),
+                other => other.to_string(),
+            },
         })?;
         bus.add_device(&plan.id, &plan.plugin, parts.device, parts.pci.into_option())?;
     }
