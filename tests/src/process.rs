@@ -254,8 +254,11 @@ pub fn device_processes(pid: u32) -> Vec<(i32, String)> {
 /// comes, so a test can act when the guest reaches a point.
 pub struct Running {
     child: std::process::Child,
-    lines: std::sync::mpsc::Receiver<String>,
+    /// Lines, each with whether a newline ended it (the last may not).
+    lines: std::sync::mpsc::Receiver<(String, bool)>,
     seen: Vec<String>,
+    /// The last line seen had no newline (the process ended mid-line).
+    unterminated: bool,
     stderr: Option<std::thread::JoinHandle<String>>,
     start: Instant,
 }
@@ -268,9 +271,18 @@ impl Running {
         let (tx, lines) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             use std::io::BufRead;
-            for line in std::io::BufReader::new(out).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
+            let mut reader = std::io::BufReader::new(out);
+            loop {
+                let mut line = String::new();
+                match reader.read_line(&mut line) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+                let terminated = line.ends_with('\n');
+                if terminated {
+                    line.pop();
+                }
+                if tx.send((line, terminated)).is_err() {
                     break;
                 }
             }
@@ -280,13 +292,26 @@ impl Running {
             let _ = err.read_to_string(&mut s);
             s
         });
-        Running { child, lines, seen: Vec::new(), stderr: Some(stderr), start: Instant::now() }
+        Running {
+            child,
+            lines,
+            seen: Vec::new(),
+            unterminated: false,
+            stderr: Some(stderr),
+            start: Instant::now(),
+        }
+    }
+
+    fn record(&mut self, (line, terminated): (String, bool)) -> String {
+        self.unterminated = !terminated;
+        self.seen.push(line.clone());
+        line
     }
 
     /// The next stdout line (a trailing `\r` removed), if one comes in time.
     pub fn next_line(&mut self, timeout: Duration) -> Option<String> {
-        let line = self.lines.recv_timeout(timeout).ok()?;
-        self.seen.push(line.clone());
+        let got = self.lines.recv_timeout(timeout).ok()?;
+        let line = self.record(got);
         Some(line.trim_end_matches('\r').to_string())
     }
 
@@ -296,8 +321,8 @@ impl Running {
         loop {
             let left = deadline.checked_duration_since(Instant::now())?;
             match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    self.seen.push(line.clone());
+                Ok(got) => {
+                    let line = self.record(got);
                     if line.starts_with(prefix) {
                         return Some(line);
                     }
@@ -331,12 +356,16 @@ impl Running {
     /// this call) and collect everything. `elapsed` counts from the start.
     pub fn finish(mut self, deadline: Duration) -> Finished {
         let (status, signal) = wait_or_kill(&mut self.child, deadline);
-        while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
-            self.seen.push(line);
+        while let Ok(got) = self.lines.recv_timeout(Duration::from_millis(200)) {
+            self.record(got);
         }
         let stderr = self.stderr.take().and_then(|h| h.join().ok()).unwrap_or_default();
+        // As the process wrote it: a line it ended in the middle stays open,
+        // so a guest's line that goes on on its next host joins up.
         let mut stdout = self.seen.join("\n");
-        stdout.push('\n');
+        if !self.unterminated {
+            stdout.push('\n');
+        }
         Finished { status, signal, stdout, stderr, elapsed: self.start.elapsed() }
     }
 }
