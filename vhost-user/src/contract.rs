@@ -7,17 +7,15 @@
 
 use std::collections::BTreeMap;
 
+use vhost::vhost_user::VhostUserProtocolFeatures;
+
 use crate::{
     features,
-    identity::{BackendIdentity, Device, PROTOCOL_FEATURES_BIT},
+    identity::{BackendIdentity, Device, LOG_ALL_BIT, PROTOCOL_FEATURES_BIT},
 };
 
-/// VHOST_F_LOG_ALL.
-const LOG_ALL_BIT: u64 = 1 << 26;
 /// VIRTIO_F_VERSION_1.
 const VERSION_1_BIT: u64 = 1 << 32;
-/// VHOST_USER_PROTOCOL_F_DEVICE_STATE.
-const DEVICE_STATE_BIT: u64 = 1 << 19;
 /// How much of the configuration must match: what the guest's driver read
 /// and relies on (virtio-blk: capacity, size_max, seg_max, geometry,
 /// blk_size; virtio-fs: the first 24 bytes of the tag).
@@ -101,7 +99,7 @@ impl Contract {
                 features::virtio_names(missing, Some(self.device)).join(" ")
             ));
         }
-        if self.backend_state && here.protocol_features & DEVICE_STATE_BIT == 0 {
+        if self.backend_state && !here.has_protocol(VhostUserProtocolFeatures::DEVICE_STATE) {
             return Err(format!(
                 "vhost-user backend {backend} lacks DEVICE_STATE (protocol feature 19), which the source backend's \
                  state needs to move"

@@ -24,8 +24,8 @@ use ferry_virtio_pci::{Queues, Ring, VirtioDevice, VIRTIO_F_VERSION_1};
 
 use crate::{
     contract::Contract,
-    frontend::{Connection, RamRange, RingSpec, SharedRam, LOG_ALL_BIT},
-    identity::{Device, PROTOCOL_FEATURES_BIT},
+    frontend::{Connection, RamRange, RingSpec, SharedRam},
+    identity::{Device, LOG_ALL_BIT, PROTOCOL_FEATURES_BIT},
 };
 
 /// Connections a plan's check opened, for the `create` that follows (a
@@ -85,6 +85,19 @@ pub struct BackendStateV1 {
     pub backend: Vec<u8>,
 }
 
+impl BackendStateV1 {
+    /// What a backend must offer to take a `kind` device in this state.
+    fn contract(&self, kind: Device) -> Contract {
+        Contract {
+            device: kind,
+            features: self.features,
+            negotiated: self.negotiated,
+            config: self.config.clone(),
+            backend_state: !self.backend.is_empty(),
+        }
+    }
+}
+
 impl Versioned for BackendStateV1 {
     const CURRENT: u32 = 1;
     const OLDEST_LOAD: u32 = 1;
@@ -140,7 +153,9 @@ impl VhostUserDevice {
         };
         let probe = connection(kind, socket)?;
         let identity = probe.identity().clone();
-        if identity.features & LOG_ALL_BIT == 0 || !identity.protocol_names.iter().any(|n| n == "LOG_SHMFD") {
+        if identity.features & LOG_ALL_BIT == 0
+            || !identity.has_protocol(vhost::vhost_user::VhostUserProtocolFeatures::LOG_SHMFD)
+        {
             return Err(format!(
                 "vhost-user backend {socket} does not log its writes to guest memory (LOG_ALL and LOG_SHMFD): \
                  a live migration could lose them"
@@ -201,10 +216,7 @@ impl VirtioDevice for VhostUserDevice {
     }
 
     fn pci_class(&self) -> u32 {
-        match self.kind {
-            Device::Blk => 0x01_80_00,
-            Device::Fs => 0x01_80_00,
-        }
+        0x01_80_00 // mass storage, other: both a disk and a file system
     }
 
     fn queue_max_sizes(&self) -> Vec<u16> {
@@ -302,14 +314,8 @@ impl VirtioDevice for VhostUserDevice {
     fn set_state(&mut self, state: BackendStateV1) -> Result<(), String> {
         // The plan checked this before the pause; a source that changed
         // since (or a state from elsewhere) is checked again.
-        let contract = Contract {
-            device: self.kind,
-            features: state.features,
-            negotiated: state.negotiated,
-            config: state.config.clone(),
-            backend_state: !state.backend.is_empty(),
-        };
-        contract
+        state
+            .contract(self.kind)
             .check(self.conn.identity(), self.conn.path())
             .map_err(|e| format!("device {}: {e}", self.id))?;
         if !state.backend.is_empty() {
@@ -320,14 +326,10 @@ impl VirtioDevice for VhostUserDevice {
     }
 
     fn contract(&self) -> Option<Vec<(String, String)>> {
-        let contract = Contract {
-            device: self.kind,
-            features: self.conn.identity().features,
-            negotiated: self.negotiated,
-            config: self.config.clone(),
-            // A started device of a backend with state moves it.
-            backend_state: self.conn.has_state() && self.negotiated != 0,
-        };
+        let mut contract = self.state().contract(self.kind);
+        // A started device of a backend with state moves it (the bytes are
+        // read only at the pause).
+        contract.backend_state = self.conn.has_state() && self.negotiated != 0;
         Some(contract.facts())
     }
 }

@@ -24,10 +24,9 @@ use vhost::{
 };
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::identity::{ask_on, BackendIdentity, Device, ProbeError, ANSWER_TIMEOUT, PROTOCOL_FEATURES_BIT};
-
-/// VHOST_F_LOG_ALL: the backend logs its writes to guest memory.
-pub const LOG_ALL_BIT: u64 = 1 << 26;
+use crate::identity::{
+    ask_on, BackendIdentity, Device, ProbeError, ANSWER_TIMEOUT, LOG_ALL_BIT, PROTOCOL_FEATURES_BIT,
+};
 
 /// VHOST_VRING_F_LOG: log writes to the used ring too.
 const VRING_F_LOG: u32 = 1;

@@ -24,6 +24,9 @@ pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 /// VHOST_USER_F_PROTOCOL_FEATURES: the backend takes GET_PROTOCOL_FEATURES.
 pub(crate) const PROTOCOL_FEATURES_BIT: u64 = 1 << 30;
 
+/// VHOST_F_LOG_ALL: the backend logs its writes to guest memory.
+pub(crate) const LOG_ALL_BIT: u64 = 1 << 26;
+
 /// Which virtio device a backend serves (the protocol does not say: the
 /// operator does).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

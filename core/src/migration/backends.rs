@@ -8,10 +8,7 @@ use std::collections::BTreeMap;
 
 use ferry_vhost_user::{contract::Contract, BackendIdentity};
 
-use super::{
-    manifest::Manifest,
-    plan::{Plan, Verdict},
-};
+use super::{manifest::Manifest, plan::Plan};
 
 /// Check every vhost-user device of `manifest` against `backends` (by
 /// device id; `shown` names each probe file in the verdict), refusing in
@@ -36,10 +33,8 @@ pub fn check(
             }
             (Ok(c), Some((shown, identity))) => c.check(identity, shown).err(),
         };
-        if let (Some(reason), Some(line)) = (verdict, plan.devices.iter_mut().find(|l| l.id == d.id)) {
-            if !matches!(line.verdict, Verdict::Refused { .. }) {
-                line.verdict = Verdict::Refused { reason };
-            }
+        if let Some(reason) = verdict {
+            plan.refuse(&d.id, reason);
         }
     }
     notes

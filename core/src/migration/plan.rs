@@ -230,6 +230,16 @@ impl Plan {
         out
     }
 
+    /// Refuse device `id` for `reason`, unless it is refused already (the
+    /// first reason stands).
+    pub fn refuse(&mut self, id: &str, reason: String) {
+        if let Some(line) = self.devices.iter_mut().find(|l| l.id == id) {
+            if !matches!(line.verdict, Verdict::Refused { .. }) {
+                line.verdict = Verdict::Refused { reason };
+            }
+        }
+    }
+
     /// The target state version for device `id` (what the source writes).
     pub fn write_version(&self, id: &str) -> Option<u32> {
         self.devices.iter().find(|d| d.id == id).and_then(|d| match d.verdict {

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use super::{
     build,
-    restore::{bind, contract_refusals, cpu_here, unbound_machine},
+    restore::{bind, contract_refusals, cpu_here, drop_unknown_properties, unbound_machine},
     RamSource, Vm, VmError, VmMemory,
 };
 use crate::{
@@ -48,11 +48,11 @@ pub fn incoming(
         let registry = Registry::open(plugins, &names)?;
         let mut plan = plan::make_plan(m, &host_plugins(&registry), Some(&host_cpu));
         refuse_unbound(&mut plan, m, &registry, bindings);
-        for (id, reason) in contract_refusals(m, &registry, bindings) {
-            if let Some(line) = plan.devices.iter_mut().find(|l| l.id == id) {
-                if !matches!(line.verdict, Verdict::Refused { .. }) {
-                    line.verdict = Verdict::Refused { reason };
-                }
+        // Bindings that cannot be made were refused just above, naming them.
+        let (mut machine, carried) = unbound_machine(m, &registry);
+        if bind(&mut machine, &registry, bindings, &carried).is_ok() {
+            for (id, reason) in contract_refusals(m, &machine, &registry) {
+                plan.refuse(&id, reason);
             }
         }
         plan.postcopy = postcopy::pull::unavailable(isolation.devices.any());
@@ -80,14 +80,7 @@ pub fn incoming(
         incoming.link.failed(&e.to_string());
         return Err(VmError::Incoming(MigrateError::Protocol(e.to_string())));
     }
-    // Properties this host's (older) plugins do not know switch on features
-    // they lack; the plan allowed them only for downgrades, whose functions
-    // refused if the guest used the feature. Leave them out here.
-    for d in &mut machine.devices {
-        if let Some(lib) = registry.get(&d.plugin) {
-            d.properties.retain(|k, _| lib.descriptor.properties.iter().any(|p| p.name.as_str() == k));
-        }
-    }
+    drop_unknown_properties(&mut machine, &registry);
     let ram = match incoming.memfd.take() {
         Some(file) => RamSource::Memfd(m.memory, file),
         None => RamSource::Fresh(m.memory),

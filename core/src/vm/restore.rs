@@ -163,29 +163,31 @@ pub(super) fn bind(
     bindings::apply(machine, registry, host, carried).map_err(bindings::BindingErrors)
 }
 
-/// Every device whose source carried a contract (`Device::contract`),
-/// checked by its plugin here with this host's bindings, before anything
-/// is created: (device id, why this host cannot take it). Bindings that
-/// cannot be made are refused elsewhere, naming them.
-pub(super) fn contract_refusals(
-    m: &Manifest,
-    registry: &Registry,
-    host: &HostBindings,
-) -> Vec<(String, String)> {
-    if m.devices.iter().all(|d| d.contract.is_empty()) {
-        return Vec::new();
-    }
-    let (mut machine, carried) = unbound_machine(m, registry);
-    if bind(&mut machine, registry, host, &carried).is_err() {
-        return Vec::new();
-    }
-    // Properties this host's plugins do not know are left out, as the
-    // build leaves them out.
+/// Leave out the properties this host's (older) plugins do not know: they
+/// switch on features those plugins lack, which the plan allowed only for
+/// downgrades, whose functions refused if the guest used the feature.
+pub(super) fn drop_unknown_properties(machine: &mut MachineType, registry: &Registry) {
     for d in &mut machine.devices {
         if let Some(lib) = registry.get(&d.plugin) {
             d.properties.retain(|k, _| lib.descriptor.properties.iter().any(|p| p.name.as_str() == k));
         }
     }
+}
+
+/// Every device whose source carried a contract (`Device::contract`),
+/// checked by its plugin here against `machine` (the manifest's, bound to
+/// this host), before anything is created: (device id, why this host
+/// cannot take it).
+pub(super) fn contract_refusals(
+    m: &Manifest,
+    machine: &MachineType,
+    registry: &Registry,
+) -> Vec<(String, String)> {
+    if m.devices.iter().all(|d| d.contract.is_empty()) {
+        return Vec::new();
+    }
+    let mut machine = machine.clone();
+    drop_unknown_properties(&mut machine, registry);
     let Ok(plans) = crate::machine::resolve(&machine, registry) else { return Vec::new() };
     let mut refused = Vec::new();
     for d in m.devices.iter().filter(|d| !d.contract.is_empty()) {
@@ -263,7 +265,7 @@ pub fn restore(
     let (machine, carried) = unbound_machine(m, &registry);
     let mut machine = machine;
     bind(&mut machine, &registry, bindings, &carried).map_err(|e| bad(e.to_string()))?;
-    if let Some((id, reason)) = contract_refusals(m, &registry, bindings).into_iter().next() {
+    if let Some((id, reason)) = contract_refusals(m, &machine, &registry).into_iter().next() {
         return Err(VmError::Snapshot {
             path: shown,
             fault: SnapshotFault::Refused,

@@ -33,13 +33,7 @@ struct Stats {
 /// Runs the benchmark and prints `BLK BENCH ...` (or `CALIBRATE FAILED`
 /// if the TSC cannot be calibrated). `None` on a timeout.
 pub fn run(blk: &mut Blk, write: bool, count: u64) -> Option<()> {
-    let hz = match tsc::hz() {
-        Ok(hz) => hz,
-        Err(reason) => {
-            crate::println!("CALIBRATE FAILED {}", reason);
-            return Some(());
-        }
-    };
+    let Some(hz) = calibrated() else { return Some(()) };
     // A disk smaller than one request still gets requests (at sector 0);
     // the device fails them, which `status_errors` shows.
     let slots = (blk.capacity().min(SPAN_SECTORS) / REQUEST_SECTORS).max(1);
@@ -77,20 +71,39 @@ pub fn run(blk: &mut Blk, write: bool, count: u64) -> Option<()> {
     let total = tsc::read() - start;
     drop(deadline);
 
+    report(hz, write, count, 1, total, &stats, blk.q.irqs() - irqs_start, errors);
+    Some(())
+}
+
+/// The TSC's rate, or `CALIBRATE FAILED <why>` printed and None.
+fn calibrated() -> Option<u64> {
+    tsc::hz().map_err(|reason| crate::println!("CALIBRATE FAILED {}", reason)).ok()
+}
+
+/// Prints `BLK BENCH op=... n=... [depth=...] total_us=... ...` (the
+/// depth only when more than one request was in flight).
+#[allow(clippy::too_many_arguments)]
+fn report(hz: u64, write: bool, count: u64, depth: usize, total: u64, stats: &Stats, irqs: u64, errors: u64) {
     // Tenths of a microsecond.
     let tenths_us = |ticks: u64, div: u64| tsc::scale(ticks, 10_000_000, hz.saturating_mul(div));
-    crate::println!(
-        "BLK BENCH op={} n={} total_us={} avg_us={} min_us={} max_us={} irqs={} status_errors={}",
-        if write { "write" } else { "read" },
-        count,
+    let op = if write { "write" } else { "read" };
+    let (total_us, avg, min, max) = (
         tsc::scale(total, 1_000_000, hz),
         Tenths(tenths_us(stats.sum, count)),
         Tenths(tenths_us(stats.min, 1)),
         Tenths(tenths_us(stats.max, 1)),
-        blk.q.irqs() - irqs_start,
-        errors
     );
-    Some(())
+    if depth > 1 {
+        crate::println!(
+            "BLK BENCH op={} n={} depth={} total_us={} avg_us={} min_us={} max_us={} irqs={} status_errors={}",
+            op, count, depth, total_us, avg, min, max, irqs, errors
+        );
+    } else {
+        crate::println!(
+            "BLK BENCH op={} n={} total_us={} avg_us={} min_us={} max_us={} irqs={} status_errors={}",
+            op, count, total_us, avg, min, max, irqs, errors
+        );
+    }
 }
 
 /// Write request `i`'s header (and preset its status) for slot `slot`.
@@ -114,13 +127,7 @@ fn slot_status(slot: usize) -> u8 {
 /// `depth` requests in flight; prints `BLK BENCH ... depth=<d>`. `None` on
 /// a timeout (no completion within the limit).
 pub fn run_depth(blk: &mut Blk, write: bool, count: u64, depth: u64) -> Option<()> {
-    let hz = match tsc::hz() {
-        Ok(hz) => hz,
-        Err(reason) => {
-            crate::println!("CALIBRATE FAILED {}", reason);
-            return Some(());
-        }
-    };
+    let Some(hz) = calibrated() else { return Some(()) };
     let depth = (depth as usize).min(dma::BLK_QD_SLOTS).min(usize::from(blk.q.size) / 3).max(1);
     let slots = (blk.capacity().min(SPAN_SECTORS) / REQUEST_SECTORS).max(1);
     let (kind, data_flags) = if write { (T_OUT, 0) } else { (T_IN, DESC_WRITE) };
@@ -173,18 +180,6 @@ pub fn run_depth(blk: &mut Blk, write: bool, count: u64, depth: u64) -> Option<(
     }
     let total = tsc::read() - start;
     drop(deadline);
-    let tenths_us = |ticks: u64, div: u64| tsc::scale(ticks, 10_000_000, hz.saturating_mul(div));
-    crate::println!(
-        "BLK BENCH op={} n={} depth={} total_us={} avg_us={} min_us={} max_us={} irqs={} status_errors={}",
-        if write { "write" } else { "read" },
-        count,
-        depth,
-        tsc::scale(total, 1_000_000, hz),
-        Tenths(tenths_us(stats.sum, count)),
-        Tenths(tenths_us(stats.min, 1)),
-        Tenths(tenths_us(stats.max, 1)),
-        blk.q.irqs() - irqs_start,
-        errors
-    );
+    report(hz, write, count, depth, total, &stats, blk.q.irqs() - irqs_start, errors);
     Some(())
 }

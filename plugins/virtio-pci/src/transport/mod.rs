@@ -175,10 +175,19 @@ impl<D: VirtioDevice> State<D> {
         self.device.activate(self.driver_features)?;
         self.activated = true;
         self.register_notifies()?;
-        if !self.paused {
-            self.start_rings()?;
+        // Buffers made available before DRIVER_OK: taken now.
+        self.serve_queues()?;
+        Ok(())
+    }
+
+    /// An active device's queues start being served: by the device's
+    /// program (at once, or at resume when paused; `start_rings` kicks
+    /// every ready queue), or by the worker, kicked here for buffers the
+    /// driver made available before.
+    fn serve_queues(&mut self) -> Result<(), String> {
+        if self.device.rings_elsewhere() {
+            return if self.paused { Ok(()) } else { self.start_rings() };
         }
-        // Buffers made available before DRIVER_OK: take them now.
         for slot in &self.queues {
             if slot.queue.ready() {
                 let _ = slot.kick.write(1);

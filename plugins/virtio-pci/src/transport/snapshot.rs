@@ -85,21 +85,10 @@ impl<D: VirtioDevice> State<D> {
         self.msix.restore(&s.msix)?;
         self.device.set_state(D::State::load_version(version, &s.device)?)?;
         self.activated = s.activated;
-        if self.activated && self.device.rings_elsewhere() {
+        if self.activated {
             self.register_notifies()?;
-            // The program takes over where the saved rings stopped (at
-            // once if the device is running, else when it resumes).
-            if !self.paused {
-                self.start_rings()?;
-            }
-        } else if self.activated {
-            self.register_notifies()?;
-            // Serve whatever the driver made available before the save.
-            for slot in &self.queues {
-                if slot.queue.ready() {
-                    let _ = slot.kick.write(1);
-                }
-            }
+            // Served from where the saved rings stopped.
+            self.serve_queues()?;
         }
         Ok(())
     }
