@@ -132,7 +132,9 @@ impl IncomingLink {
     /// Memory into `ram` and the VM's state into `reader`, until END,
     /// answering each SYNC once everything before it is applied. Returns
     /// the state, every section checked, nothing loaded yet. The runs a
-    /// post-copy source still holds (STALE) are kept for [`Self::postcopy`].
+    /// post-copy source still holds (STALE) are taken out of `ram` as they
+    /// arrive (most come before the source pauses) and kept for
+    /// [`Self::postcopy`].
     pub fn receive_vm(&mut self, ram: &GuestRam, mut reader: StateReader) -> Result<VmState, MigrateError> {
         let phase = "receiving the VM";
         let mut link = self.shared.link();
@@ -143,7 +145,11 @@ impl IncomingLink {
             match h.kind {
                 k if pages::is_pages(k) => pages::receive(ram, &h, &payload).map_err(st(phase))?,
                 k if StateReader::wants(k) => reader.take(&h, std::mem::take(&mut payload))?,
-                Kind::Stale => self.stale.extend(pages::decode_runs(ram, &h, &payload).map_err(st(phase))?),
+                Kind::Stale => {
+                    let runs = pages::decode_runs(ram, &h, &payload).map_err(st(phase))?;
+                    postcopy::pull::take_out(ram, &runs)?;
+                    self.stale.extend(runs);
+                }
                 Kind::End => break,
                 Kind::Decision if payload == b"sync" => link.decide(b"synced", "answering a sync")?,
                 Kind::Failed => {
@@ -164,8 +170,8 @@ impl IncomingLink {
         Ok(reader.finish()?)
     }
 
-    /// If the source switched to post-copy (it sent STALE runs): take
-    /// those pages out of guest RAM, register it with userfaultfd and start
+    /// If the source switched to post-copy (it sent STALE runs, already
+    /// taken out of guest RAM): register the RAM with userfaultfd and start
     /// the puller, before anything (a device's state load) may touch
     /// guest memory. Nothing to do after a pre-copy.
     pub fn postcopy(&mut self, core: &Arc<VmCore>) -> Result<(), MigrateError> {
@@ -176,7 +182,7 @@ impl IncomingLink {
         let armed = postcopy::pull::arm(&core.ram, &self.stale)?;
         crate::log::info(&format!(
             "post-copy: {} pages stay on the source until the guest touches them or they are pushed \
-             (taken out of RAM in {:.2} ms)",
+             (userfaultfd armed in {:.2} ms)",
             armed.stale_pages(),
             t.elapsed().as_secs_f64() * 1e3
         ));

@@ -363,6 +363,17 @@ fn precopy_and_switch(
                 throttler.stop();
                 // The pause goes at full speed; pushing the rest keeps the cap.
                 link.limit(None);
+                // Which pages stay here goes while the guest still runs: the
+                // destination takes them out of its RAM as they arrive, and
+                // the pause only adds the few dirtied since.
+                let t = Instant::now();
+                pages::send_runs(Kind::Stale, &pages::runs(&core.ram, &dirty), link).map_err(st("post-copy"))?;
+                sync(link, "post-copy")?;
+                crate::log::debug(&format!(
+                    "post-copy: {} stale page(s) taken out on the destination in {:.2} ms, before the pause",
+                    dirty.len(),
+                    t.elapsed().as_secs_f64() * 1e3
+                ));
                 let moved =
                     postcopy(core, plan, link, start, dirty, round, &knobs, resume, opts.max_bandwidth);
                 return moved;
@@ -545,9 +556,9 @@ fn completed(core: &VmCore, link: &Link, start: Instant, rounds: u32, downtime_m
     status
 }
 
-/// Post-copy: pause, send which pages are still dirty (not their bytes)
-/// and the state, then serve the destination until it holds every page
-/// (`postcopy/`). A broken link after the destination resumed the guest
+/// Post-copy: pause, send which pages were dirtied since `stale` (the
+/// pages the destination already took out) and the state, then serve the
+/// destination until it holds every page (`postcopy/`). A broken link after the destination resumed the guest
 /// waits on `resume` for where to reconnect; before, it fails like any
 /// switch-over (the guest resumes here).
 #[allow(clippy::too_many_arguments)]
@@ -556,7 +567,7 @@ fn postcopy(
     plan: &Plan,
     link: &mut Link,
     start: Instant,
-    mut dirty: Vec<u64>,
+    stale: Vec<u64>,
     rounds: u32,
     knobs: &Knobs,
     resume: &crossbeam_channel::Receiver<Options>,
@@ -566,17 +577,22 @@ fn postcopy(
     let paused_at = Instant::now();
     core.pause()?;
     let t_paused = paused_at.elapsed();
-    take_dirty(core, knobs, &mut dirty)?;
-    pages::send_runs(Kind::Stale, &pages::runs(&core.ram, &dirty), link).map_err(st("post-copy"))?;
+    let mut late = Vec::new();
+    take_dirty(core, knobs, &mut late)?;
+    late.retain(|page| stale.binary_search(page).is_err());
+    pages::send_runs(Kind::Stale, &pages::runs(&core.ram, &late), link).map_err(st("post-copy"))?;
     link.flush().map_err(io("post-copy"))?;
     let t_stale = paused_at.elapsed();
+    let mut dirty = stale;
+    dirty.extend(late.iter().copied());
     VmState::capture(core, Some(plan))?.write(link)?;
     link.send(Kind::End, "", 1, &[]).map_err(io("post-copy"))?;
     link.flush().map_err(io("post-copy"))?;
     link.limit(cap);
     crate::log::debug(&format!(
-        "post-copy: paused in {:.2} ms, STALE sent at {:.2} ms, state sent at {:.2} ms",
+        "post-copy: paused in {:.2} ms, {} more stale page(s) sent at {:.2} ms, state sent at {:.2} ms",
         t_paused.as_secs_f64() * 1e3,
+        late.len(),
         t_stale.as_secs_f64() * 1e3,
         paused_at.elapsed().as_secs_f64() * 1e3
     ));

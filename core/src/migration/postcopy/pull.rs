@@ -42,18 +42,32 @@ impl Armed {
     }
 }
 
-/// Punch the stale runs out of `ram`'s memfd (so their first touch
-/// faults) and register every RAM range with a new userfaultfd. The
+fn failed(what: String) -> MigrateError {
+    MigrateError::Protocol(format!("post-copy: {what}"))
+}
+
+/// Punch the stale runs out of `ram`'s memfd, so that their first touch
+/// faults once RAM is armed. The vCPUs must not run yet. Done as each
+/// STALE message arrives: most of them come while the guest still runs
+/// on the source, so little of this falls in the downtime.
+pub fn take_out(ram: &GuestRam, runs: &[(u64, u64)]) -> Result<(), MigrateError> {
+    if ram.memfd().is_none() {
+        return Err(failed("guest RAM is not a memfd".into()));
+    }
+    for &(gpa, n) in runs {
+        ram.zero_pages(gpa, n * PAGE).map_err(|e| failed(e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// Register every RAM range with a new userfaultfd; `runs`, already
+/// taken out ([`take_out`]), are the pages the source still holds. The
 /// vCPUs must not run yet.
 pub fn arm(ram: &GuestRam, runs: &[(u64, u64)]) -> Result<Armed, MigrateError> {
-    let failed = |what: String| MigrateError::Protocol(format!("post-copy: {what}"));
     if ram.memfd().is_none() {
         return Err(failed("guest RAM is not a memfd".into()));
     }
     let mut stale = PageSet::new(ram.size() / PAGE);
-    for &(gpa, n) in runs {
-        ram.zero_pages(gpa, n * PAGE).map_err(|e| failed(e.to_string()))?;
-    }
     for page in pages::run_pages(ram, runs) {
         stale.insert(page);
     }
