@@ -125,6 +125,7 @@ impl VmState {
     /// refused with the guest-state reason), or at its plugin's current
     /// version without a plan.
     pub fn capture(core: &VmCore, plan: Option<&Plan>) -> Result<VmState, VmStateError> {
+        let t0 = std::time::Instant::now();
         let mut devices = Vec::with_capacity(core.bus.devices().len());
         for d in core.bus.devices() {
             let refused = |message: String| VmStateError::Device {
@@ -153,12 +154,21 @@ impl VmState {
                 bytes: blob.bytes.into_vec(),
             });
         }
+        let t_devices = t0.elapsed();
         let mut vcpus = Vec::with_capacity(usize::from(core.cpus));
         for (index, s) in core.control.take_vcpu_states().into_iter().enumerate() {
             vcpus.push(s.map_err(|source| VmStateError::Vcpu { index, source })?);
         }
+        let t_vcpus = t0.elapsed();
         let machine = state::save_machine(&core.kvm.vm)
             .map_err(|source| VmStateError::Kvm { section: "machine section".into(), source })?;
+        let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+        crate::log::debug(&format!(
+            "state captured: devices at {:.2} ms, vCPUs at {:.2} ms, machine at {:.2} ms",
+            ms(t_devices),
+            ms(t_vcpus),
+            ms(t0.elapsed())
+        ));
         Ok(VmState { machine, vcpus, devices })
     }
 
