@@ -231,6 +231,29 @@ pub fn proc_status_kib<const N: usize>(pid: u32, fields: [&str; N]) -> Option<[u
     Some(out)
 }
 
+/// The memory only process `pid` holds, in KiB, from `/proc/PID/smaps`:
+/// its Private_Clean and Private_Dirty pages outside mappings whose name
+/// contains `except` (a VMM's guest RAM). A page of a file that another
+/// process maps too (the same binary, the same library) is shared, not
+/// private: with two VMMs of one build running, this is what the second
+/// one costs. None if the process is gone.
+pub fn private_kib_except(pid: u32, except: &str) -> Option<u64> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+    let mut skipping = false;
+    let mut total = 0;
+    for line in smaps.lines() {
+        let mut words = line.split_whitespace();
+        let first = words.next().unwrap_or("");
+        if first.contains('-') && !first.ends_with(':') {
+            // A mapping's header: "start-end perms offset dev inode [name]".
+            skipping = line.contains(except);
+        } else if !skipping && (first == "Private_Clean:" || first == "Private_Dirty:") {
+            total += words.next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        }
+    }
+    Some(total)
+}
+
 /// The device processes ferry `pid` started (`ferry device-process
 /// --device ID`), with the device id each serves.
 pub fn device_processes(pid: u32) -> Vec<(i32, String)> {
