@@ -150,7 +150,15 @@ impl IncomingLink {
                     postcopy::pull::take_out(ram, &runs)?;
                     self.stale.extend(runs);
                 }
-                Kind::End => break,
+                Kind::End => {
+                    let t = std::time::Instant::now();
+                    let state = reader.finish()?;
+                    crate::log::debug(&format!(
+                        "END received; state sections decoded and checked in {:.2} ms",
+                        t.elapsed().as_secs_f64() * 1e3
+                    ));
+                    return Ok(state);
+                }
                 Kind::Decision if payload == b"sync" => link.decide(b"synced", "answering a sync")?,
                 Kind::Failed => {
                     return Err(MigrateError::Protocol(format!(
@@ -167,7 +175,6 @@ impl IncomingLink {
                 }
             }
         }
-        Ok(reader.finish()?)
     }
 
     /// If the source switched to post-copy (it sent STALE runs, already
