@@ -52,6 +52,10 @@ pub struct IncomingLink {
     stale: Vec<(u64, u64)>,
     /// Where this destination listened, to listen again in post-copy.
     listen: ListenOn,
+    /// The buffer pages came through (megabytes), kept from the end of
+    /// [`Self::receive_vm`] until RESUMED went out: freeing it gives its
+    /// memory back to the kernel, which is not worth doing in the downtime.
+    spent: Vec<u8>,
 }
 
 /// The connection as the main thread and a post-copy puller share it.
@@ -98,6 +102,7 @@ impl IncomingLink {
         link.send(Kind::Resumed, "", 1, &[])?;
         link.flush()?;
         self.shared.confirmed.store(true, Ordering::SeqCst);
+        self.spent = Vec::new();
         Ok(())
     }
 
@@ -144,7 +149,9 @@ impl IncomingLink {
             let h = link.receive_into(&mut payload).map_err(st(phase))?;
             match h.kind {
                 k if pages::is_pages(k) => pages::receive(ram, &h, &payload).map_err(st(phase))?,
-                k if StateReader::wants(k) => reader.take(&h, std::mem::take(&mut payload))?,
+                // A copy as long as the section: the buffer, as long as
+                // the largest PAGES message, is kept for the next one.
+                k if StateReader::wants(k) => reader.take(&h, payload.clone())?,
                 Kind::Stale => {
                     let runs = pages::decode_runs(ram, &h, &payload).map_err(st(phase))?;
                     postcopy::pull::take_out(ram, &runs)?;
@@ -157,6 +164,7 @@ impl IncomingLink {
                         "END received; state sections decoded and checked in {:.2} ms",
                         t.elapsed().as_secs_f64() * 1e3
                     ));
+                    self.spent = payload;
                     return Ok(state);
                 }
                 Kind::Decision if payload == b"sync" => link.decide(b"synced", "answering a sync")?,
@@ -371,7 +379,7 @@ pub fn accept(
         pulling: AtomicBool::new(false),
         ending: AtomicBool::new(false),
     });
-    Ok(Some(Incoming { manifest, plan, memfd, link: IncomingLink { shared, stale: Vec::new(), listen } }))
+    Ok(Some(Incoming { manifest, plan, memfd, link: IncomingLink { shared, stale: Vec::new(), listen, spent: Vec::new() } }))
 }
 
 /// The boot images the plan asked for, as IMAGE messages ahead of the
