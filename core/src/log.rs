@@ -15,10 +15,16 @@ pub fn since_start_ms() -> f64 {
     START.get().map(|s| s.elapsed().as_secs_f64() * 1e3).unwrap_or(0.0)
 }
 
+/// Is the level debug? For a debug line whose formatting should not run
+/// otherwise (one on the pause's path).
+pub fn debugging() -> bool {
+    LogLevel::DEBUG <= level()
+}
+
 /// At debug level: `what` is done, this many milliseconds after ferry
 /// started (how restore and boot say where their time goes).
 pub fn step(what: &str) {
-    if LogLevel::DEBUG <= level() {
+    if debugging() {
         debug(&format!("{what} at {:.2} ms", since_start_ms()));
     }
 }

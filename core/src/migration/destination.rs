@@ -160,10 +160,12 @@ impl IncomingLink {
                 Kind::End => {
                     let t = std::time::Instant::now();
                     let state = reader.finish()?;
-                    crate::log::debug(&format!(
-                        "END received; state sections decoded and checked in {:.2} ms",
-                        t.elapsed().as_secs_f64() * 1e3
-                    ));
+                    if crate::log::debugging() {
+                        crate::log::debug(&format!(
+                            "END received; state sections decoded and checked in {:.2} ms",
+                            t.elapsed().as_secs_f64() * 1e3
+                        ));
+                    }
                     self.spent = payload;
                     return Ok(state);
                 }
@@ -379,7 +381,12 @@ pub fn accept(
         pulling: AtomicBool::new(false),
         ending: AtomicBool::new(false),
     });
-    Ok(Some(Incoming { manifest, plan, memfd, link: IncomingLink { shared, stale: Vec::new(), listen, spent: Vec::new() } }))
+    Ok(Some(Incoming {
+        manifest,
+        plan,
+        memfd,
+        link: IncomingLink { shared, stale: Vec::new(), listen, spent: Vec::new() },
+    }))
 }
 
 /// The boot images the plan asked for, as IMAGE messages ahead of the

@@ -367,7 +367,8 @@ fn precopy_and_switch(
                 // destination takes them out of its RAM as they arrive, and
                 // the pause only adds the few dirtied since.
                 let t = Instant::now();
-                pages::send_runs(Kind::Stale, &pages::runs(&core.ram, &dirty), link).map_err(st("post-copy"))?;
+                pages::send_runs(Kind::Stale, &pages::runs(&core.ram, &dirty), link)
+                    .map_err(st("post-copy"))?;
                 sync(link, "post-copy")?;
                 crate::log::debug(&format!(
                     "post-copy: {} stale page(s) taken out on the destination in {:.2} ms, before the pause",
@@ -558,9 +559,10 @@ fn completed(core: &VmCore, link: &Link, start: Instant, rounds: u32, downtime_m
 
 /// Post-copy: pause, send which pages were dirtied since `stale` (the
 /// pages the destination already took out) and the state, then serve the
-/// destination until it holds every page (`postcopy/`). A broken link after the destination resumed the guest
-/// waits on `resume` for where to reconnect; before, it fails like any
-/// switch-over (the guest resumes here).
+/// destination until it holds every page (`postcopy/`). A broken link
+/// after the destination resumed the guest waits on `resume` for where to
+/// reconnect; before, it fails like any switch-over (the guest resumes
+/// here).
 #[allow(clippy::too_many_arguments)]
 fn postcopy(
     core: &VmCore,
@@ -583,8 +585,6 @@ fn postcopy(
     pages::send_runs(Kind::Stale, &pages::runs(&core.ram, &late), link).map_err(st("post-copy"))?;
     link.flush().map_err(io("post-copy"))?;
     let t_stale = paused_at.elapsed();
-    let mut dirty = stale;
-    dirty.extend(late.iter().copied());
     VmState::capture(core, Some(plan))?.write(link)?;
     link.send(Kind::End, "", 1, &[]).map_err(io("post-copy"))?;
     link.flush().map_err(io("post-copy"))?;
@@ -598,14 +598,14 @@ fn postcopy(
     ));
     // No read timeout from here: serving waits on the destination's needs.
     link.reader.get_ref().set_read_timeout(None).map_err(io("post-copy"))?;
+    let mut left = PageSet::new(core.ram.size() / 4096);
+    for &page in stale.iter().chain(&late) {
+        left.insert(page);
+    }
     update(core, |s| {
         s.phase = Phase::Postcopy;
-        s.postcopy_pages_left = dirty.len() as u64;
+        s.postcopy_pages_left = left.len();
     });
-    let mut left = PageSet::new(core.ram.size() / 4096);
-    for page in &dirty {
-        left.insert(*page);
-    }
     let mut served = Served::default();
     let progress = |pages_left: u64, served: &Served| {
         update(core, |s| {

@@ -162,13 +162,15 @@ impl VmState {
         let t_vcpus = t0.elapsed();
         let machine = state::save_machine(&core.kvm.vm)
             .map_err(|source| VmStateError::Kvm { section: "machine section".into(), source })?;
-        let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
-        crate::log::debug(&format!(
-            "state captured: devices at {:.2} ms, vCPUs at {:.2} ms, machine at {:.2} ms",
-            ms(t_devices),
-            ms(t_vcpus),
-            ms(t0.elapsed())
-        ));
+        if crate::log::debugging() {
+            let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+            crate::log::debug(&format!(
+                "state captured: devices at {:.2} ms, vCPUs at {:.2} ms, machine at {:.2} ms",
+                ms(t_devices),
+                ms(t_vcpus),
+                ms(t0.elapsed())
+            ));
+        }
         Ok(VmState { machine, vcpus, devices })
     }
 

@@ -97,7 +97,7 @@ pub fn incoming(
     let device_ids = vm.bus.devices().iter().map(|d| d.id.clone()).collect();
     let received = incoming.link.receive_vm(&vm.ram, StateReader::new(vm.cpus, device_ids));
     let t = std::time::Instant::now();
-    crate::log::debug(&format!("VM received at {:.2} ms", crate::log::since_start_ms()));
+    crate::log::step("VM received");
     // After a post-copy switch-over the puller runs before any state is
     // loaded: a device that reads guest memory as it loads waits for it.
     let received = received.and_then(|state| incoming.link.postcopy(&vm.core).map(|()| state));

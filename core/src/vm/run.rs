@@ -32,7 +32,7 @@ impl Vm {
                     "incoming migration: cannot confirm to the source ({e}); the guest stays there"
                 ))
             })?;
-            crate::log::debug(&format!("RESUMED sent at {:.2} ms", crate::log::since_start_ms()));
+            crate::log::step("RESUMED sent");
         }
         if !self.cpu.kvm_rewrote.is_empty() {
             crate::log::warn(&format!(
