@@ -176,9 +176,18 @@ impl DirtyBitmap {
     }
 
     /// The dirty page indexes, clearing them.
+    ///
+    /// Only words with a bit set are swapped: a locked swap of every word
+    /// cost 0.15 ms at 8 GiB, inside the downtime, where the plain reads
+    /// cost 0.01. A bit a device sets after its word was read stays for
+    /// the next call, as it would after a swap.
     pub fn take(&self) -> Vec<u64> {
         let mut pages = Vec::new();
-        push_set_bits(self.words().iter().map(|w| w.swap(0, Ordering::AcqRel)), 0, &mut pages);
+        let words = self.words().iter().map(|w| match w.load(Ordering::Relaxed) {
+            0 => 0,
+            _ => w.swap(0, Ordering::AcqRel),
+        });
+        push_set_bits(words, 0, &mut pages);
         pages
     }
 
