@@ -614,8 +614,7 @@ fn postcopy(
             s.postcopy_requests = served.requests;
         })
     };
-    loop {
-        let Err(e) = serve::serve(core, link, &mut left, &mut served, progress) else { break };
+    while let Err(e) = serve::serve(core, link, &mut left, &mut served, progress) {
         if served.resumed.is_none() {
             return Err(e);
         }

@@ -87,7 +87,7 @@ pub enum Outcome {
     /// The control API shut it down.
     Shutdown,
     /// It moved to another host; the report says how.
-    Migrated(crate::migration::status::Status),
+    Migrated(Box<crate::migration::status::Status>),
 }
 
 /// Why a VM could not be built or ended in failure.

@@ -134,7 +134,7 @@ impl Vm {
         }
         drop(served); // removes the socket
         if let Some(status) = ctl.migrated {
-            return Ok(Outcome::Migrated(status));
+            return Ok(Outcome::Migrated(Box::new(status)));
         }
         match event {
             StopEvent::Exit(_) if ctl.shutdown => Ok(Outcome::Shutdown),
