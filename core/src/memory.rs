@@ -183,7 +183,7 @@ impl DirtyBitmap {
     /// the next call, as it would after a swap.
     pub fn take(&self) -> Vec<u64> {
         let mut pages = Vec::new();
-        let words = self.words().iter().map(|w| match w.load(Ordering::Relaxed) {
+        let words = self.words().iter().map(|w| match w.load(Ordering::Acquire) {
             0 => 0,
             _ => w.swap(0, Ordering::AcqRel),
         });

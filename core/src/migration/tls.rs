@@ -302,7 +302,8 @@ impl Socket {
         Socket { tcp: BufReader::with_capacity(READ_AHEAD, tcp) }
     }
 
-    /// Bytes read from the socket that the session has not taken yet.
+    /// Are there bytes read from the socket that the session has not
+    /// taken yet?
     fn buffered(&self) -> bool {
         !self.tcp.buffer().is_empty()
     }
