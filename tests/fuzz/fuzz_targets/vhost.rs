@@ -31,7 +31,21 @@ fn fake_backend(data: &[u8]) -> Option<(UnixStream, std::thread::JoinHandle<()>)
     Some((ours, backend))
 }
 
+/// A closed pipe or socket gives EPIPE, as in ferry: Rust's runtime sets
+/// SIGPIPE to be ignored before `main`, but libFuzzer's `main` is its own,
+/// and a write to the state pipe after the fake backend dropped the read
+/// end it was sent (a race) ended the whole run with the signal.
+fn ignore_sigpipe() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: installs the SIG_IGN disposition for SIGPIPE, which
+        // touches no memory of ours and is what every Rust binary runs with.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+    });
+}
+
 fuzz_target!(|data: &[u8]| {
+    ignore_sigpipe();
     let device = match data.first() {
         Some(b) if b & 1 == 0 => ferry_vhost_user::Device::Blk,
         _ => ferry_vhost_user::Device::Fs,
