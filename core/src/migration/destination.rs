@@ -95,14 +95,25 @@ pub(crate) struct ListenOn {
 impl IncomingLink {
     /// Tell the source the guest is about to run here. Refused once the
     /// connection is known to be broken: the source keeps the guest then.
+    ///
+    /// Then this thread yields once. On one host (the memfd hand-over,
+    /// tests, benchmarks) the source's thread that woke it with END may
+    /// sit preempted on this CPU with only RESUMED left to read; without
+    /// the yield it waited out the guest's start here (0.5-0.7 ms
+    /// measured, mostly the seccomp filter's installation): post-copy
+    /// downtime 1.1-1.4 ms, with it 0.76-0.83. Between two hosts a yield
+    /// with nothing else to run returns at once.
     pub fn resumed(&mut self) -> std::io::Result<()> {
-        let mut link = self.shared.link();
-        if self.shared.broken.load(Ordering::SeqCst) {
-            return Err(std::io::Error::other("the connection to the source broke"));
+        {
+            let mut link = self.shared.link();
+            if self.shared.broken.load(Ordering::SeqCst) {
+                return Err(std::io::Error::other("the connection to the source broke"));
+            }
+            link.send(Kind::Resumed, "", 1, &[])?;
+            link.flush()?;
+            self.shared.confirmed.store(true, Ordering::SeqCst);
         }
-        link.send(Kind::Resumed, "", 1, &[])?;
-        link.flush()?;
-        self.shared.confirmed.store(true, Ordering::SeqCst);
+        std::thread::yield_now();
         Ok(())
     }
 

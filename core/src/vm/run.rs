@@ -33,14 +33,6 @@ impl Vm {
                 ))
             })?;
             crate::log::step("RESUMED sent");
-            // On one host (the memfd hand-over, tests, benchmarks) the
-            // source's thread that woke this one with END may sit preempted
-            // on this CPU; it only has RESUMED to read. Without the yield it
-            // waited out everything below (0.5-0.7 ms measured, mostly the
-            // seccomp filter's installation) before it could: post-copy
-            // downtime 1.1-1.4 ms, with it 0.76-0.83. Between two hosts a
-            // yield with nothing else to run returns at once.
-            std::thread::yield_now();
         }
         if !self.cpu.kvm_rewrote.is_empty() {
             crate::log::warn(&format!(
